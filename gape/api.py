@@ -1,0 +1,222 @@
+"""The public GAPE attention function: validation and backend dispatch.
+
+Every backend receives already-validated tensors and the same arguments:
+
+    fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+
+with ``attn_mask`` either None or a 4-D bool tensor broadcastable (not
+expanded) to ``[B, Hq, Lq, Lk]``, and ``scale`` a float.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import torch
+
+from .reference import DISTANCES
+
+# name -> (module, function, one-line description). Imported lazily so that
+# a missing optional dependency only matters for the backend that needs it.
+_BACKENDS = {
+    "reference": ("gape.reference", "reference_attention", "materialized scores; any dtype; the test oracle"),
+    "torch": ("gape.torch_backend", "torch_attention", "tiled PyTorch, custom backward; CPU default"),
+    "sdpa": ("gape.sdpa_backend", "sdpa_attention", "augmented channels into F.scaled_dot_product_attention; linear distance"),
+    "triton": ("gape.kernels.attention", "triton_attention", "fused Triton kernel; CUDA (or TRITON_INTERPRET=1 on CPU)"),
+}
+BACKENDS = ("auto",) + tuple(_BACKENDS)
+
+
+def _name(t) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend):
+    _check_tensor("query", query, 4, "[B, Hq, Lq, D]")
+    _check_tensor("key", key, 4, "[B, Hkv, Lk, D]")
+    _check_tensor("value", value, 4, "[B, Hkv, Lk, Dv]")
+    _check_tensor("query_gate", query_gate, 3, "[B, Hq, Lq]")
+    _check_tensor("key_gate", key_gate, 3, "[B, Hkv, Lk]")
+    b, hq, lq, d = query.shape
+    bk, hkv, lk, dk = key.shape
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(
+            f"query, key and value must share one dtype, got query {query.dtype}, key {key.dtype}, value {value.dtype}"
+        )
+    for name, t in (("key", key), ("value", value), ("query_gate", query_gate), ("key_gate", key_gate)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move all inputs to one device")
+    if bk != b or value.shape[0] != b:
+        raise ValueError(f"batch sizes differ: query {b}, key {bk}, value {value.shape[0]}")
+    if dk != d:
+        raise ValueError(f"key head dim {dk} must equal query head dim {d} (query {tuple(query.shape)}, key {tuple(key.shape)})")
+    if value.shape[1] != hkv or value.shape[2] != lk:
+        raise ValueError(f"value must be [B, Hkv={hkv}, Lk={lk}, Dv], got {tuple(value.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hkv}) for grouped-query attention"
+        )
+    if lk == 0:
+        raise ValueError("key must hold at least one position (Lk >= 1)")
+    if tuple(query_gate.shape) != (b, hq, lq):
+        raise ValueError(f"query_gate must be [B, Hq, Lq] = {(b, hq, lq)}, got {tuple(query_gate.shape)}")
+    if tuple(key_gate.shape) != (b, hkv, lk):
+        raise ValueError(f"key_gate must be [B, Hkv, Lk] = {(b, hkv, lk)}, got {tuple(key_gate.shape)}")
+    for name, g in (("query_gate", query_gate), ("key_gate", key_gate)):
+        if g.dtype not in (query.dtype, torch.float32):
+            raise TypeError(f"{name} must be {query.dtype} (the query dtype) or float32, got {g.dtype}")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+            raise TypeError(
+                "attn_mask must be a bool tensor (True = may attend); for an additive float mask "
+                "pass `attn_mask=(mask == 0)`"
+                + (f", got {attn_mask.dtype}" if isinstance(attn_mask, torch.Tensor) else f", got {type(attn_mask).__name__}")
+            )
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must broadcast to [B, Hq, Lq, Lk], got shape {tuple(attn_mask.shape)}")
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+        for got, want, axis in zip(attn_mask.shape, (b, hq, lq, lk), ("B", "Hq", "Lq", "Lk")):
+            if got not in (1, want):
+                raise ValueError(
+                    f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = "
+                    f"{(b, hq, lq, lk)} (axis {axis}: {got} vs {want})"
+                )
+    _check_gate_range(query_gate, key_gate)
+    return attn_mask, float(scale)
+
+
+def _check_gate_range(query_gate, key_gate) -> None:
+    """Gates out of range are an error, not clamped: a negative forgetting rate
+    would amplify distant tokens and pi > 1 would invert the bias, both silently.
+    Skipped while torch.compile traces (a data-dependent check cannot be traced)."""
+    if torch.compiler.is_compiling() or os.environ.get("GAPE_SKIP_GATE_CHECK") == "1":
+        return
+    with torch.no_grad():
+        if query_gate.numel() and not bool(torch.isfinite(query_gate).all() and (query_gate >= 0).all()):
+            lo = float(query_gate.min())
+            raise ValueError(f"query_gate (lambda) must be finite and >= 0, got min {lo}")
+        if key_gate.numel() and not bool(((key_gate >= 0) & (key_gate <= 1)).all()):
+            raise ValueError(
+                f"key_gate (pi) must lie in [0, 1], got range [{float(key_gate.min())}, {float(key_gate.max())}]"
+            )
+
+
+def _load(name: str):
+    module, fn, _ = _BACKENDS[name]
+    return getattr(importlib.import_module(module), fn)
+
+
+def unsupported_reason(name: str, query, distance: str, attn_mask) -> str | None:
+    """Why ``name`` cannot serve this call (None when it can)."""
+    if name == "sdpa" and distance != "linear":
+        return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
+    if name == "triton":
+        if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return (
+                f'the "triton" backend needs CUDA tensors (got {query.device}); on the CPU use backend="torch", '
+                "or set TRITON_INTERPRET=1 before importing gape to run the kernel in Triton's interpreter"
+            )
+        if query.dtype == torch.float64:
+            return 'the "triton" backend takes float16, bfloat16 or float32; use backend="torch" for float64'
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return 'the "triton" backend needs the triton package (pip install triton)'
+    return None
+
+
+def resolve_backend(backend: str, query, distance: str = "log", attn_mask=None) -> str:
+    """The concrete backend ``attention`` would run for these inputs."""
+    if backend != "auto":
+        return backend
+    if query.device.type == "cuda" and query.dtype != torch.float64:
+        if unsupported_reason("triton", query, distance, attn_mask) is None:
+            return "triton"
+    return "torch"
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_gate: torch.Tensor,
+    key_gate: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = True,
+    scale: float | None = None,
+    distance: str = "log",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GAPE attention: scaled dot-product attention plus a gated distance bias.
+
+    ``softmax(scale * q k^T - lambda_m (1 - pi_n) phi(delta_mn)) v`` per head,
+    as defined in GAPE.md. A drop-in for
+    :func:`torch.nn.functional.scaled_dot_product_attention` with two gates.
+
+    Args:
+        query: ``[B, Hq, Lq, D]`` post-RoPE queries.
+        key: ``[B, Hkv, Lk, D]`` post-RoPE keys, ``Hq % Hkv == 0``
+            (grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``).
+        value: ``[B, Hkv, Lk, Dv]``.
+        query_gate: ``[B, Hq, Lq]`` forgetting rate ``lambda >= 0``, finite.
+        key_gate: ``[B, Hkv, Lk]`` protection ``pi`` in ``[0, 1]``.
+            Out-of-range gates raise ValueError (they are never clamped).
+            Gates may be float32 or the query dtype.
+        attn_mask: optional bool tensor broadcastable to ``[B, Hq, Lq, Lk]``;
+            True = may attend. Combined (AND) with the causal rule. A query row
+            with no allowed key returns zeros, never NaN.
+        is_causal: causal masking with bottom-right alignment: query ``i`` sits
+            at cache slot ``i + Lk - Lq``, so ``Lq < Lk`` is a decode/chunked
+            prefill step. Distances are ``pos_q - pos_k`` (causal) or
+            ``|pos_q - pos_k|`` (non-causal).
+        scale: logit scale, default ``1/sqrt(D)``.
+        distance: ``"log"`` (``log(1 + delta)``) or ``"linear"`` (``delta``).
+        backend: ``"auto"`` (Triton on CUDA, tiled torch elsewhere),
+            ``"reference"``, ``"torch"``, ``"sdpa"`` (linear distance only) or
+            ``"triton"``.
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` in the query dtype.
+
+    Example:
+        >>> import torch, gape
+        >>> q = torch.randn(1, 9, 128, 64); k = torch.randn(1, 3, 128, 64); v = torch.randn_like(k)
+        >>> lam = torch.rand(1, 9, 128) * 0.1; pi = torch.rand(1, 3, 128)
+        >>> gape.attention(q, k, v, lam, pi).shape
+        torch.Size([1, 9, 128, 64])
+    """
+    attn_mask, scale = _validate(
+        query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend
+    )
+    name = resolve_backend(backend, query, distance, attn_mask)
+    reason = unsupported_reason(name, query, distance, attn_mask)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
+    fn = _load(name)
+    return fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
