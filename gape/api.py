@@ -131,10 +131,15 @@ def _load(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def unsupported_reason(name: str, query, distance: str, attn_mask) -> str | None:
+def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True) -> str | None:
     """Why ``name`` cannot serve this call (None when it can)."""
     if name == "sdpa" and distance != "linear":
         return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
+    if name == "sdpa" and not is_causal:
+        return (
+            'the "sdpa" backend needs is_causal=True: the non-causal distance |pos_q - pos_k| is not a bilinear '
+            'form (GAPE.md property 4); use backend="torch" or "triton"'
+        )
     if name == "triton":
         if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return (
@@ -147,6 +152,10 @@ def unsupported_reason(name: str, query, distance: str, attn_mask) -> str | None
             importlib.import_module("triton")
         except ImportError:
             return 'the "triton" backend needs the triton package (pip install triton)'
+        if attn_mask is not None:
+            from gape.kernels.key_ranges import unsupported_mask_reason
+
+            return unsupported_mask_reason(attn_mask, query.shape[2], is_causal)
     return None
 
 
@@ -215,7 +224,7 @@ def attention(
         query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend
     )
     name = resolve_backend(backend, query, distance, attn_mask)
-    reason = unsupported_reason(name, query, distance, attn_mask)
+    reason = unsupported_reason(name, query, distance, attn_mask, is_causal)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
     fn = _load(name)

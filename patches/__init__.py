@@ -1,1 +1,45 @@
+"""Per-architecture specs read by the generic patcher in ``gape.hf``.
 
+Adding an architecture: a module here with ``SPEC = ArchSpec(...)`` saying what
+differs from Llama, its name in ``_MODULES``, and a tiny-config test in
+tests/test_hf.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .spec import ArchSpec
+
+_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+
+REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    """Add (or replace) the spec for each of ``spec.model_types``."""
+    for model_type in spec.model_types:
+        REGISTRY[model_type] = spec
+    return spec
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(REGISTRY))
+
+
+def get_spec(model_type: str) -> ArchSpec:
+    """The spec for ``model_type``; ValueError listing the supported ones otherwise."""
+    try:
+        return REGISTRY[model_type]
+    except KeyError:
+        raise ValueError(
+            f"GAPE has no patch for model_type {model_type!r}; supported: {', '.join(supported_model_types())}. "
+            "GAPE needs a RoPE decoder whose attention goes through transformers' AttentionInterface "
+            "(add a spec under patches/)"
+        ) from None
+
+
+for _name in _MODULES:
+    register(importlib.import_module(f".{_name}", __name__).SPEC)
+
+__all__ = ["ArchSpec", "REGISTRY", "register", "get_spec", "supported_model_types"]

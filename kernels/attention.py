@@ -1,0 +1,717 @@
+"""Fused GAPE attention in Triton: forward and backward, FlashAttention-2 style.
+
+Computes, per head (GAPE.md),
+
+    O = softmax(scale * Q K^T - lambda_m (1 - pi_n) phi(delta_mn)) V
+
+without ever writing the ``[Lq, Lk]`` score matrix to memory.
+
+Tiling
+    Forward: one program per (block of ``BLOCK_M`` queries, batch x query
+    head). It keeps its query tile in registers and streams ``BLOCK_N`` keys
+    at a time with an online softmax in base 2: ``log2(e)`` is folded into the
+    logit scale *and* into the bias, so every exponential is one ``exp2``.
+    Only the log-sum-exp per row (base 2) is stored for the backward.
+    The causal rule (bottom-right aligned: query ``i`` sits at cache slot
+    ``i + Lk - Lq``) and per-batch key ranges ``[key_start[b], key_end[b])``
+    (left or right padding) shorten the key loop; ragged tails of ``Lq``,
+    ``Lk`` and the head dimension (padded to ``BLOCK_D``, a power of two, so
+    80/96/112 work) are masked.
+
+Where the bias lives
+    Inside the key loop, in fp32 registers; no bias tensor exists. ``delta``
+    is an integer difference of positions (exact at any cache position) and
+    the tile is ``-lambda_m * (1 - pi_n) * phi2(delta)`` from one query-gate
+    vector loaded once per program and one key-gate vector loaded with each
+    key tile. ``phi2 = phi * log2(e)`` puts the bias in the same base-2 units
+    as the scaled logits; for ``"log"`` that is ``log2(1 + delta)``, a single
+    hardware ``lg2`` per score (a libdevice ``logf`` would cost a dozen FMAs).
+
+Backward and gate gradients
+    ``dS = P * (dP - rowsum(dO * O))`` (the preprocess kernel computes the
+    rowsum). Since ``d bias / d pi_n = lambda_m phi`` and
+    ``d bias / d lambda_m = -(1 - pi_n) phi``:
+
+    * the dK/dV kernel (one program per key block and key/value head) walks
+      the queries of every query head in its GQA group, accumulating dK, dV
+      and ``d pi_n = sum_m dS_mn lambda_m phi_mn`` -- a column reduction done
+      in registers, summed over the group inside the program;
+    * the dQ kernel (one program per query block and query head) walks the
+      keys, accumulating dQ and ``d lambda_m = -sum_n dS_mn (1 - pi_n) phi_mn``
+      -- a row reduction.
+
+    Both sums run on ``phi2`` and are multiplied by ``ln 2`` once at the end.
+    Every output element is written by exactly one program: deterministic,
+    no atomics, no repeated K/V for GQA.
+
+Host side: :func:`triton_attention` is ``backend="triton"`` of
+:func:`gape.attention`. The forward and backward are ``torch.library`` custom
+ops (``gape::triton_attention_fwd`` / ``_bwd``) with fake implementations and a
+registered autograd formula, so ``torch.compile`` traces through them.
+Under ``TRITON_INTERPRET=1`` (read by Triton when the kernels are decorated,
+i.e. when this module is imported) the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .key_ranges import mask_to_key_ranges
+
+LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) == exp2(x * LOG2E)
+DISTANCE_CODES = {"log": 0, "linear": 1}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The interpreter has no libdevice fast-math functions.
+HW_LOG2 = tl.constexpr(not INTERPRET)
+
+# ---------------------------------------------------------------------------
+# Autotuning. Keys: the padded head dims, causality, and power-of-two buckets of
+# the lengths (a decode step must not retune at every new cache length).
+# The dtype of every tensor argument is part of Triton's key already.
+# ---------------------------------------------------------------------------
+
+
+ALL = (64, 128, 256)
+
+
+def _cfg(bm, bn, warps, stages, sm80=ALL, sm90=ALL):
+    """A tile shipped for the head-dim classes (padded head dim <= 64, <= 128,
+    <= 256) listed per architecture family: the classes where
+    ``gape audit-kernels`` measured zero spills and shared memory in bounds."""
+    cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+    cfg.head_dims = {80: tuple(sm80), 90: tuple(sm90)}
+    return cfg
+
+
+if INTERPRET:
+    # The interpreter runs numpy per block: one small config, no tuning, and
+    # 16-wide blocks exercise the ragged-tail masks at tiny test shapes.
+    FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
+    BWD_KV_CONFIGS = [_cfg(16, 16, 1, 1)]
+    BWD_Q_CONFIGS = [_cfg(16, 16, 1, 1)]
+else:
+    D64, D128 = (64,), (64, 128)
+    FWD_CONFIGS = [
+        _cfg(128, 64, 8, 3, D128, D128), _cfg(128, 128, 8, 2, D128, D64), _cfg(64, 128, 8, 2, D128, D128),
+        _cfg(64, 64, 4, 3, D128, D128), _cfg(128, 32, 8, 2, D128, D128),
+        _cfg(64, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128),  # small tiles: decode, D=256
+    ]
+    # dK/dV: BLOCK_N keys stay resident, BLOCK_M queries stream.
+    BWD_KV_CONFIGS = [
+        _cfg(32, 128, 8, 2, (), D128), _cfg(64, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64),
+        _cfg(16, 128, 8, 2, D64, D128), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, D64, D64),
+        _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1),
+    ]
+    # dQ: BLOCK_M queries stay resident, BLOCK_N keys stream.
+    BWD_Q_CONFIGS = [
+        _cfg(128, 32, 8, 2, D64, D128), _cfg(128, 64, 8, 2, (), D128), _cfg(128, 32, 8, 1, D128, D128),
+        _cfg(64, 64, 8, 2, D128, D128), _cfg(64, 64, 4, 2, D64, D128), _cfg(64, 32, 4, 3, D128, D128),
+        _cfg(64, 32, 8, 2, D128, D128), _cfg(16, 32, 4, 2),
+    ]
+
+# Shared memory per block on the targets we audit (A100 164 KB, H100 228 KB);
+# used when no GPU is visible to bound the configs.
+DEFAULT_SMEM_BYTES = 163 * 1024
+
+
+def _device_limits() -> tuple[int, int]:
+    """(architecture family 80 or 90, shared memory per block) of the current GPU."""
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(dev)
+        family = 90 if torch.cuda.get_device_capability(dev)[0] >= 9 else 80
+        return family, int(getattr(props, "shared_memory_per_block_optin", DEFAULT_SMEM_BYTES))
+    return 80, DEFAULT_SMEM_BYTES
+
+
+def head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def config_fits(kernel: str, cfg: triton.Config, block_d: int, block_dv: int, elt: int, lq: int, lk: int,
+                smem_limit: int, family: int = 80) -> bool:
+    """Whether ``cfg`` is worth trying for these sizes.
+
+    Rules, each because it changes the outcome: the tile is shipped for this
+    head-dim class on this architecture (``head_dims``, from the audit's
+    spill counts); blocks longer than the sequence only add masked work
+    (decode keeps ``BLOCK_M = 16``); the pipelined tiles fit shared memory.
+    """
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if head_dim_class(max(block_d, block_dv)) not in getattr(cfg, "head_dims", {}).get(family, ALL):
+        return False
+    if bm > max(16, triton.next_power_of_2(lq)) or bn > max(16, triton.next_power_of_2(lk)):
+        return False
+    stages = max(cfg.num_stages, 1)
+    if kernel == "fwd":
+        smem = elt * (bm * block_d + stages * bn * (block_d + block_dv))
+    elif kernel == "bwd_kv":
+        smem = elt * (bn * (block_d + block_dv) + stages * bm * (block_d + block_dv))
+    else:
+        smem = elt * (bm * (block_d + block_dv) + stages * bn * (block_d + block_dv))
+    return smem <= smem_limit
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        # named_args holds the positional launch arguments, kwargs the rest
+        args = {**named_args, **kwargs}
+        block_d, block_dv = args["BLOCK_D"], args["BLOCK_DV"]
+        family, limit = _device_limits()
+        elt = args["Q"].element_size()
+        kept = [c for c in configs
+                if config_fits(kernel, c, block_d, block_dv, elt, args["Lq"], args["Lk"], limit, family)]
+        # Never empty: the smallest tile compiles for every head dim we accept.
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
+
+
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "q_bucket", "k_bucket"]
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _phi2(delta, IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr):
+    """phi(delta) * log2(e) in fp32 from an integer tile ``pos_q - pos_k``.
+
+    Base 2 because the softmax runs in base 2: for "log" the factors cancel,
+    ``log(1 + d) * log2(e) = log2(1 + d)``, one MUFU ``lg2`` instead of a
+    libdevice ``logf`` (a dozen FMAs per score).
+    """
+    if IS_CAUSAL:
+        delta = tl.maximum(delta, 0)  # negative entries are masked out anyway
+    else:
+        delta = tl.abs(delta)
+    d = delta.to(tl.float32)
+    if DISTANCE == 0:
+        # 1 + d is exact in fp32 up to 2**24, and log2(1) == 0 keeps phi(0) exact.
+        if HW_LOG2:
+            # the hardware lg2.approx (relative error ~2**-22)
+            return libdevice.fast_log2f(1.0 + d)
+        else:
+            return tl.math.log2(1.0 + d)
+    else:
+        return d * 1.4426950408889634
+
+
+@triton.jit
+def _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE: tl.constexpr):
+    if HAS_KEY_RANGE:
+        lo = tl.load(KSTART + off_b)
+        hi = tl.minimum(tl.load(KEND + off_b), Lk)
+    else:
+        lo = 0
+        hi = Lk
+    return lo, hi
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
+@triton.jit
+def _gape_fwd_kernel(
+    Q, K, V, QG, KG, KSTART, KEND, O, LSE,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    n_qheads, group, Lq, Lk, head_dim, head_dim_v,
+    qk_scale,  # scale * log2(e)
+    q_bucket, k_bucket,  # autotune keys only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # padded head dims: tile shapes must be powers of two
+    IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,  # variants of one kernel (dead code folded away)
+    HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,  # HAS_BIAS=False only to benchmark the bias cost
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose the fp32 reference's accuracy)
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // n_qheads
+    off_h = bh % n_qheads
+    off_kvh = off_h // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < head_dim
+    dv_valid = offs_dv < head_dim_v
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    row = (off_b * n_qheads + off_h).to(tl.int64) * Lq
+    kg_base = KG + (off_b * (n_qheads // group) + off_kvh).to(tl.int64) * Lk
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    lam = tl.load(QG + row + offs_m, mask=m_valid, other=0.0)
+    pos_q = offs_m + (Lk - Lq)
+
+    lo, hi = _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE)
+    if IS_CAUSAL:
+        # keys after the last query of this block are never visible
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + Lk - Lq)
+    lo_blk = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(lo_blk, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_in = offs_n < hi
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=n_in[None, :] & d_valid[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        valid = m_valid[:, None] & n_in[None, :] & (offs_n >= lo)[None, :]
+        if IS_CAUSAL:
+            valid = valid & (pos_q[:, None] >= offs_n[None, :])
+        if HAS_BIAS:
+            pi = tl.load(kg_base + offs_n, mask=n_in, other=0.0)
+            ph2 = _phi2(pos_q[:, None] - offs_n[None, :], IS_CAUSAL, DISTANCE)
+            s = s - lam[:, None] * (1.0 - pi)[None, :] * ph2
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so
+        # exp2 sees -inf - 0 = -inf (weight 0), never -inf - -inf = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=n_in[:, None] & dv_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # +inf for a row with no visible key makes every backward weight exp2(s - inf) = 0.
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], acc.to(O.dtype.element_ty),
+             mask=m_valid[:, None] & dv_valid[None, :])
+    tl.store(LSE + row + offs_m, lse, mask=m_valid)
+
+
+@triton.jit
+def _gape_bwd_preprocess(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    n_qheads, Lq, head_dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // n_qheads
+    off_h = bh % n_qheads
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m < Lq)[:, None] & (offs_dv < head_dim_v)[None, :]
+    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_om + offs_dv[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.autotune(configs=BWD_KV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("bwd_kv")})
+@triton.jit
+def _gape_bwd_kv_kernel(
+    Q, K, V, QG, KG, KSTART, KEND, DO, LSE, DELTA, DK, DV, DKG,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    n_qheads, group, Lq, Lk, head_dim, head_dim_v,
+    sm_scale, qk_scale,  # scale, and scale * log2(e)
+    q_bucket, k_bucket,  # autotune keys only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    n_kvheads = n_qheads // group
+    off_b = bh // n_kvheads
+    off_kvh = bh % n_kvheads
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_valid = offs_d < head_dim
+    dv_valid = offs_dv < head_dim_v
+    lo, hi = _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE)
+    n_valid = offs_n < Lk
+    key_ok = n_valid & (offs_n >= lo) & (offs_n < hi)
+
+    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
+    kg_row = (off_b * n_kvheads + off_kvh).to(tl.int64) * Lk
+    keep = 1.0 - tl.load(KG + kg_row + offs_n, mask=n_valid, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dpi = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    # Queries before this key block's first key cannot see it under the causal rule.
+    m_lo = 0
+    if IS_CAUSAL:
+        m_lo = tl.maximum(start_n - (Lk - Lq), 0)
+        m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    for g in range(0, group):
+        off_h = off_kvh * group + g
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        row = (off_b * n_qheads + off_h).to(tl.int64) * Lq
+        for start_m in range(m_lo, Lq, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_valid = offs_m < Lq
+            qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
+                         mask=m_valid[None, :] & d_valid[:, None], other=0.0)
+            lam = tl.load(QG + row + offs_m, mask=m_valid, other=0.0)
+            lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+            delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+            pos_q = offs_m + (Lk - Lq)
+            st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            valid = key_ok[:, None] & m_valid[None, :]
+            if IS_CAUSAL:
+                valid = valid & (pos_q[None, :] >= offs_n[:, None])
+            if HAS_BIAS:
+                ph2 = _phi2(pos_q[None, :] - offs_n[:, None], IS_CAUSAL, DISTANCE)
+                st = st - lam[None, :] * keep[:, None] * ph2
+            st = tl.where(valid, st, float("-inf"))
+            pt = tl.math.exp2(st - lse[None, :])
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                         mask=m_valid[:, None] & dv_valid[None, :], other=0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                dpi += tl.sum(dst * lam[None, :] * ph2, 1)
+
+    dk = dk * sm_scale
+    dpi = dpi * 0.6931471805599453  # ln 2: phi2 is phi in base-2 units
+    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=n_valid[:, None] & d_valid[None, :])
+    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_valid[:, None] & dv_valid[None, :])
+    tl.store(DKG + kg_row + offs_n, dpi, mask=n_valid)
+
+
+@triton.autotune(configs=BWD_Q_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("bwd_q")})
+@triton.jit
+def _gape_bwd_q_kernel(
+    Q, K, V, QG, KG, KSTART, KEND, DO, LSE, DELTA, DQ, DQG,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    n_qheads, group, Lq, Lk, head_dim, head_dim_v,
+    sm_scale, qk_scale,  # scale, and scale * log2(e)
+    q_bucket, k_bucket,  # autotune keys only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,
+    HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    off_b = bh // n_qheads
+    off_h = bh % n_qheads
+    off_kvh = off_h // group
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < Lq
+    d_valid = offs_d < head_dim
+    dv_valid = offs_dv < head_dim_v
+    row = (off_b * n_qheads + off_h).to(tl.int64) * Lq
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    kg_base = KG + (off_b * (n_qheads // group) + off_kvh).to(tl.int64) * Lk
+
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=m_valid[:, None] & dv_valid[None, :],
+                 other=0.0)
+    lam = tl.load(QG + row + offs_m, mask=m_valid, other=0.0)
+    lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
+    pos_q = offs_m + (Lk - Lq)
+
+    lo, hi = _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + Lk - Lq)
+    lo_blk = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dlam = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(lo_blk, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_in = offs_n < hi
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     mask=n_in[None, :] & d_valid[:, None], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=n_in[None, :] & dv_valid[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        valid = m_valid[:, None] & n_in[None, :] & (offs_n >= lo)[None, :]
+        if IS_CAUSAL:
+            valid = valid & (pos_q[:, None] >= offs_n[None, :])
+        if HAS_BIAS:
+            keep = 1.0 - tl.load(kg_base + offs_n, mask=n_in, other=0.0)
+            ph2 = _phi2(pos_q[:, None] - offs_n[None, :], IS_CAUSAL, DISTANCE)
+            s = s - lam[:, None] * keep[None, :] * ph2
+        s = tl.where(valid, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            dlam -= tl.sum(ds * keep[None, :] * ph2, 1)
+
+    dq = dq * sm_scale
+    dlam = dlam * 0.6931471805599453  # ln 2: phi2 is phi in base-2 units
+    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(DQG + row + offs_m, dlam, mask=m_valid)
+
+
+# ---------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+PREPROCESS_BLOCK_M = 16 if INTERPRET else 64
+
+
+def _is_interpreted() -> bool:
+    """Whether the kernels were decorated for Triton's interpreter (at import)."""
+    return type(_gape_fwd_kernel.fn).__name__ == "InterpretedFunction"
+
+
+def check_device(query: torch.Tensor) -> None:
+    if query.device.type != "cuda" and not _is_interpreted():
+        raise ValueError(
+            f'the Triton GAPE kernel needs CUDA tensors, got query on {query.device}; use backend="torch" on the CPU, '
+            "or set TRITON_INTERPRET=1 before importing gape to run the kernel in Triton's interpreter"
+        )
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    """Every kernel output is allocated here (uninitialized: each element is
+    written by exactly one program). Tests swap in a NaN-filled allocator."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _bucket(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common(q, k, v, is_causal, distance, key_start, has_bias):
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM):
+        raise ValueError(f"the Triton GAPE kernel takes head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got D={d}, Dv={dv}")
+    if distance not in DISTANCE_CODES:
+        raise ValueError(f"distance must be one of {tuple(DISTANCE_CODES)}, got {distance!r}")
+    return dict(
+        n_qheads=hq, group=hq // hkv, Lq=lq, Lk=lk, head_dim=d, head_dim_v=dv,
+        q_bucket=_bucket(lq), k_bucket=_bucket(lk),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        IS_CAUSAL=bool(is_causal), DISTANCE=DISTANCE_CODES[distance],
+        HAS_KEY_RANGE=key_start is not None, HAS_BIAS=bool(has_bias),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _ranges(key_start, key_end, device):
+    if key_start is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy
+    return key_start.to(device=device, dtype=torch.int32).contiguous(), key_end.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distance, has_bias=True):
+    check_device(q)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    meta = _common(q, k, v, is_causal, distance, key_start, has_bias)
+    b, hq, lq, _ = q.shape
+    qg = qg.to(torch.float32).contiguous()
+    kg = kg.to(torch.float32).contiguous()
+    out = _new_output((b, hq, lq, v.shape[3]), q.dtype, q.device)
+    lse = _new_output((b, hq, lq), torch.float32, q.device)
+    ks, ke = _ranges(key_start, key_end, q.device)
+    grid = lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)  # noqa: E731
+    _gape_fwd_kernel[grid](
+        q, k, v, qg, kg, ks, ke, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        qk_scale=scale * LOG2E, **meta,
+    )
+    return out, lse
+
+
+def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal, scale, distance, has_bias=True):
+    check_device(q)
+    q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
+    meta = _common(q, k, v, is_causal, distance, key_start, has_bias)
+    b, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    qg32 = qg.to(torch.float32).contiguous()
+    kg32 = kg.to(torch.float32).contiguous()
+    ks, ke = _ranges(key_start, key_end, q.device)
+
+    delta = _new_output((b, hq, lq), torch.float32, q.device)
+    _gape_bwd_preprocess[(triton.cdiv(lq, PREPROCESS_BLOCK_M), b * hq)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        hq, lq, v.shape[3],
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"],
+    )
+    dq = _new_output(q.shape, q.dtype, q.device)
+    dk = _new_output(k.shape, k.dtype, k.device)
+    dv = _new_output(v.shape, v.dtype, v.device)
+    dqg = _new_output((b, hq, lq), torch.float32, q.device)
+    dkg = _new_output((b, hkv, lk), torch.float32, q.device)
+    _gape_bwd_kv_kernel[lambda m: (triton.cdiv(lk, m["BLOCK_N"]), b * hkv)](
+        q, k, v, qg32, kg32, ks, ke, do, lse, delta, dk, dv, dkg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        sm_scale=scale, qk_scale=scale * LOG2E, **meta,
+    )
+    _gape_bwd_q_kernel[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
+        q, k, v, qg32, kg32, ks, ke, do, lse, delta, dq, dqg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        sm_scale=scale, qk_scale=scale * LOG2E, **meta,
+    )
+    return dq, dk, dv, dqg.to(qg.dtype), dkg.to(kg.dtype)
+
+
+# torch.library ops: opaque to torch.compile (it sees the fake shapes) and
+# differentiable through the registered backward.
+
+
+@torch.library.custom_op("gape::triton_attention_fwd", mutates_args=())
+def _fwd_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_gate: torch.Tensor, key_gate: torch.Tensor,
+    key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
+    is_causal: bool, scale: float, distance: str, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance,
+                         has_bias)
+
+
+@_fwd_op.register_fake
+def _(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance, has_bias):
+    b, hq, lq, _ = query.shape
+    out = query.new_empty(b, hq, lq, value.shape[3])
+    lse = query.new_empty(b, hq, lq, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("gape::triton_attention_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_gate: torch.Tensor, key_gate: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
+    is_causal: bool, scale: float, distance: str, has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
+                          is_causal, scale, distance, has_bias)
+
+
+@_bwd_op.register_fake
+def _(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end, is_causal, scale, distance,
+      has_bias):
+    return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
+            torch.empty_like(query_gate), torch.empty_like(key_gate))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance, has_bias = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, query_gate, key_gate, out, lse, key_start, key_end)
+    ctx.args = (is_causal, scale, distance, has_bias)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, query_gate, key_gate, out, lse, key_start, key_end = ctx.saved_tensors
+    grads = _bwd_op(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
+                    *ctx.args)
+    return (*grads, None, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gape_attention_fused(query, key, value, query_gate, key_gate, key_start=None, key_end=None, is_causal=True,
+                         scale=None, distance="log", has_bias=True) -> torch.Tensor:
+    """The fused op with explicit per-batch key ranges (int ``[B]``, half-open).
+
+    ``has_bias=False`` compiles the bias out (plain attention; for benchmarks).
+    Shapes as :func:`gape.attention`; no gate-range validation here.
+    """
+    if (key_start is None) != (key_end is None):
+        raise ValueError("key_start and key_end must be given together (int tensors of shape [B])")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out, _ = _fwd_op(query, key, value, query_gate, key_gate, key_start, key_end, bool(is_causal), scale, distance,
+                     bool(has_bias))
+    return out
+
+
+def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance):
+    """``backend="triton"`` of :func:`gape.attention` (arguments already validated there).
+
+    A key-padding ``attn_mask`` (see :mod:`gape.kernels.key_ranges`) becomes
+    per-batch key ranges; any other mask raises ValueError.
+    """
+    check_device(query)
+    key_start = key_end = None
+    if attn_mask is not None:
+        ranges = mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal)
+        key_start, key_end, is_causal = ranges.start, ranges.end, ranges.causal
+    return gape_attention_fused(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale,
+                                distance)

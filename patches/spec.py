@@ -1,0 +1,38 @@
+"""``ArchSpec``: what the generic patcher (gape.hf) needs to know about an architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Declarative description of a Llama-style architecture.
+
+    Attributes:
+        model_types: ``config.model_type`` values this spec serves.
+        layers: dotted paths tried in order, from the loaded model, to the
+            ``nn.ModuleList`` of decoder layers (``ForCausalLM`` and bare model).
+        attention: attribute of a decoder layer holding the attention module.
+        num_heads, num_kv_heads: config attributes with the head counts
+            (``num_kv_heads`` falls back to ``num_heads`` when absent).
+        head_dim: config attribute of the head dim (falls back to
+            ``hidden_size // num_heads`` when absent or None).
+        rope_layout: ``"half"`` (transformers' rotate_half: pair ``(x_i, x_{i+D/2})``)
+            or ``"interleaved"`` (pair ``(x_2i, x_2i+1)``).
+        sliding_window: config attribute of the window size (None: no window).
+            The window reaches GAPE through the attention mask, so this is for
+            logging and the tests.
+        qk_norm: the model normalises q and k per head before RoPE (Qwen3).
+            Pair norms stay rotation-invariant, so nothing changes for GAPE.
+    """
+
+    model_types: tuple[str, ...]
+    layers: tuple[str, ...] = ("model.layers", "layers")
+    attention: str = "self_attn"
+    num_heads: str = "num_attention_heads"
+    num_kv_heads: str = "num_key_value_heads"
+    head_dim: str = "head_dim"
+    rope_layout: str = "half"
+    sliding_window: str | None = None
+    qk_norm: bool = False

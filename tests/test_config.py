@@ -1,0 +1,64 @@
+"""GapeConfig: defaults, JSON round trip, validation errors that name the field."""
+
+import pytest
+
+from gape.config import GapeConfig
+
+
+def test_defaults_are_identity_and_learned():
+    cfg = GapeConfig()
+    assert cfg.distance == "log" and cfg.backend == "auto" and cfg.layers is None
+    assert cfg.alpha_init == 0.0 and cfg.key_gate is True and cfg.fixed_lambda is None
+    assert cfg.trainable_parts() == ("alpha", "query", "key")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"distance": "linear", "backend": "reference", "layers": [0, -1], "alpha_init": 1.5},
+        {"key_gate": False, "fixed_lambda": 0.25, "trainable": False},
+        {"fixed_lambda": [0.1, 0.2, 0.0], "trainable": ["key"], "rope_layout": "interleaved"},
+        {"query_bias_init": -2.0, "key_bias_init": 3.0, "identity_shortcut": False},
+    ],
+    ids=["defaults", "linear-layers-alpha", "fixed-decay", "per-head-lambda", "biases"],
+)
+def test_json_round_trip(kwargs):
+    cfg = GapeConfig(**kwargs)
+    back = GapeConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert GapeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_trainable_list_is_normalised_to_part_order():
+    assert GapeConfig(trainable=("key", "alpha")).trainable == ["alpha", "key"]
+    assert GapeConfig(trainable=False).trainable_parts() == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, exc",
+    [
+        ({"distance": "cosine"}, "distance", ValueError),
+        ({"backend": "cuda"}, "backend", ValueError),
+        ({"layers": "0,1"}, "layers", TypeError),
+        ({"layers": [0, 0]}, "layers", ValueError),
+        ({"layers": [0.5]}, "layers", TypeError),
+        ({"alpha_init": -1.0}, "alpha_init", ValueError),
+        ({"alpha_init": float("nan")}, "alpha_init", ValueError),
+        ({"key_bias_init": "1"}, "key_bias_init", ValueError),
+        ({"key_gate": 1}, "key_gate", TypeError),
+        ({"trainable": ["beta"]}, "trainable", ValueError),
+        ({"fixed_lambda": -0.1}, "fixed_lambda", ValueError),
+        ({"fixed_lambda": []}, "fixed_lambda", ValueError),
+        ({"rope_layout": "pairs"}, "rope_layout", ValueError),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_invalid_fields_are_named(kwargs, field, exc):
+    with pytest.raises(exc, match=field):
+        GapeConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown GapeConfig field"):
+        GapeConfig.from_dict({"distance": "log", "lambda": 1.0})
