@@ -9,6 +9,10 @@ Providers (B=1, 9 query / 3 kv heads, D=64, causal by default):
 - ``flex``         ``torch.compile(flex_attention)`` with a GAPE ``score_mod`` and a
                    causal block mask
 
+``ratio_to_floor`` divides a provider's median by the median of floor calls
+timed alternately with it in the same subprocess (``--no-interleave``: by the
+floor's own row), so a shared machine's load drifting between runs cancels.
+
 Every (provider, pass, L) runs in its own subprocess, so peak memory is honest:
 the subprocess resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
 just before the first measured call and reports ``VmHWM - VmRSS`` (extra
@@ -42,7 +46,7 @@ PROVIDERS = ("floor", "torch", "sdpa", "materialized", "flex")
 PASSES = ("fwd", "fwd+bwd")
 FIELDS = (
     "provider", "pass", "L", "dtype", "device", "threads", "median_s", "p20_s", "p80_s", "repeats",
-    "peak_mem_mb", "ratio_to_floor", "tflops", "distance", "omp_wait_policy", "load_avg_1m",
+    "peak_mem_mb", "ratio_to_floor", "floor_median_same_process_s", "tflops", "distance", "omp_wait_policy", "load_avg_1m",
     "torch_version", "cpu_model", "date", "error",
 )  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,31 +153,38 @@ def worker(spec: dict) -> dict:
     leaves, fn = _setup(spec["provider"], spec["L"], dtype, device, need_grad)
     grad_out = torch.randn(1, 9, spec["L"], 64, device=device, dtype=dtype) if need_grad else None
 
-    def once():
+    def timed(f, leaves):
+        t0 = time.perf_counter()
         if need_grad:
             for t in leaves:
                 t.grad = None
-            fn().backward(grad_out)
+            f().backward(grad_out)
         else:
             with torch.no_grad():
-                fn()
+                f()
         sync()
+        return time.perf_counter() - t0
 
     if spec["provider"] == "flex":
-        once()  # compile outside the measurement
+        timed(fn, leaves)  # compile outside the measurement
     reset, read = _mem_probe(device)
     base = reset()
-    t0 = time.perf_counter()
-    once()
-    times = [time.perf_counter() - t0]
+    times = [timed(fn, leaves)]
     peak = read(base)
+    # The floor is timed in the same process, alternating with the provider, so
+    # the ratio survives the load of a shared machine drifting between runs.
+    floor = _setup("floor", spec["L"], dtype, device, need_grad) if spec.get("interleave_floor") else None
+    floor_times = []
     for _ in range(spec["repeats"] - 1):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
+        if floor is not None:
+            floor_times.append(timed(floor[1], floor[0]))
+        times.append(timed(fn, leaves))
+    if floor is not None:
+        floor_times.append(timed(floor[1], floor[0]))
+        floor_times = floor_times[1:]  # the first floor call paid for first-touch page faults
     if spec["repeats"] > 1:
         times = times[1:]  # the first call paid for first-touch page faults
-    return {"times": times, "peak_mem_mb": peak}
+    return {"times": times, "peak_mem_mb": peak, "floor_times": floor_times}
 
 
 # --------------------------------------------------------------------------- driver
@@ -256,6 +267,12 @@ def main(argv=None) -> int:
         "spinning OpenMP workers starve each other and multi-op providers slow down by "
         "10x or more; 'default' leaves the environment alone",
     )
+    p.add_argument(
+        "--no-interleave",
+        action="store_true",
+        help="take ratio_to_floor from the floor's own row instead of timing the floor "
+        "alternately with each provider in its subprocess (halves the run time)",
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement subprocess")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default results/bench_attention_<date>.csv)")
     p.add_argument("--force", action="store_true", help="re-measure rows already in the CSV")
@@ -293,6 +310,7 @@ def main(argv=None) -> int:
                     continue
                 spec = dict(provider=provider, L=L, dtype=args.dtype, device=args.device, threads=args.threads, repeats=args.repeats)
                 spec["pass"] = passes
+                spec["interleave_floor"] = provider != "floor" and not args.no_interleave
                 print(f"[run ] {provider:12s} {passes:8s} L={L} ...", end=" ", flush=True)
                 res = run_one(spec, args.timeout, args.omp_wait_policy)
                 row = dict(common, provider=provider, L=L, date=_dt.datetime.now().isoformat(timespec="seconds"))
@@ -311,7 +329,11 @@ def main(argv=None) -> int:
                     )  # fmt: skip
                     if provider == "floor":
                         floor_median = med
-                    if floor_median:
+                    if res.get("floor_times"):
+                        same = statistics.median(res["floor_times"])
+                        row["floor_median_same_process_s"] = f"{same:.4f}"
+                        row["ratio_to_floor"] = f"{med / same:.2f}"
+                    elif floor_median:
                         row["ratio_to_floor"] = f"{med / floor_median:.2f}"
                     print(f"median {med:.4f} s  peak +{res['peak_mem_mb']:.0f} MB  x{row.get('ratio_to_floor', '?')}", flush=True)
                 _append_row(out, row)

@@ -169,6 +169,57 @@ def prefill(model, length: int, seed: int = 0):
         return time.perf_counter() - t0, out
 
 
+def _rotated(items: list, k: int) -> list:
+    """``items`` starting at position ``k``: no mode always runs first (or right after another)."""
+    k %= len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def layer_decode(models: dict, context: int, steps: int, warmup: int) -> dict:
+    """Per-step time of one attention layer (layer 0: projections, RoPE, cache
+    update, attention) decoding at ``context``, modes interleaved step by step.
+    Far less noisy than whole-model decode on a shared machine, and the
+    attention layer is the only part GAPE changes."""
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = next(iter(models.values())).config.hidden_size
+    prompt = torch.randn(1, context, hidden, generator=gen)
+    step_inputs = torch.randn(warmup + steps, 1, 1, hidden, generator=gen)
+    state = {}
+    with torch.no_grad():
+        for mode, model in models.items():
+            attn = model.model.layers[0].self_attn
+            cache = DynamicCache(config=model.config)
+            pos = torch.arange(context)[None]
+            attn(prompt, position_embeddings=model.model.rotary_emb(prompt, pos), attention_mask=None,
+                 past_key_values=cache)
+            state[mode] = (model, attn, cache)
+        times = {m: [] for m in models}
+        for step in range(warmup + steps):
+            pos = torch.tensor([[context + step]])
+            for mode in _rotated(list(state), step):
+                model, attn, cache = state[mode]
+                pe = model.model.rotary_emb(step_inputs[step], pos)
+                t0 = time.perf_counter()
+                attn(step_inputs[step], position_embeddings=pe, attention_mask=None, past_key_values=cache)
+                elapsed = time.perf_counter() - t0
+                if step >= warmup:
+                    times[mode].append(elapsed)
+    return times
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def environment(args, backend) -> dict:
     import transformers
 
@@ -179,7 +230,7 @@ def environment(args, backend) -> dict:
         commit = ""
     return {
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.uname().machine,
+        "processor": _cpu_model() or platform.processor(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -236,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-context", type=int, default=4096, help="context of the decode measurement (0: none)")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--decode-warmup", type=int, default=2)
+    p.add_argument("--layer-steps", type=int, default=200, help="decode steps of the one-layer measurement (0: skip)")
     p.add_argument("--repeats", type=int, default=3, help="timed prefill repetitions per mode")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--backend", default="auto", help="GAPE backend (auto: the tiled torch backend, reference if absent)")
@@ -281,7 +333,7 @@ def main(argv=None) -> int:
         last = {}
         reps = args.repeats if todo else (1 if decoding else 0)
         for rep in range(reps):
-            for mode in args.modes:
+            for mode in _rotated(args.modes, rep):
                 if mode not in todo and not (mode in decoding and rep == reps - 1):
                     continue
                 last.pop(mode, None)
@@ -307,7 +359,7 @@ def main(argv=None) -> int:
             dtimes = {m: [] for m in decoding}
             with torch.no_grad():
                 for step in range(args.decode_warmup + args.decode_tokens):
-                    for mode in decoding:
+                    for mode in _rotated(decoding, step):
                         t0 = time.perf_counter()
                         o = models[mode](nxt[mode], past_key_values=caches[mode], use_cache=True)
                         elapsed = time.perf_counter() - t0
@@ -323,6 +375,13 @@ def main(argv=None) -> int:
                       flush=True)
             save(args.out, env, rows)
             del caches
+    if args.decode_context and args.layer_steps and not any(r["kind"] == "decode-layer" for r in rows):
+        ltimes = layer_decode(models, args.decode_context, args.layer_steps, warmup=5)
+        for mode, ts in ltimes.items():
+            rows.append({**stamp(mode, args.decode_context), "kind": "decode-layer", "min_s": min(ts),
+                         "median_s": statistics.median(ts), "times_s": ts})
+            print(f"{mode:22s} layer-0 decode {args.decode_context:6d}: min {1e6 * min(ts):8.1f} us  "
+                  f"median {1e6 * statistics.median(ts):8.1f} us", flush=True)
     save(args.out, env, rows)
     print("\nratios vs sdpa (min over repetitions / decode steps; median in brackets):")
     for s in summarize(rows):

@@ -207,7 +207,7 @@ def attention(
         scale: logit scale, default ``1/sqrt(D)``.
         distance: ``"log"`` (``log(1 + delta)``) or ``"linear"`` (``delta``).
         backend: ``"auto"`` (Triton on CUDA, tiled torch elsewhere),
-            ``"reference"``, ``"torch"``, ``"sdpa"`` (linear distance only) or
+            ``"reference"``, ``"torch"``, ``"sdpa"`` (linear distance, causal only) or
             ``"triton"``.
 
     Returns:

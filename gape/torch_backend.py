@@ -12,8 +12,8 @@ What makes it fast on the CPU:
 - Grouped-query attention folds the ``rep = Hq // Hkv`` query heads of a group
   into the row dimension, so each GEMM is ``[B*Hkv, rep*chunk, D] @ [B*Hkv, D, Lk]``
   and K/V are never repeated.
-- The bias enters the QK^T GEMM as its ``beta`` input (``baddbmm``), so adding
-  it costs no extra pass.
+- The bias enters the QK^T GEMM as its ``C`` input (``baddbmm`` with
+  ``beta=1``), so adding it costs no extra pass.
 - ``phi(delta)`` only depends on ``pos_q - pos_k``. With the rows of a chunk
   visited in reverse order it depends on ``row + col`` (a Hankel matrix), which
   is an ``as_strided`` view of one vector computed once per call: no ``log1p``
@@ -64,6 +64,9 @@ class _Plan:
         self.lam = query_gate.to(cdt).reshape(b, hkv, self.rep, lq)
         self.keep = (1 - key_gate.to(cdt)).reshape(b, hkv, lk)
         self.mask = attn_mask
+        # Without a mask every row keeps its distance-0 key (or, non-causal, any
+        # key) when Lq <= Lk; only then may the empty-row guards be skipped.
+        self.may_have_empty_rows = attn_mask is not None or lq > lk
         # Hankel vector: tile[r', j] = phi(|p_last - r' - j|) = R[N - p_last + r' + j]
         # with N the largest p_last (see module docstring); slots N - x < 0 are
         # masked by causality and hold phi(0) = 0 there.
@@ -99,11 +102,11 @@ class _Plan:
         phi = self.phi_vec.as_strided((cc, kend), (1, 1), self.n - p_last)
         keep_phi = torch.mul(self.keep[:, :, None, :kend], phi, out=self.pbuf[:n_p].view(b, hkv, cc, kend))
         s = self.buf[:n_s].view(b, hkv, rep, cc, kend)
-        lam = self.lam[..., i0:i1].flip(-1).unsqueeze(-1)
-        torch.mul(lam, keep_phi.unsqueeze(2), out=s)
+        neg_lam = self.lam[..., i0:i1].flip(-1).unsqueeze(-1).neg()
+        torch.mul(neg_lam, keep_phi.unsqueeze(2), out=s)
         qc = self.q[:, :, :, i0:i1].flip(-2).reshape(g, rep * cc, self.d)
-        # s = scale * q k^T - lam (1 - pi) phi, the bias riding in as beta = -1
-        s.view(g, rep * cc, kend).baddbmm_(qc, self.k[:, :kend].transpose(1, 2), beta=-1, alpha=self.scale)
+        # s = scale * q k^T + bias. beta stays 1: MKL makes an extra pass over C for beta = -1
+        s.view(g, rep * cc, kend).baddbmm_(qc, self.k[:, :kend].transpose(1, 2), alpha=self.scale)
         if self.is_causal:
             ds = kend - cc  # first column of the diagonal block (may be < 0 when Lq > Lk)
             future = self._future.get(cc)
@@ -138,16 +141,19 @@ def _forward(plan: _Plan, need_lse: bool):
         s, _, _, _ = plan.scores(i0, i1, kend)
         sv = s.view(g, rep * cc, kend)
         mx = sv.amax(-1, keepdim=True)
-        empty = mx == _NEG_INF
-        mx.masked_fill_(empty, 0.0)
+        if plan.may_have_empty_rows:
+            empty = mx == _NEG_INF
+            mx.masked_fill_(empty, 0.0)
         sv.sub_(mx).exp_()
         tot = sv.sum(-1, keepdim=True)
         o = torch.bmm(sv, plan.v[:, :kend])
         # an empty row has tot == 0 and o == 0; every other row has tot >= 1
-        o.div_(tot.clamp_min(1e-30))
+        o.div_(tot.clamp_min(1e-30) if plan.may_have_empty_rows else tot)
         out[:, :, :, i0:i1] = o.view(b, hkv, rep, cc, dv).flip(-2)
         if need_lse:
-            row_lse = (mx + tot.log()).masked_fill_(empty, float("inf"))
+            row_lse = mx + tot.log()
+            if plan.may_have_empty_rows:
+                row_lse.masked_fill_(empty, float("inf"))
             lse[:, :, :, i0:i1] = row_lse.view(b, hkv, rep, cc).flip(-1)
     return out, lse
 

@@ -100,19 +100,19 @@ else:
     D64, D128 = (64,), (64, 128)
     FWD_CONFIGS = [
         _cfg(128, 64, 8, 3, D128, D128), _cfg(128, 128, 8, 2, D128, D64), _cfg(64, 128, 8, 2, D128, D128),
-        _cfg(64, 64, 4, 3, D128, D128), _cfg(128, 32, 8, 2, D128, D128),
-        _cfg(64, 32, 4, 2), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128),  # small tiles: decode, D=256
+        _cfg(64, 64, 4, 3, (128,), D128), _cfg(128, 32, 8, 2, (128,), D128),
+        _cfg(64, 32, 4, 2, (128, 256), ALL), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128),  # decode, D=256
     ]
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M queries stream.
     BWD_KV_CONFIGS = [
-        _cfg(32, 128, 8, 2, (), D128), _cfg(64, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64),
-        _cfg(16, 128, 8, 2, D64, D128), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, D64, D64),
-        _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1),
+        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64),
+        _cfg(16, 128, 8, 2, D64, D128), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, (), D64),
+        _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1, (128, 256), ALL),
     ]
     # dQ: BLOCK_M queries stay resident, BLOCK_N keys stream.
     BWD_Q_CONFIGS = [
-        _cfg(128, 32, 8, 2, D64, D128), _cfg(128, 64, 8, 2, (), D128), _cfg(128, 32, 8, 1, D128, D128),
-        _cfg(64, 64, 8, 2, D128, D128), _cfg(64, 64, 4, 2, D64, D128), _cfg(64, 32, 4, 3, D128, D128),
+        _cfg(128, 32, 8, 2, D64, D128), _cfg(128, 64, 8, 2, (), D128), _cfg(128, 32, 8, 1, D64, D128),
+        _cfg(64, 64, 8, 2, (128,), D128), _cfg(64, 64, 4, 2, (), D128), _cfg(64, 32, 4, 3, D128, D128),
         _cfg(64, 32, 8, 2, D128, D128), _cfg(16, 32, 4, 2),
     ]
 
@@ -142,12 +142,16 @@ def config_fits(kernel: str, cfg: triton.Config, block_d: int, block_dv: int, el
     Rules, each because it changes the outcome: the tile is shipped for this
     head-dim class on this architecture (``head_dims``, from the audit's
     spill counts); blocks longer than the sequence only add masked work
-    (decode keeps ``BLOCK_M = 16``); the pipelined tiles fit shared memory.
+    (decode keeps ``BLOCK_M = 16``); fp32 inputs keep small tiles; the
+    pipelined tiles fit shared memory.
     """
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if head_dim_class(max(block_d, block_dv)) not in getattr(cfg, "head_dims", {}).get(family, ALL):
         return False
     if bm > max(16, triton.next_power_of_2(lq)) or bn > max(16, triton.next_power_of_2(lk)):
+        return False
+    if elt >= 4 and bm * bn > 16 * 64:
+        # fp32 inputs use exact fp32 products (no tensor cores): large tiles only spill
         return False
     stages = max(cfg.num_stages, 1)
     if kernel == "fwd":
@@ -558,7 +562,7 @@ def _ranges(key_start, key_end, device):
     if key_start is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=device)
         return dummy, dummy
-    return key_start.to(device=device, dtype=torch.int32).contiguous(), key_end.to(device=device, dtype=torch.int32).contiguous()
+    return tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (key_start, key_end))
 
 
 def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distance, has_bias=True):

@@ -34,7 +34,8 @@ CONFIGS = {
     "qwen3": (Qwen3Config, dict(SMALL, head_dim=16)),
 }
 ARCHS = list(CONFIGS)
-# Every test runs the reference backend: exact, and independent of the tiled backends.
+# The reference backend (exact, independent of the tiled backends), except where
+# a test is about the default backend.
 IDENTITY = gape.GapeConfig(backend="reference", identity_shortcut=False)
 
 
@@ -51,7 +52,7 @@ def randomize_gates(model, seed: int = 1, scale: float = 1.0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, gate in hf.iter_gates(model):
-            for name, p in gate.named_parameters():
+            for p in gate.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
             gate.alpha.abs_()
 

@@ -19,6 +19,11 @@ from . import TASKS_DIR, register
 def run(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        print("gape eval needs lm-evaluation-harness: pip install 'gape[eval]'")
+        return 2
     register()
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging

@@ -55,9 +55,13 @@ def plot_all(out_dir: str, summary: list[dict], methods_order: list[str] | None 
     for (task, haystack), methods in sorted(by_length(summary).items()):
         fig, ax = plt.subplots(figsize=(6, 4))
         order = [m for m in (methods_order or []) if m in methods] + sorted(m for m in methods if m not in (methods_order or []))
-        for m in order:
+        styles = ["-", "--", ":", "-."]
+        markers = ["o", "s", "^", "D", "v", "P"]
+        for k, m in enumerate(order):
             per = methods[m]
-            ax.plot(list(per), [a for a, _ in per.values()], marker="o", label=m)
+            # distinct dashes and markers keep methods with equal accuracy visible
+            ax.plot(list(per), [a for a, _ in per.values()], linestyle=styles[k % 4], marker=markers[k % 6],
+                    markersize=9 - k, alpha=0.85, label=m)
         ax.set_xscale("log", base=2)
         lengths = sorted({n for per in methods.values() for n in per})
         ax.set_xticks(lengths, [str(n) for n in lengths])

@@ -1,0 +1,123 @@
+"""Read attention probabilities (and GAPE gate values) out of a transformers model.
+
+Fast attention backends never materialise the probabilities, so the probe
+swaps in an attention implementation that receives the same post-RoPE
+``query``/``key`` the real one gets, recomputes the probability rows asked
+for (GAPE bias included when the layer carries a ``gape_gate``), and then
+delegates to the implementation the model was using. Works for unpatched
+(sdpa/eager) and GAPE-patched models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+
+PROBE = "gape_probe"
+GATE_ATTR = "gape_gate"
+
+# The active capture: the implementation to delegate to, the rows to keep and the sink.
+_ACTIVE: list[dict] = []
+
+
+@functools.cache
+def _register() -> None:
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(PROBE, _probe_forward)
+    AttentionMaskInterface.register(PROBE, sdpa_mask)
+
+
+def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, distance="log"):
+    """Attention probabilities ``[B, Hq, R, K]`` (float32) of query rows ``rows``.
+
+    ``query [B, Hq, Q, D]`` and ``key [B, Hkv, K, D]`` are post-RoPE; rows sit at
+    cache slots ``K - Q + row``. ``gate`` is a :class:`gape.gates.GapeGate` or None
+    (plain RoPE). Also returns ``(lambda [B, Hq, R], pi [B, Hkv, K])`` or ``(None, None)``.
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    rep = hq // hkv
+    idx = torch.arange(lq, device=query.device) if rows is None else torch.as_tensor(rows, device=query.device).reshape(-1)
+    q = query[:, :, idx].float()
+    k = key.float().repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    delta = (idx + (lk - lq))[:, None] - torch.arange(lk, device=query.device)[None, :]
+    allowed = (delta >= 0)[None, None]
+    lam = pi = None
+    if gate is not None:
+        lam = gate.query_gate(query)[:, :, idx].float()
+        pi = gate.key_gate(key).float()
+        ph = torch.log1p(delta.clamp_min(0).float()) if distance == "log" else delta.clamp_min(0).float()
+        keep = 1 - pi.repeat_interleave(rep, dim=1)
+        scores = scores - lam[..., None] * keep[:, :, None, :] * ph
+    if attention_mask is not None:
+        m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        allowed = allowed & m[:, :, idx]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs, (lam, pi)
+
+
+def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    state = _ACTIVE[-1]
+    gate = module._modules.get(GATE_ATTR)
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    distance = gate.config.distance if gate is not None else "log"
+    with torch.no_grad():
+        rows = state["rows"]
+        if callable(rows):
+            rows = rows(query.shape[2])
+        probs, (lam, pi) = attention_rows(query, key, attention_mask, scale, gate, rows, distance)
+    entry = {"probs": probs}
+    if state.get("keys"):
+        from .gates import pair_features
+
+        layout = gate.layout if gate is not None else "half"
+        entry["key_features"] = pair_features(key.detach(), layout)
+    if lam is not None:
+        entry["lambda"], entry["pi"] = lam, pi
+    state["out"][getattr(module, "layer_idx", len(state["out"]))] = entry
+    original = state["original"]
+    if original == "eager" or original not in ALL_ATTENTION_FUNCTIONS:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[original]
+    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+@contextlib.contextmanager
+def capture_attention(model, rows=None, keys=False):
+    """Record attention probabilities of every layer during the forward passes in the block.
+
+    Args:
+        model: a transformers model (patched with GAPE or not).
+        rows: query rows to keep: None (all), an int/list, or a callable ``Q -> rows``.
+        keys: also keep the rotation-invariant key features ``[B, Hkv, K, D/2]``
+            (:func:`gape.gates.pair_features`) as ``"key_features"``.
+
+    Yields ``{layer_idx: {"probs": [B, Hq, R, K], "lambda": [B, Hq, R], "pi": [B, Hkv, K]}}``
+    (gates only for GAPE layers; the last forward pass wins).
+    """
+    _register()
+    original = model.config._attn_implementation
+    out: dict = {}
+    _ACTIVE.append({"rows": rows, "out": out, "original": original, "keys": keys})
+    model.set_attn_implementation(PROBE)
+    try:
+        yield out
+    finally:
+        _ACTIVE.pop()
+        model.set_attn_implementation(original)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats over the last axis (0 log 0 = 0)."""
+    p = probs.float()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)

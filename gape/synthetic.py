@@ -1,0 +1,438 @@
+"""``gape synthetic``: length extrapolation of tiny models trained from scratch.
+
+Tiny Llama models (random init) learn passkey retrieval at training length ``T``
+and are evaluated at ``T, 2T, 4T, 8T`` (``16T`` with ``--full``). Methods:
+
+- ``rope``: plain RoPE (SDPA).
+- ``gape``: RoPE + learned GAPE gates (query gate lambda, key gate pi; GAPE.md).
+- ``fixed``: RoPE + a constant forgetting rate lambda and no key gate (pi = 0):
+  GAPE without its content-dependent parts.
+
+Every method sees the same data, the same base initialisation and the same steps.
+
+The task: ``BOS, filler..., KEY d1 d2 d3 d4, filler..., QUERY d1 d2 d3 d4``, where
+the ``d`` are 4 distinct digits from a digit vocabulary, filler is drawn from 48
+distractor tokens and the needle (``KEY d1..d4``) sits at a random depth. The loss
+covers the 4 answer tokens only. Accuracy is greedy exact match of all 4 digits
+(teacher-forced argmax at each answer position equals greedy decoding: each step's
+input is correct exactly when the previous prediction was).
+
+Attention sharpness: the entropy (nats) of the attention row of the ``QUERY``
+position, per layer, averaged over heads and samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+
+# vocabulary
+PAD, BOS, KEY, QUERY = 0, 1, 2, 3
+NUM_DIGITS, NUM_FILLER = 10, 48
+DIGIT0 = 4
+FILLER0 = DIGIT0 + NUM_DIGITS
+VOCAB = FILLER0 + NUM_FILLER  # 62
+ANSWER_LEN = 4
+# BOS + needle (KEY + 4 digits) + QUERY + answer
+MIN_LENGTH = 1 + (1 + ANSWER_LEN) + 1 + ANSWER_LEN
+METHODS = ("rope", "gape", "fixed")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_batch(gen: torch.Generator, batch: int, length: int, depths: torch.Tensor | None = None):
+    """A batch of passkey sequences of exactly ``length`` tokens.
+
+    Returns ``(tokens [B, L] int64, digits [B, 4] int64 (token ids), needle_pos [B] int64)``,
+    ``needle_pos`` being the index of the ``KEY`` token. ``depths`` (in [0, 1]) places the
+    needle; random when None.
+    """
+    if length < MIN_LENGTH:
+        raise ValueError(f"length must be >= {MIN_LENGTH}, got {length}")
+    tokens = torch.randint(FILLER0, FILLER0 + NUM_FILLER, (batch, length), generator=gen)
+    digits = torch.argsort(torch.rand(batch, NUM_DIGITS, generator=gen), dim=1)[:, :ANSWER_LEN] + DIGIT0
+    if depths is None:
+        depths = torch.rand(batch, generator=gen)
+    # needle start slots: 1 .. length - 6 - 5 (inclusive), so the haystack holds it whole
+    free = length - MIN_LENGTH
+    needle_pos = 1 + torch.round(depths.clamp(0, 1) * free).long()
+    tokens[:, 0] = BOS
+    rows = torch.arange(batch)
+    tokens[rows, needle_pos] = KEY
+    for i in range(ANSWER_LEN):
+        tokens[rows, needle_pos + 1 + i] = digits[:, i]
+    tokens[:, length - ANSWER_LEN - 1] = QUERY
+    tokens[:, length - ANSWER_LEN :] = digits
+    return tokens, digits, needle_pos
+
+
+# --------------------------------------------------------------------------- models
+
+
+def model_config(seq_len: int, layers: int = 2, hidden: int = 128, heads: int = 4, theta: float = 10000.0):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max(seq_len, 256),
+        rope_parameters={"rope_type": "default", "rope_theta": float(theta)},
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=None,
+    )
+
+
+def gape_config_for(method: str, alpha: float = 1.0, fixed_lambda: float | None = None, backend: str = "torch",
+                    key_bias: float = 0.0):
+    """The GapeConfig of a method (None for ``rope``)."""
+    from .config import GapeConfig
+
+    if method == "rope":
+        return None
+    if method == "gape":
+        return GapeConfig(alpha_init=alpha, key_bias_init=key_bias, backend=backend, key_gate=True, identity_shortcut=False)
+    if method == "fixed":
+        lam = alpha * math.log(2.0) if fixed_lambda is None else fixed_lambda  # gape's lambda at init
+        return GapeConfig(fixed_lambda=lam, key_gate=False, backend=backend, trainable=False, identity_shortcut=False)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def build_model(method: str, seed: int, max_len: int, alpha: float = 1.0, fixed_lambda=None, backend="torch", theta=10000.0,
+                key_bias: float = 0.0):
+    """A randomly initialised tiny Llama (same base weights for every method at one seed)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(max_len, theta=theta))
+    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
+    cfg = gape_config_for(method, alpha, fixed_lambda, backend, key_bias)
+    if cfg is not None:
+        from . import hf
+
+        hf.patch(model, cfg)
+    return model
+
+
+def answer_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, 4, V]`` at the positions that predict the 4 answer digits."""
+    out = model(input_ids=tokens, logits_to_keep=ANSWER_LEN + 1, use_cache=False)
+    return out.logits[:, :ANSWER_LEN]
+
+
+def answer_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    logits = answer_logits(model, tokens)
+    target = tokens[:, -ANSWER_LEN:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
+
+def exact_match(logits: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    """Per sample: 1.0 when the greedy answer equals ``digits`` at every position."""
+    return (logits.argmax(-1) == digits).all(dim=-1).float()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(model, *, steps: int, train_len: int, seed: int, batch: int = 32, lr: float = 1e-3, gate_lr: float | None = None,
+          warmup: int = 50, min_len: int = 32, log_every: int = 100, log=print) -> list[list[float]]:
+    """Train on passkey batches, one length per batch drawn uniformly from ``min_len..train_len``.
+
+    The data stream depends only on ``seed`` (the same for every method).
+    Returns ``[[step, mean loss over the last log_every steps], ...]``.
+    """
+    gate_ids = set()
+    for m in model.modules():
+        if type(m).__name__ == "GapeGate":
+            gate_ids |= {id(p) for p in m.parameters()}
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    gates = [p for p in model.parameters() if p.requires_grad and id(p) in gate_ids]
+    groups = [{"params": base, "lr_scale": 1.0}]
+    if gates:
+        groups.append({"params": gates, "lr_scale": (gate_lr / lr) if gate_lr else 1.0, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed * 1000003 + 17)
+    model.train()
+    curve, window = [], []
+    lo = min(max(MIN_LENGTH + 4, min_len), train_len)
+    for step in range(steps):
+        length = int(torch.randint(lo, train_len + 1, (1,), generator=gen))
+        tokens, _, _ = make_batch(gen, batch, length)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup) * g["lr_scale"]
+        loss = answer_loss(model, tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        window.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            curve.append([step + 1, sum(window) / len(window)])
+            log(f"  step {step + 1:5d}/{steps}  loss {curve[-1][1]:.4f}")
+            window = []
+    model.eval()
+    return curve
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, length: int, samples: int, seed: int, *, batch_tokens: int = 65536, entropy_samples: int = 32):
+    """``(accuracy, per-layer entropy list)`` at ``length`` with the needle at random depths.
+
+    Eval data depends only on ``(seed, length)``; depths are evenly spread over [0, 1]
+    in a shuffled order so every depth band is covered.
+    """
+    from .attention_probe import capture_attention, entropy
+
+    gen = torch.Generator().manual_seed(seed * 7919 + length)
+    depths = (torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=gen, dtype=torch.float64)) / samples
+    depths = depths[torch.randperm(samples, generator=gen)].float()
+    bs = max(1, min(samples, batch_tokens // length))
+    correct, ent_sum, ent_n = 0.0, None, 0
+    qrow = length - ANSWER_LEN - 1
+    for start in range(0, samples, bs):
+        d = depths[start : start + bs]
+        tokens, digits, _ = make_batch(gen, len(d), length, d)
+        if ent_n < entropy_samples:
+            with capture_attention(model, rows=[qrow]) as rec:
+                logits = answer_logits(model, tokens)
+            ent = torch.stack([entropy(rec[i]["probs"][:, :, 0]).mean(1).sum(0) for i in sorted(rec)])
+            ent_sum = ent if ent_sum is None else ent_sum + ent
+            ent_n += len(d)
+        else:
+            logits = answer_logits(model, tokens)
+        correct += float(exact_match(logits, digits).sum())
+    return correct / samples, ([] if ent_sum is None else (ent_sum / ent_n).tolist())
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def aggregate(results: dict) -> None:
+    """Fill ``methods`` (mean accuracy over finished seeds) and ``entropy`` from ``runs``."""
+    methods, ent = {}, {}
+    for m in results["config"]["methods"]:
+        runs = [r for k, r in results["runs"].items() if k.split("/")[0] == m]
+        if not runs:
+            continue
+        lengths = runs[0]["accuracy"].keys()
+        methods[m] = {L: sum(r["accuracy"][L] for r in runs) / len(runs) for L in lengths}
+        ent[m] = {
+            L: {
+                "per_layer": [sum(r["entropy"][L][i] for r in runs) / len(runs) for i in range(len(runs[0]["entropy"][L]))],
+            }
+            for L in lengths
+        }
+        for L in lengths:
+            ent[m][L]["mean"] = sum(ent[m][L]["per_layer"]) / len(ent[m][L]["per_layer"])
+        methods[m]["seeds"] = len(runs)
+    results["methods"], results["entropy"] = methods, ent
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    T = results["train_len"]
+    for m, accs in results["methods"].items():
+        lens = sorted(int(L) for L in accs if L != "seeds")
+        ax.plot(lens, [accs[str(L)] for L in lens], marker="o", label=f"{m} ({accs['seeds']} seed(s))")
+        ent = results["entropy"][m]
+        ax2.plot(lens, [ent[str(L)]["mean"] for L in lens], marker="o", label=m)
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.axvline(T, color="grey", ls=":", lw=1)
+        a.set_xlabel("sequence length (tokens)")
+        a.legend()
+    ax.set_ylabel("passkey exact match")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"tiny Llama trained at T={T}")
+    ax2.set_ylabel("entropy of query-row attention (nats)")
+    ax2.set_title("attention entropy (mean over layers)")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table(results: dict) -> str:
+    methods = results["methods"]
+    if not methods:
+        return "(no finished runs)"
+    lens = sorted({int(L) for a in methods.values() for L in a if L != "seeds"})
+    head = f"{'method':8s} " + " ".join(f"{L:>7d}" for L in lens) + "   | entropy " + " ".join(f"{L:>6d}" for L in lens)
+    lines = [head, "-" * len(head)]
+    for m, accs in methods.items():
+        ent = results["entropy"][m]
+        lines.append(
+            f"{m:8s} " + " ".join(f"{accs[str(L)]:7.2f}" for L in lens) + "   |         "
+            + " ".join(f"{ent[str(L)]['mean']:6.2f}" for L in lens)
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+QUICK = dict(train_len=128, steps=600, samples=100)
+DEFAULT = dict(train_len=256, steps=1500, samples=200)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small run (T=128, 600 steps, 100 samples): a few minutes")
+    parser.add_argument("--full", action="store_true", help="also evaluate at 16T")
+    parser.add_argument("--train-len", type=int, default=None, help="training length T (default 256; 128 with --quick)")
+    parser.add_argument("--eval-lens", default=None, help="comma-separated evaluation lengths (default T,2T,4T,8T[,16T])")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1500; 600 with --quick)")
+    parser.add_argument("--samples", type=int, default=None, help="eval samples per length (default 200; 100 with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (data, init, eval)")
+    parser.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {METHODS}")
+    parser.add_argument("--alpha", type=float, default=1.0, help="GAPE per-head lambda scale at init (1-2 works)")
+    parser.add_argument("--fixed-lambda", type=float, default=None, help="lambda of 'fixed' (default: gape's initial lambda, alpha*ln 2)")
+    parser.add_argument("--key-bias", type=float, default=0.0, help="GAPE key-gate bias at init (pi = sigmoid(key_bias))")
+    parser.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gate parameters (default: --lr)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--theta", type=float, default=10000.0, help="RoPE theta")
+    parser.add_argument("--backend", default="torch", help="GAPE attention backend for training/eval")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine: 2 threads measured 7x slower per step here)")
+    parser.add_argument("--out", default="benchmarks/results/synthetic", help="output folder (results.json, accuracy.png)")
+    parser.add_argument("--force", action="store_true", help="discard results in --out made with a different config")
+
+
+def resolve(args) -> dict:
+    preset = QUICK if args.quick else DEFAULT
+    T = args.train_len or preset["train_len"]
+    if T < 32:
+        raise ValueError(f"--train-len must be >= 32, got {T}")
+    if args.eval_lens:
+        lens = [int(x) for x in args.eval_lens.split(",") if x.strip()]
+    else:
+        lens = [T, 2 * T, 4 * T, 8 * T] + ([16 * T] if args.full else [])
+    if any(L < MIN_LENGTH for L in lens):
+        raise ValueError(f"--eval-lens must all be >= {MIN_LENGTH}, got {lens}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"--methods must be a comma-separated list from {METHODS}, got {args.methods!r}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    return {
+        "train_len": T, "eval_lens": lens, "steps": args.steps or preset["steps"],
+        "samples": args.samples or preset["samples"], "seeds": [args.seed + i for i in range(args.seeds)],
+        "methods": methods, "alpha": args.alpha, "key_bias": args.key_bias, "fixed_lambda": args.fixed_lambda, "gate_lr": args.gate_lr,
+        "lr": args.lr, "batch": args.batch, "theta": args.theta, "backend": args.backend,
+        "model": {"layers": 2, "hidden": 128, "heads": 4, "vocab": VOCAB, "digits": NUM_DIGITS, "filler": NUM_FILLER},
+        "warmup": 50, "min_train_len": 32,
+    }
+
+
+# config keys added after results were first written, with the value older files imply
+_CONFIG_DEFAULTS = {"key_bias": 0.0}
+
+
+def _same_experiment(a: dict, b: dict) -> bool:
+    # methods and seeds may grow between runs; everything else must match
+    keys = set(a) | set(b)
+    return all(a.get(k, _CONFIG_DEFAULTS.get(k)) == b.get(k, _CONFIG_DEFAULTS.get(k)) for k in keys - {"methods", "seeds"})
+
+
+def run(args) -> int:
+    torch.set_num_threads(max(1, args.threads))
+    config = resolve(args)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = None
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+        if not _same_experiment(results.get("config", {}), config):
+            if not args.force:
+                raise ValueError(f"{path} holds results of a different configuration; use another --out or --force")
+            results = None
+    if results is None:
+        results = {"train_len": config["train_len"], "runs": {}, "timings": {}}
+    results["config"] = {**config, "methods": list(dict.fromkeys(results.get("config", {}).get("methods", []) + config["methods"])),
+                         "seeds": sorted(set(results.get("config", {}).get("seeds", [])) | set(config["seeds"]))}
+    results["threads"] = torch.get_num_threads()
+    max_len = max(config["eval_lens"] + [config["train_len"]])
+    for seed in config["seeds"]:
+        for method in config["methods"]:
+            key = f"{method}/seed{seed}"
+            if key in results["runs"]:
+                print(f"{key}: done (in {path})")
+                continue
+            print(f"{key}: training {config['steps']} steps at T={config['train_len']}")
+            model = build_model(method, seed, max_len, config["alpha"], config["fixed_lambda"], config["backend"], config["theta"], config.get("key_bias", 0.0))
+            t0 = time.perf_counter()
+            curve = train(model, steps=config["steps"], train_len=config["train_len"], seed=seed, batch=config["batch"],
+                          lr=config["lr"], gate_lr=config["gate_lr"], warmup=config["warmup"], min_len=config["min_train_len"])
+            t1 = time.perf_counter()
+            acc, ent = {}, {}
+            for L in config["eval_lens"]:
+                acc[str(L)], ent[str(L)] = evaluate(model, L, config["samples"], seed + 10_000)
+                print(f"  eval L={L:6d}: accuracy {acc[str(L)]:.3f}  entropy/layer {[round(e, 3) for e in ent[str(L)]]}")
+            t2 = time.perf_counter()
+            run_record = {"accuracy": acc, "entropy": ent, "loss_curve": curve, "train_s": t1 - t0, "eval_s": t2 - t1}
+            gates = _gate_summary(model)
+            if gates:
+                run_record["gates"] = gates
+            results["runs"][key] = run_record
+            results["timings"][key] = {"train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1)}
+            aggregate(results)
+            _write_json(path, results)
+            plot(results, os.path.join(args.out, "accuracy.png"))
+    aggregate(results)
+    _write_json(path, results)
+    if results["methods"]:
+        plot(results, os.path.join(args.out, "accuracy.png"))
+    print(table(results))
+    print(f"wrote {path}")
+    return 0
+
+
+def _gate_summary(model) -> dict:
+    """Per layer: alpha, b and c of the learned gates (small; for the record)."""
+    out = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "GapeGate":
+            rec = {}
+            for p in ("alpha", "b", "c"):
+                if hasattr(m, p):
+                    rec[p] = [round(float(v), 4) for v in getattr(m, p).detach().flatten()]
+            if hasattr(m, "fixed_lambda"):
+                rec["fixed_lambda"] = [round(float(v), 4) for v in m.fixed_lambda.flatten()]
+            out[str(m.layer_idx)] = rec
+    return out
