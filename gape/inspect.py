@@ -12,7 +12,6 @@ protects. A JSON next to the PNG holds the numbers (and the attention entropy).
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch

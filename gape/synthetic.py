@@ -237,24 +237,21 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def aggregate(results: dict) -> None:
-    """Fill ``methods`` (mean accuracy over finished seeds) and ``entropy`` from ``runs``."""
-    methods, ent = {}, {}
+    """Fill ``methods`` (mean accuracy over finished seeds), ``entropy`` and ``seeds_done`` from ``runs``."""
+    methods, ent, done = {}, {}, {}
     for m in results["config"]["methods"]:
         runs = [r for k, r in results["runs"].items() if k.split("/")[0] == m]
         if not runs:
             continue
         lengths = runs[0]["accuracy"].keys()
         methods[m] = {L: sum(r["accuracy"][L] for r in runs) / len(runs) for L in lengths}
-        ent[m] = {
-            L: {
-                "per_layer": [sum(r["entropy"][L][i] for r in runs) / len(runs) for i in range(len(runs[0]["entropy"][L]))],
-            }
-            for L in lengths
-        }
+        ent[m] = {}
         for L in lengths:
-            ent[m][L]["mean"] = sum(ent[m][L]["per_layer"]) / len(ent[m][L]["per_layer"])
-        methods[m]["seeds"] = len(runs)
-    results["methods"], results["entropy"] = methods, ent
+            layers = len(runs[0]["entropy"][L])
+            per_layer = [sum(r["entropy"][L][i] for r in runs) / len(runs) for i in range(layers)]
+            ent[m][L] = {"per_layer": per_layer, "mean": sum(per_layer) / max(1, layers)}
+        done[m] = len(runs)
+    results["methods"], results["entropy"], results["seeds_done"] = methods, ent, done
 
 
 def plot(results: dict, path: str) -> None:
@@ -266,8 +263,8 @@ def plot(results: dict, path: str) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     T = results["train_len"]
     for m, accs in results["methods"].items():
-        lens = sorted(int(L) for L in accs if L != "seeds")
-        ax.plot(lens, [accs[str(L)] for L in lens], marker="o", label=f"{m} ({accs['seeds']} seed(s))")
+        lens = sorted(int(L) for L in accs)
+        ax.plot(lens, [accs[str(L)] for L in lens], marker="o", label=f"{m} ({results['seeds_done'][m]} seed(s))")
         ent = results["entropy"][m]
         ax2.plot(lens, [ent[str(L)]["mean"] for L in lens], marker="o", label=m)
     for a in (ax, ax2):
@@ -291,7 +288,7 @@ def table(results: dict) -> str:
     methods = results["methods"]
     if not methods:
         return "(no finished runs)"
-    lens = sorted({int(L) for a in methods.values() for L in a if L != "seeds"})
+    lens = sorted({int(L) for a in methods.values() for L in a})
     head = f"{'method':8s} " + " ".join(f"{L:>7d}" for L in lens) + "   | entropy " + " ".join(f"{L:>6d}" for L in lens)
     lines = [head, "-" * len(head)]
     for m, accs in methods.items():

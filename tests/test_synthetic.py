@@ -160,7 +160,7 @@ def test_results_schema_and_resume(tmp_path, capsys):
     assert res["train_len"] == 32
     assert set(res["methods"]) == {"rope", "fixed"}
     for m in ("rope", "fixed"):
-        assert set(res["methods"][m]) == {"32", "64", "seeds"}
+        assert set(res["methods"][m]) == {"32", "64"} and res["seeds_done"][m] == 1
         assert all(0.0 <= res["methods"][m][L] <= 1.0 for L in ("32", "64"))
         assert len(res["entropy"][m]["64"]["per_layer"]) == 2
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 1000
