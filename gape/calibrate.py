@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from ._io import write_json_atomic
+
 TEXT_TASK = "text"
 
 
@@ -97,10 +99,7 @@ def lm_loss(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def gate_summary(model) -> dict:

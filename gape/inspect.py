@@ -11,10 +11,11 @@ protects. A JSON next to the PNG holds the numbers (and the attention entropy).
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
+
+from ._io import save_figure_atomic, write_json_atomic
 
 
 def distance_profile(probs: torch.Tensor, skip: int = 0) -> list[float]:
@@ -126,10 +127,8 @@ def plot(result: dict, path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def add_arguments(parser) -> None:
@@ -164,10 +163,7 @@ def run(args) -> int:
     result["tokens"] = len(ids)
     plot(result, args.out, title=f"{args.model or 'SmolLM2-135M'}: {len(ids)} tokens, gates: {args.gates or 'training-free'}")
     base = os.path.splitext(args.out)[0] + ".json"
-    tmp = f"{base}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({k: v for k, v in result.items()}, f, indent=1)
-    os.replace(tmp, base)
+    write_json_atomic(base, result, indent=1)
     for i in result["layers"]:
         print(f"layer {i:3d}: entropy rope {result['rope'][i]['entropy']:.3f}  gape {result['gape'][i]['entropy']:.3f}")
     print(f"wrote {args.out} and {base}")

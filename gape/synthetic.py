@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from ._io import save_figure_atomic, write_json_atomic
+
 # vocabulary
 PAD, BOS, KEY, QUERY = 0, 1, 2, 3
 NUM_DIGITS, NUM_FILLER = 10, 48
@@ -230,10 +232,7 @@ def evaluate(model, length: int, samples: int, seed: int, *, batch_tokens: int =
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def aggregate(results: dict) -> None:
@@ -278,10 +277,8 @@ def plot(results: dict, path: str) -> None:
     ax2.set_ylabel("entropy of query-row attention (nats)")
     ax2.set_title("attention entropy (mean over layers)")
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def table(results: dict) -> str:

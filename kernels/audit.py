@@ -29,6 +29,8 @@ import sys
 import time
 import warnings
 
+from .._io import write_json_atomic
+
 ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100, H100
 ARCH_NAMES = {80: "sm_80", 90: "sm_90"}
 KERNELS = ("fwd", "bwd_preprocess", "bwd_kv", "bwd_q")
@@ -80,10 +82,7 @@ def run(args) -> int:
 
 def _write(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, rows, indent=1)
 
 
 _KEY = ("kernel", "arch", "head_dim", "dtype", "causal", "distance", "block_m", "block_n", "num_warps", "num_stages",

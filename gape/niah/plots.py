@@ -4,11 +4,11 @@ atomically (rendered to a temporary name, then renamed)."""
 
 from __future__ import annotations
 
-import io
 import os
 from collections import defaultdict
 
-from .results import by_length, write_atomic
+from .._io import save_figure_atomic
+from .results import by_length
 
 
 def _safe(name: str) -> str:
@@ -16,10 +16,7 @@ def _safe(name: str) -> str:
 
 
 def _save(fig, path: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())
-    return path
+    return save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_all(out_dir: str, summary: list[dict], methods_order: list[str] | None = None) -> list[str]:

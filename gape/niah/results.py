@@ -11,6 +11,8 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable
 
+from .._io import write_atomic
+
 RESULTS = "results.jsonl"
 SUMMARY = "summary.csv"
 # a finished sample is identified by these fields
@@ -53,14 +55,6 @@ def append_row(out_dir: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: str, data: str | bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
