@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from .reference import phi
+
 PROBE = "gape_probe"
 GATE_ATTR = "gape_gate"
 
@@ -52,7 +54,7 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
     if gate is not None:
         lam = gate.query_gate(query)[:, :, idx].float()
         pi = gate.key_gate(key).float()
-        ph = torch.log1p(delta.clamp_min(0).float()) if distance == "log" else delta.clamp_min(0).float()
+        ph = phi(delta.clamp_min(0), distance)
         keep = 1 - pi.repeat_interleave(rep, dim=1)
         scores = scores - lam[..., None] * keep[:, :, None, :] * ph
     if attention_mask is not None:
