@@ -145,7 +145,9 @@ def _setup(provider: str, L: int, dtype, device: str, need_grad: bool):
 def worker(spec: dict) -> dict:
     import torch
 
-    torch.set_num_threads(spec["threads"])
+    from gape._threads import set_threads
+
+    set_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     device = spec["device"]
     need_grad = spec["pass"] == "fwd+bwd"
@@ -237,6 +239,8 @@ def _done(path: Path) -> dict:
 
 def run_one(spec: dict, timeout: float, omp_policy: str) -> dict:
     env = dict(os.environ)
+    # the worker then only calls torch.set_num_threads if this did not take (see gape._threads)
+    env["OMP_NUM_THREADS"] = str(spec["threads"])
     if omp_policy != "default":
         env["OMP_WAIT_POLICY"] = omp_policy.upper()
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]

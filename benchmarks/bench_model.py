@@ -41,6 +41,7 @@ import torch
 
 import gape
 from gape import hf
+from gape._threads import set_threads
 from gape.gates import inverse_softplus
 
 MODES = ("sdpa", "gape-identity", "gape-identity-kernel", "gape-gates")
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard earlier rows in --out")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     backend = resolve_backend(args.backend)
     env = environment(args, backend)
     args.out.parent.mkdir(parents=True, exist_ok=True)

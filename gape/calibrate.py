@@ -23,6 +23,7 @@ import time
 import torch
 
 from ._io import write_json_atomic
+from ._threads import set_threads
 
 TEXT_TASK = "text"
 
@@ -233,7 +234,7 @@ def run(args) -> int:
     from . import models
     from .config import GapeConfig
 
-    torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = models.load_model(args.model)
     cfg = GapeConfig(alpha_init=args.alpha_init, backend=args.backend, identity_shortcut=False)

@@ -16,6 +16,7 @@ import os
 import torch
 
 from ._io import save_figure_atomic, write_json_atomic
+from ._threads import set_threads
 
 
 def distance_profile(probs: torch.Tensor, skip: int = 0) -> list[float]:
@@ -146,7 +147,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from . import models
 
-    torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     model, tok = models.load_model(args.model)
     if args.prompt_file:
         with open(args.prompt_file) as f:

@@ -31,6 +31,7 @@ import time
 import torch
 
 from ._io import save_figure_atomic, write_json_atomic
+from ._threads import set_threads
 
 # vocabulary
 PAD, BOS, KEY, QUERY = 0, 1, 2, 3
@@ -325,6 +326,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine: 2 threads measured 7x slower per step here)")
     parser.add_argument("--out", default="benchmarks/results/synthetic", help="output folder (results.json, accuracy.png)")
     parser.add_argument("--force", action="store_true", help="discard results in --out made with a different config")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                        help="instead of training: merge the runs in DIR/results.json (same experiment, e.g. other "
+                        "seeds run as separate processes) into --out, then re-aggregate")
 
 
 def resolve(args) -> dict:
@@ -364,8 +368,35 @@ def _same_experiment(a: dict, b: dict) -> bool:
     return all(a.get(k, _CONFIG_DEFAULTS.get(k)) == b.get(k, _CONFIG_DEFAULTS.get(k)) for k in keys - {"methods", "seeds"})
 
 
+def merge(out: str, sources: list[str]) -> dict:
+    """Add the runs of ``sources`` (folders of results.json of the same experiment) to ``out``'s."""
+    path = os.path.join(out, "results.json")
+    with open(path) as f:
+        results = json.load(f)
+    for src in sources:
+        with open(os.path.join(src, "results.json")) as f:
+            other = json.load(f)
+        if not _same_experiment(results["config"], other["config"]):
+            raise ValueError(f"{src}/results.json is a different experiment from {path}: its config differs beyond methods and seeds")
+        clash = sorted(set(results["runs"]) & set(other["runs"]))
+        if clash:
+            raise ValueError(f"{src}/results.json repeats runs already in {path}: {clash}")
+        results["runs"].update(other["runs"])
+        results["timings"].update(other.get("timings", {}))
+        cfg, ocfg = results["config"], other["config"]
+        cfg["methods"] = list(dict.fromkeys(cfg["methods"] + ocfg["methods"]))
+        cfg["seeds"] = sorted(set(cfg["seeds"]) | set(ocfg["seeds"]))
+    aggregate(results)
+    _write_json(path, results)
+    plot(results, os.path.join(out, "accuracy.png"))
+    return results
+
+
 def run(args) -> int:
-    torch.set_num_threads(max(1, args.threads))
+    if args.merge:
+        print(table(merge(args.out, args.merge)))
+        return 0
+    set_threads(args.threads)
     config = resolve(args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")

@@ -1,27 +1,32 @@
 """Tiled PyTorch GAPE attention: the CPU default, also correct on CUDA.
 
-The full ``[B, Hq, Lq, Lk]`` score tensor is never built. Queries are processed
-in chunks of ``chunk_size`` rows; one chunk's scores ``[B, Hq, chunk, Lk]`` live
-in a buffer reused by every chunk, so the extra memory is
-``O(B * Hq * chunk_size * Lk)``. A custom ``autograd.Function`` saves only the
-per-row log-sum-exp and recomputes each tile in the backward pass
+The full ``[B, Hq, Lq, Lk]`` bias is never built. Queries are processed in
+chunks of ``chunk_size`` rows; one chunk's bias ``[B, Hq, chunk, Lk]`` lives in
+a buffer reused by every chunk, so the extra memory is
+``O(B * Hq * chunk_size * Lk)``. A custom ``autograd.Function`` saves nothing
+but the inputs and the output and recomputes each tile in the backward pass
 (FlashAttention-style).
 
 What makes it fast on the CPU:
 
-- Grouped-query attention folds the ``rep = Hq // Hkv`` query heads of a group
-  into the row dimension, so each GEMM is ``[B*Hkv, rep*chunk, D] @ [B*Hkv, D, Lk]``
-  and K/V are never repeated.
-- The bias enters the QK^T GEMM as its ``C`` input (``baddbmm`` with
-  ``beta=1``), so adding it costs no extra pass.
-- ``phi(delta)`` only depends on ``pos_q - pos_k``. With the rows of a chunk
-  visited in reverse order it depends on ``row + col`` (a Hankel matrix), which
-  is an ``as_strided`` view of one vector computed once per call: no ``log1p``
-  per tile, no index tensors. The per-kv-head product ``(1 - pi) * phi`` is
-  formed once per chunk and shared by the ``rep`` query heads of the group.
+- Two forward strategies, picked per call (``FORWARD``): with several threads
+  and a prefill-sized query (``fused``) each chunk's bias goes as a float
+  ``attn_mask`` to PyTorch's own fused CPU attention
+  (``F.scaled_dot_product_attention``: the blocked flash kernel keeps the
+  ``QK^T`` blocks, the bias add and the softmax in cache, GQA native); on one
+  thread and for decode (``gemm``) our own GEMMs fold the ``rep = Hq // Hkv``
+  query heads of a group into the rows (``[B*Hkv, rep*chunk, D] @ [B*Hkv, D,
+  Lk]``, each K/V tile read once per group, never repeated), the bias enters
+  the ``QK^T`` GEMM as its ``C`` operand (``baddbmm``) and one in-place
+  softmax per tile gives the probabilities. The backward is the ``gemm``
+  recomputation followed by the gradient GEMMs.
+- ``phi(delta)`` only depends on ``pos_q - pos_k``: a ``[chunk, Lq + Lk]``
+  Toeplitz table built once per call (``phi`` evaluated once per distance)
+  gives every chunk's ``phi`` tile as a slice. The per-kv-head product
+  ``(1 - pi) * phi`` is formed once per chunk and shared by the ``rep`` query
+  heads of the group.
 - Causal chunks only touch keys up to their last position, and only the
   ``chunk x chunk`` diagonal block needs a ``-inf`` mask.
-- Normalisation is deferred to the ``[rows, Dv]`` output.
 
 Distances are formed from int64 positions and converted to float32 (float64
 for float64 inputs) before ``phi``: exact up to position 2**24. Float16 and
@@ -31,13 +36,26 @@ bfloat16 inputs are computed in float32 and cast back.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-# Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 tile (~9 MB,
-# half per core) near the 4 MB-per-core L2 of the benchmark machine while the
-# GEMMs still have rep*64 rows; 32..128 measured within noise of each other.
+# Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 bias tile (~9 MB)
+# close to the caches of the benchmark machine while each fused-attention call
+# still has enough (head, row block) work items for every thread; 32 and 128
+# measured slower at L=4096 (benchmarks/bench_attention.py).
 CHUNK_SIZE = 64
 
+# Forward strategy: "fused" hands each bias tile to F.scaled_dot_product_attention,
+# "gemm" runs our own batched GEMMs (the query heads of a GQA group folded into
+# the rows, so each K/V tile is read once per group) and softmax; "auto" takes
+# "fused" on a multi-threaded CPU for at least FUSED_MIN_ROWS query rows, "gemm"
+# otherwise. Measured at 9/3 heads, D=64, Lk=4096 (README): 2 threads, Lq=4096
+# fused 1.50x the no-bias floor vs gemm 1.69x; 1 thread, Lq=4096 fused 1.53x vs
+# gemm 1.43x; decode (Lq=1) gemm 600 us vs fused 781 us (1 thread), 462 vs 530 us (2).
+FORWARD = "auto"
+FUSED_MIN_ROWS = 64
+
 _NEG_INF = float("-inf")
+_softmax_out = torch.ops.aten._softmax.out
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,33 +69,33 @@ class _Plan:
         b, hq, lq, d = query.shape
         hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
         self.b, self.hq, self.hkv, self.rep = b, hq, hkv, hq // hkv
+        self.g = b * hkv
         self.lq, self.lk, self.d, self.dv = lq, lk, d, dv
         self.is_causal, self.scale = is_causal, scale
-        self.c = max(1, min(int(chunk_size or CHUNK_SIZE), lq))
+        self.c = c = max(1, min(int(chunk_size or CHUNK_SIZE), lq))
         cdt = _compute_dtype(query.dtype)
         self.cdt, self.device = cdt, query.device
-        g = b * hkv
-        # [B, Hkv, rep, Lq, D]: the query heads of one kv group side by side.
-        self.q = query.to(cdt).reshape(b, hkv, self.rep, lq, d)
-        self.k = key.to(cdt).reshape(g, lk, d)
-        self.v = value.to(cdt).reshape(g, lk, dv)
+        # K/V contiguous: the GEMM paths view them as [B*Hkv, Lk, D] (a no-op for cache tensors)
+        self.query, self.key, self.value = query.to(cdt), key.to(cdt).contiguous(), value.to(cdt).contiguous()
         self.lam = query_gate.to(cdt).reshape(b, hkv, self.rep, lq)
+        self.neg_lam = self.lam.neg().unsqueeze(-1)
         self.keep = (1 - key_gate.to(cdt)).reshape(b, hkv, lk)
         self.mask = attn_mask
         # Without a mask every row keeps its distance-0 key (or, non-causal, any
         # key) when Lq <= Lk; only then may the empty-row guards be skipped.
         self.may_have_empty_rows = attn_mask is not None or lq > lk
-        # Hankel vector: tile[r', j] = phi(|p_last - r' - j|) = R[N - p_last + r' + j]
-        # with N the largest p_last (see module docstring); slots N - x < 0 are
-        # masked by causality and hold phi(0) = 0 there.
-        self.n = lk - 1
-        x = torch.arange(lq + lk, device=self.device, dtype=torch.int64)
-        delta = self.n - x
-        delta = delta.clamp_min(0) if is_causal else delta.abs()
+        # Toeplitz table: toep[r, x] = phi(delta(r + off - x)), so the tile of a chunk whose
+        # first row sits at position p0 is toep[:cc, off - p0 : off - p0 + kend]. phi is
+        # evaluated once per distance (a vector, reversed) and the rows are windows of it.
+        self.off = off = lk + c - 1
+        n = lq + lk + c
+        delta = torch.arange(off + c - 1, off - n, -1, device=self.device, dtype=torch.int64)
+        delta = delta.clamp_min_(0) if is_causal else delta.abs_()
         delta = delta.to(cdt)
-        self.phi_vec = torch.log1p(delta) if distance == "log" else delta
-        self.buf = None
-        self.pbuf = None
+        vec = torch.log1p_(delta) if distance == "log" else delta
+        # vec[z] = phi(delta(off + c - 1 - z)); row r of the table starts at z = c - 1 - r
+        self.toep = vec.as_strided((c, n), (1, 1)).flip(0)
+        self.buf = self.kp_buf = None
         self._future = {}  # chunk rows -> [cc, cc] causal mask of the diagonal block
 
     def chunks(self):
@@ -87,137 +105,190 @@ class _Plan:
             kend = min(self.lk, i1 + self.lk - self.lq) if self.is_causal else self.lk
             yield i0, i1, kend
 
-    def scores(self, i0, i1, kend):
-        """Masked logits of one chunk, rows reversed, as ``[B, Hkv, rep, cc, kend]``.
+    def bias(self, i0, i1, kend):
+        """Bias of one chunk with every disallowed key at ``-inf``, as ``[B, Hkv, rep, cc, kend]``.
 
-        Also returns the query chunk (reversed rows, folded) and ``(1-pi)*phi``.
+        Also returns ``phi`` of the tile (``[cc, kend]``, a view of the table).
         """
         b, hkv, rep, cc = self.b, self.hkv, self.rep, i1 - i0
-        g = b * hkv
-        n_s, n_p = b * self.hq * cc * kend, g * cc * kend
+        n_s = b * self.hq * cc * kend
         if self.buf is None or self.buf.numel() < n_s:
             self.buf = torch.empty(b * self.hq * self.c * self.lk, device=self.device, dtype=self.cdt)
-            self.pbuf = torch.empty(g * self.c * self.lk, device=self.device, dtype=self.cdt)
-        p_last = i1 - 1 + self.lk - self.lq
-        phi = self.phi_vec.as_strided((cc, kend), (1, 1), self.n - p_last)
-        keep_phi = torch.mul(self.keep[:, :, None, :kend], phi, out=self.pbuf[:n_p].view(b, hkv, cc, kend))
+            self.kp_buf = torch.empty(b * hkv * self.c * self.lk, device=self.device, dtype=self.cdt)
+        x0 = self.off - (i0 + self.lk - self.lq)
+        phi = self.toep[:cc, x0 : x0 + kend]
+        keep_phi = self.kp_buf[: b * hkv * cc * kend].view(b, hkv, 1, cc, kend)
+        torch.mul(self.keep[:, :, None, None, :kend], phi, out=keep_phi)
         s = self.buf[:n_s].view(b, hkv, rep, cc, kend)
-        neg_lam = self.lam[..., i0:i1].flip(-1).unsqueeze(-1).neg()
-        torch.mul(neg_lam, keep_phi.unsqueeze(2), out=s)
-        qc = self.q[:, :, :, i0:i1].flip(-2).reshape(g, rep * cc, self.d)
-        # s = scale * q k^T + bias. beta stays 1: MKL makes an extra pass over C for beta = -1
-        s.view(g, rep * cc, kend).baddbmm_(qc, self.k[:, :kend].transpose(1, 2), alpha=self.scale)
+        torch.mul(self.neg_lam[..., i0:i1, :], keep_phi, out=s)
         if self.is_causal:
-            ds = kend - cc  # first column of the diagonal block (may be < 0 when Lq > Lk)
+            ds = kend - cc  # first column of the diagonal block (< 0 when Lq > Lk)
             future = self._future.get(cc)
             if future is None:
                 r = torch.arange(cc, device=self.device)
-                # reversed row r' sits at p_last - r'; column j is in the future iff r' + j > p_last
-                future = self._future[cc] = (r[:, None] + r[None, :]) >= cc
+                future = self._future[cc] = r[None, :] > r[:, None]
             if ds < 0:
                 future = future[:, -ds:]
-            s[..., max(ds, 0):kend].masked_fill_(future, _NEG_INF)
+            s[..., max(ds, 0) : kend].masked_fill_(future, _NEG_INF)
         if self.mask is not None:
             m = self.mask
             if m.shape[2] != 1:
-                m = m[:, :, i0:i1].flip(2)
+                m = m[:, :, i0:i1]
             if m.shape[3] != 1:
                 m = m[..., :kend]
             m = m.reshape(m.shape[0], hkv, rep, *m.shape[2:]) if m.shape[1] != 1 else m.unsqueeze(1)
             s.masked_fill_(m.logical_not(), _NEG_INF)
-        return s, qc, keep_phi, phi
+        return s, phi
+
+    def probs(self, i0, i1, kend):
+        """Attention probabilities of one chunk as ``[B*Hkv, rep*cc, kend]`` (our own GEMM and softmax).
+
+        Also returns the folded query chunk and ``phi``.
+        """
+        g, rows = self.g, self.rep * (i1 - i0)
+        s, phi = self.bias(i0, i1, kend)
+        qc = self.query.view(self.b, self.hkv, self.rep, self.lq, self.d)[:, :, :, i0:i1].reshape(g, rows, self.d)
+        k = self.key.view(g, self.lk, self.d)[:, :kend]
+        p = s.view(g, rows, kend).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
+        _softmax_out(p, -1, False, out=p)
+        if self.may_have_empty_rows:
+            p.nan_to_num_(0.0)  # softmax of an all -inf row is NaN; GAPE's is zeros
+        return p, qc, phi
 
 
-def _forward(plan: _Plan, need_lse: bool):
-    b, hkv, rep, lq, dv = plan.b, plan.hkv, plan.rep, plan.lq, plan.dv
-    g = b * hkv
-    out = torch.zeros(b, hkv, rep, lq, dv, device=plan.device, dtype=plan.cdt)
-    # +inf marks a row with no allowed key: exp(s - inf) = 0 in the backward.
-    lse = torch.full((b, hkv, rep, lq), float("inf"), device=plan.device, dtype=plan.cdt) if need_lse else None
+def _use_fused_kernel(plan: _Plan) -> bool:
+    if FORWARD != "auto":
+        return FORWARD == "fused"
+    return plan.device.type == "cpu" and plan.lq >= FUSED_MIN_ROWS and torch.get_num_threads() > 1
+
+
+def _forward(plan: _Plan):
+    b, hq, lq, dv = plan.b, plan.hq, plan.lq, plan.dv
+    out = torch.empty(b, hq, lq, dv, device=plan.device, dtype=plan.cdt)
+    fused = _use_fused_kernel(plan)
     for i0, i1, kend in plan.chunks():
         if kend <= 0:
-            continue  # every row of this chunk precedes the cache: zeros
-        cc = i1 - i0
-        s, _, _, _ = plan.scores(i0, i1, kend)
-        sv = s.view(g, rep * cc, kend)
-        mx = sv.amax(-1, keepdim=True)
-        if plan.may_have_empty_rows:
-            empty = mx == _NEG_INF
-            mx.masked_fill_(empty, 0.0)
-        sv.sub_(mx).exp_()
-        tot = sv.sum(-1, keepdim=True)
-        o = torch.bmm(sv, plan.v[:, :kend])
-        # an empty row has tot == 0 and o == 0; every other row has tot >= 1
-        o.div_(tot.clamp_min(1e-30) if plan.may_have_empty_rows else tot)
-        out[:, :, :, i0:i1] = o.view(b, hkv, rep, cc, dv).flip(-2)
-        if need_lse:
-            row_lse = mx + tot.log()
-            if plan.may_have_empty_rows:
-                row_lse.masked_fill_(empty, float("inf"))
-            lse[:, :, :, i0:i1] = row_lse.view(b, hkv, rep, cc).flip(-1)
-    return out, lse
+            out[:, :, i0:i1] = 0  # every row of this chunk precedes the cache
+            continue
+        if fused:
+            s, _ = plan.bias(i0, i1, kend)
+            # a row whose keys are all -inf comes back as zeros from the fused kernel
+            out[:, :, i0:i1] = F.scaled_dot_product_attention(
+                plan.query[:, :, i0:i1],
+                plan.key[:, :, :kend],
+                plan.value[:, :, :kend],
+                attn_mask=s.view(b, hq, i1 - i0, kend),
+                scale=plan.scale,
+                enable_gqa=plan.rep > 1,
+            )
+        else:
+            p, _, _ = plan.probs(i0, i1, kend)
+            o = torch.bmm(p, plan.value.view(plan.g, plan.lk, dv)[:, :kend])
+            out[:, :, i0:i1] = o.view(b, hq, i1 - i0, dv)
+    return out
 
 
-def _backward(plan: _Plan, out, lse, grad_out, needs):
+def _backward(plan: _Plan, out, grad_out, needs):
     b, hkv, rep, lq, lk, d, dv = plan.b, plan.hkv, plan.rep, plan.lq, plan.lk, plan.d, plan.dv
     g = b * hkv
+    q = plan.query.view(b, hkv, rep, lq, d)
+    k = plan.key.reshape(g, lk, d)
+    v = plan.value.reshape(g, lk, dv)
     do = grad_out.to(plan.cdt).reshape(b, hkv, rep, lq, dv)
-    delta_row = (do * out).sum(-1)  # rowsum(dO * O), [B, Hkv, rep, Lq]
+    delta_row = (do * out.view(b, hkv, rep, lq, dv)).sum(-1)  # rowsum(dO * O), [B, Hkv, rep, Lq]
     dq = torch.zeros(b, hkv, rep, lq, d, device=plan.device, dtype=plan.cdt)
     dk = torch.zeros(g, lk, d, device=plan.device, dtype=plan.cdt)
     dvv = torch.zeros(g, lk, dv, device=plan.device, dtype=plan.cdt)
     dlam = torch.zeros(b, hkv, rep, lq, device=plan.device, dtype=plan.cdt)
     dpi = torch.zeros(g, 1, lk, device=plan.device, dtype=plan.cdt)
+    keep = plan.keep.reshape(g, lk, 1)
     dbuf = None
     for i0, i1, kend in plan.chunks():
         if kend <= 0:
             continue
         cc = i1 - i0
-        s, qc, keep_phi, phi = plan.scores(i0, i1, kend)
-        p = s.view(g, rep * cc, kend)
-        p.sub_(lse[:, :, :, i0:i1].flip(-1).reshape(g, rep * cc, 1)).exp_()
-        doc = do[:, :, :, i0:i1].flip(-2).reshape(g, rep * cc, dv)
+        rows = rep * cc
+        p, qc, phi = plan.probs(i0, i1, kend)
+        doc = do[:, :, :, i0:i1].reshape(g, rows, dv)
         dvv[:, :kend].baddbmm_(p.transpose(1, 2), doc)
-        n_s = g * rep * cc * kend
+        n_s = g * rows * kend
         if dbuf is None or dbuf.numel() < n_s:
             dbuf = torch.empty(plan.buf.numel(), device=plan.device, dtype=plan.cdt)
-        ds = torch.bmm(doc, plan.v[:, :kend].transpose(1, 2), out=dbuf[:n_s].view(g, rep * cc, kend))
-        ds.sub_(delta_row[:, :, :, i0:i1].flip(-1).reshape(g, rep * cc, 1)).mul_(p)
+        ds = torch.bmm(doc, v[:, :kend].transpose(1, 2), out=dbuf[:n_s].view(g, rows, kend))
+        ds.sub_(delta_row[:, :, :, i0:i1].reshape(g, rows, 1)).mul_(p)
         if needs[0]:
-            dqc = torch.bmm(ds, plan.k[:, :kend]).mul_(plan.scale)
-            dq[:, :, :, i0:i1] = dqc.view(b, hkv, rep, cc, d).flip(-2)
+            dq[:, :, :, i0:i1] = torch.bmm(ds, k[:, :kend]).mul_(plan.scale).view(b, hkv, rep, cc, d)
         if needs[1]:
             dk[:, :kend].baddbmm_(ds.transpose(1, 2), qc, alpha=plan.scale)
         if needs[3] or needs[4]:
             # u = dS * phi; d lambda = -u @ (1 - pi) (rows), d pi = lambda^T u (columns)
-            u = p.view(b, hkv, rep, cc, kend)
-            torch.mul(ds.view(b, hkv, rep, cc, kend), phi, out=u)
-            u = u.view(g, rep * cc, kend)
+            u = torch.mul(ds.view(b, hkv, rep, cc, kend), phi, out=p.view(b, hkv, rep, cc, kend))
+            u = u.view(g, rows, kend)
             if needs[3]:
-                dl = torch.bmm(u, plan.keep.reshape(g, lk, 1)[:, :kend]).neg_()
-                dlam[:, :, :, i0:i1] = dl.view(b, hkv, rep, cc).flip(-1)
+                dlam[:, :, :, i0:i1] = torch.bmm(u, keep[:, :kend]).neg_().view(b, hkv, rep, cc)
             if needs[4]:
-                lamc = plan.lam[..., i0:i1].flip(-1).reshape(g, 1, rep * cc)
-                dpi[:, :, :kend].baddbmm_(lamc, u)
+                dpi[:, :, :kend].baddbmm_(plan.lam[..., i0:i1].reshape(g, 1, rows), u)
     return dq, dk, dvv, dlam, dpi
+
+
+# distance -> (dtype, device) -> R with R[n - 1 - t] = phi(t) for t < n = len(R): the
+# phi row of a decode step over Lk keys is the view R[n - Lk:], shared by every
+# layer of the step and by later steps until Lk outgrows it.
+_PHI_REVERSED: dict = {}
+
+
+def _phi_reversed(lk: int, distance: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (distance, dtype, device)
+    r = _PHI_REVERSED.get(key)
+    if r is None or r.numel() < lk:
+        n = max(4096, 1 << (lk - 1).bit_length())
+        delta = torch.arange(n - 1, -1, -1, device=device, dtype=torch.int64).to(dtype)
+        r = _PHI_REVERSED[key] = torch.log1p_(delta) if distance == "log" else delta
+    return r[r.numel() - lk :]
+
+
+def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance):
+    """One query row per head (a decode step), no gradient: a handful of ops.
+
+    The row sits at position ``Lk - 1``, so key ``j`` is at distance ``Lk - 1 - j``
+    causal or not, and no causal mask is needed.
+    """
+    b, hq, _, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    rep, g = hq // hkv, b * hkv
+    cdt = _compute_dtype(query.dtype)
+    phi = _phi_reversed(lk, distance, cdt, query.device)
+    # bias = -lambda (1 - pi) phi = lambda (pi - 1) phi, as [B, Hkv, rep, Lk]
+    keep_phi = (key_gate.to(cdt) - 1).mul_(phi).view(b, hkv, 1, lk)
+    s = torch.mul(query_gate.to(cdt).reshape(b, hkv, rep, 1), keep_phi)
+    if attn_mask is not None:
+        m = attn_mask.expand(b, hq, 1, lk).reshape(b, hkv, rep, lk)
+        s.masked_fill_(m.logical_not(), _NEG_INF)
+    k = key.to(cdt).reshape(g, lk, d)
+    p = s.view(g, rep, lk).baddbmm_(query.to(cdt).reshape(g, rep, d), k.transpose(1, 2), alpha=scale)
+    _softmax_out(p, -1, False, out=p)
+    if attn_mask is not None:
+        p.nan_to_num_(0.0)  # a row with every key masked: zeros, as GAPE defines it
+    out = torch.bmm(p, value.to(cdt).reshape(g, lk, dv))
+    return out.view(b, hq, 1, dv).to(query.dtype)
 
 
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
         plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
-        out, lse = _forward(plan, need_lse=True)
-        ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse)
+        out = _forward(plan)
+        ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out)
         ctx.args = (is_causal, scale, distance, chunk_size)
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, query_gate, key_gate, attn_mask, out, lse = ctx.saved_tensors
+        query, key, value, query_gate, key_gate, attn_mask, out = ctx.saved_tensors
         plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
         needs = ctx.needs_input_grad[:5]
-        dq, dk, dv, dlam, dpi = _backward(plan, out, lse, grad_out, needs)
+        dq, dk, dv, dlam, dpi = _backward(plan, out, grad_out, needs)
         return (
             dq.view(query.shape).to(query.dtype) if needs[0] else None,
             dk.view(key.shape).to(key.dtype) if needs[1] else None,
@@ -253,6 +324,8 @@ def torch_attention(
     tensors = (query, key, value, query_gate, key_gate)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size)
+    if query.shape[2] == 1:
+        return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
     plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
-    out, _ = _forward(plan, need_lse=False)
+    out = _forward(plan)
     return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)

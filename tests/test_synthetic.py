@@ -147,7 +147,7 @@ def test_entropy_probe_on_model_is_bounded_and_gape_is_sharper():
 def _args(tmp_path, **kw):
     ns = argparse.Namespace(quick=False, full=False, train_len=32, eval_lens="32,64", steps=3, samples=4, seed=7, seeds=1,
                             methods="rope,fixed", alpha=1.0, key_bias=0.0, fixed_lambda=None, gate_lr=None, lr=1e-3, batch=4,
-                            theta=10000.0, backend="torch", threads=1, out=str(tmp_path / "out"), force=False)
+                            theta=10000.0, backend="torch", threads=1, out=str(tmp_path / "out"), force=False, merge=None)
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
@@ -185,3 +185,22 @@ def test_cli_flag_errors(tmp_path):
         syn.resolve(_args(tmp_path, train_len=8))
     cfg = syn.resolve(_args(tmp_path, eval_lens=None, full=True))
     assert cfg["eval_lens"] == [32, 64, 128, 256, 512]
+
+
+def test_merge_seeds_run_in_separate_processes(tmp_path):
+    # two folders as two parallel processes would leave them, then merged into the first
+    assert syn.run(_args(tmp_path, methods="rope", out=str(tmp_path / "a"))) == 0
+    assert syn.run(_args(tmp_path, methods="rope", seed=8, out=str(tmp_path / "b"))) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    merged = syn.merge(str(tmp_path / "a"), [str(tmp_path / "b")])
+    assert set(merged["runs"]) == {"rope/seed7", "rope/seed8"}
+    assert merged["config"]["seeds"] == [7, 8] and merged["seeds_done"]["rope"] == 2
+    mean = (a["runs"]["rope/seed7"]["accuracy"]["64"] + b["runs"]["rope/seed8"]["accuracy"]["64"]) / 2
+    assert merged["methods"]["rope"]["64"] == pytest.approx(mean)
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["seeds_done"]["rope"] == 2
+    with pytest.raises(ValueError, match="repeats runs"):
+        syn.merge(str(tmp_path / "a"), [str(tmp_path / "b")])
+    assert syn.run(_args(tmp_path, methods="rope", steps=4, out=str(tmp_path / "c"))) == 0
+    with pytest.raises(ValueError, match="different experiment"):
+        syn.merge(str(tmp_path / "a"), [str(tmp_path / "c")])

@@ -22,6 +22,13 @@ def backend(chunk_size=None):
     return functools.partial(torch_attention, chunk_size=chunk_size)
 
 
+@pytest.fixture(autouse=True, params=["fused", "gemm"])
+def forward_strategy(request, monkeypatch):
+    """Every test runs with both forward strategies (the backward is shared)."""
+    monkeypatch.setattr(torch_backend, "FORWARD", request.param)
+    return request.param
+
+
 # Lq x (Lk = Lq or Lq + 37), with D and the head grouping cycling so every
 # value of each appears; chunk 16 makes 63 and 130 cross several chunk edges.
 _GROUPS = ((6, 2), (9, 3))
@@ -192,13 +199,35 @@ def test_auto_uses_torch_on_cpu():
 
 
 def test_output_dtype_and_noncontiguous_inputs():
-    case = Case(b=1, hq=4, hkv=2, lq=20, lk=20, d=16)
+    # B > 1 and [B, L, H, D] storage, as transformers hands over q/k/v before the cache copies them
+    case = Case(b=2, hq=4, hkv=2, lq=20, lk=20, d=16)
     q, k, v, lam, pi = (t.float() for t in make_inputs(case))
-    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, non-contiguous
-    a = torch_attention(qt, k, v, lam, pi, None, True, 0.25, "log", chunk_size=8)
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # same values, non-contiguous
+    a = torch_attention(qt, kt, vt, lam, pi, None, True, 0.25, "log", chunk_size=8)
     b = torch_attention(q, k, v, lam, pi, None, True, 0.25, "log", chunk_size=8)
-    assert a.dtype == torch.float32 and not qt.is_contiguous()
+    assert a.dtype == torch.float32 and not (qt.is_contiguous() or kt.is_contiguous() or vt.is_contiguous())
     torch.testing.assert_close(a, b)
+    qt, kt, vt = (t.requires_grad_() for t in (qt, kt, vt))
+    torch_attention(qt, kt, vt, lam, pi, None, True, 0.25, "log", chunk_size=8).sum().backward()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch_attention(q, k, v, lam, pi, None, True, 0.25, "log", chunk_size=8).sum().backward()
+    for x, y in ((qt, q), (kt, k), (vt, v)):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_auto_strategy_follows_threads_and_rows(monkeypatch):
+    monkeypatch.setattr(torch_backend, "FORWARD", "auto")
+    case = Case(b=1, hq=4, hkv=2, lq=torch_backend.FUSED_MIN_ROWS, lk=80, d=16)
+    q, k, v, lam, pi = (t.float() for t in make_inputs(case))
+
+    def plan(query):
+        return torch_backend._Plan(query, k, v, lam[:, :, : query.shape[2]], pi, None, True, 0.25, "log", None)
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert torch_backend._use_fused_kernel(plan(q))
+    assert not torch_backend._use_fused_kernel(plan(q[:, :, :1]))  # decode
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not torch_backend._use_fused_kernel(plan(q))
 
 
 def test_scale_is_used():
@@ -206,3 +235,26 @@ def test_scale_is_used():
     inputs = make_inputs(case)
     assert_matches_reference(backend(4), inputs, dtype=torch.float64, scale=1.7)
     assert math.isfinite(float(torch_attention(*inputs, None, True, 1.7, "log").sum()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("distance", ["log", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_decode_fast_path_without_grad(causal, distance, dtype):
+    # Lq = 1 without autograd takes its own short path: against the reference, with GQA, B > 1,
+    # a per-row padding mask with one fully masked row, and a cache longer than the phi memo
+    case = Case(b=3, hq=6, hkv=2, lq=1, lk=4099, d=16)
+    q, k, v, lam, pi = (t.to(dtype) for t in make_inputs(case))
+    mask = torch.ones(3, 1, 1, case.lk, dtype=torch.bool)
+    mask[1, ..., :50] = False
+    mask[2] = False
+    with torch.no_grad():
+        got = torch_attention(q, k, v, lam, pi, mask, causal, 0.25, distance)
+    assert got.dtype == dtype and got.shape == (3, 6, 1, 16)
+    ref = reference_attention(*(t.double() for t in (q, k, v, lam, pi)), mask, causal, 0.25, distance)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    assert not got[2].any()
+    # the same step through the chunked forward (autograd path) agrees
+    grad_path = torch_attention(q, k, v, lam.clone().requires_grad_(), pi, mask, causal, 0.25, distance)
+    torch.testing.assert_close(got, grad_path.detach(), rtol=tol, atol=tol)

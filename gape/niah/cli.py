@@ -92,8 +92,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from .._threads import set_threads
     from .runner import RunMismatchError, run_benchmark
 
     try:
@@ -102,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError) as err:
         print(f"gape niah: error: {err}")
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     try:
