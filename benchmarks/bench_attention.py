@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from gape._io import write_csv_atomic
+
 PROVIDERS = ("floor", "torch", "sdpa", "materialized", "flex")
 PASSES = ("fwd", "fwd+bwd")
 FIELDS = (
@@ -222,12 +224,7 @@ def _append_row(path: Path, row: dict) -> None:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     rows.append({k: row.get(k, "") for k in FIELDS})
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(path, FIELDS, rows)
 
 
 def _done(path: Path) -> dict:

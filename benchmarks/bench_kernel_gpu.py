@@ -25,6 +25,8 @@ import math
 import os
 import sys
 
+from gape._io import write_csv_atomic
+
 FIELDS = ["provider", "mode", "causal", "batch", "heads", "seqlen", "head_dim", "dtype", "device", "torch", "triton",
           "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "error"]
 PROVIDERS = ["gape", "gape-nobias", "sdpa-flash", "flex", "flash-attn"]
@@ -114,12 +116,7 @@ def read_done(path):
 
 
 def write_rows(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(path, FIELDS, rows)
 
 
 def plot(path, rows):

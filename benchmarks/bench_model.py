@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import csv
 import datetime as dt
 import json
 import os
@@ -41,6 +40,7 @@ import torch
 
 import gape
 from gape import hf
+from gape._io import write_csv_atomic, write_json_atomic
 from gape._threads import set_threads
 from gape.gates import inverse_softplus
 
@@ -246,22 +246,9 @@ def environment(args, backend) -> dict:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(path: Path, env: dict, rows: list[dict]) -> None:
-    write_atomic(path, json.dumps({"environment": env, "rows": rows, "summary": summarize(rows)}, indent=1))
-    fields = sorted({k for r in rows for k in r})
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path.with_suffix(".csv"), buf.getvalue())
+    write_json_atomic(path, {"environment": env, "rows": rows, "summary": summarize(rows)}, indent=1)
+    write_csv_atomic(path.with_suffix(".csv"), sorted({k for r in rows for k in r}), rows)
 
 
 def summarize(rows: list[dict]) -> list[dict]:

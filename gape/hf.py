@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import api
+from ._io import replace_atomic
 from .config import GapeConfig
 from .gates import GapeGate
 
@@ -424,10 +425,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> None:
         "model_type": str(model.config.model_type),
         **{k: str(v) for k, v in shape.items()},
     }
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    replace_atomic(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_gates(path: str | os.PathLike) -> tuple[GapeConfig, dict, dict[str, torch.Tensor]]:

@@ -191,9 +191,8 @@ def _forward(plan: _Plan):
 def _backward(plan: _Plan, out, grad_out, needs):
     b, hkv, rep, lq, lk, d, dv = plan.b, plan.hkv, plan.rep, plan.lq, plan.lk, plan.d, plan.dv
     g = b * hkv
-    q = plan.query.view(b, hkv, rep, lq, d)
-    k = plan.key.reshape(g, lk, d)
-    v = plan.value.reshape(g, lk, dv)
+    k = plan.key.view(g, lk, d)
+    v = plan.value.view(g, lk, dv)
     do = grad_out.to(plan.cdt).reshape(b, hkv, rep, lq, dv)
     delta_row = (do * out.view(b, hkv, rep, lq, dv)).sum(-1)  # rowsum(dO * O), [B, Hkv, rep, Lq]
     dq = torch.zeros(b, hkv, rep, lq, d, device=plan.device, dtype=plan.cdt)

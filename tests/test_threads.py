@@ -13,3 +13,4 @@ def test_set_threads_skips_the_call_when_the_count_is_unchanged(monkeypatch):
     assert calls == [torch.get_num_threads() + 1]
     set_threads(0)  # clamped to one thread
     assert calls[-1] == 1
+
