@@ -11,30 +11,39 @@ import json
 import os
 
 
-def write_atomic(path, data: str | bytes) -> None:
+def replace_atomic(path, write) -> None:
+    """Call ``write(tmp_path)`` (any writer that takes a path), fsync, then move the file into place."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
-def write_csv_atomic(path, fieldnames, rows) -> None:
-    """``rows`` (dicts) as CSV with a header; keys outside ``fieldnames`` are an error."""
+def write_atomic(path, data: str | bytes) -> None:
+    def write(tmp):
+        if isinstance(data, bytes):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(data)
+
+    replace_atomic(path, write)
+
+
+def write_csv_atomic(path, fieldnames, rows, **writer_kwargs) -> None:
+    """``rows`` (dicts) as CSV with a header; keys outside ``fieldnames`` are an error.
+
+    ``writer_kwargs`` go to ``csv.DictWriter`` (e.g. ``lineterminator``)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fieldnames))
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames), **writer_kwargs)
     w.writeheader()
     w.writerows(rows)
     write_atomic(path, buf.getvalue())
-
-
-def replace_atomic(path, write) -> None:
-    """Call ``write(tmp_path)`` (a writer that only takes a path), then move the file into place."""
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, data, **dump_kwargs) -> None:

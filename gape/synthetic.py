@@ -368,6 +368,12 @@ def _same_experiment(a: dict, b: dict) -> bool:
     return all(a.get(k, _CONFIG_DEFAULTS.get(k)) == b.get(k, _CONFIG_DEFAULTS.get(k)) for k in keys - {"methods", "seeds"})
 
 
+def _methods_and_seeds(old: dict, new: dict) -> dict:
+    """The methods and seeds of two configs of one experiment together (they grow between runs)."""
+    return {"methods": list(dict.fromkeys(old.get("methods", []) + new["methods"])),
+            "seeds": sorted(set(old.get("seeds", [])) | set(new["seeds"]))}
+
+
 def merge(out: str, sources: list[str]) -> dict:
     """Add the runs of ``sources`` (folders of results.json of the same experiment) to ``out``'s."""
     path = os.path.join(out, "results.json")
@@ -383,9 +389,7 @@ def merge(out: str, sources: list[str]) -> dict:
             raise ValueError(f"{src}/results.json repeats runs already in {path}: {clash}")
         results["runs"].update(other["runs"])
         results["timings"].update(other.get("timings", {}))
-        cfg, ocfg = results["config"], other["config"]
-        cfg["methods"] = list(dict.fromkeys(cfg["methods"] + ocfg["methods"]))
-        cfg["seeds"] = sorted(set(cfg["seeds"]) | set(ocfg["seeds"]))
+        results["config"].update(_methods_and_seeds(results["config"], other["config"]))
     aggregate(results)
     _write_json(path, results)
     plot(results, os.path.join(out, "accuracy.png"))
@@ -410,8 +414,7 @@ def run(args) -> int:
             results = None
     if results is None:
         results = {"train_len": config["train_len"], "runs": {}, "timings": {}}
-    results["config"] = {**config, "methods": list(dict.fromkeys(results.get("config", {}).get("methods", []) + config["methods"])),
-                         "seeds": sorted(set(results.get("config", {}).get("seeds", [])) | set(config["seeds"]))}
+    results["config"] = {**config, **_methods_and_seeds(results.get("config", {}), config)}
     results["threads"] = torch.get_num_threads()
     max_len = max(config["eval_lens"] + [config["train_len"]])
     for seed in config["seeds"]:

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import phi as _phi
+
 # Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 bias tile (~9 MB)
 # close to the caches of the benchmark machine while each fused-attention call
 # still has enough (head, row block) work items for every thread; 32 and 128
@@ -91,8 +93,7 @@ class _Plan:
         n = lq + lk + c
         delta = torch.arange(off + c - 1, off - n, -1, device=self.device, dtype=torch.int64)
         delta = delta.clamp_min_(0) if is_causal else delta.abs_()
-        delta = delta.to(cdt)
-        vec = torch.log1p_(delta) if distance == "log" else delta
+        vec = _phi(delta, distance, cdt)
         # vec[z] = phi(delta(off + c - 1 - z)); row r of the table starts at z = c - 1 - r
         self.toep = vec.as_strided((c, n), (1, 1)).flip(0)
         self.buf = self.kp_buf = None
@@ -189,8 +190,7 @@ def _forward(plan: _Plan):
 
 
 def _backward(plan: _Plan, out, grad_out, needs):
-    b, hkv, rep, lq, lk, d, dv = plan.b, plan.hkv, plan.rep, plan.lq, plan.lk, plan.d, plan.dv
-    g = b * hkv
+    b, hkv, rep, g, lq, lk, d, dv = plan.b, plan.hkv, plan.rep, plan.g, plan.lq, plan.lk, plan.d, plan.dv
     k = plan.key.view(g, lk, d)
     v = plan.value.view(g, lk, dv)
     do = grad_out.to(plan.cdt).reshape(b, hkv, rep, lq, dv)
@@ -241,8 +241,8 @@ def _phi_reversed(lk: int, distance: str, dtype: torch.dtype, device: torch.devi
     r = _PHI_REVERSED.get(key)
     if r is None or r.numel() < lk:
         n = max(4096, 1 << (lk - 1).bit_length())
-        delta = torch.arange(n - 1, -1, -1, device=device, dtype=torch.int64).to(dtype)
-        r = _PHI_REVERSED[key] = torch.log1p_(delta) if distance == "log" else delta
+        delta = torch.arange(n - 1, -1, -1, device=device, dtype=torch.int64)
+        r = _PHI_REVERSED[key] = _phi(delta, distance, dtype)
     return r[r.numel() - lk :]
 
 

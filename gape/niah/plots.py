@@ -58,7 +58,7 @@ def plot_all(out_dir: str, summary: list[dict], methods_order: list[str] | None 
             per = methods[m]
             # distinct dashes and markers keep methods with equal accuracy visible
             ax.plot(list(per), [a for a, _ in per.values()], linestyle=styles[k % 4], marker=markers[k % 6],
-                    markersize=9 - k, alpha=0.85, label=m)
+                    markersize=max(3, 9 - k), alpha=0.85, label=m)
         ax.set_xscale("log", base=2)
         lengths = sorted({n for per in methods.values() for n in per})
         ax.set_xticks(lengths, [str(n) for n in lengths])

@@ -4,14 +4,12 @@ table (both rewritten atomically from all rows)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable
 
-from .._io import write_atomic
+from .._io import write_csv_atomic
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.csv"
@@ -55,8 +53,6 @@ def append_row(out_dir: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-
-
 def summarize(rows: Iterable[dict]) -> list[dict]:
     """One line per (method, task, haystack, length, depth): samples, accuracy (mean RULER
     string_match_all score), fully correct fraction, mean seconds per sample."""
@@ -83,13 +79,9 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
 
 def write_summary(out_dir: str, summary: list[dict]) -> str:
     path = os.path.join(out_dir, SUMMARY)
-    buf = io.StringIO()
     fields = ["method", "task", "haystack", "length", "depth", "samples", "accuracy", "correct", "seconds"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for line in summary:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k != "depth" else v) for k, v in line.items()})
-    write_atomic(path, buf.getvalue())
+    rows = [{k: (f"{v:.4f}" if isinstance(v, float) and k != "depth" else v) for k, v in line.items()} for line in summary]
+    write_csv_atomic(path, fields, rows, lineterminator="\n")
     return path
 
 

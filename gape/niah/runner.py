@@ -16,6 +16,7 @@ from itertools import groupby
 
 import torch
 
+from .._io import write_atomic
 from . import results as res
 from .generator import HAYSTACKS, TASKS, build_sample
 from .methods import MethodOptions, apply_method, parse_methods
@@ -90,7 +91,7 @@ def _check_run_file(out: str, settings: dict) -> None:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
             raise RunMismatchError(f"--out {out} holds results of a run with other settings ({details}); use another --out")
         return
-    res.write_atomic(path, json.dumps(settings, indent=2) + "\n")
+    write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
