@@ -9,7 +9,12 @@ but the inputs and the output and recomputes each tile in the backward pass
 
 What makes it fast on the CPU:
 
-- Two forward strategies, picked per call (``FORWARD``): with several threads
+- The forward runs the fused C++ kernel of :mod:`gape.kernels.attention_cpu`
+  when it is built (CPU, float32/float64 compute): BLAS blocks with the bias
+  and an online softmax in registers, 1.02-1.06x the time of PyTorch's no-bias
+  CPU flash attention. Without it (no compiler, ``GAPE_CPU_KERNEL=0``, CUDA
+  tensors) the pure-PyTorch tiles below run; the backward always does.
+- Two pure-PyTorch forward strategies, picked per call (``FORWARD``): with several threads
   and a prefill-sized query (``fused``) each chunk's bias goes as a float
   ``attn_mask`` to PyTorch's own fused CPU attention
   (``F.scaled_dot_product_attention``: the blocked flash kernel keeps the
@@ -38,6 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels import attention_cpu
 from .reference import phi as _phi
 
 # Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 bias tile (~9 MB)
@@ -46,11 +52,12 @@ from .reference import phi as _phi
 # measured slower at L=4096 (benchmarks/bench_attention.py).
 CHUNK_SIZE = 64
 
-# Forward strategy: "fused" hands each bias tile to F.scaled_dot_product_attention,
+# Forward strategy: "kernel" is the fused C++ CPU kernel (gape.kernels.attention_cpu),
+# "fused" hands each bias tile to F.scaled_dot_product_attention,
 # "gemm" runs our own batched GEMMs (the query heads of a GQA group folded into
 # the rows, so each K/V tile is read once per group) and softmax; "auto" takes
-# "fused" on a multi-threaded CPU for at least FUSED_MIN_ROWS query rows, "gemm"
-# otherwise. Measured at 9/3 heads, D=64, Lk=4096 (README): 2 threads, Lq=4096
+# "kernel" when it is built and takes the tensors, else "fused" on a
+# multi-threaded CPU for at least FUSED_MIN_ROWS query rows, else "gemm". Measured at 9/3 heads, D=64, Lk=4096 (README): 2 threads, Lq=4096
 # fused 1.50x the no-bias floor vs gemm 1.69x; 1 thread, Lq=4096 fused 1.53x vs
 # gemm 1.43x; decode (Lq=1) gemm 600 us vs fused 781 us (1 thread), 462 vs 530 us (2).
 FORWARD = "auto"
@@ -155,6 +162,33 @@ class _Plan:
         if self.may_have_empty_rows:
             p.nan_to_num_(0.0)  # softmax of an all -inf row is NaN; GAPE's is zeros
         return p, qc, phi
+
+
+def _use_cpu_kernel(query, key, value) -> bool:
+    if FORWARD not in ("auto", "kernel"):
+        return False
+    ok = attention_cpu.supports(query, key, value)
+    if FORWARD == "kernel":
+        if not ok or not attention_cpu.available():
+            raise RuntimeError(
+                f"torch_backend.FORWARD='kernel' but the fused CPU kernel cannot run here: "
+                f"{attention_cpu.unavailable_reason() or 'needs CPU tensors with int32-sized strides'}"
+            )
+        return True
+    return ok and attention_cpu.available()
+
+
+def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance):
+    """The fused C++ forward, in the compute dtype (float32 for half inputs)."""
+    cdt = _compute_dtype(query.dtype)
+    lq, lk = query.shape[2], key.shape[2]
+    if is_causal:
+        phi_rev = _phi_reversed(lk, distance, cdt, query.device)  # only delta >= 0 is read
+    else:
+        phi_rev = _phi(torch.arange(lk - 1, -lq, -1, device=query.device).abs_(), distance, cdt)
+    return attention_cpu.attention_forward(
+        query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask, is_causal, scale
+    )
 
 
 def _use_fused_kernel(plan: _Plan) -> bool:
@@ -275,8 +309,11 @@ def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
-        plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
-        out = _forward(plan)
+        if _use_cpu_kernel(query, key, value):
+            out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+        else:
+            plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+            out = _forward(plan)
         ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out)
         ctx.args = (is_causal, scale, distance, chunk_size)
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
@@ -323,8 +360,13 @@ def torch_attention(
     tensors = (query, key, value, query_gate, key_gate)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size)
-    if query.shape[2] == 1:
+    # A decode step (Lq = 1) is faster through _decode, whose GEMMs fold a GQA group's
+    # query heads into rows: 496 vs 722 us at Lk = 4096, 9/3 heads, one thread.
+    if query.shape[2] == 1 and FORWARD != "kernel":
         return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
+    if _use_cpu_kernel(query, key, value):
+        out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+        return out.to(query.dtype)
     plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
     out = _forward(plan)
     return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)

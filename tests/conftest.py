@@ -25,3 +25,15 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (reproducible CPU timing of training
+    loops) and give the process its thread count back afterwards."""
+    from gape._threads import set_threads
+
+    before = torch.get_num_threads()
+    set_threads(1)
+    yield
+    set_threads(before)

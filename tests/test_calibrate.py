@@ -30,8 +30,7 @@ def tiny_model(seed=0):
     return model.eval()
 
 
-def test_calibrate_trains_only_gates_saves_and_resumes(tok, tmp_path):
-    torch.set_num_threads(1)
+def test_calibrate_trains_only_gates_saves_and_resumes(tok, tmp_path, one_thread):
     model = tiny_model()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = tmp_path / "cal"

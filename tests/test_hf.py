@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 import gape
 from gape import hf
+from gape._threads import set_threads
 
-torch.set_num_threads(2)
+set_threads(2)  # CI's core count; an explicit torch.set_num_threads slows CPU flash attention
 
 SMALL = dict(
     vocab_size=96,

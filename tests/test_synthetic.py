@@ -79,8 +79,7 @@ def test_evaluate_counts_exact_matches(monkeypatch):
     assert acc == pytest.approx(0.5) and ent == []
 
 
-def test_training_lowers_the_loss_and_moves_the_gates():
-    torch.set_num_threads(1)
+def test_training_lowers_the_loss_and_moves_the_gates(one_thread):
     model = syn.build_model("gape", seed=0, max_len=64)
     gate = model.model.layers[0].self_attn.gape_gate
     alpha0 = gate.alpha.detach().clone()

@@ -22,9 +22,10 @@ def backend(chunk_size=None):
     return functools.partial(torch_attention, chunk_size=chunk_size)
 
 
-@pytest.fixture(autouse=True, params=["fused", "gemm"])
+@pytest.fixture(autouse=True, params=["kernel", "fused", "gemm"])
 def forward_strategy(request, monkeypatch):
-    """Every test runs with both forward strategies (the backward is shared)."""
+    """Every test runs with each forward strategy: the fused C++ kernel and the
+    two pure-PyTorch tilings (the backward is shared)."""
     monkeypatch.setattr(torch_backend, "FORWARD", request.param)
     return request.param
 
@@ -215,7 +216,7 @@ def test_output_dtype_and_noncontiguous_inputs():
         torch.testing.assert_close(x.grad, y.grad)
 
 
-def test_auto_strategy_follows_threads_and_rows(monkeypatch):
+def test_auto_strategy_prefers_the_kernel_then_follows_threads_and_rows(monkeypatch):
     monkeypatch.setattr(torch_backend, "FORWARD", "auto")
     case = Case(b=1, hq=4, hkv=2, lq=torch_backend.FUSED_MIN_ROWS, lk=80, d=16)
     q, k, v, lam, pi = (t.float() for t in make_inputs(case))
@@ -223,6 +224,9 @@ def test_auto_strategy_follows_threads_and_rows(monkeypatch):
     def plan(query):
         return torch_backend._Plan(query, k, v, lam[:, :, : query.shape[2]], pi, None, True, 0.25, "log", None)
 
+    assert torch_backend._use_cpu_kernel(q, k, v)  # built on every machine with a C++ compiler (CI included)
+    monkeypatch.setattr(torch_backend.attention_cpu, "available", lambda: False)
+    assert not torch_backend._use_cpu_kernel(q, k, v)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert torch_backend._use_fused_kernel(plan(q))
     assert not torch_backend._use_fused_kernel(plan(q[:, :, :1]))  # decode
