@@ -3,7 +3,10 @@
 Providers (B=1, 9 query / 3 kv heads, D=64, causal by default):
 
 - ``floor``        ``F.scaled_dot_product_attention`` without any bias (the floor)
-- ``torch``        gape's tiled torch backend, distance="log"
+- ``torch``        gape's torch backend, distance="log" (its fused C++ CPU kernel
+                   when built, as ``auto`` runs it)
+- ``torch-tiles``  the same backend with the C++ kernel switched off: its
+                   pure-PyTorch tiles (what runs without a compiler)
 - ``sdpa``         gape's sdpa backend (augmented channels), distance="linear"
 - ``materialized`` SDPA with a materialized float GAPE bias (built every call)
 - ``flex``         ``torch.compile(flex_attention)`` with a GAPE ``score_mod`` and a
@@ -44,7 +47,7 @@ from pathlib import Path
 
 from gape._io import write_csv_atomic
 
-PROVIDERS = ("floor", "torch", "sdpa", "materialized", "flex")
+PROVIDERS = ("floor", "torch", "torch-tiles", "sdpa", "materialized", "flex")
 PASSES = ("fwd", "fwd+bwd")
 FIELDS = (
     "provider", "pass", "L", "dtype", "device", "threads", "median_s", "p20_s", "p80_s", "repeats",
@@ -112,6 +115,11 @@ def _setup(provider: str, L: int, dtype, device: str, need_grad: bool):
         leaves = [q, k, v]
         return leaves, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if provider == "torch":
+        return leaves, lambda: gape.attention(q, k, v, lam, pi, distance="log", backend="torch")
+    if provider == "torch-tiles":
+        from gape.kernels import attention_cpu
+
+        attention_cpu.available = lambda: False  # this worker process only
         return leaves, lambda: gape.attention(q, k, v, lam, pi, distance="log", backend="torch")
     if provider == "sdpa":
         return leaves, lambda: gape.attention(q, k, v, lam, pi, distance="linear", backend="sdpa")

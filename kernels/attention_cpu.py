@@ -23,6 +23,7 @@ inputs and this output, so nothing else needs saving.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -56,8 +57,19 @@ def capability() -> str:
     return cap if cap in _ISA_FLAGS else "DEFAULT"
 
 
+def _cflags(cap: str) -> list[str]:
+    # -fopenmp: at::parallel_for is a header template that becomes an OpenMP
+    # parallel region only when the extension itself is compiled with OpenMP
+    # (without it the kernel silently runs on one thread).
+    return ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={cap}", *_ISA_FLAGS[cap]]
+
+
 def build_name() -> str:
-    return f"gape_cpu_attention_{capability().lower()}"
+    """Extension name: instruction set plus a hash of the source and flags, so
+    differing builds (another checkout, an edited kernel) never share a folder."""
+    cap = capability()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_cflags(cap)).encode()).hexdigest()[:10]
+    return f"gape_cpu_attention_{cap.lower()}_{digest}"
 
 
 def _put_ninja_on_path() -> None:
@@ -89,7 +101,8 @@ def _load() -> str | None:
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", f"-DCPU_CAPABILITY={cap}", *_ISA_FLAGS[cap]],
+            extra_cflags=_cflags(cap),
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
