@@ -11,7 +11,7 @@ What makes it fast on the CPU:
 
 - The forward runs the fused C++ kernel of :mod:`gape.kernels.attention_cpu`
   when it is built (CPU, float32/float64 compute): BLAS blocks with the bias
-  and an online softmax in registers, 1.02-1.06x the time of PyTorch's no-bias
+  and an online softmax in registers, 0.9-1.05x the time of PyTorch's no-bias
   CPU flash attention. Without it (no compiler, ``GAPE_CPU_KERNEL=0``, CUDA
   tensors) the pure-PyTorch tiles below run; the backward always does.
 - Two pure-PyTorch forward strategies, picked per call (``FORWARD``): with several threads

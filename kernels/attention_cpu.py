@@ -4,8 +4,8 @@ The kernel computes ``softmax(scale q k^T - lambda (1 - pi) phi(delta)) v``
 the FlashAttention way: BLAS for ``Q K^T`` and ``P V`` per block, the GAPE
 bias, masks and an online softmax in vector registers between them, so the
 bias never goes to memory. On the 2-core benchmark machine it runs at
-1.02-1.06x the time of PyTorch's own no-bias CPU flash attention, against
-1.5-1.7x for the pure-PyTorch tiles of :mod:`gape.torch_backend`.
+0.9-1.05x the time of PyTorch's own no-bias CPU flash attention (L = 1k-16k),
+against 1.4-2.3x for the pure-PyTorch tiles of :mod:`gape.torch_backend`.
 
 It is compiled at first use with :func:`torch.utils.cpp_extension.load` (needs
 a C++ compiler and ninja; about a minute, once per machine, torch version
@@ -36,10 +36,15 @@ SOURCE = Path(__file__).with_name("attention_cpu.cpp")
 ENV_SWITCH = "GAPE_CPU_KERNEL"  # "0" disables the kernel
 ENV_CAPABILITY = "GAPE_CPU_CAPABILITY"  # force "AVX512", "AVX2" or "DEFAULT" (testing other builds)
 
-# Query rows and keys per block. 64 x 512 float32 scores (128 KB) stay in L2 next
-# to the K/V blocks; at L=4096, 9/3 heads, D=64: 1.03-1.05x the no-bias flash
-# floor on one thread (128 x 512 the same, 32 x 512 1.09-1.15x, 64 x 1024 1.05-1.08x).
+# Query rows and keys per block; the score block (64 or 256 x 512 floats, 128 or
+# 512 KB) stays in L2 next to the K/V blocks. Long queries take 256 rows, so each
+# K/V block is read from memory 4x less often once K/V outgrow the cache. Measured
+# against the no-bias flash floor (9/3 heads, D=64, 2 threads): L=1024 64 rows
+# 0.85x, 256 rows 0.91x; L=4096 0.99x / 0.97x (one thread 1.01x / 0.99x);
+# L=16384 1.13x / 1.04x (256 x 1024: 1.02x).
 Q_BLOCK = 64
+Q_BLOCK_LONG = 256
+LONG_QUERY = 2048  # query rows from which Q_BLOCK_LONG is used
 K_BLOCK = 512
 
 _ISA_FLAGS = {
@@ -175,6 +180,7 @@ def attention_forward(
         attn_mask = attn_mask.expand(b, hq, lq, lk)
     out = torch.empty(b, hq, lq, dv, dtype=dt)
     torch.ops.gape.cpu_attention_fwd(
-        query, key, value, query_gate, keep, phi_reversed, attn_mask, out, float(scale), bool(is_causal), Q_BLOCK, K_BLOCK
-    )
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, out, float(scale), bool(is_causal),
+        Q_BLOCK_LONG if lq >= LONG_QUERY else Q_BLOCK, K_BLOCK,
+    )  # fmt: skip
     return out

@@ -38,8 +38,11 @@ def test_kernel_builds_and_loads():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    # 8 query rows x 16 keys per block, so small shapes cross many block edges
+    # 8 query rows (12 from 30 rows on, the "long query" blocks) x 16 keys per block,
+    # so small shapes cross many block edges
     monkeypatch.setattr(attention_cpu, "Q_BLOCK", 8)
+    monkeypatch.setattr(attention_cpu, "Q_BLOCK_LONG", 12)
+    monkeypatch.setattr(attention_cpu, "LONG_QUERY", 30)
     monkeypatch.setattr(attention_cpu, "K_BLOCK", 16)
 
 
