@@ -375,10 +375,21 @@ def _methods_and_seeds(old: dict, new: dict) -> dict:
 
 
 def merge(out: str, sources: list[str]) -> dict:
-    """Add the runs of ``sources`` (folders of results.json of the same experiment) to ``out``'s."""
+    """Add the runs of ``sources`` (folders of results.json of the same experiment) to ``out``'s.
+
+    Without a ``results.json`` in ``out`` the first source's is the start.
+    """
     path = os.path.join(out, "results.json")
-    with open(path) as f:
-        results = json.load(f)
+    if not os.path.exists(path):
+        if not sources:
+            raise ValueError(f"nothing to merge: {path} does not exist and no source folder was given")
+        with open(os.path.join(sources[0], "results.json")) as f:
+            results = json.load(f)
+        sources = sources[1:]
+        os.makedirs(out, exist_ok=True)
+    else:
+        with open(path) as f:
+            results = json.load(f)
     for src in sources:
         with open(os.path.join(src, "results.json")) as f:
             other = json.load(f)

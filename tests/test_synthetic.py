@@ -203,3 +203,8 @@ def test_merge_seeds_run_in_separate_processes(tmp_path):
     assert syn.run(_args(tmp_path, methods="rope", steps=4, out=str(tmp_path / "c"))) == 0
     with pytest.raises(ValueError, match="different experiment"):
         syn.merge(str(tmp_path / "a"), [str(tmp_path / "c")])
+    # into a new folder: the first source is the start, the sources stay as they were
+    assert syn.run(_args(tmp_path, methods="rope", seed=9, out=str(tmp_path / "d"))) == 0
+    fresh = syn.merge(str(tmp_path / "new"), [str(tmp_path / "b"), str(tmp_path / "d")])
+    assert set(fresh["runs"]) == {"rope/seed8", "rope/seed9"} and (tmp_path / "new" / "accuracy.png").exists()
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["seeds_done"]["rope"] == 1
