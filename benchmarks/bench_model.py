@@ -125,7 +125,7 @@ def load_smollm2(dtype):
 
 
 def resolve_backend(requested: str) -> str:
-    """The backend the run will use; the tiled torch backend when it exists."""
+    """The backend the run will use; the torch backend when it exists."""
     if requested != "auto":
         return requested
     try:
@@ -221,6 +221,12 @@ def _cpu_model() -> str:
     return ""
 
 
+def _cpu_kernel_available() -> bool:
+    from gape.kernels import attention_cpu
+
+    return attention_cpu.available()
+
+
 def environment(args, backend) -> dict:
     import transformers
 
@@ -240,6 +246,8 @@ def environment(args, backend) -> dict:
         "gape": gape.__version__,
         "commit": commit,
         "backend": backend,
+        # the torch backend's fused C++ CPU forward (False: its pure-PyTorch tiles)
+        "cpu_kernel": backend == "torch" and _cpu_kernel_available(),
         "dtype": args.dtype,
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized)",
         "load_average": os.getloadavg()[0],
@@ -278,7 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--layer-steps", type=int, default=200, help="decode steps of the one-layer measurement (0: skip)")
     p.add_argument("--repeats", type=int, default=3, help="timed prefill repetitions per mode")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--backend", default="auto", help="GAPE backend (auto: the tiled torch backend, reference if absent)")
+    p.add_argument("--backend", default="auto", help="GAPE backend (auto: the torch backend, reference if absent)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (1: stable timings on a shared machine; oversubscribed OpenMP threads spin)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -293,7 +301,7 @@ def main(argv=None) -> int:
     rows = []
     if args.out.exists() and not args.fresh:
         prev = json.loads(args.out.read_text())
-        if all(prev["environment"].get(k) == env[k] for k in ("torch", "transformers", "backend", "dtype", "threads")):
+        if all(prev["environment"].get(k) == env[k] for k in ("torch", "transformers", "backend", "cpu_kernel", "dtype", "threads")):
             rows = prev["rows"]
     done = {(r["mode"], r["kind"], r["length"]) for r in rows}
 

@@ -22,7 +22,7 @@ from .reference import DISTANCES
 # a missing optional dependency only matters for the backend that needs it.
 _BACKENDS = {
     "reference": ("gape.reference", "reference_attention", "materialized scores; any dtype; the test oracle"),
-    "torch": ("gape.torch_backend", "torch_attention", "tiled PyTorch, custom backward; CPU default"),
+    "torch": ("gape.torch_backend", "torch_attention", "fused C++ CPU forward (or PyTorch tiles), recomputing backward; CPU default"),
     "sdpa": ("gape.sdpa_backend", "sdpa_attention", "augmented channels into F.scaled_dot_product_attention; linear distance"),
     "triton": ("gape.kernels.attention", "triton_attention", "fused Triton kernel; CUDA (or TRITON_INTERPRET=1 on CPU)"),
 }

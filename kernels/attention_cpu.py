@@ -101,7 +101,7 @@ def _load() -> str | None:
         cap, name = capability(), build_name()
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         if not (build_dir / f"{name}.so").exists():
-            print(f"gape: compiling the fused CPU attention kernel ({cap}), once per machine: about a minute ...",
+            print(f"gape: compiling the fused CPU attention kernel ({cap}), once per machine (under a minute) ...",
                   file=sys.stderr, flush=True)
         cpp_extension.load(
             name=name,
