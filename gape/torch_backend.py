@@ -178,17 +178,21 @@ def _use_cpu_kernel(query, key, value) -> bool:
     return ok and attention_cpu.available()
 
 
-def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance):
-    """The fused C++ forward, in the compute dtype (float32 for half inputs)."""
+def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance):
+    """The C++ kernel's inputs in the compute dtype (float32 for half inputs)."""
     cdt = _compute_dtype(query.dtype)
     lq, lk = query.shape[2], key.shape[2]
     if is_causal:
         phi_rev = _phi_reversed(lk, distance, cdt, query.device)  # only delta >= 0 is read
     else:
         phi_rev = _phi(torch.arange(lk - 1, -lq, -1, device=query.device).abs_(), distance, cdt)
-    return attention_cpu.attention_forward(
-        query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask, is_causal, scale
-    )
+    return query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask
+
+
+def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False):
+    """The fused C++ forward, in the compute dtype."""
+    args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
+    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse)
 
 
 def _use_fused_kernel(plan: _Plan) -> bool:
@@ -309,22 +313,30 @@ def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
+        lse = None
         if _use_cpu_kernel(query, key, value):
-            out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+            out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True)
         else:
             plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
             out = _forward(plan)
-        ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out)
+        # lse (the kernel's row log-sum-exp) selects the kernel's backward
+        ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse)
         ctx.args = (is_causal, scale, distance, chunk_size)
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, query_gate, key_gate, attn_mask, out = ctx.saved_tensors
-        plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
+        query, key, value, query_gate, key_gate, attn_mask, out, lse = ctx.saved_tensors
+        is_causal, scale, distance, chunk_size = ctx.args
         needs = ctx.needs_input_grad[:5]
-        dq, dk, dv, dlam, dpi = _backward(plan, out, grad_out, needs)
+        if lse is not None:
+            args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
+            dq, dk, dv, dlam, dkeep = attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out)
+            dpi = dkeep.neg_()
+        else:
+            plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
+            dq, dk, dv, dlam, dpi = _backward(plan, out, grad_out, needs)
         return (
             dq.view(query.shape).to(query.dtype) if needs[0] else None,
             dk.view(key.shape).to(key.dtype) if needs[1] else None,

@@ -52,104 +52,143 @@ struct Strides {
 
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Everything about one call that the forward and the backward share.
 template <typename T>
-void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lam_t,
-                  const at::Tensor& keep_t, const at::Tensor& phi_t, const c10::optional<at::Tensor>& mask_t,
-                  at::Tensor& out_t, double scale_d, bool causal, int64_t QB, int64_t KB) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  const int64_t B = query.size(0), Hq = query.size(1), Lq = query.size(2), D = query.size(3);
-  const int64_t Hkv = key.size(1), Lk = key.size(2), Dv = value.size(3);
-  const int64_t rep = Hq / Hkv, nqb = (Lq + QB - 1) / QB;
-  const Strides sq = strides_of(query), sk = strides_of(key), sv = strides_of(value), so = strides_of(out_t);
-  const T* q = query.data_ptr<T>();
-  const T* k = key.data_ptr<T>();
-  const T* v = value.data_ptr<T>();
-  const T* lam = lam_t.data_ptr<T>();    // [B, Hq, Lq] contiguous
-  const T* keep = keep_t.data_ptr<T>();  // 1 - pi, [B, Hkv, Lk] contiguous
-  const T* phi_rev = phi_t.data_ptr<T>();  // phi(delta(i, j)) = phi_rev[Lq - 1 - i + j]
-  T* out = out_t.data_ptr<T>();
+struct Problem {
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv, rep;
+  Strides sq, sk, sv;
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* lam;      // [B, Hq, Lq] contiguous
+  const T* keep;     // 1 - pi, [B, Hkv, Lk] contiguous
+  const T* phi_rev;  // phi(delta(i, j)) = phi_rev[Lq - 1 - i + j]
   const bool* mask = nullptr;
   int64_t mb = 0, mh = 0, mq = 0, mk = 0;  // mask expanded to [B, Hq, Lq, Lk]: broadcast dims have stride 0
-  if (mask_t.has_value()) {
-    mask = mask_t->data_ptr<bool>();
-    mb = mask_t->stride(0), mh = mask_t->stride(1), mq = mask_t->stride(2), mk = mask_t->stride(3);
+  T scale;
+  bool causal;
+
+  Problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lam_t,
+          const at::Tensor& keep_t, const at::Tensor& phi_t, const c10::optional<at::Tensor>& mask_t, double scale_d,
+          bool causal_)
+      : B(query.size(0)), Hq(query.size(1)), Hkv(key.size(1)), Lq(query.size(2)), Lk(key.size(2)),
+        D(query.size(3)), Dv(value.size(3)), rep(query.size(1) / key.size(1)), sq(strides_of(query)),
+        sk(strides_of(key)), sv(strides_of(value)), q(query.data_ptr<T>()), k(key.data_ptr<T>()),
+        v(value.data_ptr<T>()), lam(lam_t.data_ptr<T>()), keep(keep_t.data_ptr<T>()), phi_rev(phi_t.data_ptr<T>()),
+        scale(static_cast<T>(scale_d)), causal(causal_) {
+    if (mask_t.has_value()) {
+      mask = mask_t->data_ptr<bool>();
+      mb = mask_t->stride(0), mh = mask_t->stride(1), mq = mask_t->stride(2), mk = mask_t->stride(3);
+    }
   }
-  const T scale = static_cast<T>(scale_d);
+
+  // Bottom-right alignment: row i sits at position i + Lk - Lq and, causal, sees keys j <= that.
+  int64_t key_end(int64_t i_end) const { return causal ? std::min(Lk, i_end + Lk - Lq) : Lk; }
+
+  // Row i of a score block over keys [j0, j0 + n): s holds <q_i, k_j> on entry and
+  // scale <q_i, k_j> - lambda_i (1 - pi_j) phi(delta_ij), or -inf where masked, on exit.
+  // Returns how many leading columns the causal rule lets the row see (the rest is untouched).
+  int64_t logits(T* s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
+    using V = Vectorized<T>;
+    constexpr int64_t W = V::size();
+    const int64_t ncols = causal ? std::clamp<int64_t>(i + Lk - Lq - j0 + 1, 0, n) : n;
+    const T* ph = phi_rev + (Lq - 1 - i + j0);
+    const T* kk = keep + (b * Hkv + h / rep) * Lk + j0;
+    const T li = lam[(b * Hq + h) * Lq + i];
+    const V vneg_l(-li), vscale(scale);
+    int64_t c = 0;
+    for (; c + W <= ncols; c += W) {
+      V x = at::vec::fmadd(vneg_l, V::loadu(kk + c) * V::loadu(ph + c), V::loadu(s + c) * vscale);
+      x.store(s + c);
+    }
+    for (; c < ncols; ++c) s[c] = s[c] * scale - li * (kk[c] * ph[c]);
+    if (mask != nullptr) {
+      const bool* mr = mask + b * mb + h * mh + i * mq + j0 * mk;
+      for (int64_t x = 0; x < ncols; ++x)
+        if (!mr[x * mk]) s[x] = -std::numeric_limits<T>::infinity();
+    }
+    return ncols;
+  }
+};
+
+template <typename T>
+T row_max(const T* s, int64_t n) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V vmax(-std::numeric_limits<T>::infinity());
+  int64_t c = 0;
+  for (; c + W <= n; c += W) vmax = at::vec::maximum(vmax, V::loadu(s + c));
+  T m = at::vec::vec_reduce_all<T>([](V& a, V& bb) { return at::vec::maximum(a, bb); }, vmax);
+  for (; c < n; ++c) m = std::max(m, s[c]);
+  return m;
+}
+
+// s[c] = exp(s[c] - shift) for c < n; returns the sum.
+template <typename T>
+T exp_shifted(T* s, int64_t n, T shift) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V vm(shift);
+  V vsum(T(0));
+  int64_t c = 0;
+  for (; c + W <= n; c += W) {
+    V p = vexp(V::loadu(s + c) - vm);
+    p.store(s + c);
+    vsum = vsum + p;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& a, V& bb) { return a + bb; }, vsum);
+  for (; c < n; ++c) {
+    s[c] = std::exp(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
+}
+
+// Items are (batch, head, query block). Causal blocks differ in cost; alternating
+// first and last blocks gives every thread's contiguous range a similar amount of work.
+inline void split_item(int64_t item, int64_t nqb, int64_t Hq, int64_t& b, int64_t& h, int64_t& qb) {
+  const int64_t t = item % nqb, bh = item / nqb;
+  h = bh % Hq, b = bh / Hq;
+  qb = (t % 2 == 0) ? t / 2 : nqb - 1 - t / 2;
+}
+
+template <typename T>
+void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, int64_t KB) {
+  const Strides so = strides_of(out_t);
+  T* out = out_t.data_ptr<T>();
+  const int64_t Dv = P.Dv, nqb = (P.Lq + QB - 1) / QB;
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P.B * P.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s_buf(QB * KB), o_buf(QB * Dv), m_buf(QB), l_buf(QB);
     T* S = s_buf.data();
     T* O = o_buf.data();
     for (int64_t item = begin; item < end; ++item) {
-      // Causal blocks differ in cost; alternating first/last blocks gives every
-      // thread's contiguous range of items a similar amount of work.
-      const int64_t t = item % nqb, bh = item / nqb, h = bh % Hq, b = bh / Hq, hk = h / rep;
-      const int64_t qb = (t % 2 == 0) ? t / 2 : nqb - 1 - t / 2;
-      const int64_t i0 = qb * QB, rows = std::min(QB, Lq - i0);
-      const T* qp = q + b * sq.b + h * sq.h + i0 * sq.l;
-      const T* kp = k + b * sk.b + hk * sk.h;
-      const T* vp = v + b * sv.b + hk * sv.h;
-      const T* lp = lam + (b * Hq + h) * Lq + i0;
-      const T* keepp = keep + (b * Hkv + hk) * Lk;
-      // Bottom-right alignment: row i sits at position i + Lk - Lq and, causal, sees keys j <= that.
-      const int64_t kend = causal ? std::min(Lk, i0 + rows + Lk - Lq) : Lk;
+      int64_t b, h, qb;
+      split_item(item, nqb, P.Hq, b, h, qb);
+      const int64_t hk = h / P.rep, i0 = qb * QB, rows = std::min(QB, P.Lq - i0);
+      const T* qp = P.q + b * P.sq.b + h * P.sq.h + i0 * P.sq.l;
+      const T* kp = P.k + b * P.sk.b + hk * P.sk.h;
+      const T* vp = P.v + b * P.sv.b + hk * P.sv.h;
+      const int64_t kend = P.key_end(i0 + rows);
       std::fill(O, O + rows * Dv, T(0));
       std::fill(m_buf.begin(), m_buf.begin() + rows, neg_inf);
       std::fill(l_buf.begin(), l_buf.begin() + rows, T(0));
       for (int64_t j0 = 0; j0 < kend; j0 += KB) {
         const int64_t n = std::min(KB, kend - j0);
         // S[rows x n] (row-major, ld KB) = Q K^T, i.e. column-major S^T = K Q^T
-        gemm('T', 'N', n, rows, D, T(1), kp + j0 * sk.l, sk.l, qp, sq.l, T(0), S, KB);
+        gemm('T', 'N', n, rows, P.D, T(1), kp + j0 * P.sk.l, P.sk.l, qp, P.sq.l, T(0), S, KB);
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
           T* s = S + r * KB;
-          const int64_t ncols = causal ? std::clamp<int64_t>(i + Lk - Lq - j0 + 1, 0, n) : n;
-          if (ncols == 0) {
+          const int64_t ncols = P.logits(s, b, h, i0 + r, j0, n);
+          const T rmax = ncols > 0 ? row_max(s, ncols) : neg_inf;
+          if (rmax == neg_inf) {  // no allowed key for this row in this block
             std::fill(s, s + n, T(0));
             continue;
           }
-          const T* ph = phi_rev + (Lq - 1 - i + j0);
-          const T* kk = keepp + j0;
-          const T li = lp[r];
-          const V vneg_l(-li), vscale(scale);
-          int64_t c = 0;
-          for (; c + W <= ncols; c += W) {
-            V x = at::vec::fmadd(vneg_l, V::loadu(kk + c) * V::loadu(ph + c), V::loadu(s + c) * vscale);
-            x.store(s + c);
-          }
-          for (; c < ncols; ++c) s[c] = s[c] * scale - li * (kk[c] * ph[c]);
-          if (mask != nullptr) {
-            const bool* mr = mask + b * mb + h * mh + i * mq + j0 * mk;
-            for (int64_t x = 0; x < ncols; ++x)
-              if (!mr[x * mk]) s[x] = neg_inf;
-          }
-          V vmax(neg_inf);
-          c = 0;
-          for (; c + W <= ncols; c += W) vmax = at::vec::maximum(vmax, V::loadu(s + c));
-          T rmax = at::vec::vec_reduce_all<T>([](V& a, V& bb) { return at::vec::maximum(a, bb); }, vmax);
-          for (; c < ncols; ++c) rmax = std::max(rmax, s[c]);
-          if (rmax == neg_inf) {  // every key of this block is masked for this row
-            std::fill(s, s + n, T(0));
-            continue;
-          }
-          const T m_old = m_buf[r];
-          const T m_new = std::max(m_old, rmax);
+          const T m_old = m_buf[r], m_new = std::max(m_old, rmax);
           const T alpha = m_old == neg_inf ? T(0) : std::exp(m_old - m_new);
-          const V vm(m_new);
-          V vsum(T(0));
-          c = 0;
-          for (; c + W <= ncols; c += W) {
-            V p = vexp(V::loadu(s + c) - vm);
-            p.store(s + c);
-            vsum = vsum + p;
-          }
-          T sum = at::vec::vec_reduce_all<T>([](V& a, V& bb) { return a + bb; }, vsum);
-          for (; c < ncols; ++c) {
-            s[c] = std::exp(s[c] - m_new);
-            sum += s[c];
-          }
+          const T sum = exp_shifted(s, ncols, m_new);
           std::fill(s + ncols, s + n, T(0));
           l_buf[r] = l_buf[r] * alpha + sum;
           m_buf[r] = m_new;
@@ -159,32 +198,135 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
           }
         }
         // O[rows x Dv] += P[rows x n] V[n x Dv], i.e. column-major O^T += V^T P^T
-        gemm('N', 'N', Dv, rows, n, T(1), vp + j0 * sv.l, sv.l, S, KB, T(1), O, Dv);
+        gemm('N', 'N', Dv, rows, n, T(1), vp + j0 * P.sv.l, P.sv.l, S, KB, T(1), O, Dv);
       }
-      // A row that saw no key (all masked, or before the cache) is zeros, as GAPE defines it.
+      // A row that saw no key (all masked, or before the cache) is zeros, as GAPE defines it;
+      // its log-sum-exp is +inf so that the backward's exp(s - lse) is 0 there.
       T* op = out + b * so.b + h * so.h + i0 * so.l;
       for (int64_t r = 0; r < rows; ++r) {
-        const T inv = l_buf[r] > T(0) ? T(1) / l_buf[r] : T(0);
+        const T l = l_buf[r];
+        const T inv = l > T(0) ? T(1) / l : T(0);
         for (int64_t d = 0; d < Dv; ++d) op[r * so.l + d] = O[r * Dv + d] * inv;
+        if (lse != nullptr)
+          lse[(b * P.Hq + h) * P.Lq + i0 + r] = l > T(0) ? m_buf[r] + std::log(l) : std::numeric_limits<T>::infinity();
       }
     }
   });
 }
 
-void attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                       const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
-                       const c10::optional<at::Tensor>& mask, at::Tensor& out, double scale, bool causal,
-                       int64_t q_block, int64_t k_block) {
+// FlashAttention-2 backward with the GAPE bias, one pass per (batch, query head):
+// for each query block and key block, P = exp(s - lse) is recomputed, then
+// dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ += scale dS K,
+// dK += scale dS^T Q, d lambda_i = -sum_j dS_ij (1 - pi_j) phi_ij (rows) and
+// d pi_j = sum_i dS_ij lambda_i phi_ij (columns). dK, dV and d pi are written per
+// query head (no two threads share a row) and summed over each GQA group by the caller.
+template <typename T>
+void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse, const T* delta, T* dq, T* dk_h,
+                   T* dv_h, T* dlam, T* dpi_h, int64_t QB, int64_t KB) {
+  const int64_t D = P.D, Dv = P.Dv, nqb = (P.Lq + QB - 1) / QB;
+  at::parallel_for(0, P.B * P.Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> p_buf(QB * KB), ds_buf(QB * KB), dq_buf(QB * D);
+    T* Pm = p_buf.data();
+    T* dS = ds_buf.data();
+    T* dQ = dq_buf.data();
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % P.Hq, b = bh / P.Hq, hk = h / P.rep;
+      const T* kp = P.k + b * P.sk.b + hk * P.sk.h;
+      const T* vp = P.v + b * P.sv.b + hk * P.sv.h;
+      const T* keepp = P.keep + (b * P.Hkv + hk) * P.Lk;
+      T* dkp = dk_h + bh * P.Lk * D;
+      T* dvp = dv_h + bh * P.Lk * Dv;
+      T* dpip = dpi_h + bh * P.Lk;
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t i0 = qb * QB, rows = std::min(QB, P.Lq - i0);
+        const T* qp = P.q + b * P.sq.b + h * P.sq.h + i0 * P.sq.l;
+        const T* dop = dout + b * sdo.b + h * sdo.h + i0 * sdo.l;
+        const T* lsep = lse + bh * P.Lq + i0;
+        const T* dlt = delta + bh * P.Lq + i0;
+        const T* lamp = P.lam + bh * P.Lq + i0;
+        T* dlamp = dlam + bh * P.Lq + i0;
+        std::fill(dQ, dQ + rows * D, T(0));
+        const int64_t kend = P.key_end(i0 + rows);
+        for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+          const int64_t n = std::min(KB, kend - j0);
+          gemm('T', 'N', n, rows, D, T(1), kp + j0 * P.sk.l, P.sk.l, qp, P.sq.l, T(0), Pm, KB);
+          // dP[rows x n] = dO V^T
+          gemm('T', 'N', n, rows, Dv, T(1), vp + j0 * P.sv.l, P.sv.l, dop, sdo.l, T(0), dS, KB);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            T* p = Pm + r * KB;
+            T* ds = dS + r * KB;
+            const int64_t ncols = P.logits(p, b, h, i, j0, n);
+            if (ncols > 0) exp_shifted(p, ncols, lsep[r]);
+            std::fill(p + ncols, p + n, T(0));
+            const T* ph = P.phi_rev + (P.Lq - 1 - i + j0);
+            const T li = lamp[r];
+            T dl = T(0);
+            for (int64_t c = 0; c < ncols; ++c) {
+              const T g = p[c] * (ds[c] - dlt[r]);
+              ds[c] = g;
+              const T gp = g * ph[c];
+              dl -= gp * keepp[j0 + c];
+              dpip[j0 + c] += gp * li;
+            }
+            std::fill(ds + ncols, ds + n, T(0));
+            dlamp[r] += dl;
+          }
+          // dV[n x Dv] += P^T dO, i.e. column-major dV^T += dO^T P
+          gemm('N', 'T', Dv, n, rows, T(1), dop, sdo.l, Pm, KB, T(1), dvp + j0 * Dv, Dv);
+          // dK[n x D] += scale dS^T Q
+          gemm('N', 'T', D, n, rows, P.scale, qp, P.sq.l, dS, KB, T(1), dkp + j0 * D, D);
+          // dQ[rows x D] += scale dS K
+          gemm('N', 'N', D, rows, n, P.scale, kp + j0 * P.sk.l, P.sk.l, dS, KB, T(1), dQ, D);
+        }
+        T* dqp = dq + (bh * P.Lq + i0) * D;
+        std::copy(dQ, dQ + rows * D, dqp);
+      }
+    }
+  });
+}
+
+void check_common(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& query_gate,
+                  const at::Tensor& keep, const at::Tensor& phi_rev, const c10::optional<at::Tensor>& mask,
+                  int64_t q_block, int64_t k_block) {
   // Shapes, dtypes and strides are checked in gape/kernels/attention_cpu.py; these guard the pointer math.
-  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && out.dim() == 4, "gape: 4-d q/k/v/out expected");
-  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1 && out.stride(3) == 1,
-              "gape: q/k/v/out need a contiguous last dim");
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "gape: 4-d query/key/value expected");
+  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
+              "gape: query/key/value need a contiguous last dim");
   TORCH_CHECK(query_gate.is_contiguous() && keep.is_contiguous() && phi_rev.is_contiguous(),
               "gape: gates and phi table must be contiguous");
   TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->dim() == 4), "gape: bool 4-d mask expected");
   TORCH_CHECK(q_block > 0 && k_block > 0, "gape: block sizes must be positive");
+}
+
+void attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
+                       const c10::optional<at::Tensor>& mask, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                       double scale, bool causal, int64_t q_block, int64_t k_block) {
+  check_common(query, key, value, query_gate, keep, phi_rev, mask, q_block, k_block);
+  TORCH_CHECK(out.dim() == 4 && out.stride(3) == 1, "gape: out needs a contiguous last dim");
+  TORCH_CHECK(!lse.has_value() || lse->is_contiguous(), "gape: lse must be contiguous");
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "gape_cpu_attention_fwd", [&] {
-    forward_impl<scalar_t>(query, key, value, query_gate, keep, phi_rev, mask, out, scale, causal, q_block, k_block);
+    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, mask, scale, causal);
+    forward_impl<scalar_t>(P, out, lse.has_value() ? lse->data_ptr<scalar_t>() : nullptr, q_block, k_block);
+  });
+}
+
+void attention_backward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                        const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
+                        const c10::optional<at::Tensor>& mask, const at::Tensor& grad_out, const at::Tensor& lse,
+                        const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk_h, at::Tensor& dv_h, at::Tensor& dlam,
+                        at::Tensor& dpi_h, double scale, bool causal, int64_t q_block, int64_t k_block) {
+  check_common(query, key, value, query_gate, keep, phi_rev, mask, q_block, k_block);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.stride(3) == 1, "gape: grad_out needs a contiguous last dim");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lse, &delta, &dq, &dk_h, &dv_h, &dlam, &dpi_h})
+    TORCH_CHECK(t->is_contiguous(), "gape: lse, delta and the gradient buffers must be contiguous");
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "gape_cpu_attention_bwd", [&] {
+    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, mask, scale, causal);
+    backward_impl<scalar_t>(P, grad_out.data_ptr<scalar_t>(), strides_of(grad_out), lse.data_ptr<scalar_t>(),
+                            delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk_h.data_ptr<scalar_t>(),
+                            dv_h.data_ptr<scalar_t>(), dlam.data_ptr<scalar_t>(), dpi_h.data_ptr<scalar_t>(), q_block,
+                            k_block);
   });
 }
 
@@ -193,7 +335,14 @@ void attention_forward(const at::Tensor& query, const at::Tensor& key, const at:
 TORCH_LIBRARY_FRAGMENT(gape, m) {
   m.def(
       "cpu_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
-      "Tensor? mask, Tensor(a!) out, float scale, bool is_causal, int q_block, int k_block) -> ()");
+      "Tensor? mask, Tensor(a!) out, Tensor(b!)? lse, float scale, bool is_causal, int q_block, int k_block) -> ()");
+  m.def(
+      "cpu_attention_bwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
+      "Tensor? mask, Tensor grad_out, Tensor lse, Tensor delta, Tensor(a!) dq, Tensor(b!) dk_h, Tensor(c!) dv_h, "
+      "Tensor(d!) dlam, Tensor(e!) dpi_h, float scale, bool is_causal, int q_block, int k_block) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(gape, CPU, m) { m.impl("cpu_attention_fwd", &attention_forward); }
+TORCH_LIBRARY_IMPL(gape, CPU, m) {
+  m.impl("cpu_attention_fwd", &attention_forward);
+  m.impl("cpu_attention_bwd", &attention_backward);
+}

@@ -16,8 +16,8 @@ AVX2 or portable C++). Without a compiler, or with ``GAPE_CPU_KERNEL=0``,
 :func:`available` is False (with one warning saying why) and the torch
 backend keeps its pure-PyTorch tiles.
 
-Forward only: the torch backend's backward recomputes its tiles from the
-inputs and this output, so nothing else needs saving.
+The backward (:func:`attention_backward`) is FlashAttention-2's with the same
+bias recomputed in registers, from the forward's output and log-sum-exp.
 """
 
 from __future__ import annotations
@@ -112,7 +112,10 @@ def _load() -> str | None:
             verbose=False,
         )
     except Exception as exc:  # no compiler, no ninja, a build error: fall back, say so once
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        lines = str(exc).strip().splitlines() or [""]
+        # the first line, and the compiler's first error when there is one
+        first_error = next((ln.strip() for ln in lines[1:] if "error" in ln.lower()), "")
+        reason = f"{type(exc).__name__}: {lines[0]}" + (f" ... {first_error}" if first_error else "")
         warnings.warn(
             f"gape: the fused CPU attention kernel could not be built ({reason}); the torch backend falls back "
             f"to its pure-PyTorch tiles (about 1.5x slower). Set {ENV_SWITCH}=0 to skip the build.",
@@ -141,33 +144,9 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     return longest <= _INT32_MAX // 2
 
 
-def attention_forward(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    query_gate: torch.Tensor,
-    keep: torch.Tensor,
-    phi_reversed: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-) -> torch.Tensor:
-    """GAPE attention forward on validated CPU tensors of one floating dtype.
-
-    Args:
-        query ``[B, Hq, Lq, D]``, key ``[B, Hkv, Lk, D]``, value ``[B, Hkv, Lk, Dv]``:
-            any strides with a contiguous last dim (a transposed HF query is read in place).
-        query_gate: lambda ``[B, Hq, Lq]``.
-        keep: ``1 - pi``, ``[B, Hkv, Lk]``.
-        phi_reversed: ``phi(delta(i, j)) = phi_reversed[Lq - 1 - i + j]``, at least
-            ``Lk`` long causal (only ``delta >= 0`` is read), ``Lq + Lk - 1`` otherwise.
-        attn_mask: bool, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), or None.
-
-    Returns:
-        ``[B, Hq, Lq, Dv]`` (contiguous); rows with no allowed key are zeros.
-    """
+def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal):
     b, hq, lq, _ = query.shape
-    lk, dv = key.shape[2], value.shape[3]
+    lk = key.shape[2]
     dt = query.dtype
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     query_gate = query_gate.to(dt).contiguous()
@@ -178,9 +157,99 @@ def attention_forward(
         raise ValueError(f"phi_reversed has {phi_reversed.numel()} entries, the kernel reads {need}")
     if attn_mask is not None:
         attn_mask = attn_mask.expand(b, hq, lq, lk)
-    out = torch.empty(b, hq, lq, dv, dtype=dt)
+    return query, key, value, query_gate, keep, phi_reversed, attn_mask
+
+
+def _q_block(lq: int) -> int:
+    return Q_BLOCK_LONG if lq >= LONG_QUERY else Q_BLOCK
+
+
+def attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_gate: torch.Tensor,
+    keep: torch.Tensor,
+    phi_reversed: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    return_lse: bool = False,
+):
+    """GAPE attention forward on validated CPU tensors of one floating dtype.
+
+    Args:
+        query ``[B, Hq, Lq, D]``, key ``[B, Hkv, Lk, D]``, value ``[B, Hkv, Lk, Dv]``:
+            any strides with a contiguous last dim (a transposed HF query is read in place).
+        query_gate: lambda ``[B, Hq, Lq]``.
+        keep: ``1 - pi``, ``[B, Hkv, Lk]``.
+        phi_reversed: ``phi(delta(i, j)) = phi_reversed[Lq - 1 - i + j]``, at least
+            ``Lk`` long causal (only ``delta >= 0`` is read), ``Lq + Lk - 1`` otherwise.
+        attn_mask: bool, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), or None.
+        return_lse: also return the log-sum-exp of each row's logits ``[B, Hq, Lq]``
+            (``+inf`` for a row with no allowed key), which :func:`attention_backward` needs.
+
+    Returns:
+        ``[B, Hq, Lq, Dv]`` (contiguous); rows with no allowed key are zeros. With
+        ``return_lse``, ``(out, lse)``.
+    """
+    b, hq, lq, _ = query.shape
+    dv = value.shape[3]
+    query, key, value, query_gate, keep, phi_reversed, attn_mask = _prepare(
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal
+    )
+    out = torch.empty(b, hq, lq, dv, dtype=query.dtype)
+    lse = torch.empty(b, hq, lq, dtype=query.dtype) if return_lse else None
     torch.ops.gape.cpu_attention_fwd(
-        query, key, value, query_gate, keep, phi_reversed, attn_mask, out, float(scale), bool(is_causal),
-        Q_BLOCK_LONG if lq >= LONG_QUERY else Q_BLOCK, K_BLOCK,
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, out, lse, float(scale), bool(is_causal),
+        _q_block(lq), K_BLOCK,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_gate: torch.Tensor,
+    keep: torch.Tensor,
+    phi_reversed: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+):
+    """Gradients ``(d query, d key, d value, d query_gate, d keep)`` of :func:`attention_forward`.
+
+    ``out`` and ``lse`` are the forward's outputs. FlashAttention-2's backward
+    with the GAPE bias recomputed in registers: one pass per (batch, query head);
+    ``d key``, ``d value`` and ``d keep`` are accumulated per query head and
+    summed over each GQA group here. ``d keep`` is the gradient with respect to
+    ``1 - pi`` (the caller negates it for ``pi``).
+    """
+    b, hq, lq, d = query.shape
+    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
+    dt = query.dtype
+    query, key, value, query_gate, keep, phi_reversed, attn_mask = _prepare(
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal
+    )
+    grad_out = grad_out.to(dt)
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    delta = (grad_out * out).sum(-1).contiguous()  # rowsum(dO * O)
+    dq = torch.empty(b, hq, lq, d, dtype=dt)
+    dk_h = torch.zeros(b, hq, lk, d, dtype=dt)
+    dv_h = torch.zeros(b, hq, lk, dv, dtype=dt)
+    dlam = torch.zeros(b, hq, lq, dtype=dt)
+    dpi_h = torch.zeros(b, hq, lk, dtype=dt)
+    torch.ops.gape.cpu_attention_bwd(
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, grad_out, lse.contiguous(), delta,
+        dq, dk_h, dv_h, dlam, dpi_h, float(scale), bool(is_causal), _q_block(lq), K_BLOCK,
+    )  # fmt: skip
+    rep = hq // hkv
+    dk = dk_h.view(b, hkv, rep, lk, d).sum(2)
+    dvv = dv_h.view(b, hkv, rep, lk, dv).sum(2)
+    # d pi_h holds sum_i dS lambda phi = d/d pi; d/d keep = -that
+    dkeep = dpi_h.view(b, hkv, rep, lk).sum(2).neg_()
+    return dq, dk, dvv, dlam, dkeep

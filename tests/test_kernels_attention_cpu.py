@@ -14,10 +14,12 @@ import textwrap
 import pytest
 import torch
 
+from gape import torch_backend
 from gape.kernels import attention_cpu
 from gape.reference import phi, reference_attention
+from gape.torch_backend import torch_attention
 
-from helpers import Case, make_inputs
+from helpers import Case, assert_matches_reference, make_inputs
 
 
 def phi_reversed(lq, lk, causal, distance, dtype):
@@ -69,6 +71,20 @@ def test_matches_reference(small_blocks, case, causal, distance, dtype):
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         assert got.dtype == dtype and not got.isnan().any()
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=Case.ident)
+@pytest.mark.parametrize("causal,distance", [(True, "log"), (False, "linear")], ids=["causal-log", "full-linear"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_backward_matches_reference(small_blocks, monkeypatch, case, causal, distance, dtype):
+    # the kernel's backward (FlashAttention-2 with the bias in registers): all five gradients, with and
+    # without a padding mask that leaves one row empty, across many block edges
+    monkeypatch.setattr(torch_backend, "FORWARD", "kernel")
+    inputs = make_inputs(case, lam_max=1.0)
+    mask = torch.rand(case.b, 1, case.lq, case.lk, generator=torch.Generator().manual_seed(3)) > 0.25
+    mask[0, 0, -1] = False
+    for m in (None, mask):
+        assert_matches_reference(torch_attention, inputs, dtype=dtype, attn_mask=m, is_causal=causal, distance=distance)
 
 
 def test_head_mask_strided_query_and_extreme_gates(small_blocks):
