@@ -1,4 +1,4 @@
-// GAPE attention forward for the CPU: one fused pass, FlashAttention-style.
+// GAPE attention for the CPU, forward and backward, FlashAttention-style.
 //
 // For each (batch, query head, block of query rows) the key axis is walked in
 // blocks: S = Q K^T by BLAS, then per row the GAPE bias
@@ -7,7 +7,9 @@
 // boolean masks applied, and an online softmax updates the running max, sum
 // and output O += P V (BLAS). The bias never exists in memory, which is what
 // the pure-PyTorch tiles pay for (a tile written, then read back by the
-// softmax or by SDPA). Built at first use by gape/kernels/attention_cpu.py;
+// softmax or by SDPA). The backward recomputes the same logits from the
+// forward's row log-sum-exp (see backward_impl). Built at first use by
+// gape/kernels/attention_cpu.py;
 // the math is ../shared/GAPE.md and the oracle gape.reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
