@@ -194,7 +194,7 @@ def layer_decode(models: dict, context: int, steps: int, warmup: int) -> dict:
             cache = DynamicCache(config=model.config)
             pos = torch.arange(context)[None]
             attn(prompt, position_embeddings=model.model.rotary_emb(prompt, pos), attention_mask=None,
-                 past_key_values=cache)
+                 **{hf.cache_kwarg(): cache})
             state[mode] = (model, attn, cache)
         times = {m: [] for m in models}
         for step in range(warmup + steps):
@@ -203,7 +203,7 @@ def layer_decode(models: dict, context: int, steps: int, warmup: int) -> dict:
                 model, attn, cache = state[mode]
                 pe = model.model.rotary_emb(step_inputs[step], pos)
                 t0 = time.perf_counter()
-                attn(step_inputs[step], position_embeddings=pe, attention_mask=None, past_key_values=cache)
+                attn(step_inputs[step], position_embeddings=pe, attention_mask=None, **{hf.cache_kwarg(): cache})
                 elapsed = time.perf_counter() - t0
                 if step >= warmup:
                     times[mode].append(elapsed)
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
         if todo:
             save(args.out, env, rows)
         if decoding:
-            caches = {m: last[m].past_key_values for m in decoding}
+            caches = {m: hf.output_cache(last[m]) for m in decoding}
             nxt = {m: last[m].logits[:, -1:].argmax(-1) for m in decoding}
             del last
             dtimes = {m: [] for m in decoding}
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
                 for step in range(args.decode_warmup + args.decode_tokens):
                     for mode in _rotated(decoding, step):
                         t0 = time.perf_counter()
-                        o = models[mode](nxt[mode], past_key_values=caches[mode], use_cache=True)
+                        o = models[mode](nxt[mode], use_cache=True, **{hf.cache_kwarg(): caches[mode]})
                         elapsed = time.perf_counter() - t0
                         nxt[mode] = o.logits[:, -1:].argmax(-1)
                         if step >= args.decode_warmup:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import os
@@ -66,6 +67,21 @@ def _sdpa_forward():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The keyword the installed transformers gives the KV cache in model and layer
+    forwards: ``"cache"`` in recent 5.x, ``"past_key_values"`` before (now deprecated)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def output_cache(outputs):
+    """The KV cache a model forward or ``generate`` returned, under either name."""
+    cache = getattr(outputs, "cache", None)
+    return outputs.past_key_values if cache is None else cache
 
 
 @functools.cache
@@ -158,7 +174,10 @@ def _remember_cached_keys(module, args, kwargs):
     if gate is None:
         return None
     gate._prev_keys = None
-    cache = kwargs.get("past_key_values")
+    # transformers renamed the argument from past_key_values to cache (5.2x); read either.
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
     layers = getattr(cache, "layers", None)
     idx = getattr(module, "layer_idx", None)
     if layers is not None and isinstance(idx, int) and idx < len(layers):

@@ -90,7 +90,7 @@ def test_greedy_generate_with_kv_cache(arch):
         same = model.generate(prompt, **kw)
         assert torch.equal(same.sequences, ref.sequences)
         # The KV cache holds the same tensors: GAPE adds no cache state.
-        for a, b in zip(same.past_key_values.layers, ref.past_key_values.layers, strict=True):
+        for a, b in zip(hf.output_cache(same).layers, hf.output_cache(ref).layers, strict=True):
             assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
             torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=1e-5)
             torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-5)
@@ -115,10 +115,10 @@ def test_decode_logits_match_full_forward(arch):
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :16], use_cache=True)
-        cache = out.past_key_values
+        cache = hf.output_cache(out)
         steps = [out.logits]
         for t in range(16, 20):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], use_cache=True, **{hf.cache_kwarg(): cache})
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
@@ -328,6 +328,27 @@ def test_smollm2_identity_gates_same_greedy_tokens():
         out = model.generate(**prompt, **kw)
     assert len(hf.iter_gates(model)) == 30
     assert torch.equal(out, ref), (tok.decode(ref[0]), tok.decode(out[0]))
+
+
+def test_decode_computes_key_gate_for_new_keys_only():
+    """With a DynamicCache each decode step runs the key gate on the new key only
+    (the pi memo); this fails if the cache argument is not found in the layer's
+    kwargs (transformers renamed it from past_key_values to cache)."""
+    model = make_model("llama")
+    gape.patch(model, IDENTITY)
+    randomize_gates(model)
+    lengths = []
+    gate = next(g for _, g in hf.iter_gates(model))
+    original = gate.key_gate
+
+    def spy(key):
+        lengths.append(key.shape[2])
+        return original(key)
+
+    gate.key_gate = spy
+    with torch.no_grad():
+        model.generate(tokens(1, 12), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert lengths == [12, 1, 1, 1, 1], lengths
 
 
 def test_static_cache_is_refused():
