@@ -247,7 +247,7 @@ def environment(args, backend) -> dict:
         "commit": commit,
         "backend": backend,
         # the torch backend's fused C++ CPU forward (False: its pure-PyTorch tiles)
-        "cpu_kernel": backend == "torch" and _cpu_kernel_available(),
+        "cpu_kernel": backend in ("auto", "torch") and _cpu_kernel_available(),
         "dtype": args.dtype,
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized)",
         "load_average": os.getloadavg()[0],
