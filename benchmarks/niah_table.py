@@ -1,0 +1,141 @@
+"""The long-context comparison in one table: every ``gape niah`` folder and
+every ``gape eval`` RULER run under ``benchmarks/results``, method x length.
+
+A ``gape niah`` folder (``summary.csv`` + ``run.json``) contributes correct /
+samples per (method, task, length); gape methods run with ``--gates`` are
+labelled "calibrated"; a RoPE-scaling cell run with a factor other than 2 is
+marked with it ("3/3 (x3)"). An lm-eval
+output folder ``lmeval_ruler/<method>-<length>/`` contributes lm-eval's score
+for ``niah_single_1`` at that length. Writes ``niah_comparison.csv`` and
+``niah_comparison.png`` beside the folders and prints a markdown table.
+
+Example:
+    python benchmarks/niah_table.py             # benchmarks/results
+    python benchmarks/niah_table.py --results DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from gape._io import save_figure_atomic, write_csv_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCALED = ("linear", "dynamic", "yarn", "gape+yarn")
+ORDER = ["rope", "linear", "dynamic", "yarn", "gape", "gape+yarn"]
+
+
+def _label(method: str, run: dict) -> str:
+    label = method
+    if method.startswith("gape"):
+        label += " (calibrated)" if run.get("gates") else f" (training-free, lambda {run.get('gape_lambda')})"
+    return label
+
+
+def _factor(method: str, run: dict) -> float | None:
+    return float(run.get("rope_factor", 2)) if method in SCALED else None
+
+
+def niah_cells(results: Path) -> dict:
+    """(source, task, label) -> {length: [correct, samples]} over every gape niah folder."""
+    cells: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0, set()]))
+    for summary in sorted(results.glob("*/summary.csv")):
+        run_file = summary.parent / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.exists() else {}
+        with summary.open(newline="") as f:
+            for row in csv.DictReader(f):
+                n = int(row["samples"])
+                cell = cells[("gape niah", row["task"], _label(row["method"], run))][int(row["length"])]
+                cell[0] += float(row["correct"]) * n
+                cell[1] += n
+                cell[2].add(_factor(row["method"], run))
+    return cells
+
+
+def lmeval_cells(results: Path) -> dict:
+    """('lm-eval', 'niah_single_1', method) -> {length: [score * samples, samples]}."""
+    cells: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0, set()]))
+    for path in sorted(results.glob("lmeval_ruler/*/*/results_*.json")):
+        data = json.loads(path.read_text())
+        args = data.get("config", {}).get("model_args", "")
+        args = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv) if isinstance(args, str) else args
+        method = args.get("method", "rope")
+        run = {"gates": args.get("gates"), "gape_lambda": args.get("gape_lambda", 0.05),
+               "rope_factor": float(args.get("rope_factor", 2))}
+        n = int(data.get("n-samples", {}).get("niah_single_1", {}).get("effective", 0))
+        for key, value in data["results"].get("niah_single_1", {}).items():
+            length = key.split(",")[0]
+            if length.isdigit() and isinstance(value, (int, float)) and value >= 0:
+                cell = cells[("lm-eval", "niah_single_1", _label(method, run))][int(length)]
+                cell[0] += value / 100 * n if value > 1 else value * n
+                cell[1] += n
+                cell[2].add(_factor(method, run))
+    return cells
+
+
+def _sort_key(key):
+    source, task, label = key
+    base = label.split(" ")[0]
+    return source, task, ORDER.index(base) if base in ORDER else len(ORDER), label
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    cells = {**niah_cells(args.results), **lmeval_cells(args.results)}
+    if not cells:
+        print(f"no gape niah or lm-eval results under {args.results}", file=sys.stderr)
+        return 1
+    lengths = sorted({n for by_len in cells.values() for n in by_len})
+    rows = []
+    print("| source | task | method | " + " | ".join(f"{n // 1024}k" for n in lengths) + " |")
+    print("|---|---|---|" + "---|" * len(lengths))
+    for key in sorted(cells, key=_sort_key):
+        by_len = cells[key]
+        shown = []
+        for n in lengths:
+            if n in by_len:
+                c, s, factors = by_len[n]
+                odd = sorted(f for f in factors if f not in (None, 2.0))
+                shown.append(f"{c:g}/{s}" + "".join(f" (x{f:g})" for f in odd))
+                factor = "/".join(f"{f:g}" for f in sorted(f for f in factors if f is not None))
+                rows.append({"source": key[0], "task": key[1], "method": key[2], "length": n, "rope_factor": factor,
+                             "correct": c, "samples": s, "accuracy": round(c / s, 4) if s else ""})
+            else:
+                shown.append("")
+        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(shown) + " |")
+    out_csv = args.results / "niah_comparison.csv"
+    write_csv_atomic(out_csv, list(rows[0]), rows)
+    _plot(cells, args.results / "niah_comparison.png")
+    print(f"wrote {out_csv} and niah_comparison.png")
+    return 0
+
+
+def _plot(cells: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(s, t) for s, t, _ in cells})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (source, task) in zip(axes[0], panels):
+        for key in sorted((k for k in cells if k[:2] == (source, task)), key=_sort_key):
+            pts = sorted((n, c / s) for n, (c, s, _) in cells[key].items() if s)
+            ax.plot([n / 1024 for n, _ in pts], [a for _, a in pts], marker="o", label=key[2])
+        ax.axvline(8, color="grey", linestyle=":", linewidth=1)  # SmolLM2's training length
+        ax.set(title=f"{source}: {task}", xlabel="context (k tokens)", ylabel="accuracy", ylim=(-0.05, 1.05))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure_atomic(fig, str(path), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
