@@ -125,12 +125,21 @@ def _plot(cells: dict, path: Path) -> None:
 
     panels = sorted({(s, t) for s, t, _ in cells})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    styles = ["-", "--", "-.", ":"]
     for ax, (source, task) in zip(axes[0], panels):
-        for key in sorted((k for k in cells if k[:2] == (source, task)), key=_sort_key):
+        keys = sorted((k for k in cells if k[:2] == (source, task)), key=_sort_key)
+        lengths = sorted({n for k in keys for n in cells[k]})
+        for i, key in enumerate(keys):
+            # Methods often tie at 0 or 1: offset each line a little so none hides another.
+            shift = (i - (len(keys) - 1) / 2) * 0.012
             pts = sorted((n, c / s) for n, (c, s, _) in cells[key].items() if s)
-            ax.plot([n / 1024 for n, _ in pts], [a for _, a in pts], marker="o", label=key[2])
+            ax.plot([n / 1024 for n, _ in pts], [a + shift for _, a in pts], marker="o", markersize=4,
+                    linestyle=styles[i % len(styles)], label=key[2])
         ax.axvline(8, color="grey", linestyle=":", linewidth=1)  # SmolLM2's training length
-        ax.set(title=f"{source}: {task}", xlabel="context (k tokens)", ylabel="accuracy", ylim=(-0.05, 1.05))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([n / 1024 for n in lengths], [f"{n // 1024}k" for n in lengths])
+        ax.set(title=f"{source}: {task} (lines offset by <= 0.05 to stay visible)", xlabel="context (tokens)",
+               ylabel="accuracy", ylim=(-0.08, 1.08))
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, str(path), dpi=120)
