@@ -126,6 +126,12 @@ def _plot(cells: dict, path: Path) -> None:
     panels = sorted({(s, t) for s, t, _ in cells})
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     styles = ["-", "--", "-.", ":"]
+    # One colour per method across panels.
+    labels = sorted({k for k in cells}, key=_sort_key)
+    palette = plt.get_cmap("tab10").colors
+    colour = {}
+    for key in labels:
+        colour.setdefault(key[2], palette[len(colour) % len(palette)])
     for ax, (source, task) in zip(axes[0], panels):
         keys = sorted((k for k in cells if k[:2] == (source, task)), key=_sort_key)
         lengths = sorted({n for k in keys for n in cells[k]})
@@ -134,7 +140,7 @@ def _plot(cells: dict, path: Path) -> None:
             shift = (i - (len(keys) - 1) / 2) * 0.012
             pts = sorted((n, c / s) for n, (c, s, _) in cells[key].items() if s)
             ax.plot([n / 1024 for n, _ in pts], [a + shift for _, a in pts], marker="o", markersize=4,
-                    linestyle=styles[i % len(styles)], label=key[2])
+                    linestyle=styles[i % len(styles)], color=colour[key[2]], label=key[2])
         ax.axvline(8, color="grey", linestyle=":", linewidth=1)  # SmolLM2's training length
         ax.set_xscale("log", base=2)
         ax.set_xticks([n / 1024 for n in lengths], [f"{n // 1024}k" for n in lengths])
