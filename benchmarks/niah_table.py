@@ -41,25 +41,35 @@ def _factor(method: str, run: dict) -> float | None:
     return float(run.get("rope_factor", 2)) if method in SCALED else None
 
 
+def _new_cells() -> dict:
+    """(source, task, label) -> {length: [correct, samples, {rope factors}]}."""
+    return defaultdict(lambda: defaultdict(lambda: [0.0, 0, set()]))
+
+
+def _tally(cells: dict, key: tuple, length: int, correct: float, samples: int, factor: float | None) -> None:
+    cell = cells[key][length]
+    cell[0] += correct
+    cell[1] += samples
+    cell[2].add(factor)
+
+
 def niah_cells(results: Path) -> dict:
-    """(source, task, label) -> {length: [correct, samples]} over every gape niah folder."""
-    cells: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0, set()]))
+    """Every gape niah folder's summary.csv, tallied (see :func:`_new_cells`)."""
+    cells = _new_cells()
     for summary in sorted(results.glob("*/summary.csv")):
         run_file = summary.parent / "run.json"
         run = json.loads(run_file.read_text()) if run_file.exists() else {}
         with summary.open(newline="") as f:
             for row in csv.DictReader(f):
                 n = int(row["samples"])
-                cell = cells[("gape niah", row["task"], _label(row["method"], run))][int(row["length"])]
-                cell[0] += float(row["correct"]) * n
-                cell[1] += n
-                cell[2].add(_factor(row["method"], run))
+                key = ("gape niah", row["task"], _label(row["method"], run))
+                _tally(cells, key, int(row["length"]), float(row["correct"]) * n, n, _factor(row["method"], run))
     return cells
 
 
 def lmeval_cells(results: Path) -> dict:
-    """('lm-eval', 'niah_single_1', method) -> {length: [score * samples, samples]}."""
-    cells: dict = defaultdict(lambda: defaultdict(lambda: [0.0, 0, set()]))
+    """Every lm-eval RULER niah_single_1 run, tallied (score x samples correct)."""
+    cells = _new_cells()
     for path in sorted(results.glob("lmeval_ruler/*/*/results_*.json")):
         data = json.loads(path.read_text())
         args = data.get("config", {}).get("model_args", "")
@@ -70,11 +80,10 @@ def lmeval_cells(results: Path) -> dict:
         n = int(data.get("n-samples", {}).get("niah_single_1", {}).get("effective", 0))
         for key, value in data["results"].get("niah_single_1", {}).items():
             length = key.split(",")[0]
+            # RULER's string_match_all is a fraction in [0, 1]; lengths not run read -1.
             if length.isdigit() and isinstance(value, (int, float)) and value >= 0:
-                cell = cells[("lm-eval", "niah_single_1", _label(method, run))][int(length)]
-                cell[0] += value / 100 * n if value > 1 else value * n
-                cell[1] += n
-                cell[2].add(_factor(method, run))
+                key = ("lm-eval", "niah_single_1", _label(method, run))
+                _tally(cells, key, int(length), value * n, n, _factor(method, run))
     return cells
 
 
@@ -127,10 +136,9 @@ def _plot(cells: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     styles = ["-", "--", "-.", ":"]
     # One colour per method across panels.
-    labels = sorted({k for k in cells}, key=_sort_key)
     palette = plt.get_cmap("tab10").colors
     colour = {}
-    for key in labels:
+    for key in sorted(cells, key=_sort_key):
         colour.setdefault(key[2], palette[len(colour) % len(palette)])
     for ax, (source, task) in zip(axes[0], panels):
         keys = sorted((k for k in cells if k[:2] == (source, task)), key=_sort_key)
