@@ -33,7 +33,11 @@ ORDER = ["rope", "linear", "dynamic", "yarn", "gape", "gape+yarn"]
 def _label(method: str, run: dict) -> str:
     label = method
     if method.startswith("gape"):
-        label += " (calibrated)" if run.get("gates") else f" (training-free, lambda {run.get('gape_lambda')})"
+        if run.get("gates"):
+            label += " (calibrated)"
+        else:
+            linear = ", linear distance" if run.get("distance") == "linear" else ""
+            label += f" (training-free, lambda {run.get('gape_lambda')}{linear})"
     return label
 
 
@@ -136,7 +140,7 @@ def _plot(cells: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     styles = ["-", "--", "-.", ":"]
     # One colour per method across panels.
-    palette = plt.get_cmap("tab10").colors
+    palette = plt.get_cmap("tab20").colors
     colour = {}
     for key in sorted(cells, key=_sort_key):
         colour.setdefault(key[2], palette[len(colour) % len(palette)])
