@@ -38,7 +38,6 @@ import csv
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ import time
 from pathlib import Path
 
 from gape._io import write_csv_atomic
+from gape._machine import cpu_model
 
 PROVIDERS = ("floor", "torch", "torch-tiles", "sdpa", "materialized", "flex")
 PASSES = ("fwd", "fwd+bwd")
@@ -203,16 +203,6 @@ def worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _quantile(xs, q):
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
@@ -301,7 +291,7 @@ def main(argv=None) -> int:
     done = {} if args.force else _done(out)
     common = dict(
         dtype=args.dtype, device=args.device, threads=args.threads, torch_version=torch.__version__,
-        cpu_model=_cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(), omp_wait_policy=args.omp_wait_policy,
+        cpu_model=cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(), omp_wait_policy=args.omp_wait_policy,
     )  # fmt: skip
     table = []
     for L in args.lengths:

@@ -41,6 +41,7 @@ import torch
 import gape
 from gape import hf
 from gape._io import write_csv_atomic, write_json_atomic
+from gape._machine import cpu_model
 from gape._threads import set_threads
 from gape.gates import inverse_softplus
 
@@ -210,17 +211,6 @@ def layer_decode(models: dict, context: int, steps: int, warmup: int) -> dict:
     return times
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def _cpu_kernel_available() -> bool:
     from gape.kernels import attention_cpu
 
@@ -237,7 +227,7 @@ def environment(args, backend) -> dict:
         commit = ""
     return {
         "machine": platform.machine(),
-        "processor": _cpu_model() or platform.processor(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),

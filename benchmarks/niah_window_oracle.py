@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import time
 
 import torch
@@ -53,20 +52,10 @@ def window_attention(window: int, sinks: int):
     return attend
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     from transformers import AttentionInterface
 
+    from gape._machine import cpu_model
     from gape.models import load_model
     from gape.niah import results as res
     from gape.niah.generator import build_sample
@@ -106,7 +95,7 @@ def main(argv=None) -> int:
                "needle_position": sample.needle_position, "needle_distance": n - sample.needle_position,
                "correct": string_match_all(response, sample.answers) == 1.0, "response": response,
                "seconds": round(time.perf_counter() - start, 1), "date": dt.date.today().isoformat(),
-               "machine": _cpu(), "torch": torch.__version__,
+               "machine": cpu_model(), "torch": torch.__version__,
                "transformers": transformers.__version__, "threads": torch.get_num_threads()}
         res.append_row(args.out, row)
         print(f"window {w} sinks {s} length {n} depth {d}: {'correct' if row['correct'] else 'wrong'}  {response[:60]!r}")
