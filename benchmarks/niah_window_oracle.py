@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import time
 
@@ -39,12 +40,15 @@ def window_attention(window: int, sinks: int):
     """An attention function for transformers' AttentionInterface: causal, keys within
     ``window`` of the query or among the first ``sinks`` positions (bottom-right aligned)."""
 
+    from gape.reference import signed_distance
+
+    @functools.lru_cache(maxsize=1)  # every layer of one forward shares the shape, hence the mask
+    def mask(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+        delta = signed_distance(lq, lk, device)
+        return (delta >= 0) & ((delta < window) | (torch.arange(lk, device=device) < sinks))
+
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        lq, lk = query.shape[2], key.shape[2]
-        qpos = torch.arange(lk - lq, lk, device=query.device)[:, None]
-        kpos = torch.arange(lk, device=query.device)[None, :]
-        delta = qpos - kpos
-        keep = (delta >= 0) & ((delta < window) | (kpos < sinks))
+        keep = mask(query.shape[2], key.shape[2], query.device)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None

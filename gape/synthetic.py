@@ -44,7 +44,6 @@ from ._threads import set_threads
 # vocabulary
 PAD, BOS, KEY, QUERY = 0, 1, 2, 3
 NUM_DIGITS, NUM_FILLER = 10, 48
-THETA = 1e6
 DIGIT0 = 4
 FILLER0 = DIGIT0 + NUM_DIGITS
 VOCAB = FILLER0 + NUM_FILLER  # 62
@@ -84,6 +83,8 @@ def make_batch(gen: torch.Generator, batch: int, length: int, depths: torch.Tens
 
 
 # --------------------------------------------------------------------------- models
+
+THETA = 1e6  # RoPE base; why 1e6 and not 1e4: module docstring
 
 
 def model_config(seq_len: int, layers: int = 2, hidden: int = 128, heads: int = 4, theta: float = THETA):
