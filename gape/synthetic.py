@@ -324,11 +324,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed (data, init, eval)")
     parser.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {METHODS}")
-    parser.add_argument("--alpha", type=float, default=1.0, help="GAPE per-head lambda scale at init (2 did not train at theta 1e6; README)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="GAPE per-head lambda scale at init (2 did not train at theta 1e6 with key bias -3; README)")
     parser.add_argument("--fixed-lambda", type=float, default=None, help="lambda of 'fixed' (default: gape's initial lambda, alpha*ln 2)")
     parser.add_argument("--key-bias", type=float, default=-3.0,
-                        help="GAPE key-gate bias at init, pi = sigmoid(key_bias); -3 (pi~0.05) reaches furthest (16T), "
-                        "0 gives sharper attention and better 4T but fails at 16T (README)")
+                        help="GAPE key-gate bias at init, pi = sigmoid(key_bias); -3 (pi~0.05) reaches furthest on average (16T), "
+                        "-1 and 0 give sharper attention but less reach (README)")
     parser.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gate parameters (default: --lr)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=32)
