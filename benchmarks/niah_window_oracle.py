@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     from transformers import AttentionInterface
 
     from gape._machine import cpu_model
+    from gape._threads import set_threads
     from gape.models import load_model
     from gape.niah import results as res
     from gape.niah.generator import build_sample
@@ -77,8 +78,7 @@ def main(argv=None) -> int:
     for name in ("window", "sinks", "lengths"):
         if any(v < 0 for v in getattr(args, name)):
             raise SystemExit(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads or None)
     os.makedirs(args.out, exist_ok=True)
     done = {(r["window"], r["sinks"], r["length"], r["depth"]) for r in res.read_rows(args.out)}
     plan = [(w, s, n, d) for w in args.window for s in args.sinks for n in args.lengths for d in args.depths
