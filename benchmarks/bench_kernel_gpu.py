@@ -5,7 +5,9 @@ Shapes follow the FlashAttention-2 benchmark: B*L = 16k tokens, H*D = 2048,
 D in {64, 128}, L from 512 to 16k, causal and not, forward and forward+backward.
 Throughput uses the standard FLOP count ``4*B*H*Lq*Lk*D`` (halved when causal;
 x2.5 more for the backward, so forward+backward is x3.5). Times are
-``triton.testing.do_bench`` medians with 20th/80th percentiles.
+``triton.testing.do_bench`` medians with 20th/80th percentiles; ``first_call_s``
+is the first call (compilation and autotuning), ``peak_mem_mb`` the peak of one
+call.
 
     python benchmarks/bench_kernel_gpu.py --out benchmarks/results/kernel_gpu.csv
 
@@ -24,12 +26,14 @@ import csv
 import math
 import os
 import sys
+import time
 
-from gape._io import write_csv_atomic
+from gape._io import save_figure_atomic, write_csv_atomic
 
 FIELDS = ["provider", "mode", "causal", "batch", "heads", "seqlen", "head_dim", "dtype", "device", "torch", "triton",
-          "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "error"]
+          "ms", "ms_p20", "ms_p80", "tflops", "peak_mem_mb", "first_call_s", "error"]
 PROVIDERS = ["gape", "gape-nobias", "sdpa-flash", "flex", "flash-attn"]
+CAUSAL_CHOICES = {"both": (True, False), "causal": (True,), "full": (False,)}
 
 
 def flops(batch, heads, seqlen, head_dim, causal, mode) -> float:
@@ -74,6 +78,9 @@ def setup_provider(name, torch, causal, inputs):
             phi = torch.log1p(delta.clamp_min(0).to(torch.float32))
             return score - lam[b, h, q_idx] * (1.0 - pi[b, h, kv_idx]) * phi
 
+        # A fresh compile per row: dynamo's recompile limit (8) would otherwise
+        # fall back to eager flex_attention part-way through the grid.
+        torch._dynamo.reset()
         block_mask = None
         if causal:
             lq = q.shape[2]
@@ -100,12 +107,17 @@ def measure(torch, triton, fn, mode, inputs):
             o = fn()
             torch.autograd.grad(o, leaves, grad, allow_unused=True)
 
+    t0 = time.perf_counter()
     bench()  # compile / autotune outside the timing
     torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    # peak of one call, before do_bench allocates its L2-flushing buffer
     torch.cuda.reset_peak_memory_stats()
-    ms, p20, p80 = triton.testing.do_bench(bench, quantiles=[0.5, 0.2, 0.8])
+    bench()
+    torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**20
-    return ms, p20, p80, peak
+    ms, p20, p80 = triton.testing.do_bench(bench, quantiles=[0.5, 0.2, 0.8])
+    return ms, p20, p80, peak, first
 
 
 def read_done(path):
@@ -146,7 +158,8 @@ def plot(path, rows):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120)
+    save_figure_atomic(fig, os.path.splitext(path)[0] + ".png", dpi=120)
+    plt.close(fig)
 
 
 def summarize(rows):
@@ -176,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim")
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--causal", default="both", choices=["both", "causal", "full"])
     args = parser.parse_args(argv)
 
     import torch
@@ -199,7 +213,7 @@ def main(argv=None) -> int:
         heads = args.hidden // d
         for seqlen in args.seqlens:
             batch = max(1, args.tokens // seqlen)
-            for causal in (True, False):
+            for causal in CAUSAL_CHOICES[args.causal]:
                 for mode in args.modes:
                     for prov in args.providers:
                         key = (prov, mode, str(causal), str(seqlen), str(d), args.dtype)
@@ -208,16 +222,16 @@ def main(argv=None) -> int:
                         row = dict(provider=prov, mode=mode, causal=causal, batch=batch, heads=heads, seqlen=seqlen,
                                    head_dim=d, dtype=args.dtype, device=device, torch=torch.__version__,
                                    triton=triton.__version__, ms="", ms_p20="", ms_p80="", tflops="", peak_mem_mb="",
-                                   error="")
+                                   first_call_s="", error="")
                         try:
                             inputs = make_inputs(torch, batch, heads, seqlen, d, dtype, mode == "fwd+bwd")
                             fn = setup_provider(prov, torch, causal, inputs)
-                            ms, p20, p80, peak = measure(torch, triton, fn, mode, inputs)
+                            ms, p20, p80, peak, first = measure(torch, triton, fn, mode, inputs)
                             row.update(ms=f"{ms:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
                                        tflops=f"{flops(batch, heads, seqlen, d, causal, mode) / ms * 1e-9:.2f}",
-                                       peak_mem_mb=f"{peak:.0f}")
+                                       peak_mem_mb=f"{peak:.0f}", first_call_s=f"{first:.1f}")
                         except ImportError as exc:
-                            row["error"] = f"not installed: {exc.name}"
+                            row["error"] = f"not installed: {exc.name or exc}"
                         except Exception as exc:  # one failing provider must not stop the sweep
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         finally:

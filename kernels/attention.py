@@ -178,7 +178,8 @@ def _pruner(kernel: str):
     return prune
 
 
-_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "q_bucket", "k_bucket"]
+# HAS_BIAS: the bias-free benchmark twin must tune for itself, not reuse the biased kernel's choice.
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "q_bucket", "k_bucket"]
 
 # ---------------------------------------------------------------------------
 # Kernels
