@@ -129,3 +129,27 @@ def test_bench_table_ratios_against_targets(tmp_path):
     assert by[("fwd", 16384)]["gape_over_flex"] is None
     assert any("OutOfMemoryError" in line for line in lines)
     assert sum(line.count("!") for line in lines if line.startswith("fwd+bwd")) == 2  # both targets missed
+
+
+def test_gpu_case_list_covers_the_brief():
+    """The full-size case list (not run here: it needs CUDA) has every kind the GPU must check."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    gc = _load("gpu_check", SCRIPT)
+    cases = gc.kernel_cases("full")
+    grid = [c for kind, c in cases if kind == "grid"]
+    names = [gc.case_name(kind, c) for kind, c in cases]
+    assert len(set(names)) == len(names)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (64, 128, 80, 256):
+            assert {c.causal for c in grid if c.dtype == dt and c.d == d} == {True, False}, (dt, d)
+    assert any(c.hq != c.hkv for c in grid) and {c.distance for c in grid} == {"log", "linear"}
+    assert {c.dtype for c in grid if c.lq == 1 and c.lk < 2**20} == {torch.float16, torch.bfloat16, torch.float32}
+    assert any(c.lq == 1 and c.lk == 2**20 for c in grid)
+    kinds = {kind for kind, _ in cases}
+    assert {"ranges:left-pad-causal", "ranges:right-pad-full", "ranges:empty-batch", "tmask"} <= kinds
+    for kind, c in cases:
+        if kind.startswith("ranges:"):
+            start, end = gc.key_range_layout(kind.split(":")[1], c.b, c.lk)
+            assert (start <= end).all() and (end <= c.lk).all()
