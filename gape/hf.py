@@ -487,7 +487,7 @@ def train_gates_only(model: nn.Module) -> list[nn.Parameter]:
     parts = gape_config(model).trainable_parts()
     for _, gate in iter_gates(model):
         for name, p in gate.named_parameters():
-            p.requires_grad_(GapeGate.part_of(name) in parts)
+            p.requires_grad_(gate.part_of(name) in parts)
     return gate_parameters(model)
 
 
