@@ -419,3 +419,34 @@ def test_readme_paper_example_trains():
     model = scope["model"]
     assert hf.gape_config(model).gate == "paper"
     assert gape.positional.positional_scheme(model)["scheme"] == "prope"
+
+
+@pytest.mark.parametrize("setup", ["paper", "alibi", "alibi+paper"])
+def test_attention_probe_sees_the_paper_gates_and_alibi(setup):
+    """gape.attention_probe (attention entropy, gate magnitudes) with the paper's form
+    and ALiBi: the gates are computed once and handed to GAPE's attention, so the
+    model's outputs under the probe are unchanged and the recorded lambda is right."""
+    from gape.attention_probe import capture_attention
+
+    model = make_model()
+    if "alibi" in setup:
+        gape.with_positional(model, "alibi")
+    if "paper" in setup:
+        gape.patch(model, paper_config())
+        randomize(model, seed=11)
+    ids = tokens(2, 18)
+    with torch.no_grad():
+        want = model(ids).logits
+        with capture_attention(model) as rec:
+            got = model(ids).logits
+        q_pre = model.model.layers[0].self_attn.q_proj(
+            model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))).view(2, 18, 4, 16).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    lam = torch.zeros(2, 4, 18)
+    if "paper" in setup:
+        lam = lam + next(g for _, g in hf.iter_gates(model)).query_gate(q_pre)
+    if "alibi" in setup:
+        lam = lam + torch.tensor(alibi_slopes(4))[None, :, None]
+    torch.testing.assert_close(rec[0]["lambda"], lam, rtol=1e-6, atol=1e-7)
+    probs = rec[0]["probs"]
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 18), rtol=0, atol=1e-5)
