@@ -76,11 +76,12 @@ def assert_real_rows_close(out, ref, mask):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_paper_prefill_and_left_padding_equal_fp64_reference(backend):
+@pytest.mark.parametrize("length", [26, 80])  # 80 takes the prefill branch of the gates' head dot product
+def test_paper_prefill_and_left_padding_equal_fp64_reference(backend, length):
     model = make_model()
     gape.patch(model, paper_config(backend=backend))
     randomize(model)
-    ids = tokens(2, 26)
+    ids = tokens(2, length)
     with torch.no_grad():
         out = model(ids).logits
         ids_p, mask, pos = left_padded()
