@@ -134,7 +134,8 @@ def gape_attention_forward(
 
     Args:
         module: the attention layer; its ``gape_gate`` submodule holds the gates
-            and the config. A layer without one (not selected) runs plain SDPA.
+            and the config, its ``gape_alibi`` one ALiBi's slopes (see
+            :func:`layer_gates`). A layer with neither runs plain SDPA.
         query: ``[B, Hq, Q, D]`` post-RoPE. key, value: ``[B, Hkv, K, D]``
             (cache included, not repeated for GQA).
         attention_mask: bool ``[B, 1, Q, K]`` (True = attend), a float additive
