@@ -34,12 +34,14 @@ def _register() -> None:
     AttentionMaskInterface.register(PROBE, sdpa_mask)
 
 
-def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, distance="log"):
+def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, distance="log", gates=None):
     """Attention probabilities ``[B, Hq, R, K]`` (float32) of query rows ``rows``.
 
     ``query [B, Hq, Q, D]`` and ``key [B, Hkv, K, D]`` are post-RoPE; rows sit at
     cache slots ``K - Q + row``. ``gate`` is a :class:`gape.gates.GapeGate` or None
-    (plain RoPE). Also returns ``(lambda [B, Hq, R], pi [B, Hkv, K])`` or ``(None, None)``.
+    (plain RoPE); or ``gates = (lambda [B, Hq, Q], pi [B, Hkv, K])`` already computed
+    (any gate form, ALiBi). Also returns ``(lambda [B, Hq, R], pi [B, Hkv, K])`` or
+    ``(None, None)``.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -51,9 +53,11 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
     delta = (idx + (lk - lq))[:, None] - torch.arange(lk, device=query.device)[None, :]
     allowed = (delta >= 0)[None, None]
     lam = pi = None
-    if gate is not None:
-        lam = gate.query_gate(query)[:, :, idx].float()
-        pi = gate.key_gate(key).float()
+    if gate is not None and gates is None:
+        gates = (gate.query_gate(query), gate.key_gate(key))
+    if gates is not None:
+        lam = gates[0][:, :, idx].float()
+        pi = gates[1].float()
         ph = phi(delta.clamp_min(0), distance)
         keep = 1 - pi.repeat_interleave(rep, dim=1)
         scores = scores - lam[..., None] * keep[:, :, None, :] * ph
@@ -68,15 +72,22 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from .hf import IMPLEMENTATION, gape_attention_forward, layer_gates
+
     state = _ACTIVE[-1]
     gate = module._modules.get(GATE_ATTR)
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    distance = gate.config.distance if gate is not None else "log"
+    # computed once, here, and handed to GAPE's attention below (the paper's gate form
+    # and ALiBi included); None: the layer runs plain SDPA
+    gates = layer_gates(module, query, key) if state["original"] == IMPLEMENTATION else None
     with torch.no_grad():
         rows = state["rows"]
         if callable(rows):
             rows = rows(query.shape[2])
-        probs, (lam, pi) = attention_rows(query, key, attention_mask, scale, gate, rows, distance)
+        probs, (lam, pi) = attention_rows(
+            query, key, attention_mask, scale, None, rows, gates[2] if gates else "log",
+            gates=None if gates is None else (gates[0].detach(), gates[1].detach()),
+        )
     entry = {"probs": probs}
     if state.get("keys"):
         from .gates import pair_features
@@ -87,6 +98,9 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
         entry["lambda"], entry["pi"] = lam, pi
     state["out"][getattr(module, "layer_idx", len(state["out"]))] = entry
     original = state["original"]
+    if original == IMPLEMENTATION:
+        return gape_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      gape_gates=gates, **kwargs)
     if original == "eager" or original not in ALL_ATTENTION_FUNCTIONS:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
     else:
