@@ -10,6 +10,7 @@ expanded) to ``[B, Hq, Lq, Lk]``, and ``scale`` a float.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -18,8 +19,10 @@ import torch
 
 from .reference import DISTANCES
 
-# name -> (module, function, one-line description). Imported lazily so that
-# a missing optional dependency only matters for the backend that needs it.
+# name -> (module, function, one-line description). Each module also defines
+# ``supports(call) -> reason | None`` next to its function: what a backend can
+# serve is decided there and nowhere else. Imported lazily so that a missing
+# optional dependency only matters for the backend that needs it.
 _BACKENDS = {
     "reference": ("gape.reference", "reference_attention", "materialized scores; any dtype; the test oracle"),
     "torch": ("gape.torch_backend", "torch_attention", "fused C++ CPU forward (or PyTorch tiles), recomputing backward; CPU default"),
@@ -126,47 +129,116 @@ def _check_gate_range(query_gate, key_gate) -> None:
             )
 
 
-def _load(name: str):
-    module, fn, _ = _BACKENDS[name]
-    return getattr(importlib.import_module(module), fn)
+class AttentionCall:
+    """What a backend's ``supports`` reads about one call: the inputs, and the
+    mask analysed into key ranges at most once (the analysis reads the mask's
+    values, a host sync on CUDA), whoever asks first."""
+
+    def __init__(self, query, key, value, attn_mask, is_causal: bool, distance: str):
+        self.query, self.key, self.value = query, key, value
+        self.attn_mask, self.is_causal, self.distance = attn_mask, is_causal, distance
+        self._ranges = _UNSET
+
+    @property
+    def key_ranges(self):
+        """``gape.kernels.key_ranges.KeyRanges`` equivalent to the mask (AND the
+        causal rule), None without a mask, or the reason string when the mask
+        is not a key-range pattern."""
+        if self._ranges is _UNSET:
+            if self.attn_mask is None:
+                self._ranges = None
+            else:
+                from gape.kernels.key_ranges import analyse_mask
+
+                lk = None if self.key is None else self.key.shape[2]  # None: the mask's own length
+                self._ranges = analyse_mask(self.attn_mask, self.query.shape[2], lk, self.is_causal)
+        return self._ranges
 
 
-def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True) -> str | None:
-    """Why ``name`` cannot serve this call (None when it can)."""
-    if name == "sdpa" and distance != "linear":
-        return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
-    if name == "sdpa" and not is_causal:
-        return (
-            'the "sdpa" backend needs is_causal=True: the non-causal distance |pos_q - pos_k| is not a bilinear '
-            'form (GAPE.md property 4); use backend="torch" or "triton"'
-        )
-    if name == "triton":
-        if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            return (
-                f'the "triton" backend needs CUDA tensors (got {query.device}); on the CPU use backend="torch", '
-                "or set TRITON_INTERPRET=1 before importing gape to run the kernel in Triton's interpreter"
-            )
-        if query.dtype == torch.float64:
-            return 'the "triton" backend takes float16, bfloat16 or float32; use backend="torch" for float64'
-        try:
-            importlib.import_module("triton")
-        except ImportError:
-            return 'the "triton" backend needs the triton package (pip install triton)'
-        if attn_mask is not None:
-            from gape.kernels.key_ranges import unsupported_mask_reason
-
-            return unsupported_mask_reason(attn_mask, query.shape[2], is_causal)
-    return None
+_UNSET = object()
 
 
-def resolve_backend(backend: str, query, distance: str = "log", attn_mask=None) -> str:
+@functools.cache
+def _module(name: str):
+    """The backend's module, or the reason it cannot be imported."""
+    try:
+        return importlib.import_module(_BACKENDS[name][0])
+    except ImportError as e:
+        return f'the "{name}" backend cannot be imported ({e}); install what it needs (e.g. pip install triton)'
+
+
+def _reason(name: str, call: AttentionCall) -> str | None:
+    module = _module(name)
+    return module if isinstance(module, str) else module.supports(call)
+
+
+def _on_gpu(query) -> bool:
+    """Whether ``backend="auto"`` tries the GPU kernel first (a function so tests can take the CUDA route)."""
+    return query.device.type == "cuda"
+
+
+def auto_order(query) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries, in order: Triton first on CUDA, else the torch backend."""
+    return ("triton", "torch") if _on_gpu(query) else ("torch",)
+
+
+class Selection:
+    """A chosen backend: ``name`` and ``fn`` taking the standard arguments
+    ``(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)``."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn):
+        self.name, self.fn = name, fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __repr__(self) -> str:
+        return f"Selection({self.name!r})"
+
+
+def select(backend: str, query, key=None, value=None, *, attn_mask=None, is_causal: bool = True,
+           distance: str = "log") -> Selection:
+    """The backend that serves this call, ready to run (the one place a backend is chosen).
+
+    ``"auto"`` takes the first of :func:`auto_order` whose ``supports`` accepts
+    the call (so on CUDA a band mask or a head dim the kernel does not take
+    falls back to the torch backend); a named backend that cannot serve the
+    call raises ValueError with its reason. Inputs must be validated already
+    (``attn_mask`` bool, broadcastable to ``[B, Hq, Lq, Lk]``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    key = query if key is None else key
+    value = key if value is None else value
+    call = AttentionCall(query, key, value, attn_mask, is_causal, distance)
+    names = auto_order(query) if backend == "auto" else (backend,)
+    for name in names:
+        reason = _reason(name, call)
+        if reason is None:
+            return Selection(name, _bind(name, call))
+    raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
+
+
+def _bind(name: str, call: AttentionCall):
+    fn = getattr(_module(name), _BACKENDS[name][1])
+    if name == "triton" and call.attn_mask is not None:
+        # the mask was analysed by supports; the kernel takes the key ranges
+        return functools.partial(fn, key_ranges=call.key_ranges)
+    return fn
+
+
+def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True, key=None) -> str | None:
+    """Why backend ``name`` cannot serve this call (None when it can)."""
+    return _reason(name, AttentionCall(query, key, query if key is None else key, attn_mask, is_causal, distance))
+
+
+def resolve_backend(backend: str, query, distance: str = "log", attn_mask=None, is_causal: bool = True) -> str:
     """The concrete backend ``attention`` would run for these inputs."""
     if backend != "auto":
         return backend
-    if query.device.type == "cuda" and query.dtype != torch.float64:
-        if unsupported_reason("triton", query, distance, attn_mask) is None:
-            return "triton"
-    return "torch"
+    return select(backend, query, attn_mask=attn_mask, is_causal=is_causal, distance=distance).name
 
 
 def attention(
@@ -223,9 +295,5 @@ def attention(
     attn_mask, scale = _validate(
         query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend
     )
-    name = resolve_backend(backend, query, distance, attn_mask)
-    reason = unsupported_reason(name, query, distance, attn_mask, is_causal)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
-    fn = _load(name)
-    return fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+    chosen = select(backend, query, key, value, attn_mask=attn_mask, is_causal=is_causal, distance=distance)
+    return chosen(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)

@@ -106,17 +106,6 @@ def _cache_layer_types():
     return DynamicLayer, StaticLayer
 
 
-@functools.lru_cache(maxsize=64)
-def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
-    # resolve_backend and unsupported_reason read only the device and dtype.
-    probe = torch.empty(0, device=device, dtype=dtype)
-    name = api.resolve_backend(backend, probe, distance)
-    reason = api.unsupported_reason(name, probe, distance, None)
-    if reason is not None:
-        raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {reason}")
-    return api._load(name)
-
-
 # --------------------------------------------------------------------------- attention function
 
 
@@ -169,8 +158,13 @@ def gape_attention_forward(
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
-    fn = _backend_fn(backend, query.device, query.dtype, distance)
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance)
+    # The same selection as gape.attention, with this call's mask: on CUDA a band
+    # (sliding-window) mask or a head dim the kernel does not take falls back.
+    try:
+        chosen = api.select(backend, query, key, value, attn_mask=mask, is_causal=is_causal, distance=distance)
+    except ValueError as e:
+        raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+    out = chosen(query, key, value, lam, pi, mask, is_causal, scale, distance)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -31,6 +31,11 @@ def signed_distance(lq: int, lk: int, device) -> torch.Tensor:
     return pos_q[:, None] - pos_k[None, :]
 
 
+def causal_mask(lq: int, lk: int, device) -> torch.Tensor:
+    """Bool ``[lq, lk]``: ``pos_q >= pos_k`` with bottom-right alignment (the causal rule)."""
+    return signed_distance(lq, lk, device) >= 0
+
+
 def phi(delta: torch.Tensor, distance: str, dtype=torch.float32) -> torch.Tensor:
     """Distance transform of a non-negative integer distance, computed in ``dtype``.
 
@@ -48,7 +53,7 @@ def allowed_mask(lq: int, lk: int, is_causal: bool, attn_mask, device) -> torch.
     """Boolean ``[.., Lq, Lk]`` of keys a query may attend to (None = all)."""
     mask = None
     if is_causal:
-        mask = signed_distance(lq, lk, device) >= 0
+        mask = causal_mask(lq, lk, device)
     if attn_mask is not None:
         mask = attn_mask if mask is None else (attn_mask & mask)
     return mask
@@ -75,6 +80,11 @@ def gape_bias(
     lam = query_gate.to(dtype)[..., :, None]
     keep = (1 - key_gate.to(dtype))[..., None, :]
     return -(lam * keep) * ph
+
+
+def supports(call) -> str | None:
+    """The reference serves every validated call (see gape.api.select)."""
+    return None
 
 
 def reference_attention(

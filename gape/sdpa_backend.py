@@ -13,7 +13,7 @@ efficient, math; CPU or CUDA) and its backward then give GAPE with all five
 gradients.
 
 Non-causal attention uses ``|pos_q - pos_k|``, which is not bilinear: that
-request is refused (``gape.api.unsupported_reason``).
+request is refused (:func:`supports`).
 
 Precision limit. The two bias terms grow with ``|t|`` and cancel for nearby
 tokens, so their rounding error is about ``eps * lambda * |t|`` instead of
@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import causal_mask
+
 
 def augment(query, key, query_gate, key_gate, scale: float, center: int):
     """Queries and keys with the two GAPE channels appended (``D + 2``).
@@ -56,6 +58,22 @@ def augment(query, key, query_gate, key_gate, scale: float, center: int):
     return torch.cat((query, q_extra), dim=-1), torch.cat((key, k_extra), dim=-1)
 
 
+def supports(call) -> str | None:
+    """Why this backend cannot serve ``call`` (a :class:`gape.api.AttentionCall`), None when it can."""
+    return _reason(call.distance, call.is_causal)
+
+
+def _reason(distance: str, is_causal: bool) -> str | None:
+    if distance != "linear":
+        return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
+    if not is_causal:
+        return (
+            'the "sdpa" backend needs is_causal=True: the non-causal distance |pos_q - pos_k| is not a bilinear '
+            'form (GAPE.md property 4); use backend="torch" or "triton"'
+        )
+    return None
+
+
 def sdpa_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -68,10 +86,9 @@ def sdpa_attention(
     distance: str,
 ) -> torch.Tensor:
     """GAPE attention via SDPA (linear distance, causal only). Shapes as :func:`gape.attention`."""
-    if distance != "linear":
-        raise ValueError(f'the "sdpa" backend supports distance="linear" only, got {distance!r}')
-    if not is_causal:
-        raise ValueError('the "sdpa" backend supports is_causal=True only: |pos_q - pos_k| is not bilinear')
+    reason = _reason(distance, is_causal)
+    if reason is not None:
+        raise ValueError(reason)
     lq, lk = query.shape[2], key.shape[2]
     q_aug, k_aug = augment(query, key, query_gate, key_gate, scale, center=lk - 1)
     # The fused SDPA kernels (CPU flash included) want one head dim for q, k and v,
@@ -87,8 +104,7 @@ def sdpa_attention(
         # SDPA's is_causal is top-left aligned, which equals bottom-right when Lq == Lk
         out = F.scaled_dot_product_attention(q_aug, k_aug, value, is_causal=True, scale=scale, enable_gqa=gqa)
         return out[..., :dv]
-    pos_q = torch.arange(lq, device=query.device) + (lk - lq)
-    allowed = pos_q[:, None] >= torch.arange(lk, device=query.device)[None, :]
+    allowed = causal_mask(lq, lk, query.device)
     if attn_mask is not None:
         allowed = allowed & attn_mask
     empty = ~allowed.any(dim=-1, keepdim=True)

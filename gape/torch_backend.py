@@ -351,6 +351,11 @@ class _GapeAttention(torch.autograd.Function):
         )
 
 
+def supports(call) -> str | None:
+    """The torch backend serves every validated call, on any device (see gape.api.select)."""
+    return None
+
+
 def torch_attention(
     query: torch.Tensor,
     key: torch.Tensor,

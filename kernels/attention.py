@@ -707,16 +707,40 @@ def gape_attention_fused(query, key, value, query_gate, key_gate, key_start=None
     return out
 
 
-def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance):
+def supports(call) -> str | None:
+    """Why ``backend="triton"`` cannot serve ``call`` (a :class:`gape.api.AttentionCall`), None when it can.
+
+    The one place that knows what the kernel takes: CUDA (or the interpreter),
+    float16/bfloat16/float32, head dims MIN_HEAD_DIM..MAX_HEAD_DIM, and masks
+    that are per-batch key ranges (key padding, with or without the causal rule).
+    """
+    query = call.query
+    # the interpreter must be on both when the kernels were decorated and now
+    if query.device.type != "cuda" and not (_is_interpreted() and os.environ.get("TRITON_INTERPRET") == "1"):
+        return (
+            f'the "triton" backend needs CUDA tensors (got {query.device}); on the CPU use backend="torch", '
+            "or set TRITON_INTERPRET=1 before importing gape to run the kernel in Triton's interpreter"
+        )
+    if query.dtype == torch.float64:
+        return 'the "triton" backend takes float16, bfloat16 or float32; use backend="torch" for float64'
+    d, dv = query.shape[-1], call.value.shape[-1]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM):
+        return f'the "triton" backend takes head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got D={d}, Dv={dv}; use backend="torch"'
+    ranges = call.key_ranges
+    return ranges if isinstance(ranges, str) else None
+
+
+def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, key_ranges=None):
     """``backend="triton"`` of :func:`gape.attention` (arguments already validated there).
 
     A key-padding ``attn_mask`` (see :mod:`gape.kernels.key_ranges`) becomes
-    per-batch key ranges; any other mask raises ValueError.
+    per-batch key ranges; any other mask raises ValueError. ``key_ranges``
+    (from :func:`gape.api.select`) is the mask already analysed.
     """
     check_device(query)
     key_start = key_end = None
     if attn_mask is not None:
-        ranges = mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal)
+        ranges = key_ranges or mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal)
         key_start, key_end, is_causal = ranges.start, ranges.end, ranges.causal
     return gape_attention_fused(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale,
                                 distance)

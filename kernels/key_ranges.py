@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gape.reference import causal_mask
+
 
 @dataclass(frozen=True)
 class KeyRanges:
@@ -28,12 +30,11 @@ class KeyRanges:
     causal: bool
 
 
-def _causal(lq: int, lk: int, device) -> torch.Tensor:
-    pos_q = torch.arange(lq, device=device) + (lk - lq)
-    return pos_q[:, None] >= torch.arange(lk, device=device)[None, :]
-
-
-def _analyse(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool) -> KeyRanges | str:
+def analyse_mask(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool) -> KeyRanges | str:
+    """Key ranges equivalent to ``attn_mask`` (AND the causal rule when
+    ``is_causal``), or the reason string when the mask is another pattern.
+    Reads the mask's values (a device sync on CUDA): analyse once per call
+    (``gape.api.AttentionCall.key_ranges``) and pass the result down."""
     if attn_mask.dtype != torch.bool:
         return f"attn_mask must be bool, got {attn_mask.dtype}"
     m = attn_mask
@@ -61,7 +62,7 @@ def _analyse(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool) 
     rng = rng[:, None, :]
     if m.shape[1] != lq and m.shape[1] != 1:
         return f"attn_mask has {m.shape[1]} query rows but the query has {lq}"
-    causal = _causal(lq, n_keys, m.device)[None]
+    causal = causal_mask(lq, n_keys, m.device)[None]
     if is_causal:
         # Entries above the diagonal are never read, so only compare below it.
         if bool(((m & causal) == (rng & causal)).all()):
@@ -84,7 +85,7 @@ def mask_to_key_ranges(attn_mask: torch.Tensor, lq: int, lk: int, is_causal: boo
     Raises ValueError naming the reason when the mask has another shape of
     pattern. Reads the mask's values (a device sync on CUDA).
     """
-    got = _analyse(attn_mask, lq, lk, is_causal)
+    got = analyse_mask(attn_mask, lq, lk, is_causal)
     if isinstance(got, str):
         raise ValueError(f'backend="triton" cannot serve this attn_mask: {got}; use backend="torch"')
     return got
@@ -98,5 +99,5 @@ def unsupported_mask_reason(attn_mask: torch.Tensor | None, lq: int, is_causal: 
     """
     if attn_mask is None:
         return None
-    got = _analyse(attn_mask, lq, None, is_causal)
+    got = analyse_mask(attn_mask, lq, None, is_causal)
     return got if isinstance(got, str) else None

@@ -3,6 +3,8 @@ rows with no allowed key give zeros, never NaN."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -140,3 +142,34 @@ def test_auto_backend_runs_and_matches_reference():
     b = _call(q, k, v, lam, pi)
     torch.testing.assert_close(a, b)
     assert api.resolve_backend("auto", q) == "torch"
+
+
+def _band(lq, lk, window):
+    """Sliding-window mask as transformers builds it: causal AND pos_q - pos_k < window."""
+    delta = torch.arange(lq)[:, None] + (lk - lq) - torch.arange(lk)[None, :]
+    return ((delta >= 0) & (delta < window))[None, None]
+
+
+def test_auto_on_cuda_falls_back_for_band_mask_and_head_dim(monkeypatch):
+    """The "CUDA" route (device check patched; the kernel runs in Triton's interpreter):
+    a key-padding mask goes to Triton, a band mask and an unsupported head dim fall
+    back to the torch backend, and a named backend that cannot serve the call says why."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(api, "_on_gpu", lambda query: True)
+    q, k, v, lam, pi = _inputs(lq=12, lk=12, d=16)
+    pad = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    pad[1, ..., :4] = False
+    assert api.select("auto", q, k, v, attn_mask=pad).name == "triton"
+    assert api.select("auto", q, k, v).name == "triton"
+    band = _band(12, 12, window=5)
+    assert api.select("auto", q, k, v, attn_mask=band).name == "torch"
+    with pytest.raises(ValueError, match="cannot serve.*contiguous|cannot serve.*key-padding"):
+        api.select("triton", q, k, v, attn_mask=band)
+    small = torch.randn(2, 4, 12, 8)
+    assert api.select("auto", small, small[:, :2], small[:, :2]).name == "torch"
+    with pytest.raises(ValueError, match="head dims"):
+        api.select("triton", small, small[:, :2], small[:, :2])
+    # and the fallback computes GAPE with the band mask
+    out = gape.attention(q, k, v, lam, pi, attn_mask=band)
+    torch.testing.assert_close(out, _call(q, k, v, lam, pi, attn_mask=band, backend="reference"))

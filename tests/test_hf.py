@@ -377,3 +377,34 @@ def test_default_backend_matches_reference_with_gradients():
     for name in grads_r:
         assert grads_r[name].abs().max() > 0, name
         torch.testing.assert_close(grads_a[name], grads_r[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_backend_on_cuda_route_falls_back_for_sliding_window(monkeypatch):
+    """backend="auto" on the "CUDA" route (device check patched, Triton in its
+    interpreter): past Mistral's window the band mask goes to the torch backend,
+    never to the Triton kernel (which takes key ranges only), and the logits are
+    those of the reference backend."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import gape.kernels.attention as kattn
+    import gape.torch_backend
+
+    ids = tokens(1, 12)  # window 8 < 12: transformers passes a band mask
+    model = make_model("mistral")
+    gape.patch(model, gape.GapeConfig(backend="reference", identity_shortcut=False))
+    randomize_gates(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+    gape.unpatch(model)
+    gape.patch(model, gape.GapeConfig(backend="auto", identity_shortcut=False))
+    randomize_gates(model)
+
+    ran = []
+    real_torch, real_triton = gape.torch_backend.torch_attention, kattn.triton_attention
+    monkeypatch.setattr(gape.api, "_on_gpu", lambda query: True)
+    monkeypatch.setattr(gape.torch_backend, "torch_attention", lambda *a, **k: ran.append("torch") or real_torch(*a, **k))
+    monkeypatch.setattr(kattn, "triton_attention", lambda *a, **k: ran.append("triton") or real_triton(*a, **k))
+    with torch.no_grad():
+        out = model(ids).logits
+    assert ran == ["torch", "torch"]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
