@@ -57,10 +57,10 @@ def setup_provider(name, torch, causal, inputs):
     """A zero-argument callable returning the attention output, or raise to skip."""
     q, k, v, lam, pi = inputs
     if name in ("gape", "gape-nobias"):
-        from gape.kernels.attention import gape_attention_fused
+        from gape.kernels.attention import gape_attention_triton
 
         has_bias = name == "gape"
-        return lambda: gape_attention_fused(q, k, v, lam, pi, is_causal=causal, distance="log", has_bias=has_bias)
+        return lambda: gape_attention_triton(q, k, v, lam, pi, is_causal=causal, distance="log", has_bias=has_bias)
     if name == "sdpa-flash":
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -294,7 +294,7 @@ def run_kernel_case(kind: str, case, device: str) -> dict:
         start, end = start.to(device), end.to(device)
 
         def fn(q, k, v, lam, pi, attn_mask, is_causal, scale, distance):
-            return kattn.gape_attention_fused(q, k, v, lam, pi, start, end, is_causal, scale, distance)
+            return kattn.gape_attention_triton(q, k, v, lam, pi, start, end, is_causal, scale, distance)
     elif kind == "tmask":
         mask = _transformers_mask(torch.tensor([0, case.lk * 2 // 5]), case.lq, case.lk).to(device)
     errors = helpers.assert_matches_reference(fn, inputs, dtype=case.dtype, gate_dtype=case.gate_dtype,

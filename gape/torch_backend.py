@@ -1,324 +1,101 @@
-"""Tiled PyTorch GAPE attention: the CPU default, also correct on CUDA.
+"""The torch backend: GAPE attention on any device, the CPU default.
 
-The full ``[B, Hq, Lq, Lk]`` bias is never built. Queries are processed in
-chunks of ``chunk_size`` rows; one chunk's bias ``[B, Hq, chunk, Lk]`` lives in
-a buffer reused by every chunk, so the extra memory is
-``O(B * Hq * chunk_size * Lk)``. A custom ``autograd.Function`` saves nothing
-but the inputs and the output and recomputes each tile in the backward pass
-(FlashAttention-style).
+Four named forward strategies (``strategy=`` of :func:`torch_attention`; the
+one place that picks among them is :func:`choose_strategy`):
 
-What makes it fast on the CPU:
+- ``"kernel"``: the fused C++ CPU kernel of :mod:`gape.kernels.attention_cpu`
+  (BLAS blocks with the bias and an online softmax in registers), forward and
+  backward; needs CPU tensors and a built extension.
+- ``"sdpa-tiles"`` and ``"gemm-tiles"``: the pure-PyTorch tiles of
+  :mod:`gape.torch_tiles` (bias tiles into PyTorch's own SDPA, or our own
+  GEMMs), with a recomputing backward (FlashAttention-style: a custom
+  ``autograd.Function`` saves the inputs and the output only). They also run
+  on CUDA.
+- ``"decode"``: one query row without autograd, a handful of ops.
 
-- The forward runs the fused C++ kernel of :mod:`gape.kernels.attention_cpu`
-  when it is built (CPU, float32/float64 compute): BLAS blocks with the bias
-  and an online softmax in registers, 0.9-1.05x the time of PyTorch's no-bias
-  CPU flash attention. Without it (no compiler, ``GAPE_CPU_KERNEL=0``, CUDA
-  tensors) the pure-PyTorch tiles below run; the backward always does.
-- Two pure-PyTorch forward strategies, picked per call (``FORWARD``): with several threads
-  and a prefill-sized query (``fused``) each chunk's bias goes as a float
-  ``attn_mask`` to PyTorch's own fused CPU attention
-  (``F.scaled_dot_product_attention``: the blocked flash kernel keeps the
-  ``QK^T`` blocks, the bias add and the softmax in cache, GQA native); on one
-  thread and for decode (``gemm``) our own GEMMs fold the ``rep = Hq // Hkv``
-  query heads of a group into the rows (``[B*Hkv, rep*chunk, D] @ [B*Hkv, D,
-  Lk]``, each K/V tile read once per group, never repeated), the bias enters
-  the ``QK^T`` GEMM as its ``C`` operand (``baddbmm``) and one in-place
-  softmax per tile gives the probabilities. The backward is the ``gemm``
-  recomputation followed by the gradient GEMMs.
-- ``phi(delta)`` only depends on ``pos_q - pos_k``: a ``[chunk, Lq + Lk]``
-  Toeplitz table built once per call (``phi`` evaluated once per distance)
-  gives every chunk's ``phi`` tile as a slice. The per-kv-head product
-  ``(1 - pi) * phi`` is formed once per chunk and shared by the ``rep`` query
-  heads of the group.
-- Causal chunks only touch keys up to their last position, and only the
-  ``chunk x chunk`` diagonal block needs a ``-inf`` mask.
+``"auto"`` takes ``"decode"`` for a one-row step without gradients, else
+``"kernel"`` when it is built and takes the tensors, else ``"sdpa-tiles"`` on a
+multi-threaded CPU for at least :data:`SDPA_TILES_MIN_ROWS` query rows, else
+``"gemm-tiles"`` (the measurements behind the choice are in the README).
 
-Distances are formed from int64 positions and converted to float32 (float64
-for float64 inputs) before ``phi``: exact up to position 2**24. Float16 and
-bfloat16 inputs are computed in float32 and cast back.
+Float16 and bfloat16 inputs are computed in float32 and cast back.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .kernels import attention_cpu
 from .reference import phi as _phi
+from .torch_tiles import CHUNK_SIZE, TilePlan, compute_dtype, decode_forward, phi_reversed, tiles_backward, tiles_forward
 
-# Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 bias tile (~9 MB)
-# close to the caches of the benchmark machine while each fused-attention call
-# still has enough (head, row block) work items for every thread; 32 and 128
-# measured slower at L=4096 (benchmarks/bench_attention.py).
-CHUNK_SIZE = 64
+STRATEGIES = ("auto", "kernel", "sdpa-tiles", "gemm-tiles", "decode")
+SDPA_TILES_MIN_ROWS = 64
+FUSED_MIN_ROWS = SDPA_TILES_MIN_ROWS  # old name
 
-# Forward strategy: "kernel" is the fused C++ CPU kernel (gape.kernels.attention_cpu),
-# "fused" hands each bias tile to F.scaled_dot_product_attention,
-# "gemm" runs our own batched GEMMs (the query heads of a GQA group folded into
-# the rows, so each K/V tile is read once per group) and softmax; "auto" takes
-# "kernel" when it is built and takes the tensors, else "fused" on a
-# multi-threaded CPU for at least FUSED_MIN_ROWS query rows, else "gemm". Measured at 9/3 heads, D=64, Lk=4096 (README): 2 threads, Lq=4096
-# fused 1.50x the no-bias floor vs gemm 1.69x; 1 thread, Lq=4096 fused 1.53x vs
-# gemm 1.43x; decode (Lq=1) gemm 600 us vs fused 781 us (1 thread), 462 vs 530 us (2).
-FORWARD = "auto"
-FUSED_MIN_ROWS = 64
-
-_NEG_INF = float("-inf")
-_softmax_out = torch.ops.aten._softmax.out
+__all__ = ["CHUNK_SIZE", "STRATEGIES", "choose_strategy", "supports", "torch_attention"]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _kernel_ok(query, key, value) -> bool:
+    return attention_cpu.supports(query, key, value) and attention_cpu.available()
 
 
-class _Plan:
-    """Everything about one call that does not depend on the chunk."""
+def choose_strategy(strategy: str, query, key, value, needs_grad: bool = False) -> str:
+    """The concrete forward strategy for these tensors (see the module docstring).
 
-    def __init__(self, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
-        b, hq, lq, d = query.shape
-        hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
-        self.b, self.hq, self.hkv, self.rep = b, hq, hkv, hq // hkv
-        self.g = b * hkv
-        self.lq, self.lk, self.d, self.dv = lq, lk, d, dv
-        self.is_causal, self.scale = is_causal, scale
-        self.c = c = max(1, min(int(chunk_size or CHUNK_SIZE), lq))
-        cdt = _compute_dtype(query.dtype)
-        self.cdt, self.device = cdt, query.device
-        # K/V contiguous: the GEMM paths view them as [B*Hkv, Lk, D] (a no-op for cache tensors)
-        self.query, self.key, self.value = query.to(cdt), key.to(cdt).contiguous(), value.to(cdt).contiguous()
-        self.lam = query_gate.to(cdt).reshape(b, hkv, self.rep, lq)
-        self.neg_lam = self.lam.neg().unsqueeze(-1)
-        self.keep = (1 - key_gate.to(cdt)).reshape(b, hkv, lk)
-        self.mask = attn_mask
-        # Without a mask every row keeps its distance-0 key (or, non-causal, any
-        # key) when Lq <= Lk; only then may the empty-row guards be skipped.
-        self.may_have_empty_rows = attn_mask is not None or lq > lk
-        # Toeplitz table: toep[r, x] = phi(delta(r + off - x)), so the tile of a chunk whose
-        # first row sits at position p0 is toep[:cc, off - p0 : off - p0 + kend]. phi is
-        # evaluated once per distance (a vector, reversed) and the rows are windows of it.
-        self.off = off = lk + c - 1
-        n = lq + lk + c
-        delta = torch.arange(off + c - 1, off - n, -1, device=self.device, dtype=torch.int64)
-        delta = delta.clamp_min_(0) if is_causal else delta.abs_()
-        vec = _phi(delta, distance, cdt)
-        # vec[z] = phi(delta(off + c - 1 - z)); row r of the table starts at z = c - 1 - r
-        self.toep = vec.as_strided((c, n), (1, 1)).flip(0)
-        self.buf = self.kp_buf = None
-        self._future = {}  # chunk rows -> [cc, cc] causal mask of the diagonal block
-
-    def chunks(self):
-        """(i0, i1, kend) per chunk; kend = number of keys the chunk can see."""
-        for i0 in range(0, self.lq, self.c):
-            i1 = min(self.lq, i0 + self.c)
-            kend = min(self.lk, i1 + self.lk - self.lq) if self.is_causal else self.lk
-            yield i0, i1, kend
-
-    def bias(self, i0, i1, kend):
-        """Bias of one chunk with every disallowed key at ``-inf``, as ``[B, Hkv, rep, cc, kend]``.
-
-        Also returns ``phi`` of the tile (``[cc, kend]``, a view of the table).
-        """
-        b, hkv, rep, cc = self.b, self.hkv, self.rep, i1 - i0
-        n_s = b * self.hq * cc * kend
-        if self.buf is None or self.buf.numel() < n_s:
-            self.buf = torch.empty(b * self.hq * self.c * self.lk, device=self.device, dtype=self.cdt)
-            self.kp_buf = torch.empty(b * hkv * self.c * self.lk, device=self.device, dtype=self.cdt)
-        x0 = self.off - (i0 + self.lk - self.lq)
-        phi = self.toep[:cc, x0 : x0 + kend]
-        keep_phi = self.kp_buf[: b * hkv * cc * kend].view(b, hkv, 1, cc, kend)
-        torch.mul(self.keep[:, :, None, None, :kend], phi, out=keep_phi)
-        s = self.buf[:n_s].view(b, hkv, rep, cc, kend)
-        torch.mul(self.neg_lam[..., i0:i1, :], keep_phi, out=s)
-        if self.is_causal:
-            ds = kend - cc  # first column of the diagonal block (< 0 when Lq > Lk)
-            future = self._future.get(cc)
-            if future is None:
-                r = torch.arange(cc, device=self.device)
-                future = self._future[cc] = r[None, :] > r[:, None]
-            if ds < 0:
-                future = future[:, -ds:]
-            s[..., max(ds, 0) : kend].masked_fill_(future, _NEG_INF)
-        if self.mask is not None:
-            m = self.mask
-            if m.shape[2] != 1:
-                m = m[:, :, i0:i1]
-            if m.shape[3] != 1:
-                m = m[..., :kend]
-            m = m.reshape(m.shape[0], hkv, rep, *m.shape[2:]) if m.shape[1] != 1 else m.unsqueeze(1)
-            s.masked_fill_(m.logical_not(), _NEG_INF)
-        return s, phi
-
-    def probs(self, i0, i1, kend):
-        """Attention probabilities of one chunk as ``[B*Hkv, rep*cc, kend]`` (our own GEMM and softmax).
-
-        Also returns the folded query chunk and ``phi``.
-        """
-        g, rows = self.g, self.rep * (i1 - i0)
-        s, phi = self.bias(i0, i1, kend)
-        qc = self.query.view(self.b, self.hkv, self.rep, self.lq, self.d)[:, :, :, i0:i1].reshape(g, rows, self.d)
-        k = self.key.view(g, self.lk, self.d)[:, :kend]
-        p = s.view(g, rows, kend).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
-        _softmax_out(p, -1, False, out=p)
-        if self.may_have_empty_rows:
-            p.nan_to_num_(0.0)  # softmax of an all -inf row is NaN; GAPE's is zeros
-        return p, qc, phi
-
-
-def _use_cpu_kernel(query, key, value) -> bool:
-    if FORWARD not in ("auto", "kernel"):
-        return False
-    ok = attention_cpu.supports(query, key, value)
-    if FORWARD == "kernel":
-        if not ok or not attention_cpu.available():
-            raise RuntimeError(
-                f"torch_backend.FORWARD='kernel' but the fused CPU kernel cannot run here: "
-                f"{attention_cpu.unavailable_reason() or 'needs CPU tensors with int32-sized strides'}"
-            )
-        return True
-    return ok and attention_cpu.available()
+    A named strategy that cannot serve the call raises ValueError saying why.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    lq = query.shape[2]
+    if strategy == "auto":
+        if lq == 1 and not needs_grad:
+            return "decode"
+        if _kernel_ok(query, key, value):
+            return "kernel"
+        multi = query.device.type == "cpu" and lq >= SDPA_TILES_MIN_ROWS and torch.get_num_threads() > 1
+        return "sdpa-tiles" if multi else "gemm-tiles"
+    if strategy == "kernel" and not _kernel_ok(query, key, value):
+        raise ValueError(
+            "strategy='kernel' but the fused CPU kernel cannot run here: "
+            f"{attention_cpu.unavailable_reason() or 'needs CPU tensors with int32-sized strides'}; use strategy='auto'"
+        )
+    if strategy == "decode" and (lq != 1 or needs_grad):
+        raise ValueError(f"strategy='decode' takes one query row without autograd, got Lq={lq}, needs_grad={needs_grad}")
+    return strategy
 
 
 def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance):
     """The C++ kernel's inputs in the compute dtype (float32 for half inputs)."""
-    cdt = _compute_dtype(query.dtype)
+    cdt = compute_dtype(query.dtype)
     lq, lk = query.shape[2], key.shape[2]
     if is_causal:
-        phi_rev = _phi_reversed(lk, distance, cdt, query.device)  # only delta >= 0 is read
+        phi_rev = phi_reversed(lk, distance, cdt, query.device)  # only delta >= 0 is read
     else:
         phi_rev = _phi(torch.arange(lk - 1, -lq, -1, device=query.device).abs_(), distance, cdt)
     return query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask
 
 
 def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False):
-    """The fused C++ forward, in the compute dtype."""
+    """The fused C++ forward, in the compute dtype, written in ``[B, Lq, Hq, Dv]``
+    storage (returned as a ``[B, Hq, Lq, Dv]`` view): the layout transformers
+    wants, so its transpose back is free."""
+    b, hq, lq, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
+    out = torch.empty(b, lq, hq, dv, dtype=compute_dtype(query.dtype)).transpose(1, 2)
     args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
-    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse)
-
-
-def _use_fused_kernel(plan: _Plan) -> bool:
-    if FORWARD != "auto":
-        return FORWARD == "fused"
-    return plan.device.type == "cpu" and plan.lq >= FUSED_MIN_ROWS and torch.get_num_threads() > 1
-
-
-def _forward(plan: _Plan):
-    b, hq, lq, dv = plan.b, plan.hq, plan.lq, plan.dv
-    out = torch.empty(b, hq, lq, dv, device=plan.device, dtype=plan.cdt)
-    fused = _use_fused_kernel(plan)
-    for i0, i1, kend in plan.chunks():
-        if kend <= 0:
-            out[:, :, i0:i1] = 0  # every row of this chunk precedes the cache
-            continue
-        if fused:
-            s, _ = plan.bias(i0, i1, kend)
-            # a row whose keys are all -inf comes back as zeros from the fused kernel
-            out[:, :, i0:i1] = F.scaled_dot_product_attention(
-                plan.query[:, :, i0:i1],
-                plan.key[:, :, :kend],
-                plan.value[:, :, :kend],
-                attn_mask=s.view(b, hq, i1 - i0, kend),
-                scale=plan.scale,
-                enable_gqa=plan.rep > 1,
-            )
-        else:
-            p, _, _ = plan.probs(i0, i1, kend)
-            o = torch.bmm(p, plan.value.view(plan.g, plan.lk, dv)[:, :kend])
-            out[:, :, i0:i1] = o.view(b, hq, i1 - i0, dv)
-    return out
-
-
-def _backward(plan: _Plan, out, grad_out, needs):
-    b, hkv, rep, g, lq, lk, d, dv = plan.b, plan.hkv, plan.rep, plan.g, plan.lq, plan.lk, plan.d, plan.dv
-    k = plan.key.view(g, lk, d)
-    v = plan.value.view(g, lk, dv)
-    do = grad_out.to(plan.cdt).reshape(b, hkv, rep, lq, dv)
-    delta_row = (do * out.view(b, hkv, rep, lq, dv)).sum(-1)  # rowsum(dO * O), [B, Hkv, rep, Lq]
-    dq = torch.zeros(b, hkv, rep, lq, d, device=plan.device, dtype=plan.cdt)
-    dk = torch.zeros(g, lk, d, device=plan.device, dtype=plan.cdt)
-    dvv = torch.zeros(g, lk, dv, device=plan.device, dtype=plan.cdt)
-    dlam = torch.zeros(b, hkv, rep, lq, device=plan.device, dtype=plan.cdt)
-    dpi = torch.zeros(g, 1, lk, device=plan.device, dtype=plan.cdt)
-    keep = plan.keep.reshape(g, lk, 1)
-    dbuf = None
-    for i0, i1, kend in plan.chunks():
-        if kend <= 0:
-            continue
-        cc = i1 - i0
-        rows = rep * cc
-        p, qc, phi = plan.probs(i0, i1, kend)
-        doc = do[:, :, :, i0:i1].reshape(g, rows, dv)
-        dvv[:, :kend].baddbmm_(p.transpose(1, 2), doc)
-        n_s = g * rows * kend
-        if dbuf is None or dbuf.numel() < n_s:
-            dbuf = torch.empty(plan.buf.numel(), device=plan.device, dtype=plan.cdt)
-        ds = torch.bmm(doc, v[:, :kend].transpose(1, 2), out=dbuf[:n_s].view(g, rows, kend))
-        ds.sub_(delta_row[:, :, :, i0:i1].reshape(g, rows, 1)).mul_(p)
-        if needs[0]:
-            dq[:, :, :, i0:i1] = torch.bmm(ds, k[:, :kend]).mul_(plan.scale).view(b, hkv, rep, cc, d)
-        if needs[1]:
-            dk[:, :kend].baddbmm_(ds.transpose(1, 2), qc, alpha=plan.scale)
-        if needs[3] or needs[4]:
-            # u = dS * phi; d lambda = -u @ (1 - pi) (rows), d pi = lambda^T u (columns)
-            u = torch.mul(ds.view(b, hkv, rep, cc, kend), phi, out=p.view(b, hkv, rep, cc, kend))
-            u = u.view(g, rows, kend)
-            if needs[3]:
-                dlam[:, :, :, i0:i1] = torch.bmm(u, keep[:, :kend]).neg_().view(b, hkv, rep, cc)
-            if needs[4]:
-                dpi[:, :, :kend].baddbmm_(plan.lam[..., i0:i1].reshape(g, 1, rows), u)
-    return dq, dk, dvv, dlam, dpi
-
-
-# distance -> (dtype, device) -> R with R[n - 1 - t] = phi(t) for t < n = len(R): the
-# phi row of a decode step over Lk keys is the view R[n - Lk:], shared by every
-# layer of the step and by later steps until Lk outgrows it.
-_PHI_REVERSED: dict = {}
-
-
-def _phi_reversed(lk: int, distance: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    key = (distance, dtype, device)
-    r = _PHI_REVERSED.get(key)
-    if r is None or r.numel() < lk:
-        n = max(4096, 1 << (lk - 1).bit_length())
-        delta = torch.arange(n - 1, -1, -1, device=device, dtype=torch.int64)
-        r = _PHI_REVERSED[key] = _phi(delta, distance, dtype)
-    return r[r.numel() - lk :]
-
-
-def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance):
-    """One query row per head (a decode step), no gradient: a handful of ops.
-
-    The row sits at position ``Lk - 1``, so key ``j`` is at distance ``Lk - 1 - j``
-    causal or not, and no causal mask is needed.
-    """
-    b, hq, _, d = query.shape
-    hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
-    rep, g = hq // hkv, b * hkv
-    cdt = _compute_dtype(query.dtype)
-    phi = _phi_reversed(lk, distance, cdt, query.device)
-    # bias = -lambda (1 - pi) phi = lambda (pi - 1) phi, as [B, Hkv, rep, Lk]
-    keep_phi = (key_gate.to(cdt) - 1).mul_(phi).view(b, hkv, 1, lk)
-    s = torch.mul(query_gate.to(cdt).reshape(b, hkv, rep, 1), keep_phi)
-    if attn_mask is not None:
-        m = attn_mask.expand(b, hq, 1, lk).reshape(b, hkv, rep, lk)
-        s.masked_fill_(m.logical_not(), _NEG_INF)
-    k = key.to(cdt).reshape(g, lk, d)
-    p = s.view(g, rep, lk).baddbmm_(query.to(cdt).reshape(g, rep, d), k.transpose(1, 2), alpha=scale)
-    _softmax_out(p, -1, False, out=p)
-    if attn_mask is not None:
-        p.nan_to_num_(0.0)  # a row with every key masked: zeros, as GAPE defines it
-    out = torch.bmm(p, value.to(cdt).reshape(g, lk, dv))
-    return out.view(b, hq, 1, dv).to(query.dtype)
+    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse, out=out)
 
 
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
+    def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                strategy):
         lse = None
-        if _use_cpu_kernel(query, key, value):
+        if strategy == "kernel":
             out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True)
         else:
-            plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
-            out = _forward(plan)
+            plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+            out = tiles_forward(plan, strategy)
         # lse (the kernel's row log-sum-exp) selects the kernel's backward
         ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse)
         ctx.args = (is_causal, scale, distance, chunk_size)
@@ -332,17 +109,17 @@ class _GapeAttention(torch.autograd.Function):
         needs = ctx.needs_input_grad[:5]
         if lse is not None:
             args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
-            dq, dk, dv, dlam, dkeep = attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out)
-            dpi = dkeep.neg_()
+            dq, dk, dv, dlam, dpi = attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out)
         else:
-            plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
-            dq, dk, dv, dlam, dpi = _backward(plan, out, grad_out, needs)
+            plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
+            dq, dk, dv, dlam, dpi = tiles_backward(plan, out, grad_out, needs)
         return (
             dq.view(query.shape).to(query.dtype) if needs[0] else None,
             dk.view(key.shape).to(key.dtype) if needs[1] else None,
             dv.view(value.shape).to(value.dtype) if needs[2] else None,
             dlam.view(query_gate.shape).to(query_gate.dtype) if needs[3] else None,
             dpi.view(key_gate.shape).to(key_gate.dtype) if needs[4] else None,
+            None,
             None,
             None,
             None,
@@ -367,23 +144,25 @@ def torch_attention(
     scale: float,
     distance: str,
     chunk_size: int | None = None,
+    strategy: str = "auto",
 ) -> torch.Tensor:
     """GAPE attention on validated inputs (see :func:`gape.attention`).
 
-    ``chunk_size`` (query rows per tile, default :data:`CHUNK_SIZE`) trades
-    memory (``B * Hq * chunk_size * Lk`` floats, twice in the backward) for
-    fewer, larger GEMMs.
+    ``chunk_size`` (query rows per tile of the pure-PyTorch strategies, default
+    :data:`CHUNK_SIZE`) trades memory (``B * Hq * chunk_size * Lk`` floats,
+    twice in the backward) for fewer, larger GEMMs. ``strategy``: one of
+    :data:`STRATEGIES` (module docstring).
     """
     tensors = (query, key, value, query_gate, key_gate)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size)
-    # A decode step (Lq = 1) is faster through _decode, whose GEMMs fold a GQA group's
-    # query heads into rows: 496 vs 722 us at Lk = 4096, 9/3 heads, one thread.
-    if query.shape[2] == 1 and FORWARD != "kernel":
-        return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
-    if _use_cpu_kernel(query, key, value):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    strategy = choose_strategy(strategy, query, key, value, needs_grad)
+    if needs_grad:
+        return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size, strategy)
+    if strategy == "decode":
+        return decode_forward(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
+    if strategy == "kernel":
         out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
         return out.to(query.dtype)
-    plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
-    out = _forward(plan)
+    plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+    out = tiles_forward(plan, strategy)
     return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)

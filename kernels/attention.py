@@ -692,8 +692,8 @@ def _backward(ctx, grad_out, grad_lse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gape_attention_fused(query, key, value, query_gate, key_gate, key_start=None, key_end=None, is_causal=True,
-                         scale=None, distance="log", has_bias=True) -> torch.Tensor:
+def gape_attention_triton(query, key, value, query_gate, key_gate, key_start=None, key_end=None, is_causal=True,
+                          scale=None, distance="log", has_bias=True) -> torch.Tensor:
     """The fused op with explicit per-batch key ranges (int ``[B]``, half-open).
 
     ``has_bias=False`` compiles the bias out (plain attention; for benchmarks).
@@ -705,6 +705,9 @@ def gape_attention_fused(query, key, value, query_gate, key_gate, key_start=None
     out, _ = _fwd_op(query, key, value, query_gate, key_gate, key_start, key_end, bool(is_causal), scale, distance,
                      bool(has_bias))
     return out
+
+
+gape_attention_fused = gape_attention_triton  # the old name
 
 
 def supports(call) -> str | None:
@@ -742,5 +745,5 @@ def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_caus
     if attn_mask is not None:
         ranges = key_ranges or mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal)
         key_start, key_end, is_causal = ranges.start, ranges.end, ranges.causal
-    return gape_attention_fused(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale,
-                                distance)
+    return gape_attention_triton(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale,
+                                 distance)

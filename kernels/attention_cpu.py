@@ -175,6 +175,7 @@ def attention_forward(
     is_causal: bool,
     scale: float,
     return_lse: bool = False,
+    out: torch.Tensor | None = None,
 ):
     """GAPE attention forward on validated CPU tensors of one floating dtype.
 
@@ -188,9 +189,12 @@ def attention_forward(
         attn_mask: bool, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), or None.
         return_lse: also return the log-sum-exp of each row's logits ``[B, Hq, Lq]``
             (``+inf`` for a row with no allowed key), which :func:`attention_backward` needs.
+        out: optional ``[B, Hq, Lq, Dv]`` buffer of the query dtype with a contiguous last
+            dim, any other strides (e.g. a transposed ``[B, Lq, Hq, Dv]``): the kernel writes
+            there, so a caller that needs another layout pays no copy.
 
     Returns:
-        ``[B, Hq, Lq, Dv]`` (contiguous); rows with no allowed key are zeros. With
+        ``[B, Hq, Lq, Dv]`` (``out`` when given, else contiguous); rows with no allowed key are zeros. With
         ``return_lse``, ``(out, lse)``.
     """
     b, hq, lq, _ = query.shape
@@ -198,7 +202,13 @@ def attention_forward(
     query, key, value, query_gate, keep, phi_reversed, attn_mask = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal
     )
-    out = torch.empty(b, hq, lq, dv, dtype=query.dtype)
+    if out is None:
+        out = torch.empty(b, hq, lq, dv, dtype=query.dtype)
+    elif tuple(out.shape) != (b, hq, lq, dv) or out.dtype != query.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must be [B, Hq, Lq, Dv] = {(b, hq, lq, dv)} of {query.dtype} with a contiguous last dim, "
+            f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
     lse = torch.empty(b, hq, lq, dtype=query.dtype) if return_lse else None
     torch.ops.gape.cpu_attention_fwd(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, out, lse, float(scale), bool(is_causal),
@@ -221,13 +231,13 @@ def attention_backward(
     lse: torch.Tensor,
     grad_out: torch.Tensor,
 ):
-    """Gradients ``(d query, d key, d value, d query_gate, d keep)`` of :func:`attention_forward`.
+    """Gradients ``(d query, d key, d value, d query_gate, d pi)`` of :func:`attention_forward`
+    (``d pi`` with respect to the key gate ``pi = 1 - keep``, what callers train).
 
     ``out`` and ``lse`` are the forward's outputs. FlashAttention-2's backward
     with the GAPE bias recomputed in registers: one pass per (batch, query head);
-    ``d key``, ``d value`` and ``d keep`` are accumulated per query head and
-    summed over each GQA group here. ``d keep`` is the gradient with respect to
-    ``1 - pi`` (the caller negates it for ``pi``).
+    ``d key``, ``d value`` and ``d pi`` are accumulated per query head and
+    summed over each GQA group here.
     """
     b, hq, lq, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
@@ -250,6 +260,6 @@ def attention_backward(
     rep = hq // hkv
     dk = dk_h.view(b, hkv, rep, lk, d).sum(2)
     dvv = dv_h.view(b, hkv, rep, lk, dv).sum(2)
-    # d pi_h holds sum_i dS lambda phi = d/d pi; d/d keep = -that
-    dkeep = dpi_h.view(b, hkv, rep, lk).sum(2).neg_()
-    return dq, dk, dvv, dlam, dkeep
+    # d pi_h holds sum_i dS lambda phi = d/d pi
+    dpi = dpi_h.view(b, hkv, rep, lk).sum(2)
+    return dq, dk, dvv, dlam, dpi

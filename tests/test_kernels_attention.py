@@ -97,7 +97,7 @@ def test_forward_and_gradients_match_reference(case):
 def test_rows_without_visible_keys_are_zero():
     case = Case(1, 2, 1, 12, 5, 16, True, "log")  # causal, Lq > Lk: the first 7 rows see no key
     q, k, v, lam, pi = (t.float().requires_grad_() for t in _inputs(case))
-    out = kattn.gape_attention_fused(q, k, v, lam, pi, is_causal=True)
+    out = kattn.gape_attention_triton(q, k, v, lam, pi, is_causal=True)
     out.sum().backward()
     assert torch.equal(out[:, :, :7], torch.zeros_like(out[:, :, :7]))
     assert not q.grad[:, :, :7].any() and not lam.grad[:, :, :7].any()
@@ -107,8 +107,8 @@ def test_rows_without_visible_keys_are_zero():
 def test_bias_changes_the_output():
     """Guards the comparisons against a kernel that ignores the gates."""
     q, k, v, lam, pi = (t.float() for t in _inputs(CASES[0]))
-    with_bias = kattn.gape_attention_fused(q, k, v, lam, pi, is_causal=True, distance="log")
-    no_bias = kattn.gape_attention_fused(q, k, v, lam, pi, is_causal=True, distance="log", has_bias=False)
+    with_bias = kattn.gape_attention_triton(q, k, v, lam, pi, is_causal=True, distance="log")
+    no_bias = kattn.gape_attention_triton(q, k, v, lam, pi, is_causal=True, distance="log", has_bias=False)
     plain = reference_attention(q, k, v, torch.zeros_like(lam), pi, is_causal=True)
     assert helpers.max_err(no_bias, plain) < 1e-5
     assert helpers.max_err(with_bias, no_bias) > 1e-2
@@ -129,12 +129,12 @@ def test_key_ranges_match_masked_reference(layout):
 
     def fused(q, k, v, lam, pi, attn_mask, is_causal, scale, distance):
         # the kernel gets the ranges; the reference gets the equivalent mask
-        return kattn.gape_attention_fused(q, k, v, lam, pi, start, end, is_causal, scale, distance)
+        return kattn.gape_attention_triton(q, k, v, lam, pi, start, end, is_causal, scale, distance)
 
     _check(fused, case, attn_mask=mask)
     if layout == "empty-batch":
         q, k, v, lam, pi = (t.float().requires_grad_() for t in _inputs(case))
-        out = kattn.gape_attention_fused(q, k, v, lam, pi, start, end, is_causal=False)
+        out = kattn.gape_attention_triton(q, k, v, lam, pi, start, end, is_causal=False)
         out.sum().backward()
         for t in (out, q.grad, k.grad, v.grad, lam.grad, pi.grad):
             assert not t[1:].any(), "a batch element with no visible key must give zero output and gradients"
@@ -204,10 +204,10 @@ def test_opcheck_registration(monkeypatch):
 def test_cpu_without_interpreter_is_a_clear_error():
     code = (
         "import torch, gape\n"
-        "from gape.kernels.attention import gape_attention_fused\n"
+        "from gape.kernels.attention import gape_attention_triton\n"
         "q = torch.randn(1, 1, 4, 16); g = torch.rand(1, 1, 4)\n"
         "for call in (lambda: gape.attention(q, q, q, g, g, backend='triton'),\n"
-        "             lambda: gape_attention_fused(q, q, q, g, g)):\n"
+        "             lambda: gape_attention_triton(q, q, q, g, g)):\n"
         "    try:\n"
         "        call()\n"
         "    except ValueError as e:\n"
@@ -227,7 +227,7 @@ def test_torch_compile_traces_the_op():
     xs = _inputs(Case(1, 2, 1, 16, 20, 16, True, "linear"))
 
     def fn(q, k, v, lam, pi):
-        return kattn.gape_attention_fused(q, k, v, lam, pi, is_causal=True, distance="linear")
+        return kattn.gape_attention_triton(q, k, v, lam, pi, is_causal=True, distance="linear")
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     results = []

@@ -6,6 +6,7 @@ the decode at cache position 2**20 included."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -79,12 +80,12 @@ def test_matches_reference(small_blocks, case, causal, distance, dtype):
 def test_backward_matches_reference(small_blocks, monkeypatch, case, causal, distance, dtype):
     # the kernel's backward (FlashAttention-2 with the bias in registers): all five gradients, with and
     # without a padding mask that leaves one row empty, across many block edges
-    monkeypatch.setattr(torch_backend, "FORWARD", "kernel")
     inputs = make_inputs(case, lam_max=1.0)
+    fn = functools.partial(torch_attention, strategy="kernel")
     mask = torch.rand(case.b, 1, case.lq, case.lk, generator=torch.Generator().manual_seed(3)) > 0.25
     mask[0, 0, -1] = False
     for m in (None, mask):
-        assert_matches_reference(torch_attention, inputs, dtype=dtype, attn_mask=m, is_causal=causal, distance=distance)
+        assert_matches_reference(fn, inputs, dtype=dtype, attn_mask=m, is_causal=causal, distance=distance)
 
 
 def test_head_mask_strided_query_and_extreme_gates(small_blocks):
@@ -123,7 +124,7 @@ _FALLBACK_SCRIPT = textwrap.dedent(
     got = gape.attention(q, k, v, lam, pi, backend="torch")
     ref = gape.attention(q, k, v, lam, pi, backend="reference")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    print(ok, torch_backend._use_cpu_kernel(q, k, v), len(caught), attention_cpu.unavailable_reason())
+    print(ok, torch_backend.choose_strategy("auto", q, k, v) == "kernel", len(caught), attention_cpu.unavailable_reason())
     """
 )
 

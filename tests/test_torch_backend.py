@@ -4,8 +4,8 @@ boundaries, low precision, and a decode step at cache position ~1e6."""
 
 from __future__ import annotations
 
-import functools
 import math
+import sys
 
 import pytest
 import torch
@@ -19,14 +19,23 @@ from helpers import Case, assert_matches_reference, make_inputs
 
 
 def backend(chunk_size=None):
-    return functools.partial(torch_attention, chunk_size=chunk_size)
+    return lambda *args, **kwargs: torch_attention(*args, chunk_size=chunk_size, **kwargs)
 
 
-@pytest.fixture(autouse=True, params=["kernel", "fused", "gemm"])
+@pytest.fixture(autouse=True, params=["kernel", "sdpa-tiles", "gemm-tiles"])
 def forward_strategy(request, monkeypatch):
     """Every test runs with each forward strategy: the fused C++ kernel and the
-    two pure-PyTorch tilings (the backward is shared)."""
-    monkeypatch.setattr(torch_backend, "FORWARD", request.param)
+    two pure-PyTorch tilings (the backward is shared). The strategy is the
+    backend's argument; here it is bound into this module's torch_attention.
+    A one-row step without autograd keeps its own decode strategy, as "auto" does."""
+    real = torch_backend.torch_attention
+
+    def with_strategy(query, key, value, query_gate, key_gate, *args, **kwargs):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, query_gate, key_gate))
+        strategy = "decode" if query.shape[2] == 1 and not grad and request.param != "kernel" else request.param
+        return real(query, key, value, query_gate, key_gate, *args, strategy=strategy, **kwargs)
+
+    monkeypatch.setattr(sys.modules[__name__], "torch_attention", with_strategy)
     return request.param
 
 
@@ -217,21 +226,23 @@ def test_output_dtype_and_noncontiguous_inputs():
 
 
 def test_auto_strategy_prefers_the_kernel_then_follows_threads_and_rows(monkeypatch):
-    monkeypatch.setattr(torch_backend, "FORWARD", "auto")
-    case = Case(b=1, hq=4, hkv=2, lq=torch_backend.FUSED_MIN_ROWS, lk=80, d=16)
+    case = Case(b=1, hq=4, hkv=2, lq=torch_backend.SDPA_TILES_MIN_ROWS, lk=80, d=16)
     q, k, v, lam, pi = (t.float() for t in make_inputs(case))
+    choose = torch_backend.choose_strategy
 
-    def plan(query):
-        return torch_backend._Plan(query, k, v, lam[:, :, : query.shape[2]], pi, None, True, 0.25, "log", None)
-
-    assert torch_backend._use_cpu_kernel(q, k, v)  # built on every machine with a C++ compiler (CI included)
+    assert choose("auto", q, k, v) == "kernel"  # built on every machine with a C++ compiler (CI included)
+    assert choose("auto", q[:, :, :1], k, v) == "decode"
+    assert choose("auto", q[:, :, :1], k, v, needs_grad=True) == "kernel"
     monkeypatch.setattr(torch_backend.attention_cpu, "available", lambda: False)
-    assert not torch_backend._use_cpu_kernel(q, k, v)
+    with pytest.raises(ValueError, match="strategy='kernel'"):
+        choose("kernel", q, k, v)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert torch_backend._use_fused_kernel(plan(q))
-    assert not torch_backend._use_fused_kernel(plan(q[:, :, :1]))  # decode
+    assert choose("auto", q, k, v) == "sdpa-tiles"
+    assert choose("auto", q[:, :, :1], k, v, needs_grad=True) == "gemm-tiles"  # one row
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert not torch_backend._use_fused_kernel(plan(q))
+    assert choose("auto", q, k, v) == "gemm-tiles"
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        choose("fused", q, k, v)
 
 
 def test_scale_is_used():
