@@ -38,7 +38,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(argv[1:]) or 0)
     cmd = argparse.ArgumentParser(prog=f"gape {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(cmd)
-    return int(module.run(cmd.parse_args(argv[1:])) or 0)
+    try:
+        args = cmd.parse_args(argv[1:])  # a bad flag value stops here, its flag named on stderr
+        check = getattr(module, "check_arguments", None)
+        if check is not None:
+            check(cmd, args)  # constraints between flags (cmd.error names them)
+    except SystemExit as exit_:  # argparse's error (2) or --help (0), as a return code for main(argv) callers
+        return int(exit_.code or 0)
+    from ._args import UsageError
+    from ._io import FolderLockedError
+
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, FolderLockedError) as err:
+        print(f"gape {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
