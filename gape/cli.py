@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
     module = importlib.import_module(SUBCOMMANDS[name][0])
     if name in PASSTHROUGH:
-        return int(module.run(argv[1:]) or 0)
+        try:
+            return int(module.run(argv[1:]) or 0)
+        except SystemExit as exit_:  # the other program's argparse error (2)
+            return int(exit_.code or 0) if isinstance(exit_.code, (int, type(None))) else 2
     cmd = argparse.ArgumentParser(prog=f"gape {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(cmd)
     try:
