@@ -15,13 +15,18 @@ import os
 def replace_atomic(path, write) -> None:
     """Call ``write(tmp_path)`` (any writer that takes a path), fsync, then move the file into place."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a failed write leaves no temporary file behind
+            os.remove(tmp)
+        raise
 
 
 def write_atomic(path, data: str | bytes) -> None:

@@ -55,9 +55,13 @@ def _check_scale(scale, d: int) -> float:
     # bool is an int subclass: scale=True would silently mean 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None (1/sqrt(D)), got {type(scale).__name__} {scale!r}")
-    if not math.isfinite(scale):
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float range
+        value = math.inf
+    if not math.isfinite(value):
         raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
-    return float(scale)
+    return value
 
 
 def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend):

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in SUBCOMMANDS:
-        parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
+        print(f"gape: error: unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
     if name in PASSTHROUGH:
         try:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(module.run(args) or 0)
-    except (UsageError, FolderLockedError) as err:
+    except (UsageError, FolderLockedError, OSError) as err:  # what the user can fix: no traceback
         print(f"gape {name}: error: {err}", file=sys.stderr)
         return 2
 

@@ -359,6 +359,8 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         config = GapeConfig.from_dict(config)
     elif not isinstance(config, GapeConfig):
         raise TypeError(f"config must be a GapeConfig, a dict or None, got {type(config).__name__}")
+    else:
+        config.validate()  # fields may have been set after construction
     if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if _STATE_ATTR in model.__dict__:

@@ -492,3 +492,52 @@ def test_synthetic_and_calibrate_report_garbled_state_files(tmp_path):
     model = make_model("llama")
     with pytest.raises(UsageError, match="card.json is unreadable.*cannot resume"):
         cal.calibrate(model, None, out=str(tmp_path), max_steps=1)
+
+
+def test_more_entry_point_errors(tmp_path, capsys):
+    from gape._io import write_atomic
+    from gape.cli import main
+
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scale must be a finite"):
+        gape.attention(*_inputs(), scale=10**400)
+    with pytest.raises(ValueError, match="GapeConfig.from_json: not a JSON object"):
+        gape.GapeConfig.from_json("{nope")
+    with pytest.raises(TypeError, match="GapeConfig.from_dict expects a dict"):
+        gape.GapeConfig.from_dict([("distance", "log")])
+    cfg = gape.GapeConfig()
+    cfg.distance = "cubic"  # set after construction: patch validates again
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="GapeConfig.distance"):
+        gape.patch(model, cfg)
+    assert not hf.is_patched(model)
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    from gape._io import replace_atomic
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomic(str(tmp_path / "x.json"), failing)
+    assert os.listdir(tmp_path) == []
+    write_atomic(str(tmp_path / "y.json"), "{}")
+    assert os.listdir(tmp_path) == ["y.json"]
+
+
+def test_niah_refuses_a_too_short_length_and_a_bad_gate_file_before_running(tmp_path, gate_file):
+    from gape._args import UsageError
+    from gape.niah.methods import MethodOptions
+    from gape.niah.runner import run_benchmark
+
+    cfg, model, tok = _tiny_niah(tmp_path)
+    cfg.lengths = [20]
+    with pytest.raises(UsageError, match="--lengths: length=20 is too short"):
+        run_benchmark(cfg, model, tok, progress=False, echo=lambda s: None)
+    cfg, model, tok = _tiny_niah(tmp_path)
+    bad = _garbage(gate_file, tmp_path / "garbled.safetensors")
+    cfg.methods, cfg.options = ["gape"], MethodOptions(gates=str(bad))
+    with pytest.raises(UsageError, match="--gates: gate file .*garbled.safetensors is not a readable"):
+        run_benchmark(cfg, model, tok, progress=False, echo=lambda s: None)

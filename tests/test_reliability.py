@@ -71,6 +71,14 @@ def test_every_layout_matches_the_reference(path, layout, which):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_expanded_and_strided_gates(path):
+    q, k, v = torch.randn(B, HQ, L, D), torch.randn(B, HKV, L, D), torch.randn(B, HKV, L, D)
+    lam = (torch.rand(B, HQ, 1) * 0.5).expand(B, HQ, L)
+    pi = torch.rand(B, HKV, 2 * L)[..., ::2]
+    want = _call("reference", q, k, v, lam.contiguous(), pi.contiguous())
+    torch.testing.assert_close(_call(path, q, k, v, lam, pi), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["expand-seq", "as_strided", "unfold"])
 def test_decode_step_with_overlapping_rows(layout, monkeypatch):
     """Lq = 1 without grad takes the torch backend's decode path (and the kernel with FORWARD=kernel)."""

@@ -176,6 +176,13 @@ def _run_locked(cfg: BenchmarkConfig, model, tokenizer, *, progress: bool, echo)
 
     from .plots import plot_all
 
+    if cfg.options.gates and any(m.startswith("gape") for m in cfg.methods):
+        from ..hf import read_gates
+
+        try:  # a bad gate file fails now, before the model is loaded
+            read_gates(cfg.options.gates)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--gates: {err}") from None
     _check_run_file(cfg.out, cfg.fixed_settings(), echo)
     depths = [float(d) for d in cfg.depths]
     plan = [(m, n, d, i) for m in cfg.methods for n in cfg.lengths for d in depths for i in range(cfg.samples)]
@@ -195,8 +202,11 @@ def _run_locked(cfg: BenchmarkConfig, model, tokenizer, *, progress: bool, echo)
         echo(f"resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {os.path.join(cfg.out, res.RESULTS)}")
 
     if todo:  # fail now, not after hours, if the shortest length cannot hold the prompt
-        build_sample(tokenizer, task=cfg.task, length=min(n for _, n, _, _ in todo), depth=0.0, seed=cfg.seed,
-                     haystack=cfg.haystack, use_chat_template=cfg.chat_template)
+        try:
+            build_sample(tokenizer, task=cfg.task, length=min(n for _, n, _, _ in todo), depth=0.0, seed=cfg.seed,
+                         haystack=cfg.haystack, use_chat_template=cfg.chat_template)
+        except ValueError as err:
+            raise UsageError(f"--lengths: {err}") from None
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="niah", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
         for method, group in groupby(todo, key=lambda p: p[0]):
