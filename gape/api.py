@@ -270,6 +270,14 @@ def attention(
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query dtype.
 
+    Any strided layout is accepted (expanded, overlapping or transposed inputs
+    are copied where a kernel cannot read them). Zero-size and meta inputs run
+    the reference (empty or meta output, with autograd). NaN/inf in the query,
+    key or value propagate as in the reference. Double backward
+    (``create_graph=True``) needs ``backend="reference"``; the fused backends
+    raise RuntimeError. Under ``torch.compile`` the gate range check is a
+    compiled assert (RuntimeError when the graph runs).
+
     Example:
         >>> import torch, gape
         >>> q = torch.randn(1, 9, 128, 64); k = torch.randn(1, 3, 128, 64); v = torch.randn_like(k)
