@@ -149,9 +149,10 @@ def _check_gate_range(query_gate, key_gate) -> None:
     if os.environ.get("GAPE_SKIP_GATE_CHECK") == "1":
         return
     if torch.compiler.is_compiling():
-        with torch.no_grad():
-            torch._assert_async((torch.isfinite(query_gate) & (query_gate >= 0)).all(), _LAMBDA_RANGE)
-            torch._assert_async(((key_gate >= 0) & (key_gate <= 1)).all(), _PI_RANGE)
+        # No no_grad block here: compiled, an assert raising inside it would leave grad mode off.
+        # (Comparisons build no autograd graph anyway.)
+        torch._assert_async((torch.isfinite(query_gate) & (query_gate >= 0)).all(), _LAMBDA_RANGE)
+        torch._assert_async(((key_gate >= 0) & (key_gate <= 1)).all(), _PI_RANGE)
         return
     with torch.no_grad():
         if query_gate.numel() and not bool(torch.isfinite(query_gate).all() and (query_gate >= 0).all()):

@@ -222,6 +222,7 @@ def test_gate_range_is_checked_under_torch_compile():
         compiled(q, k, v, -lam, pi)
     with pytest.raises(RuntimeError, match="key_gate"):
         compiled(q, k, v, lam, pi + 1.5)
+    assert torch.is_grad_enabled()  # a failed compiled check leaves grad mode as it was
 
 
 # --------------------------------------------------------------------------- sdpa in half precision
