@@ -314,6 +314,8 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
 
     monkeypatch.setattr(gape.torch_backend, "torch_attention", spy)
     monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
+    # the backend table caches loaded functions (a dict lookup torch.compile traces)
+    monkeypatch.setattr(gape.api, "_LOADED", {})
     hf._backend_fn.cache_clear()
     try:
         model = make_model()
