@@ -5,6 +5,7 @@ either the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -14,13 +15,18 @@ import os
 def replace_atomic(path, write) -> None:
     """Call ``write(tmp_path)`` (any writer that takes a path), fsync, then move the file into place."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a failed write leaves no temporary file behind
+            os.remove(tmp)
+        raise
 
 
 def write_atomic(path, data: str | bytes) -> None:
@@ -56,3 +62,38 @@ def save_figure_atomic(fig, path: str, **savefig_kwargs) -> str:
     fig.savefig(buf, format="png", **savefig_kwargs)
     write_atomic(path, buf.getvalue())
     return path
+
+
+LOCK_FILE = ".gape.lock"
+
+
+class FolderLockedError(RuntimeError):
+    """Another process is writing to the output folder."""
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str, what: str = "gape"):
+    """One writer per output folder: an exclusive ``flock`` on ``folder/.gape.lock``.
+
+    A second run on the same folder fails at once with FolderLockedError naming
+    the holder's pid. The lock is the kernel's: it goes with the process, so a
+    run killed with ``kill -9`` leaves no stale lock (the file stays, unlocked).
+    """
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderLockedError(
+                f"{folder} is in use by another {what} run (pid {holder}); wait for it to finish or pass another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock

@@ -36,13 +36,35 @@ def _name(t) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}; cast it with .float()")
+
+
+def _check_scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    # bool is an int subclass: scale=True would silently mean 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (1/sqrt(D)), got {type(scale).__name__} {scale!r}")
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond float range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
+    return value
 
 
 def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend):
@@ -62,6 +84,11 @@ def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, sca
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move all inputs to one device")
     if bk != b or value.shape[0] != b:
         raise ValueError(f"batch sizes differ: query {b}, key {bk}, value {value.shape[0]}")
+    if d == 0 or value.shape[3] == 0:
+        raise ValueError(
+            f"head dims must be >= 1, got query/key D={d} and value Dv={value.shape[3]} "
+            f"(query {tuple(query.shape)}, value {tuple(value.shape)})"
+        )
     if dk != d:
         raise ValueError(f"key head dim {dk} must equal query head dim {d} (query {tuple(query.shape)}, key {tuple(key.shape)})")
     if value.shape[1] != hkv or value.shape[2] != lk:
@@ -79,18 +106,17 @@ def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, sca
     for name, g in (("query_gate", query_gate), ("key_gate", key_gate)):
         if g.dtype not in (query.dtype, torch.float32):
             raise TypeError(f"{name} must be {query.dtype} (the query dtype) or float32, got {g.dtype}")
-    if distance not in DISTANCES:
+    if not isinstance(distance, str) or distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
-    if backend not in BACKENDS:
+    scale = _check_scale(scale, d)
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     if attn_mask is not None:
+        if isinstance(attn_mask, torch.Tensor) and (attn_mask.layout != torch.strided or attn_mask.is_nested):
+            raise TypeError(f"attn_mask must be a dense (strided) bool tensor, got layout {attn_mask.layout}")
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
             raise TypeError(
                 "attn_mask must be a bool tensor (True = may attend); for an additive float mask "
@@ -109,24 +135,49 @@ def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, sca
                     f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Lq, Lk] = "
                     f"{(b, hq, lq, lk)} (axis {axis}: {got} vs {want})"
                 )
-    _check_gate_range(query_gate, key_gate)
-    return attn_mask, float(scale)
+    if query.device.type != "meta":
+        _check_gate_range(query_gate, key_gate)
+    return attn_mask, scale
+
+
+_LAMBDA_RANGE = "query_gate (lambda) must be finite and >= 0"
+_PI_RANGE = "key_gate (pi) must lie in [0, 1]"
 
 
 def _check_gate_range(query_gate, key_gate) -> None:
     """Gates out of range are an error, not clamped: a negative forgetting rate
     would amplify distant tokens and pi > 1 would invert the bias, both silently.
-    Skipped while torch.compile traces (a data-dependent check cannot be traced)."""
-    if torch.compiler.is_compiling() or os.environ.get("GAPE_SKIP_GATE_CHECK") == "1":
+    While torch.compile traces, the same condition becomes a compiled assert
+    (``torch._assert_async``: a RuntimeError when the compiled graph runs)."""
+    if os.environ.get("GAPE_SKIP_GATE_CHECK") == "1":
+        return
+    if torch.compiler.is_compiling():
+        # No no_grad block here: compiled, an assert raising inside it would leave grad mode off.
+        # (Comparisons build no autograd graph anyway.)
+        torch._assert_async((torch.isfinite(query_gate) & (query_gate >= 0)).all(), _LAMBDA_RANGE)
+        torch._assert_async(((key_gate >= 0) & (key_gate <= 1)).all(), _PI_RANGE)
         return
     with torch.no_grad():
         if query_gate.numel() and not bool(torch.isfinite(query_gate).all() and (query_gate >= 0).all()):
             lo = float(query_gate.min())
-            raise ValueError(f"query_gate (lambda) must be finite and >= 0, got min {lo}")
+            raise ValueError(f"{_LAMBDA_RANGE}, got min {lo}")
         if key_gate.numel() and not bool(((key_gate >= 0) & (key_gate <= 1)).all()):
             raise ValueError(
-                f"key_gate (pi) must lie in [0, 1], got range [{float(key_gate.min())}, {float(key_gate.max())}]"
+                f"{_PI_RANGE}, got range [{float(key_gate.min())}, {float(key_gate.max())}]"
             )
+
+
+def double_backward_error(backend: str) -> str:
+    """The error of a backend whose backward is not itself differentiable."""
+    return (
+        f'the "{backend}" GAPE backend has no double backward (autograd.grad(..., create_graph=True), e.g. a '
+        "gradient penalty): its backward is a fused kernel that autograd cannot differentiate. Use "
+        'backend="reference" (materialised scores, fully differentiable) for higher-order gradients'
+    )
+
+
+def _is_empty(query, key, value) -> bool:
+    return query.numel() == 0 or key.numel() == 0 or value.numel() == 0
 
 
 class AttentionCall:
@@ -158,13 +209,25 @@ class AttentionCall:
 _UNSET = object()
 
 
-@functools.cache
+_MODULES: dict = {}
+
+
 def _module(name: str):
     """The backend's module, or the reason it cannot be imported."""
-    try:
-        return importlib.import_module(_BACKENDS[name][0])
-    except ImportError as e:
-        return f'the "{name}" backend cannot be imported ({e}); install what it needs (e.g. pip install triton)'
+    # a dict lookup once loaded, which torch.compile traces (import_module it cannot)
+    module = _MODULES.get(name)
+    if module is None:
+        try:
+            module = importlib.import_module(_BACKENDS[name][0])
+        except ImportError as e:
+            module = f'the "{name}" backend cannot be imported ({e}); install what it needs (e.g. pip install triton)'
+        _MODULES[name] = module
+    return module
+
+
+def _load(name: str):
+    """Backend ``name``'s attention function (looked up on each call, so a test's spy is seen)."""
+    return getattr(_module(name), _BACKENDS[name][1])
 
 
 def _reason(name: str, call: AttentionCall) -> str | None:
@@ -222,7 +285,7 @@ def select(backend: str, query, key=None, value=None, *, attn_mask=None, is_caus
 
 
 def _bind(name: str, call: AttentionCall):
-    fn = getattr(_module(name), _BACKENDS[name][1])
+    fn = _load(name)
     if name == "triton" and call.attn_mask is not None:
         # the mask was analysed by supports; the kernel takes the key ranges
         return functools.partial(fn, key_ranges=call.key_ranges)
@@ -285,6 +348,14 @@ def attention(
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query dtype.
 
+    Any strided layout is accepted (expanded, overlapping or transposed inputs
+    are copied where a kernel cannot read them). Zero-size and meta inputs run
+    the reference (empty or meta output, with autograd). NaN/inf in the query,
+    key or value propagate as in the reference. Double backward
+    (``create_graph=True``) needs ``backend="reference"``; the fused backends
+    raise RuntimeError. Under ``torch.compile`` the gate range check is a
+    compiled assert (RuntimeError when the graph runs).
+
     Example:
         >>> import torch, gape
         >>> q = torch.randn(1, 9, 128, 64); k = torch.randn(1, 3, 128, 64); v = torch.randn_like(k)
@@ -295,5 +366,9 @@ def attention(
     attn_mask, scale = _validate(
         query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend
     )
+    if query.device.type == "meta" or _is_empty(query, key, value):
+        # Shapes only (meta) or nothing to compute: the reference handles both exactly,
+        # with autograd, and no kernel sees a zero-size or data-less tensor.
+        return _load("reference")(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
     chosen = select(backend, query, key, value, attn_mask=attn_mask, is_causal=is_causal, distance=distance)
     return chosen(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)

@@ -26,6 +26,7 @@ from ._io import write_json_atomic
 from ._threads import set_threads
 
 TEXT_TASK = "text"
+MIN_LEN, MAX_LEN = 64, 4096  # prompt lengths: a retrieval prompt needs ~60 tokens; 4096 stays inside the window
 
 
 def weight_hashes(model, skip_ids: set[int]) -> dict[str, str]:
@@ -135,8 +136,18 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
     gates_path, card_path = os.path.join(out, "gates.safetensors"), os.path.join(out, "card.json")
     card = None
     if os.path.exists(card_path) and os.path.exists(gates_path):
-        with open(card_path) as f:
-            card = json.load(f)
+        try:
+            with open(card_path) as f:
+                card = json.load(f)
+            if not isinstance(card, dict) or not isinstance(card.get("steps"), int):
+                raise ValueError("not a calibration card (no step count)")
+        except (ValueError, UnicodeDecodeError) as err:
+            from ._args import UsageError
+
+            raise UsageError(
+                f"{card_path} is unreadable ({err}), so the run in {out} cannot resume; delete it (and "
+                f"{gates_path}) to start afresh, or use another --out"
+            ) from None
     if not hf.is_patched(model):
         if card is not None:
             hf.load_gates(model, gates_path)
@@ -212,25 +223,45 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", default="calibrated", help="output folder (gates.safetensors, card.json)")
-    parser.add_argument("--minutes", type=float, default=30.0, help="time budget (default 30)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    parser.add_argument("--min-len", type=int, default=256)
-    parser.add_argument("--max-len", type=int, default=1024, help="<= 4096 (inside the model's training window)")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--text-fraction", type=float, default=0.5, help="share of plain-text items (rest: retrieval)")
-    parser.add_argument("--tasks", default="passkey,single,multikey", help="retrieval tasks from gape.niah")
+    from . import _args as A
+    from .api import BACKENDS
+    from .niah.generator import TASKS
+
+    parser.add_argument("--model", type=A.model_path, default=None,
+                        help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", type=A.out_folder, default="calibrated", help="output folder (gates.safetensors, card.json)")
+    parser.add_argument("--minutes", type=A.number(0.0, above=True), default=30.0, help="time budget (default 30)")
+    parser.add_argument("--max-steps", type=A.integer(1), default=None, help="stop after this many steps in total")
+    parser.add_argument("--min-len", type=A.integer(MIN_LEN, MAX_LEN), default=256)
+    parser.add_argument("--max-len", type=A.integer(MIN_LEN, MAX_LEN), default=1024,
+                        help=f"<= {MAX_LEN} (inside the model's training window)")
+    parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-2)
+    parser.add_argument("--text-fraction", type=A.number(0.0, 1.0), default=0.5,
+                        help="share of plain-text items (rest: retrieval)")
+    parser.add_argument("--tasks", type=A.choice_list(TASKS), default=["passkey", "single", "multikey"],
+                        help="retrieval tasks from gape.niah (comma-separated)")
     parser.add_argument("--init", choices=("identity", "training-free"), default="identity",
                         help="start from identity gates (plain RoPE) or from the training-free setting")
-    parser.add_argument("--alpha-init", type=float, default=0.0, help="initial lambda scale for identity init")
-    parser.add_argument("--backend", default="auto", help="GAPE attention backend")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--alpha-init", type=A.number(0.0), default=0.0, help="initial lambda scale for identity init")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="GAPE attention backend")
+    parser.add_argument("--seed", type=A.seed, default=0)
+    parser.add_argument("--threads", type=A.threads, default=1)
+    parser.add_argument("--save-every", type=A.integer(1), default=10)
+
+
+def check_arguments(parser, args) -> None:
+    if args.min_len > args.max_len:
+        parser.error(f"argument --min-len: {args.min_len} is above --max-len {args.max_len}")
 
 
 def run(args) -> int:
+    from ._io import lock_folder
+
+    with lock_folder(args.out, "gape calibrate"):
+        return _run_locked(args)
+
+
+def _run_locked(args) -> int:
     from . import models
     from .config import GapeConfig
 
@@ -241,7 +272,8 @@ def run(args) -> int:
     card = calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
                      max_len=args.max_len, lr=args.lr, text_fraction=args.text_fraction, seed=args.seed, init=args.init,
                      save_every=args.save_every, gape_config=cfg, model_name=args.model,
-                     log=lambda s: print(s, flush=True), tasks=tuple(t for t in args.tasks.split(",") if t))
+                     log=lambda s: print(s, flush=True),
+                     tasks=tuple(args.tasks if isinstance(args.tasks, list) else [t for t in args.tasks.split(",") if t]))
     print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
           f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")
     return 0

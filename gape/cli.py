@@ -32,13 +32,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name = argv[0]
     if name not in SUBCOMMANDS:
-        parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
+        print(f"gape: error: unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
     if name in PASSTHROUGH:
-        return int(module.run(argv[1:]) or 0)
+        try:
+            return int(module.run(argv[1:]) or 0)
+        except SystemExit as exit_:  # the other program's argparse error (2)
+            return int(exit_.code or 0) if isinstance(exit_.code, (int, type(None))) else 2
     cmd = argparse.ArgumentParser(prog=f"gape {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(cmd)
-    return int(module.run(cmd.parse_args(argv[1:])) or 0)
+    try:
+        args = cmd.parse_args(argv[1:])  # a bad flag value stops here, its flag named on stderr
+        check = getattr(module, "check_arguments", None)
+        if check is not None:
+            check(cmd, args)  # constraints between flags (cmd.error names them)
+    except SystemExit as exit_:  # argparse's error (2) or --help (0), as a return code for main(argv) callers
+        return int(exit_.code or 0)
+    from ._args import UsageError
+    from ._io import FolderLockedError
+
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, FolderLockedError, OSError) as err:  # what the user can fix: no traceback
+        print(f"gape {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -207,7 +207,11 @@ class GapeConfig:
 
     @classmethod
     def from_json(cls, text: str) -> GapeConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"GapeConfig.from_json: not a JSON object ({err})") from None
+        return cls.from_dict(data)
 
     def replace(self, **changes) -> GapeConfig:
         return dataclasses.replace(self, **changes)

@@ -286,7 +286,18 @@ class PaperGate(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def _key_versions(self) -> tuple:
-        return (self.w_l._version, self.b_l._version) if self.config.key_gate else ()
+        # Storage, version counter and a copy of the values: a replaced ``.data`` and an
+        # in-place edit through ``.data`` (which bumps no version counter) both show.
+        if not self.config.key_gate:
+            return ()
+        return tuple((p.data_ptr(), p._version, p.detach().clone()) for p in (self.w_l, self.b_l))
+
+    @staticmethod
+    def _same_versions(saved: tuple, now: tuple) -> bool:
+        return len(saved) == len(now) and all(
+            a[0] == b[0] and a[1] == b[1] and a[2].shape == b[2].shape and torch.equal(a[2], b[2])
+            for a, b in zip(saved, now)
+        )
 
     # ---- the gates, on [B, L, H, D] (the projections' layout) or [B, H, L, D]
 
@@ -346,7 +357,7 @@ class PaperGate(nn.Module):
             memo = self._pi_cache.get(layer) if layer is not None else None
             if (
                 memo is None or prev is None or memo[0]() is not prev or prev._version != memo[1]
-                or memo[2] != versions or memo[3].shape[0] != b or memo[3].shape[2] != lk - new
+                or not self._same_versions(memo[2], versions) or memo[3].shape[0] != b or memo[3].shape[2] != lk - new
             ):
                 raise ValueError(
                     f"gate='paper' (layer {self.layer_idx}): the KV cache holds {lk - new} keys whose key gates this "

@@ -149,9 +149,7 @@ def gape_attention_forward(
         return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     lam, pi, distance, backend = gates
 
-    mask = attention_mask
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask == 0
+    mask = _bool_mask(attention_mask)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
@@ -200,6 +198,29 @@ def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     if record is not None:
         record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
     return lam, pi, config.distance, config.backend
+
+
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' mask as GAPE's bool mask (True = attend).
+
+    An additive float mask is honoured when every entry is 0 (attend) or a
+    block (``-inf``, or at most half the dtype's lowest value, as transformers
+    writes it). A soft entry (finite, non-zero) would need adding to the logits,
+    which GAPE's kernels do not take: refused rather than turned into a block."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"attention_mask must be bool or an additive float mask, got {mask.dtype}")
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        soft = mask[~(allowed | blocked)]
+        raise ValueError(
+            f"GAPE attention got an additive float attention_mask with {soft.numel()} soft entries (e.g. "
+            f"{float(soft.flatten()[0])}): only 0 (attend) and -inf / the dtype's minimum (block) can be honoured. "
+            "Pass a bool mask, or run this model unpatched (gape.unpatch) for a soft mask"
+        )
+    return allowed
 
 
 def _remember_cached_keys(module, args, kwargs):
@@ -253,17 +274,31 @@ def _sliding_layer_type():
     return DynamicSlidingWindowLayer
 
 
+def _key_gate_params(gate: GapeGate) -> tuple:
+    """What the memo of pi depends on: the key-gate parameters' storage, version
+    counters and a copy of their values (a ``.data`` replaced, an in-place edit and
+    an in-place edit through ``.data``, which bumps no version counter, all show)."""
+    params = (gate.u, gate.c)
+    return tuple((p.data_ptr(), p._version, p.detach().clone()) for p in params)
+
+
+def _same_key_gate_params(saved: tuple, gate: GapeGate) -> bool:
+    for (ptr, version, values), p in zip(saved, (gate.u, gate.c)):
+        if p.data_ptr() != ptr or p._version != version or p.shape != values.shape or not torch.equal(p.detach(), values):
+            return False
+    return True
+
+
 def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.Tensor:
     if not gate.config.key_gate:
         return gate.key_gate(key)
-    versions = (gate.u._version, gate.c._version)
     prev, memo, pi = gate._prev_keys, gate._pi_memo, None
     if prev is not None and memo is not None:
-        ref, keys_version, params_version, old_pi = memo
+        ref, keys_version, params, old_pi = memo
         if (
             ref() is prev
             and prev._version == keys_version
-            and params_version == versions
+            and _same_key_gate_params(params, gate)
             and key.shape[0] == prev.shape[0]
             and key.shape[2] == prev.shape[2] + q_len
             and old_pi.shape[-1] == prev.shape[2]
@@ -271,7 +306,7 @@ def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.
             pi = torch.cat([old_pi, gate.key_gate(key[:, :, -q_len:])], dim=-1)
     if pi is None:
         pi = gate.key_gate(key)
-    gate._pi_memo = (weakref.ref(key), key._version, versions, pi)
+    gate._pi_memo = (weakref.ref(key), key._version, _key_gate_params(gate), pi)
     return pi
 
 
@@ -279,7 +314,29 @@ def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.
 
 
 def is_patched(model: nn.Module) -> bool:
-    return _STATE_ATTR in model.__dict__
+    """True when ``model`` is patched and still runs GAPE attention.
+
+    After ``model.set_attn_implementation("sdpa")`` (or any other) the gates are
+    still attached but unused: this says False, with a warning, until
+    ``set_attn_implementation("gape")`` or :func:`unpatch`."""
+    if _STATE_ATTR not in model.__dict__:
+        return False
+    switched = _switched_away(model)
+    if switched is not None:
+        logger.warning("gape: %s", switched)
+        return False
+    return True
+
+
+def _switched_away(model: nn.Module) -> str | None:
+    """Why a patched model no longer runs GAPE (None when it does)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", IMPLEMENTATION)
+    if impl == IMPLEMENTATION:
+        return None
+    return (
+        f"{type(model).__name__} was patched with GAPE but its attention implementation is now {impl!r}, so GAPE "
+        f"is off; call model.set_attn_implementation({IMPLEMENTATION!r}) to turn it back on, or gape.unpatch(model)"
+    )
 
 
 def _state(model: nn.Module) -> dict:
@@ -360,10 +417,13 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         config = GapeConfig.from_dict(config)
     elif not isinstance(config, GapeConfig):
         raise TypeError(f"config must be a GapeConfig, a dict or None, got {type(config).__name__}")
+    else:
+        config.validate()  # fields may have been set after construction
     if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if is_patched(model):
-        raise ValueError("model is already patched with GAPE; call gape.unpatch(model) first")
+    if _STATE_ATTR in model.__dict__:
+        switched = _switched_away(model)
+        raise ValueError(switched or "model is already patched with GAPE; call gape.unpatch(model) first")
     spec = get_spec(getattr(model.config, "model_type", None))
     if config.rope_layout is None:
         config = config.replace(rope_layout=spec.rope_layout)
@@ -523,11 +583,30 @@ def record_gates(model: nn.Module):
 # --------------------------------------------------------------------------- save / load
 
 
+def _check_gate_path(path, *, for_writing: bool) -> str:
+    """``path`` as a string, or an error that names it and says what is wrong."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (a .safetensors file), got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "gates.safetensors")
+        hint = f"; pass the file inside it, {inside}" if os.path.isfile(inside) else ""
+        raise IsADirectoryError(f"gate file path {path} is a folder, not a .safetensors file{hint}")
+    if for_writing:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot save gates to {path}: folder {folder} does not exist (create it first)")
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"gate file {path} does not exist")
+    return path
+
+
 def save_gates(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the gates of a patched model to ``path`` (safetensors; config and
     model shape in the metadata). The write is atomic."""
     from safetensors.torch import save_file
 
+    path = _check_gate_path(path, for_writing=True)
     state = _state(model)
     tensors = {}
     for i, gate in iter_gates(model):
@@ -541,40 +620,112 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> None:
         "model_type": str(model.config.model_type),
         **{k: str(v) for k, v in shape.items()},
     }
-    replace_atomic(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# Metadata every gate file carries (save_gates writes them all).
+_REQUIRED_METADATA = ("config", "model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+# Value ranges the config implies for saved gate tensors (others: any finite value;
+# alpha may be negative, it is clamped at 0 in the forward pass).
+_GATE_RANGES = {"fixed_lambda": (0.0, math.inf)}
+
+
+def _validate_gate_file(path: str, metadata: dict, tensors: dict) -> GapeConfig:
+    """Everything a gate file must satisfy on its own; returns its config.
+
+    Raises ValueError naming ``path`` and the first thing wrong: format, missing
+    or malformed metadata, an invalid config, a tensor name that is not
+    ``layers.<i>.<name>``, a non-float or non-finite tensor, a value outside
+    the range the config implies."""
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a GAPE gate file (metadata format {metadata.get('format')!r}, want {_FORMAT!r})")
+    missing = [k for k in _REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise ValueError(f"gate file {path} lacks metadata {missing} (written by gape.save_gates, which stores them all)")
+    for k in _REQUIRED_METADATA[2:]:
+        if not metadata[k].isdigit() or int(metadata[k]) < 1:
+            raise ValueError(f"gate file {path}: metadata {k}={metadata[k]!r} is not a positive integer")
+    try:
+        config = GapeConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"gate file {path} holds an invalid GapeConfig: {err}") from None
+    for key, t in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit():
+            raise ValueError(f"gate file {path}: tensor {key!r} is not named layers.<index>.<name>")
+        if not t.is_floating_point():
+            raise ValueError(f"gate file {path}: tensor {key} has dtype {t.dtype}, want a float dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"gate file {path}: tensor {key} has non-finite values (NaN or inf)")
+        lo, hi = _GATE_RANGES.get(parts[2], (-math.inf, math.inf))
+        if t.numel() and not (float(t.min()) >= lo and float(t.max()) <= hi):
+            raise ValueError(
+                f"gate file {path}: tensor {key} has values in [{float(t.min())}, {float(t.max())}], must lie in [{lo}, {hi}]"
+            )
+    return config
 
 
 def read_gates(path: str | os.PathLike) -> tuple[GapeConfig, dict, dict[str, torch.Tensor]]:
-    """``(config, metadata, tensors)`` of a gate file."""
-    from safetensors import safe_open
+    """``(config, metadata, tensors)`` of a gate file, validated (see :func:`load_gates`)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(f"{os.fspath(path)} is not a GAPE gate file (metadata format {metadata.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return GapeConfig.from_json(metadata["config"]), metadata, tensors
+    path = _check_gate_path(path, for_writing=False)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"gate file {path} is not a readable safetensors file: {err}") from None
+    config = _validate_gate_file(path, metadata, tensors)
+    return config, metadata, tensors
 
 
-def load_gates(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_gates(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
     """Load gates saved by :func:`save_gates` into ``model``.
 
     An unpatched model is patched first with the saved config. A patched model
     keeps its own config (backend, distance) and must have the same patched
-    layers and gate layout. Raises ValueError when
-    the layer count, head counts or head dim differ from the saved model's.
+    layers and gate layout. The file is validated before anything changes
+    (finite float tensors, ranges the config implies, its config, metadata);
+    ValueError names the file and what is wrong when the layer count, head
+    counts, head dim or architecture (``model_type``; a warning with
+    ``strict=False``) differ from the saved model's. Loading is all-or-nothing:
+    after an error the model is exactly as before (not patched, or patched with
+    its old gate values).
     """
     config, metadata, tensors = read_gates(path)
+    path = os.fspath(path)
     shape = model_shape(model)
     saved = {k: int(metadata[k]) for k in shape}
     diffs = [f"{k} {saved[k]} (file) vs {shape[k]} (model)" for k in shape if saved[k] != shape[k]]
     if diffs:
         raise ValueError(
-            f"gates in {os.fspath(path)} were saved for a {metadata.get('model_type')} model that does not match this "
+            f"gates in {path} were saved for a {metadata.get('model_type')} model that does not match this "
             f"{model.config.model_type} model: " + "; ".join(diffs)
         )
-    if not is_patched(model):
+    if metadata["model_type"] != str(model.config.model_type):
+        msg = (
+            f"gates in {path} were saved from a {metadata['model_type']} model, this one is "
+            f"{model.config.model_type} (same shapes; pass strict=False to load them anyway)"
+        )
+        if strict:
+            raise ValueError(msg)
+        logger.warning("gape: %s", msg)
+    patched_here = not is_patched(model)
+    if patched_here:
         patch(model, config)
+    try:
+        _copy_gates(model, path, config, tensors)
+    except BaseException:
+        if patched_here:
+            unpatch(model)
+        raise
+    return model
+
+
+def _copy_gates(model: nn.Module, path: str, config: GapeConfig, tensors: dict) -> None:
+    """Check every layer's tensors against the patched gates, then copy them all
+    (restoring the old values if a copy fails): all or nothing."""
     current = gape_config(model)
     for name in ("gate", "train_length"):
         if getattr(current, name) != getattr(config, name):
@@ -586,24 +737,39 @@ def load_gates(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if current.distance != config.distance:
         logger.warning(
             "gape: gates in %s were trained with distance=%r but the model is patched with distance=%r",
-            os.fspath(path), config.distance, current.distance,
+            path, config.distance, current.distance,
         )
-    for i, gate in iter_gates(model):
+    gates = iter_gates(model)
+    extra = sorted({int(k.split(".")[1]) for k in tensors} - {i for i, _ in gates})
+    if extra:
+        raise ValueError(
+            f"gate file {path} has gates for layers {extra} that the model does not patch (patched: {_state(model)['layers']})"
+        )
+    pairs = []
+    for i, gate in gates:
         own = dict(list(gate.named_parameters()) + list(gate.named_buffers()))
         prefix = f"layers.{i}."
         theirs = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if set(theirs) != set(own):
             raise ValueError(
-                f"layer {i}: gate file holds {sorted(theirs) or 'nothing'} but the patched model's gate has {sorted(own)} "
-                f"(file config: layers={config.layers}, key_gate={config.key_gate}, fixed_lambda={config.fixed_lambda}; "
-                f"model: layers={current.layers}, key_gate={current.key_gate}, fixed_lambda={current.fixed_lambda})"
+                f"gate file {path}, layer {i}: the file holds {sorted(theirs) or 'nothing'} but the patched model's gate "
+                f"has {sorted(own)} (file config: layers={config.layers}, key_gate={config.key_gate}, "
+                f"fixed_lambda={config.fixed_lambda}; model: layers={current.layers}, key_gate={current.key_gate}, "
+                f"fixed_lambda={current.fixed_lambda})"
             )
-        with torch.no_grad():
-            for name, t in theirs.items():
-                if own[name].shape != t.shape:
-                    raise ValueError(f"layer {i}: gate {name} has shape {tuple(t.shape)} in the file, {tuple(own[name].shape)} in the model")
-                own[name].copy_(t.to(own[name].dtype))
-    extra = sorted({int(k.split(".")[1]) for k in tensors} - {i for i, _ in iter_gates(model)})
-    if extra:
-        raise ValueError(f"gate file has gates for layers {extra} that the model does not patch (patched: {_state(model)['layers']})")
-    return model
+        for name, t in theirs.items():
+            if own[name].shape != t.shape:
+                raise ValueError(
+                    f"gate file {path}, layer {i}: gate {name} has shape {tuple(t.shape)} in the file, "
+                    f"{tuple(own[name].shape)} in the model"
+                )
+            pairs.append((own[name], t))
+    backup = [dst.detach().clone() for dst, _ in pairs]
+    with torch.no_grad():
+        try:
+            for dst, src in pairs:
+                dst.copy_(src.to(dst.dtype))
+        except BaseException:
+            for (dst, _), old in zip(pairs, backup):
+                dst.copy_(old)
+            raise

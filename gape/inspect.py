@@ -133,15 +133,21 @@ def plot(result: dict, path: str, title: str = "") -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    from . import _args as A
+
+    parser.add_argument("--model", type=A.model_path, default=None,
+                        help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--prompt", default=None, help="prompt text (default: a passkey prompt of --length tokens)")
-    parser.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    parser.add_argument("--length", type=int, default=512, help="length of the default passkey prompt")
-    parser.add_argument("--gates", default=None, help="trained gates (gape calibrate); default: training-free setting")
-    parser.add_argument("--lam", type=float, default=None, help="training-free largest lambda")
-    parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: first, middle, last)")
-    parser.add_argument("--out", default="inspect.png", help="PNG path (a .json with the numbers is written beside it)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt-file", type=A.in_file, default=None, help="read the prompt from this file")
+    parser.add_argument("--length", type=A.integer(64, 1 << 16), default=512, help="length of the default passkey prompt")
+    parser.add_argument("--gates", type=A.in_file, default=None,
+                        help="trained gates (gape calibrate); default: training-free setting")
+    parser.add_argument("--lam", type=A.number(0.0), default=None, help="training-free largest lambda")
+    parser.add_argument("--layers", type=A.int_list(), default=None,
+                        help="comma-separated layer indices (default: first, middle, last)")
+    parser.add_argument("--out", type=A.out_file, default="inspect.png",
+                        help="PNG path (a .json with the numbers is written beside it)")
+    parser.add_argument("--threads", type=A.threads, default=1)
 
 
 def run(args) -> int:
@@ -159,7 +165,17 @@ def run(args) -> int:
         from .niah.generator import build_sample
 
         ids = build_sample(tok, task="passkey", length=args.length, depth=0.25, seed=0).input_ids
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = args.layers
+    if isinstance(layers, str):
+        layers = [int(x) for x in layers.split(",")]
+    if layers:
+        from . import hf
+        from ._args import UsageError
+
+        n = len(hf._find_layers(model, _spec(model)))
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise UsageError(f"--layers {bad}: the model has {n} layers (valid indices {-n}..{n - 1})")
     result = inspect_model(model, torch.tensor([ids]), layers=layers, gates=args.gates, tokenizer=tok, lam=args.lam)
     result["tokens"] = len(ids)
     plot(result, args.out, title=f"{args.model or 'SmolLM2-135M'}: {len(ids)} tokens, gates: {args.gates or 'training-free'}")

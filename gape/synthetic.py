@@ -38,7 +38,9 @@ import time
 
 import torch
 
-from ._io import save_figure_atomic, write_json_atomic
+from . import _args as A
+from ._io import lock_folder, save_figure_atomic, write_json_atomic
+from .api import BACKENDS
 from ._threads import set_threads
 
 # vocabulary
@@ -317,29 +319,29 @@ DEFAULT = dict(train_len=256, steps=1500, samples=200)
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="small run (T=128, 600 steps, 100 samples): a few minutes")
     parser.add_argument("--full", action="store_true", help="also evaluate at 16T")
-    parser.add_argument("--train-len", type=int, default=None, help="training length T (default 256; 128 with --quick)")
-    parser.add_argument("--eval-lens", default=None, help="comma-separated evaluation lengths (default T,2T,4T,8T[,16T])")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1500; 600 with --quick)")
-    parser.add_argument("--samples", type=int, default=None, help="eval samples per length (default 200; 100 with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (data, init, eval)")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ...")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {METHODS}")
-    parser.add_argument("--alpha", type=float, default=1.0, help="GAPE per-head lambda scale at init (2 did not train at theta 1e6 with key bias -3; README)")
-    parser.add_argument("--fixed-lambda", type=float, default=None, help="lambda of 'fixed' (default: gape's initial lambda, alpha*ln 2)")
-    parser.add_argument("--key-bias", type=float, default=-3.0,
+    parser.add_argument("--train-len", type=A.integer(32, A.MAX_TOKENS), default=None, help="training length T (default 256; 128 with --quick)")
+    parser.add_argument("--eval-lens", type=A.int_list(MIN_LENGTH, A.MAX_TOKENS), default=None, help="comma-separated evaluation lengths (default T,2T,4T,8T[,16T])")
+    parser.add_argument("--steps", type=A.integer(1), default=None, help="training steps (default 1500; 600 with --quick)")
+    parser.add_argument("--samples", type=A.integer(1), default=None, help="eval samples per length (default 200; 100 with --quick)")
+    parser.add_argument("--seed", type=A.seed, default=0, help="seed (data, init, eval)")
+    parser.add_argument("--seeds", type=A.integer(1, 1000), default=1, help="number of seeds: seed, seed+1, ...")
+    parser.add_argument("--methods", type=A.choice_list(METHODS), default=list(METHODS), help=f"comma-separated from {METHODS}")
+    parser.add_argument("--alpha", type=A.number(0.0), default=1.0, help="GAPE per-head lambda scale at init (2 did not train at theta 1e6 with key bias -3; README)")
+    parser.add_argument("--fixed-lambda", type=A.number(0.0), default=None, help="lambda of 'fixed' (default: gape's initial lambda, alpha*ln 2)")
+    parser.add_argument("--key-bias", type=A.number(), default=-3.0,
                         help="GAPE key-gate bias at init, pi = sigmoid(key_bias); -3 (pi~0.05) reaches furthest on average (16T), "
                         "-1 and 0 give sharper attention but less reach (README)")
-    parser.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gate parameters (default: --lr)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--theta", type=float, default=THETA,
+    parser.add_argument("--gate-lr", type=A.number(0.0, above=True), default=None, help="learning rate of the gate parameters (default: --lr)")
+    parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-3)
+    parser.add_argument("--batch", type=A.integer(1, 65536), default=32)
+    parser.add_argument("--theta", type=A.number(0.0, above=True), default=THETA,
                         help="RoPE theta (default 1e6, as in Qwen2/Llama-3-class models; GAPE extrapolated to 8T at 1e6, "
                         "not at 1e4; 100 broke both methods)")
-    parser.add_argument("--backend", default="torch", help="GAPE attention backend for training/eval")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine: 2 threads measured 7x slower per step here)")
-    parser.add_argument("--out", default="benchmarks/results/synthetic", help="output folder (results.json, accuracy.png)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="GAPE attention backend for training/eval")
+    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (1 is fastest on a busy machine: 2 threads measured 7x slower per step here)")
+    parser.add_argument("--out", type=A.out_folder, default="benchmarks/results/synthetic", help="output folder (results.json, accuracy.png)")
     parser.add_argument("--force", action="store_true", help="discard results in --out made with a different config")
-    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None, type=A.in_folder_with("results.json"),
                         help="instead of training: merge the runs in DIR/results.json (same experiment, e.g. other "
                         "seeds run as separate processes) into --out, then re-aggregate")
 
@@ -350,12 +352,12 @@ def resolve(args) -> dict:
     if T < 32:
         raise ValueError(f"--train-len must be >= 32, got {T}")
     if args.eval_lens:
-        lens = [int(x) for x in args.eval_lens.split(",") if x.strip()]
+        lens = A.int_list(MIN_LENGTH, A.MAX_TOKENS)(args.eval_lens) if isinstance(args.eval_lens, str) else list(args.eval_lens)
     else:
         lens = [T, 2 * T, 4 * T, 8 * T] + ([16 * T] if args.full else [])
     if any(L < MIN_LENGTH for L in lens):
         raise ValueError(f"--eval-lens must all be >= {MIN_LENGTH}, got {lens}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods if isinstance(args.methods, list) else [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"--methods must be a comma-separated list from {METHODS}, got {args.methods!r}")
@@ -395,22 +397,21 @@ def merge(out: str, sources: list[str]) -> dict:
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
         if not sources:
-            raise ValueError(f"nothing to merge: {path} does not exist and no source folder was given")
-        with open(os.path.join(sources[0], "results.json")) as f:
-            results = json.load(f)
+            raise A.UsageError(f"nothing to merge: {path} does not exist and no source folder was given")
+        results = _read_results(os.path.join(sources[0], "results.json"))
         sources = sources[1:]
         os.makedirs(out, exist_ok=True)
     else:
-        with open(path) as f:
-            results = json.load(f)
+        results = _read_results(path)
     for src in sources:
-        with open(os.path.join(src, "results.json")) as f:
-            other = json.load(f)
+        other = _read_results(os.path.join(src, "results.json"))
+        if other is None:
+            raise A.UsageError(f"--merge {src}: {src}/results.json does not exist")
         if not _same_experiment(results["config"], other["config"]):
-            raise ValueError(f"{src}/results.json is a different experiment from {path}: its config differs beyond methods and seeds")
+            raise A.UsageError(f"{src}/results.json is a different experiment from {path}: its config differs beyond methods and seeds")
         clash = sorted(set(results["runs"]) & set(other["runs"]))
         if clash:
-            raise ValueError(f"{src}/results.json repeats runs already in {path}: {clash}")
+            raise A.UsageError(f"{src}/results.json repeats runs already in {path}: {clash}")
         results["runs"].update(other["runs"])
         results["timings"].update(other.get("timings", {}))
         results["config"].update(_methods_and_seeds(results["config"], other["config"]))
@@ -420,7 +421,30 @@ def merge(out: str, sources: list[str]) -> dict:
     return results
 
 
+def _read_results(path: str, force: bool = False) -> dict | None:
+    """``results.json`` (None when absent); an unreadable one is an error naming
+    it, or, with ``force``, discarded."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        if not isinstance(results, dict) or not isinstance(results.get("runs", {}), dict):
+            raise ValueError("not a results object")
+        return results
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        if force:
+            print(f"warning: {path} is unreadable ({err}); discarded (--force)")
+            return None
+        raise A.UsageError(f"{path} is unreadable ({err}); fix or delete it, or pass --force to start afresh") from None
+
+
 def run(args) -> int:
+    with lock_folder(args.out, "gape synthetic"):
+        return _run_locked(args)
+
+
+def _run_locked(args) -> int:
     if args.merge:
         print(table(merge(args.out, args.merge)))
         return 0
@@ -428,13 +452,11 @@ def run(args) -> int:
     config = resolve(args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
-    results = None
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
+    results = _read_results(path, args.force)
+    if results is not None:
         if not _same_experiment(results.get("config", {}), config):
             if not args.force:
-                raise ValueError(f"{path} holds results of a different configuration; use another --out or --force")
+                raise A.UsageError(f"{path} holds results of a different configuration; use another --out or --force")
             results = None
     if results is None:
         results = {"train_len": config["train_len"], "runs": {}, "timings": {}}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .api import double_backward_error
 from .kernels import attention_cpu
 from .reference import phi as _phi
 from .torch_tiles import CHUNK_SIZE, TilePlan, compute_dtype, decode_forward, phi_reversed, tiles_backward, tiles_forward
@@ -102,8 +103,12 @@ class _GapeAttention(torch.autograd.Function):
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # create_graph=True runs the backward with grad mode on. This backward is not
+        # itself differentiable: refuse (once_differentiable would silently drop the
+        # second-order terms whenever grad_out does not require grad).
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(double_backward_error("torch"))
         query, key, value, query_gate, key_gate, attn_mask, out, lse = ctx.saved_tensors
         is_causal, scale, distance, chunk_size = ctx.args
         needs = ctx.needs_input_grad[:5]

@@ -45,6 +45,14 @@ _NEG_INF = float("-inf")
 _softmax_out = torch.ops.aten._softmax.out
 
 
+def _viewable(t: torch.Tensor, shape) -> bool:
+    try:
+        t.view(shape)
+    except RuntimeError:
+        return False
+    return True
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -65,6 +73,8 @@ class TilePlan:
         self.cdt, self.device = cdt, query.device
         # K/V contiguous: the GEMM paths view them as [B*Hkv, Lk, D] (a no-op for cache tensors)
         self.query, self.key, self.value = query.to(cdt), key.to(cdt).contiguous(), value.to(cdt).contiguous()
+        if not _viewable(self.query, (b, hkv, self.rep, lq, d)):
+            self.query = self.query.contiguous()  # e.g. as_strided heads: the GEMM path views the query per group
         self.lam = query_gate.to(cdt).reshape(b, hkv, self.rep, lq)
         self.neg_lam = self.lam.neg().unsqueeze(-1)
         self.keep = (1 - key_gate.to(cdt)).reshape(b, hkv, lk)
@@ -72,6 +82,10 @@ class TilePlan:
         # Without a mask every row keeps its distance-0 key (or, non-causal, any
         # key) when Lq <= Lk; only then may the empty-row guards be skipped.
         self.may_have_empty_rows = attn_mask is not None or lq > lk
+        # NaN/inf in the query or keys (one pass over each, no bigger than a GEMM's read)
+        self.nonfinite = (attn_mask is not None or is_causal) and not bool(
+            torch.isfinite(self.query).all() and torch.isfinite(self.key).all()
+        )
         # Toeplitz table: toep[r, x] = phi(delta(r + off - x)), so the tile of a chunk whose
         # first row sits at position p0 is toep[:cc, off - p0 : off - p0 + kend]. phi is
         # evaluated once per distance (a vector, reversed) and the rows are windows of it.
@@ -108,6 +122,12 @@ class TilePlan:
         torch.mul(self.keep[:, :, None, None, :kend], phi, out=keep_phi)
         s = self.buf[:n_s].view(b, hkv, rep, cc, kend)
         torch.mul(self.neg_lam[..., i0:i1, :], keep_phi, out=s)
+        self._mask_(s, i0, i1, kend)
+        return s, phi
+
+    def _mask_(self, s, i0, i1, kend):
+        """Set the disallowed keys of one chunk's ``[B, Hkv, rep, cc, kend]`` tile to ``-inf``."""
+        cc, hkv, rep = i1 - i0, self.hkv, self.rep
         if self.is_causal:
             ds = kend - cc  # first column of the diagonal block (< 0 when Lq > Lk)
             future = self._future.get(cc)
@@ -125,7 +145,6 @@ class TilePlan:
                 m = m[..., :kend]
             m = m.reshape(m.shape[0], hkv, rep, *m.shape[2:]) if m.shape[1] != 1 else m.unsqueeze(1)
             s.masked_fill_(m.logical_not(), _NEG_INF)
-        return s, phi
 
     def probs(self, i0, i1, kend):
         """Attention probabilities of one chunk as ``[B*Hkv, rep*cc, kend]`` (our own GEMM and softmax).
@@ -137,17 +156,30 @@ class TilePlan:
         qc = self.query.view(self.b, self.hkv, self.rep, self.lq, self.d)[:, :, :, i0:i1].reshape(g, rows, self.d)
         k = self.key.view(g, self.lk, self.d)[:, :kend]
         p = s.view(g, rows, kend).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
-        _softmax_out(p, -1, False, out=p)
-        if self.may_have_empty_rows:
-            p.nan_to_num_(0.0)  # softmax of an all -inf row is NaN; GAPE's is zeros
+        if self.nonfinite:
+            # -inf + NaN is NaN: mask again after the product, so a NaN key the row may not
+            # see (or a NaN query row with no allowed key) stays out, as in the reference
+            self._mask_(p.view(self.b, self.hkv, self.rep, i1 - i0, kend), i0, i1, kend)
+        _softmax_rows(p, self.may_have_empty_rows)
         return p, qc, phi
+
+
+def _softmax_rows(p: torch.Tensor, may_have_empty_rows: bool) -> None:
+    """In-place softmax over the last dim. A row whose logits are all ``-inf`` (no
+    allowed key) becomes zeros, as GAPE defines it; a NaN logit (NaN in the query,
+    key or value) keeps its row NaN, as in the reference (not ``nan_to_num``)."""
+    empty = p.amax(-1, keepdim=True) == _NEG_INF if may_have_empty_rows else None
+    _softmax_out(p, -1, False, out=p)
+    if empty is not None:
+        p.masked_fill_(empty, 0.0)
 
 
 def tiles_forward(plan: TilePlan, strategy: str):
     """The forward of ``strategy`` ("sdpa-tiles" or "gemm-tiles") in the compute dtype."""
     b, hq, lq, dv = plan.b, plan.hq, plan.lq, plan.dv
     out = torch.empty(b, hq, lq, dv, device=plan.device, dtype=plan.cdt)
-    fused = strategy == "sdpa-tiles"
+    # SDPA adds the -inf mask to a NaN logit: only our GEMM path masks after the product
+    fused = strategy == "sdpa-tiles" and not plan.nonfinite
     for i0, i1, kend in plan.chunks():
         if kend <= 0:
             out[:, :, i0:i1] = 0  # every row of this chunk precedes the cache
@@ -241,13 +273,12 @@ def decode_forward(query, key, value, query_gate, key_gate, attn_mask, scale, di
     # bias = -lambda (1 - pi) phi = lambda (pi - 1) phi, as [B, Hkv, rep, Lk]
     keep_phi = (key_gate.to(cdt) - 1).mul_(phi).view(b, hkv, 1, lk)
     s = torch.mul(query_gate.to(cdt).reshape(b, hkv, rep, 1), keep_phi)
-    if attn_mask is not None:
-        m = attn_mask.expand(b, hq, 1, lk).reshape(b, hkv, rep, lk)
-        s.masked_fill_(m.logical_not(), _NEG_INF)
     k = key.to(cdt).reshape(g, lk, d)
     p = s.view(g, rep, lk).baddbmm_(query.to(cdt).reshape(g, rep, d), k.transpose(1, 2), alpha=scale)
-    _softmax_out(p, -1, False, out=p)
     if attn_mask is not None:
-        p.nan_to_num_(0.0)  # a row with every key masked: zeros, as GAPE defines it
+        # masked after the product: a NaN key the row may not see stays out, as in the reference
+        m = attn_mask.expand(b, hq, 1, lk).reshape(g, rep, lk)
+        p.masked_fill_(m.logical_not(), _NEG_INF)
+    _softmax_rows(p, attn_mask is not None)  # a row with every key masked: zeros
     out = torch.bmm(p, value.to(cdt).reshape(g, lk, dv))
     return out.view(b, hq, 1, dv).to(query.dtype)

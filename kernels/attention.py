@@ -683,6 +683,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+        from gape.api import double_backward_error
+
+        raise RuntimeError(double_backward_error("triton"))
     query, key, value, query_gate, key_gate, out, lse, key_start, key_end = ctx.saved_tensors
     grads = _bwd_op(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
                     *ctx.args)

@@ -144,11 +144,26 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     return longest <= _INT32_MAX // 2
 
 
+def blas_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when BLAS can read its ``[L, D]`` planes in place, else a contiguous copy.
+
+    BLAS takes a matrix as a pointer and a leading dimension: the last dim must
+    be contiguous and rows must not overlap (``stride(-2) >= size(-1)``). An
+    expanded (stride 0), ``as_strided`` or ``unfold`` input breaks the second
+    rule; MKL then refuses the call (a message on stderr, the output left as
+    zeros), so such inputs are copied here. Batch and head strides are free
+    (plain pointer offsets; stride 0 there is a zero-copy GQA expand)."""
+    if t.stride(-1) == 1 and t.stride(-2) >= max(1, t.shape[-1]):
+        return t
+    # not .contiguous(): it keeps a size-1 dim's odd stride, which BLAS still reads as the leading dim
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal):
     b, hq, lq, _ = query.shape
     lk = key.shape[2]
     dt = query.dtype
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    query, key, value = (blas_rows(t) for t in (query, key, value))
     query_gate = query_gate.to(dt).contiguous()
     keep = keep.to(dt).contiguous()
     phi_reversed = phi_reversed.to(dt).contiguous()
@@ -245,8 +260,7 @@ def attention_backward(
     query, key, value, query_gate, keep, phi_reversed, attn_mask = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal
     )
-    grad_out = grad_out.to(dt)
-    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_out = blas_rows(grad_out.to(dt))
     delta = (grad_out * out).sum(-1).contiguous()  # rowsum(dO * O)
     dq = torch.empty(b, hq, lq, d, dtype=dt)
     dk_h = torch.zeros(b, hq, lk, d, dtype=dt)

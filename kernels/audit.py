@@ -38,10 +38,13 @@ AUDIT_LEN = 4096  # sequence length the pruning filter sees (a long-context laun
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="JSON file for the rows (written atomically)")
+    from gape import _args as A
+
+    parser.add_argument("--out", type=A.out_file, required=True, help="JSON file for the rows (written atomically)")
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS), choices=sorted(ARCHS),
                         help="compute capabilities to compile for (default: 80 90)")
-    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128], help="head dims (default: 64 128)")
+    parser.add_argument("--head-dim", type=A.integer(16, 256), nargs="+", default=[64, 128],
+                        help="head dims, 16..256 (default: 64 128)")
     parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--causal", nargs="+", default=["1", "0"], choices=["1", "0"], help="1 = causal, 0 = not")

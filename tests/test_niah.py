@@ -197,5 +197,5 @@ def test_cli_refuses_changed_settings(tiny_folder, tmp_path, capsys):
 
 def test_cli_rejects_bad_flags(capsys):
     assert _cli(["--methods", "rope,alibi", "--no-progress"]) == 2
-    assert "methods" in capsys.readouterr().out
+    assert "argument --methods" in capsys.readouterr().err
     assert _cli(["--lengths", "1024,abc", "--no-progress"]) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen3Config
 
 import gape
 from gape import hf
@@ -447,3 +447,23 @@ def test_attention_probe_sees_the_paper_gates_and_alibi(setup):
     torch.testing.assert_close(rec[0]["lambda"], lam, rtol=1e-6, atol=1e-7)
     probs = rec[0]["probs"]
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 18), rtol=0, atol=1e-5)
+
+
+def test_paper_decode_refuses_after_key_gate_data_replaced():
+    """A key-gate parameter replaced through .data between decode steps: the stored pi of
+    the cached keys is stale, and the paper form cannot recompute it (no pre-RoPE keys)."""
+    from gape.gates import PaperGate
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    gape.patch(m, gape.GapeConfig(gate="paper", train_length=16))
+    ids = torch.randint(0, 50, (1, 8))
+    cache = DynamicCache()
+    with torch.no_grad():
+        m(ids, past_key_values=cache, use_cache=True)
+        m(ids[:, :1], past_key_values=cache, use_cache=True)  # fine
+        gate = next(mod for mod in m.modules() if isinstance(mod, PaperGate))
+        gate.w_l.data = torch.randn_like(gate.w_l)
+        with pytest.raises(ValueError, match="key-gate parameters changed"):
+            m(ids[:, :1], past_key_values=cache, use_cache=True)

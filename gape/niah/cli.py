@@ -7,6 +7,7 @@ import argparse
 import os
 import time
 
+from .. import _args as A
 from .generator import HAYSTACKS, TASKS
 from .methods import DEFAULT_GAPE_LAMBDA, METHODS, MethodOptions, parse_methods
 
@@ -15,48 +16,43 @@ QUICK = {"methods": "rope,gape", "lengths": "1024,2048", "depths": "0,0.5,1", "s
 DEFAULTS = {"methods": "rope,gape,yarn", "lengths": "1024,4096,8192", "depths": "0,0.25,0.5,0.75,1", "samples": 3, "max_new_tokens": 32, "task": "passkey"}
 
 
+# parse-time types: a bad value is reported under its flag (gape._args)
+_lengths = A.int_list(1, A.MAX_TOKENS)
+_depths = A.float_list(0.0, 1.0)
+_methods = A.choice_list(METHODS)
+
+
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+    return _lengths(text)
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
-    return values
+    return _depths(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default {DEFAULTS['methods']})")
-    parser.add_argument("--lengths", help=f"context lengths in tokens (default {DEFAULTS['lengths']})")
-    parser.add_argument("--depths", help=f"needle depths in [0,1] (default {DEFAULTS['depths']})")
-    parser.add_argument("--samples", type=int, help=f"samples per cell (default {DEFAULTS['samples']})")
+    parser.add_argument("--methods", type=_methods, help=f"comma-separated, from {','.join(METHODS)} (default {DEFAULTS['methods']})")
+    parser.add_argument("--lengths", type=_lengths,
+                        help=f"context lengths in tokens, at most {A.MAX_TOKENS} (default {DEFAULTS['lengths']})")
+    parser.add_argument("--depths", type=_depths, help=f"needle depths in [0,1] (default {DEFAULTS['depths']})")
+    parser.add_argument("--samples", type=A.integer(1, 10_000), help=f"samples per cell (default {DEFAULTS['samples']})")
     parser.add_argument("--task", choices=TASKS, help="passkey (LongLoRA style) or a RULER needle task (default passkey; single with --quick)")
     parser.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="repeated noise lines or the bundled essay")
-    parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", type=A.model_path, default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    parser.add_argument("--gates", default=None, help="trained gate file (safetensors from gape calibrate) for the gape methods")
+    parser.add_argument("--gates", type=A.in_file, default=None, help="trained gate file (safetensors from gape calibrate) for the gape methods")
     parser.add_argument(
         "--gape-lambda",
-        type=float,
+        type=A.number(0.0, 100.0),
         default=DEFAULT_GAPE_LAMBDA,
         help=f"training-free gape without --gates: constant forgetting rate lambda on every head (default {DEFAULT_GAPE_LAMBDA})",
     )
     parser.add_argument("--distance", choices=("log", "linear"), default="log", help="GAPE distance transform (training-free gape)")
-    parser.add_argument("--rope-factor", type=float, default=2.0, help="factor for yarn/dynamic/linear and gape+yarn (default 2)")
-    parser.add_argument("--out", default=None, help="output folder (default niah_results, or niah_quick with --quick)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, help=f"greedy tokens per answer (default {DEFAULTS['max_new_tokens']})")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--rope-factor", type=A.number(1.0, 1024.0), default=2.0, help="factor for yarn/dynamic/linear and gape+yarn (default 2)")
+    parser.add_argument("--out", type=A.out_folder, default=None, help="output folder (default niah_results, or niah_quick with --quick)")
+    parser.add_argument("--seed", type=A.seed, default=0)
+    parser.add_argument("--max-new-tokens", type=A.integer(1, 4096), help=f"greedy tokens per answer (default {DEFAULTS['max_new_tokens']})")
+    parser.add_argument("--threads", type=A.threads, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even when the model has a chat template")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -93,6 +89,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .._threads import set_threads
+    from .._io import FolderLockedError
     from .runner import RunMismatchError, run_benchmark
 
     try:
@@ -106,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         run_benchmark(cfg, progress=not args.no_progress)
-    except RunMismatchError as err:
+    except (RunMismatchError, A.UsageError, FolderLockedError) as err:
         print(f"gape niah: error: {err}")
         return 2
     print(f"results in {os.path.abspath(cfg.out)} ({time.perf_counter() - start:.0f} s)")

@@ -21,22 +21,49 @@ def row_key(row: dict) -> tuple:
     return tuple(round(row[k], 6) if k == "depth" else row[k] for k in KEY_FIELDS)
 
 
-def read_rows(out_dir: str) -> list[dict]:
-    """All complete rows of ``results.jsonl`` (a half-written last line is ignored)."""
+# the type each field of a row must have for the row to count
+_ROW_TYPES = {"method": str, "task": str, "haystack": str, "length": int, "depth": (int, float), "sample": int,
+              "seed": int, "score": (int, float), "correct": (bool, int), "seconds": (int, float)}
+
+
+def _valid_row(row) -> bool:
+    return isinstance(row, dict) and all(
+        k in row and isinstance(row[k], t) and not (t is int and isinstance(row[k], bool)) for k, t in _ROW_TYPES.items()
+    )
+
+
+def read_rows(out_dir: str, warn=None) -> list[dict]:
+    """The valid rows of ``results.jsonl``, each (method, task, haystack, length, depth,
+    sample, seed) once (the last row of a key wins).
+
+    A line that is not JSON (a half-written last line after a kill, a corrupted
+    file) or lacks a field is skipped; ``warn`` (a callable, e.g. ``print``) gets
+    one message counting them, and their samples are simply redone."""
     path = os.path.join(out_dir, RESULTS)
-    rows = []
     if not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8") as f:
+        return []
+    rows: dict[tuple, dict] = {}
+    bad = duplicates = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # interrupted mid-write: that sample is simply redone
-    return rows
+                row = None
+            if not _valid_row(row):
+                bad += 1
+                continue
+            key = row_key(row)
+            duplicates += key in rows
+            rows[key] = row
+    if warn is not None and (bad or duplicates):
+        parts = [f"skipped {bad} corrupted or incomplete row(s)"] if bad else []
+        parts += [f"counted {duplicates} duplicated row(s) once"] if duplicates else []
+        warn(f"warning: {path}: " + " and ".join(parts) + (" (their samples are redone)" if bad else ""))
+    return list(rows.values())
 
 
 def append_row(out_dir: str, row: dict) -> None:
@@ -57,6 +84,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     """One line per (method, task, haystack, length, depth): samples, accuracy (mean RULER
     string_match_all score), fully correct fraction, mean seconds per sample."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    rows = {row_key(r): r for r in rows}.values()  # each sample once, whatever the input
     for r in rows:
         groups[(r["method"], r["task"], r["haystack"], r["length"], round(r["depth"], 6))].append(r)
     out = []

@@ -16,16 +16,18 @@ from itertools import groupby
 
 import torch
 
-from .._io import write_atomic
+from .._args import UsageError
+from .._io import lock_folder, write_atomic
 from . import results as res
 from .generator import HAYSTACKS, TASKS, build_sample
 from .methods import MethodOptions, apply_method, parse_methods
 from .scoring import string_match_all
 
 RUN_FILE = "run.json"
+MAX_TOKENS = 1 << 20  # gape._args.MAX_TOKENS
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(UsageError):
     """The output folder holds rows produced with other settings."""
 
 
@@ -51,13 +53,18 @@ class BenchmarkConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.haystack not in HAYSTACKS:
             raise ValueError(f"haystack must be one of {HAYSTACKS}, got {self.haystack!r}")
-        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in self.lengths):
-            raise ValueError(f"lengths must be positive ints, got {self.lengths!r}")
-        if not self.depths or any(not 0.0 <= float(d) <= 1.0 for d in self.depths):
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_TOKENS for n in self.lengths):
+            raise ValueError(f"lengths must be ints in [1, {MAX_TOKENS}], got {self.lengths!r}")
+        if not self.depths or any(
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0 for d in self.depths
+        ):
             raise ValueError(f"depths must be numbers in [0, 1], got {self.depths!r}")
+        # a repeated length or depth is one cell, not extra samples
+        self.lengths = list(dict.fromkeys(self.lengths))
+        self.depths = list(dict.fromkeys(round(float(d), 6) for d in self.depths))
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
 
     def model_label(self) -> str:
@@ -81,11 +88,24 @@ class BenchmarkConfig:
         }
 
 
-def _check_run_file(out: str, settings: dict) -> None:
+def _check_run_file(out: str, settings: dict, echo=print) -> None:
     path = os.path.join(out, RUN_FILE)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+        except (ValueError, UnicodeDecodeError) as err:
+            if res.read_rows(out):
+                raise RunMismatchError(
+                    f"--out {out}: {path} is unreadable ({err}), so the settings of the rows in "
+                    f"{os.path.join(out, res.RESULTS)} are unknown; delete {RUN_FILE} if they were made with these "
+                    "settings, or use another --out"
+                ) from None
+            echo(f"warning: {path} was unreadable ({err}) and no result rows exist; rewritten")
+            write_atomic(path, json.dumps(settings, indent=2) + "\n")
+            return
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
@@ -117,31 +137,76 @@ def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress:
     ``model``/``tokenizer`` may be passed in (already loaded); otherwise ``cfg.model`` is loaded
     with :func:`gape.load_model` (only if some sample is left to run).
     """
+    cfg.validate()
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is a file, not a folder")
+    with lock_folder(cfg.out, "gape niah"):
+        return _run_locked(cfg, model, tokenizer, progress=progress, echo=echo)
+
+
+def max_tokens_in_memory(model, available: int | None = None) -> int:
+    """The longest prompt whose KV cache and prefill activations fit in the memory
+    available now (float32 estimate: 2 K/V per layer, hidden and MLP activations)."""
+    from .._machine import available_memory
+
+    c = model.config
+    layers, hidden = int(c.num_hidden_layers), int(c.hidden_size)
+    heads = int(c.num_attention_heads)
+    kv = int(getattr(c, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(c, "head_dim", None) or hidden // heads)
+    inter = int(getattr(c, "intermediate_size", None) or 4 * hidden)
+    elt = next(model.parameters()).element_size()
+    per_token = 2 * layers * kv * head_dim * elt + 4 * (4 * hidden + 3 * inter)
+    available = available_memory() if available is None else available
+    return max(1, int(available // per_token))
+
+
+def _check_lengths_fit(model, lengths: list[int]) -> None:
+    limit = max_tokens_in_memory(model)
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise UsageError(
+            f"--lengths {','.join(map(str, too_long))}: this machine's available memory holds prompts of at most "
+            f"about {limit} tokens for this model (KV cache and activations); use shorter lengths"
+        )
+
+
+def _run_locked(cfg: BenchmarkConfig, model, tokenizer, *, progress: bool, echo) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .plots import plot_all
 
-    cfg.validate()
-    os.makedirs(cfg.out, exist_ok=True)
-    _check_run_file(cfg.out, cfg.fixed_settings())
+    if cfg.options.gates and any(m.startswith("gape") for m in cfg.methods):
+        from ..hf import read_gates
+
+        try:  # a bad gate file fails now, before the model is loaded
+            read_gates(cfg.options.gates)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--gates: {err}") from None
+    _check_run_file(cfg.out, cfg.fixed_settings(), echo)
     depths = [float(d) for d in cfg.depths]
     plan = [(m, n, d, i) for m in cfg.methods for n in cfg.lengths for d in depths for i in range(cfg.samples)]
     key = lambda m, n, d, i: res.row_key(  # noqa: E731
         {"method": m, "task": cfg.task, "haystack": cfg.haystack, "length": n, "depth": d, "sample": i, "seed": cfg.seed}
     )
-    done = {res.row_key(r) for r in res.read_rows(cfg.out)}
+    done = {res.row_key(r) for r in res.read_rows(cfg.out, warn=echo)}
     todo = [p for p in plan if key(*p) not in done]
     if todo and model is None:
         from gape.models import load_model
 
         echo(f"loading {cfg.model_label()} ...")
         model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file)
+    if todo:
+        _check_lengths_fit(model, sorted({n for _, n, _, _ in todo}))
     if len(todo) < len(plan):
         echo(f"resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {os.path.join(cfg.out, res.RESULTS)}")
 
     if todo:  # fail now, not after hours, if the shortest length cannot hold the prompt
-        build_sample(tokenizer, task=cfg.task, length=min(n for _, n, _, _ in todo), depth=0.0, seed=cfg.seed,
-                     haystack=cfg.haystack, use_chat_template=cfg.chat_template)
+        try:
+            build_sample(tokenizer, task=cfg.task, length=min(n for _, n, _, _ in todo), depth=0.0, seed=cfg.seed,
+                         haystack=cfg.haystack, use_chat_template=cfg.chat_template)
+        except ValueError as err:
+            raise UsageError(f"--lengths: {err}") from None
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="niah", unit="sample", disable=not progress, dynamic_ncols=True)
     try:
         for method, group in groupby(todo, key=lambda p: p[0]):
