@@ -56,6 +56,11 @@ def write_json_atomic(path: str, data, **dump_kwargs) -> None:
     write_atomic(path, json.dumps(data, **dump_kwargs))
 
 
+def write_results_json(path: str, data) -> None:
+    """A results/card file as every command writes it: one-space indent, sorted keys, atomic."""
+    write_json_atomic(path, data, indent=1, sort_keys=True)
+
+
 def save_figure_atomic(fig, path: str, **savefig_kwargs) -> str:
     """Render a matplotlib figure to PNG bytes, then write them atomically."""
     buf = io.BytesIO()

@@ -11,27 +11,17 @@ delegates to the implementation the model was using. Works for unpatched
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
 
-from .reference import phi
+from .hf import GATE_ATTR, register_implementation
+from .reference import gape_bias, signed_distance
 
 PROBE = "gape_probe"
-GATE_ATTR = "gape_gate"
 
 # The active capture: the implementation to delegate to, the rows to keep and the sink.
 _ACTIVE: list[dict] = []
-
-
-@functools.cache
-def _register() -> None:
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(PROBE, _probe_forward)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
 
 
 def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, distance="log", gates=None):
@@ -50,17 +40,14 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
     q = query[:, :, idx].float()
     k = key.float().repeat_interleave(rep, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    delta = (idx + (lk - lq))[:, None] - torch.arange(lk, device=query.device)[None, :]
-    allowed = (delta >= 0)[None, None]
+    allowed = (signed_distance(lq, lk, query.device, rows=idx) >= 0)[None, None]
     lam = pi = None
     if gate is not None and gates is None:
         gates = (gate.query_gate(query), gate.key_gate(key))
     if gates is not None:
         lam = gates[0][:, :, idx].float()
         pi = gates[1].float()
-        ph = phi(delta.clamp_min(0), distance)
-        keep = 1 - pi.repeat_interleave(rep, dim=1)
-        scores = scores - lam[..., None] * keep[:, :, None, :] * ph
+        scores = scores + gape_bias(lam, pi.repeat_interleave(rep, dim=1), lq, lk, True, distance, rows=idx)
     if attention_mask is not None:
         m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         allowed = allowed & m[:, :, idx]
@@ -121,7 +108,7 @@ def capture_attention(model, rows=None, keys=False):
     Yields ``{layer_idx: {"probs": [B, Hq, R, K], "lambda": [B, Hq, R], "pi": [B, Hkv, K]}}``
     (gates only for GAPE layers; the last forward pass wins).
     """
-    _register()
+    register_implementation(PROBE, _probe_forward)
     original = model.config._attn_implementation
     out: dict = {}
     _ACTIVE.append({"rows": rows, "out": out, "original": original, "keys": keys})

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ._io import write_json_atomic
+from ._io import write_results_json
 from ._threads import set_threads
 
 TEXT_TASK = "text"
@@ -98,10 +98,6 @@ def lm_loss(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=x, logits_to_keep=n, use_cache=False).logits.float()
     target = labels[:, -n:][:, 1:]
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-
-
-def _write_json(path: str, data: dict) -> None:
-    write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def gate_summary(model) -> dict:
@@ -196,7 +192,7 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
         card["seconds"] = round(secs0 + time.perf_counter() - t_start, 1)
         card["gates"] = gate_summary(model)
         hf.save_gates(model, gates_path)
-        _write_json(card_path, card)
+        write_results_json(card_path, card)
 
     model.train()
     while time.perf_counter() < deadline and (max_steps is None or card["steps"] < max_steps):

@@ -8,8 +8,10 @@ self-describing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 from .api import BACKENDS
@@ -63,8 +65,10 @@ class GapeConfig:
             softplus(b)`` while ``w = 0``); ``b_g`` in the paper's form.
         key_bias_init: initial key-gate bias ``c_g`` (``pi = sigmoid(c)`` while ``u = 0``);
             ``b_l`` in the paper's form.
-        key_gate: ``False`` fixes ``pi = 0`` (no protection; the "fixed decay"
+        learned_pi: ``False`` fixes ``pi = 0`` (no protection; the "fixed decay"
             ablation when combined with ``fixed_lambda``) and creates no ``u, c``.
+            (Called ``key_gate`` before, which also names the tensor ``pi``; the
+            old name is still read, with a DeprecationWarning.)
         trainable: ``True`` (every gate parameter), ``False`` (none) or a list of
             parts from ``("alpha", "query", "key")`` (paper's form: ``gamma``;
             ``w_g, b_g``; ``w_l, b_l``).
@@ -87,7 +91,7 @@ class GapeConfig:
     alpha_init: float = 0.0
     query_bias_init: float = 0.0
     key_bias_init: float = 0.0
-    key_gate: bool = True
+    learned_pi: bool = True
     trainable: bool | list[str] = True
     fixed_lambda: float | list[float] | None = None
     rope_layout: str | None = None
@@ -125,7 +129,7 @@ class GapeConfig:
             setattr(self, name, float(value))
         if self.alpha_init < 0:
             raise ValueError(f"GapeConfig.alpha_init must be >= 0 (lambda >= 0), got {self.alpha_init}")
-        for name in ("key_gate", "identity_shortcut"):
+        for name in ("learned_pi", "identity_shortcut"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GapeConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.trainable, bool):
@@ -196,6 +200,7 @@ class GapeConfig:
     def from_dict(cls, data: dict) -> GapeConfig:
         if not isinstance(data, dict):
             raise TypeError(f"GapeConfig.from_dict expects a dict, got {type(data).__name__}")
+        data = _renamed(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -214,7 +219,43 @@ class GapeConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes) -> GapeConfig:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **_renamed(changes))
+
+    @property
+    def key_gate(self) -> bool:
+        """Deprecated name of :attr:`learned_pi`."""
+        warnings.warn(_RENAMED_MESSAGE, DeprecationWarning, stacklevel=2)
+        return self.learned_pi
+
+
+# old field name -> new one; read from saved files, dicts and keyword arguments
+_RENAMED = {"key_gate": "learned_pi"}
+_RENAMED_MESSAGE = "GapeConfig.key_gate is now GapeConfig.learned_pi (key_gate names the tensor pi)"
+
+
+def _renamed(data: dict) -> dict:
+    old = [k for k in data if k in _RENAMED]
+    if not old:
+        return data
+    warnings.warn(_RENAMED_MESSAGE, DeprecationWarning, stacklevel=3)
+    data = dict(data)
+    for k in old:
+        new = _RENAMED[k]
+        if new in data and data[new] != data[k]:
+            raise ValueError(f"GapeConfig got both {k}={data[k]!r} and {new}={data[new]!r}; pass {new} only")
+        data[new] = data.pop(k)
+    return data
+
+
+_dataclass_init = GapeConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, **kwargs):
+    _dataclass_init(self, *args, **_renamed(kwargs))
+
+
+GapeConfig.__init__ = _init
 
 
 def _plain(value):

@@ -18,8 +18,8 @@ Parameters (plain ``nn.Parameter``s, in the model's dtype, settable directly):
     alpha [Hq]      scale of lambda per query head; 0 at init (identity)
     w     [Hq, P]   query-gate weights; 0 at init
     b     [Hq]      query-gate bias
-    u     [Hkv, P]  key-gate weights; 0 at init     (absent if key_gate=False)
-    c     [Hkv]     key-gate bias                   (absent if key_gate=False)
+    u     [Hkv, P]  key-gate weights; 0 at init     (absent if learned_pi=False)
+    c     [Hkv]     key-gate bias                   (absent if learned_pi=False)
 
 With ``fixed_lambda`` set there is no ``alpha, w, b``: the buffer
 ``fixed_lambda [Hq]`` is lambda itself. A constant lambda per head with a
@@ -122,7 +122,7 @@ class GapeGate(nn.Module):
                     f"fixed_lambda has {len(fixed)} values but layer {layer_idx} has {num_heads} query heads"
                 )
             self.register_buffer("fixed_lambda", torch.tensor(fixed, dtype=torch.float32, device=device))
-        if config.key_gate:
+        if config.learned_pi:
             self.u = nn.Parameter(torch.zeros(num_kv_heads, pairs, **kw))
             self.c = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
 
@@ -144,7 +144,7 @@ class GapeGate(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "fixed lambda" if self.config.fixed_lambda is not None else "learned lambda"
-        key = "learned pi" if self.config.key_gate else "pi = 0"
+        key = "learned pi" if self.config.learned_pi else "pi = 0"
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"{mode}, {key}, layout={self.layout}"
@@ -178,7 +178,7 @@ class GapeGate(nn.Module):
     def key_gate(self, key: torch.Tensor) -> torch.Tensor:
         """pi ``[B, Hkv, Lk]`` (float32, in [0, 1]) from post-RoPE ``key [B, Hkv, Lk, D]``."""
         b, h, lk, _ = key.shape
-        if not self.config.key_gate:
+        if not self.config.learned_pi:
             return key.new_zeros((b, h, lk), dtype=torch.float32)
         feats = pair_features(key, self.layout)
         z = torch.matmul(feats, self.u.float()[:, :, None]).squeeze(-1) + self.c.float()[:, None]
@@ -211,8 +211,8 @@ class PaperGate(nn.Module):
         gamma [Hq]      head amplitude (``Gamma_h = softplus(gamma_h)``); ``gamma_init``
         w_g   [Hq, D]   query-gate weights; 0 at init
         b_g   [Hq]      query-gate bias; ``query_bias_init``
-        w_l   [Hkv, D]  landmark (key) gate weights; 0 at init   (absent if key_gate=False)
-        b_l   [Hkv]     landmark gate bias; ``key_bias_init``    (absent if key_gate=False)
+        w_l   [Hkv, D]  landmark (key) gate weights; 0 at init   (absent if learned_pi=False)
+        b_l   [Hkv]     landmark gate bias; ``key_bias_init``    (absent if learned_pi=False)
 
     The attention interface of transformers sees post-RoPE tensors only, so ``gape.hf``
     captures the pre-RoPE ones with forward hooks on the modules that produce them (the
@@ -248,7 +248,7 @@ class PaperGate(nn.Module):
         self.gamma = nn.Parameter(torch.full((num_heads,), config.gamma_init, **kw))
         self.w_g = nn.Parameter(torch.zeros(num_heads, head_dim, **kw))
         self.b_g = nn.Parameter(torch.full((num_heads,), config.query_bias_init, **kw))
-        if config.key_gate:
+        if config.learned_pi:
             self.w_l = nn.Parameter(torch.zeros(num_kv_heads, head_dim, **kw))
             self.b_l = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
         parts = config.trainable_parts()
@@ -272,7 +272,7 @@ class PaperGate(nn.Module):
         return {"gamma": "alpha", "w_g": "query", "b_g": "query", "w_l": "key", "b_l": "key"}[name]
 
     def extra_repr(self) -> str:
-        key = "learned pi" if self.config.key_gate else "pi = 0"
+        key = "learned pi" if self.config.learned_pi else "pi = 0"
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"T={self.train_length}, {key}, pre-RoPE"
@@ -288,7 +288,7 @@ class PaperGate(nn.Module):
     def _key_versions(self) -> tuple:
         # Storage, version counter and a copy of the values: a replaced ``.data`` and an
         # in-place edit through ``.data`` (which bumps no version counter) both show.
-        if not self.config.key_gate:
+        if not self.config.learned_pi:
             return ()
         return tuple((p.data_ptr(), p._version, p.detach().clone()) for p in (self.w_l, self.b_l))
 
@@ -307,7 +307,7 @@ class PaperGate(nn.Module):
         return (amp[:, None] * F.softplus(z)).contiguous()
 
     def _pi_blhd(self, k: torch.Tensor) -> torch.Tensor:
-        if not self.config.key_gate:
+        if not self.config.learned_pi:
             return k.new_zeros((k.shape[0], k.shape[2], k.shape[1]), dtype=torch.float32)
         z = _head_dot(k.float(), self.w_l.float()) + self.b_l.float()[:, None]
         return torch.sigmoid(z).contiguous()

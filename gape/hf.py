@@ -68,13 +68,19 @@ _FORMAT = "gape-gates"
 
 
 @functools.cache
-def _register() -> None:
-    """Make ``"gape"`` a valid ``attn_implementation`` (idempotent)."""
+def register_implementation(name: str, forward) -> None:
+    """Make ``name`` a valid ``attn_implementation`` running ``forward`` with
+    transformers' own SDPA mask (bool ``[B, 1, Q, K]`` or None); idempotent."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 
-    AttentionInterface.register(IMPLEMENTATION, gape_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def _register() -> None:
+    """Make ``"gape"`` a valid ``attn_implementation`` (idempotent)."""
+    register_implementation(IMPLEMENTATION, gape_attention_forward)
 
 
 @functools.cache
@@ -290,7 +296,7 @@ def _same_key_gate_params(saved: tuple, gate: GapeGate) -> bool:
 
 
 def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.Tensor:
-    if not gate.config.key_gate:
+    if not gate.config.learned_pi:
         return gate.key_gate(key)
     prev, memo, pi = gate._prev_keys, gate._pi_memo, None
     if prev is not None and memo is not None:
@@ -753,8 +759,8 @@ def _copy_gates(model: nn.Module, path: str, config: GapeConfig, tensors: dict) 
         if set(theirs) != set(own):
             raise ValueError(
                 f"gate file {path}, layer {i}: the file holds {sorted(theirs) or 'nothing'} but the patched model's gate "
-                f"has {sorted(own)} (file config: layers={config.layers}, key_gate={config.key_gate}, "
-                f"fixed_lambda={config.fixed_lambda}; model: layers={current.layers}, key_gate={current.key_gate}, "
+                f"has {sorted(own)} (file config: layers={config.layers}, learned_pi={config.learned_pi}, "
+                f"fixed_lambda={config.fixed_lambda}; model: layers={current.layers}, learned_pi={current.learned_pi}, "
                 f"fixed_lambda={current.fixed_lambda})"
             )
         for name, t in theirs.items():

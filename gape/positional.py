@@ -16,7 +16,7 @@ reversibly) to the positional encoding the GAPE paper compares against:
   gates on top (``gape.patch``, either gate form, ``distance="linear"``) the slope adds to
   the gate's forgetting rate: ``b = -(m_h + lambda) (1 - pi) delta`` -- the key gate
   protects a landmark from ALiBi's decay too. (The additive ``-m_h delta - lambda (1 - pi)
-  delta`` is not of the kernels' ``lambda_m (1 - pi_n)`` form; with ``key_gate=False`` the
+  delta`` is not of the kernels' ``lambda_m (1 - pi_n)`` form; with ``learned_pi=False`` the
   two coincide.)
 
 The rotary module is replaced by a :class:`TruncatedRotary` holding its own ``inv_freq``

@@ -25,9 +25,12 @@ def positions(lq: int, lk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return pos_q, pos_k
 
 
-def signed_distance(lq: int, lk: int, device) -> torch.Tensor:
-    """``pos_q - pos_k`` as int64 ``[lq, lk]`` (exact at any cache position)."""
+def signed_distance(lq: int, lk: int, device, rows=None) -> torch.Tensor:
+    """``pos_q - pos_k`` as int64 ``[lq, lk]`` (exact at any cache position);
+    only the query rows ``rows`` (an index tensor) when given."""
     pos_q, pos_k = positions(lq, lk, device)
+    if rows is not None:
+        pos_q = pos_q[rows]
     return pos_q[:, None] - pos_k[None, :]
 
 
@@ -67,14 +70,16 @@ def gape_bias(
     is_causal: bool,
     distance: str,
     dtype=torch.float32,
+    rows=None,
 ) -> torch.Tensor:
-    """``b[b, h, m, n] = -lambda_m * (1 - pi_n) * phi(delta_mn)`` as ``[B, Hq, Lq, Lk]``.
+    """``b[b, h, m, n] = -lambda_m * (1 - pi_n) * phi(delta_mn)`` as ``[B, Hq, Lq, Lk]``
+    (``[B, Hq, R, Lk]`` for the query rows ``rows``, whose ``query_gate`` is ``[B, Hq, R]``).
 
     ``key_gate`` must already be expanded to the query heads. The distance is
     formed from integer positions and only then converted to ``dtype``, so it
     stays exact at cache positions around 1e6 and beyond.
     """
-    delta = signed_distance(lq, lk, query_gate.device)
+    delta = signed_distance(lq, lk, query_gate.device, rows)
     delta = delta.clamp_min(0) if is_causal else delta.abs()
     ph = phi(delta, distance, dtype)
     lam = query_gate.to(dtype)[..., :, None]

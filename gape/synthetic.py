@@ -39,7 +39,7 @@ import time
 import torch
 
 from . import _args as A
-from ._io import lock_folder, save_figure_atomic, write_json_atomic
+from ._io import lock_folder, save_figure_atomic, write_results_json
 from .api import BACKENDS
 from ._threads import set_threads
 
@@ -117,10 +117,10 @@ def gape_config_for(method: str, alpha: float = 1.0, fixed_lambda: float | None 
     if method == "rope":
         return None
     if method == "gape":
-        return GapeConfig(alpha_init=alpha, key_bias_init=key_bias, backend=backend, key_gate=True, identity_shortcut=False)
+        return GapeConfig(alpha_init=alpha, key_bias_init=key_bias, backend=backend, learned_pi=True, identity_shortcut=False)
     if method == "fixed":
         lam = alpha * math.log(2.0) if fixed_lambda is None else fixed_lambda  # gape's lambda at init
-        return GapeConfig(fixed_lambda=lam, key_gate=False, backend=backend, trainable=False, identity_shortcut=False)
+        return GapeConfig(fixed_lambda=lam, learned_pi=False, backend=backend, trainable=False, identity_shortcut=False)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -175,10 +175,7 @@ def train(model, *, steps: int, train_len: int, seed: int, batch: int = 32, lr: 
     The data stream depends only on ``seed`` (the same for every method).
     Returns ``[[step, mean loss over the last log_every steps], ...]``.
     """
-    gate_ids = set()
-    for m in model.modules():
-        if type(m).__name__ == "GapeGate":
-            gate_ids |= {id(p) for p in m.parameters()}
+    gate_ids = {id(p) for _, g in _gates(model) for p in g.parameters()}
     base = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     gates = [p for p in model.parameters() if p.requires_grad and id(p) in gate_ids]
     groups = [{"params": base, "lr_scale": 1.0}]
@@ -242,10 +239,6 @@ def evaluate(model, length: int, samples: int, seed: int, *, batch_tokens: int =
 
 
 # --------------------------------------------------------------------------- results
-
-
-def _write_json(path: str, data: dict) -> None:
-    write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def aggregate(results: dict) -> None:
@@ -416,7 +409,7 @@ def merge(out: str, sources: list[str]) -> dict:
         results["timings"].update(other.get("timings", {}))
         results["config"].update(_methods_and_seeds(results["config"], other["config"]))
     aggregate(results)
-    _write_json(path, results)
+    write_results_json(path, results)
     plot(results, os.path.join(out, "accuracy.png"))
     return results
 
@@ -487,10 +480,10 @@ def _run_locked(args) -> int:
             results["runs"][key] = run_record
             results["timings"][key] = {"train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1)}
             aggregate(results)
-            _write_json(path, results)
+            write_results_json(path, results)
             plot(results, os.path.join(args.out, "accuracy.png"))
     aggregate(results)
-    _write_json(path, results)
+    write_results_json(path, results)
     if results["methods"]:
         plot(results, os.path.join(args.out, "accuracy.png"))
     print(table(results))
@@ -501,13 +494,19 @@ def _run_locked(args) -> int:
 def _gate_summary(model) -> dict:
     """Per layer: alpha, b and c of the learned gates (small; for the record)."""
     out = {}
-    for name, m in model.named_modules():
-        if type(m).__name__ == "GapeGate":
-            rec = {}
-            for p in ("alpha", "b", "c"):
-                if hasattr(m, p):
-                    rec[p] = [round(float(v), 4) for v in getattr(m, p).detach().flatten()]
-            if hasattr(m, "fixed_lambda"):
-                rec["fixed_lambda"] = [round(float(v), 4) for v in m.fixed_lambda.flatten()]
-            out[str(m.layer_idx)] = rec
+    for i, m in _gates(model):
+        rec = {}
+        for p in ("alpha", "b", "c"):
+            if hasattr(m, p):
+                rec[p] = [round(float(v), 4) for v in getattr(m, p).detach().flatten()]
+        if hasattr(m, "fixed_lambda"):
+            rec["fixed_lambda"] = [round(float(v), 4) for v in m.fixed_lambda.flatten()]
+        out[str(i)] = rec
     return out
+
+
+def _gates(model) -> list:
+    """``hf.iter_gates`` of a patched model; none for the unpatched (RoPE) baseline."""
+    from . import hf
+
+    return hf.iter_gates(model) if hf.is_patched(model) else []

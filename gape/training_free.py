@@ -70,7 +70,7 @@ def head_statistics(model, input_ids: torch.Tensor, skip: int = 16) -> dict[int,
 def training_free_config(distance: str = "log", backend: str = "auto"):
     from .config import GapeConfig
 
-    return GapeConfig(distance=distance, backend=backend, key_gate=True, trainable=False, identity_shortcut=False)
+    return GapeConfig(distance=distance, backend=backend, learned_pi=True, trainable=False, identity_shortcut=False)
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def apply_training_free(model, tokenizer=None, *, lam: float = DEFAULT_LAMBDA, p
         hf.patch(model, training_free_config(distance, backend))
     gates = hf.iter_gates(model)
     for _, gate in gates:
-        if gate.config.fixed_lambda is not None or not gate.config.key_gate:
+        if gate.config.fixed_lambda is not None or not gate.config.learned_pi:
             raise ValueError("apply_training_free needs a model patched with a learned-lambda, key-gated GapeConfig")
         gate.alpha.zero_()  # identity while measuring: statistics of the model as it was
     was_training = model.training

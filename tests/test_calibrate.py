@@ -47,7 +47,7 @@ def test_calibrate_trains_only_gates_saves_and_resumes(tok, tmp_path, one_thread
     assert card["steps"] == 3 and len(card["losses"]) == 3
     assert all(math.isfinite(l[-1]) for l in card["losses"])
     on_disk = json.loads((out / "card.json").read_text())
-    assert on_disk["steps"] == 3 and "eval_loss_after" in on_disk and on_disk["config"]["key_gate"] is True
+    assert on_disk["steps"] == 3 and "eval_loss_after" in on_disk and on_disk["config"]["learned_pi"] is True
     # the saved gates load into a fresh model and reproduce the trained one
     fresh = tiny_model()
     gape.load_gates(fresh, out / "gates.safetensors")
@@ -66,7 +66,7 @@ def test_calibrate_rejects_long_windows_and_untrainable_gates(tok, tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="max_len"):
         cal.calibrate(model, tok, out=str(tmp_path / "a"), max_len=8192)
-    hf.patch(model, gape.GapeConfig(fixed_lambda=0.1, key_gate=False))
+    hf.patch(model, gape.GapeConfig(fixed_lambda=0.1, learned_pi=False))
     with pytest.raises(ValueError, match="trainable"):
         cal.calibrate(model, tok, out=str(tmp_path / "b"), max_steps=1, min_len=400, max_len=420, tasks=TASKS)
 

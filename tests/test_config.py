@@ -8,7 +8,7 @@ from gape.config import GapeConfig
 def test_defaults_are_identity_and_learned():
     cfg = GapeConfig()
     assert cfg.distance == "log" and cfg.backend == "auto" and cfg.layers is None
-    assert cfg.alpha_init == 0.0 and cfg.key_gate is True and cfg.fixed_lambda is None
+    assert cfg.alpha_init == 0.0 and cfg.learned_pi is True and cfg.fixed_lambda is None
     assert cfg.trainable_parts() == ("alpha", "query", "key")
 
 
@@ -17,7 +17,7 @@ def test_defaults_are_identity_and_learned():
     [
         {},
         {"distance": "linear", "backend": "reference", "layers": [0, -1], "alpha_init": 1.5},
-        {"key_gate": False, "fixed_lambda": 0.25, "trainable": False},
+        {"learned_pi": False, "fixed_lambda": 0.25, "trainable": False},
         {"fixed_lambda": [0.1, 0.2, 0.0], "trainable": ["key"], "rope_layout": "interleaved"},
         {"query_bias_init": -2.0, "key_bias_init": 3.0, "identity_shortcut": False},
     ],
@@ -46,7 +46,7 @@ def test_trainable_list_is_normalised_to_part_order():
         ({"alpha_init": -1.0}, "alpha_init", ValueError),
         ({"alpha_init": float("nan")}, "alpha_init", ValueError),
         ({"key_bias_init": "1"}, "key_bias_init", ValueError),
-        ({"key_gate": 1}, "key_gate", TypeError),
+        ({"learned_pi": 1}, "learned_pi", TypeError),
         ({"trainable": ["beta"]}, "trainable", ValueError),
         ({"fixed_lambda": -0.1}, "fixed_lambda", ValueError),
         ({"fixed_lambda": []}, "fixed_lambda", ValueError),
@@ -95,3 +95,24 @@ def test_paper_form_defaults_and_round_trip():
 def test_paper_form_invalid_fields_are_named(kwargs, field):
     with pytest.raises(ValueError, match=f"GapeConfig.{field}"):
         GapeConfig(**kwargs)
+
+
+def test_old_key_gate_name_still_loads_with_a_deprecation_warning():
+    """``key_gate`` (the config bool) is now ``learned_pi``; saved configs, dicts and
+    keyword arguments with the old name still load, with a DeprecationWarning."""
+    import warnings
+
+    for make in (
+        lambda: GapeConfig.from_json('{"key_gate": false}'),
+        lambda: GapeConfig.from_dict({"key_gate": False}),
+        lambda: GapeConfig(key_gate=False),
+        lambda: GapeConfig().replace(key_gate=False),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cfg = make()
+        assert cfg.learned_pi is False
+        assert any(issubclass(w.category, DeprecationWarning) and "learned_pi" in str(w.message) for w in caught)
+    assert "key_gate" not in GapeConfig().to_dict() and GapeConfig().to_dict()["learned_pi"] is True
+    with pytest.raises(ValueError, match="both key_gate"):
+        GapeConfig.from_dict({"key_gate": False, "learned_pi": True})

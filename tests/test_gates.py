@@ -96,7 +96,7 @@ def test_negative_alpha_gives_zero_lambda_and_still_gets_gradient():
 
 
 def test_fixed_lambda_and_no_key_gate_have_no_parameters():
-    gate = GapeGate(HQ, HKV, D, GapeConfig(fixed_lambda=[0.1, 0.2, 0.3, 0.4], key_gate=False))
+    gate = GapeGate(HQ, HKV, D, GapeConfig(fixed_lambda=[0.1, 0.2, 0.3, 0.4], learned_pi=False))
     assert list(gate.parameters()) == []
     lam, pi = gate(torch.randn(2, HQ, 3, D), torch.randn(2, HKV, 5, D))
     torch.testing.assert_close(lam[1, :, 2], torch.tensor([0.1, 0.2, 0.3, 0.4]))

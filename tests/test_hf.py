@@ -254,7 +254,7 @@ def test_layer_subset():
 
 def test_fixed_decay_ablation_records_constant_lambda():
     model = make_model("mistral")
-    gape.patch(model, gape.GapeConfig(backend="reference", fixed_lambda=0.3, key_gate=False))
+    gape.patch(model, gape.GapeConfig(backend="reference", fixed_lambda=0.3, learned_pi=False))
     assert hf.gate_parameters(model) == []
     with torch.no_grad(), hf.record_gates(model) as rec:
         model(tokens(1, 10))

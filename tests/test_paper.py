@@ -175,7 +175,7 @@ def test_paper_parameters_are_the_papers():
     assert shapes == {"gamma": (4,), "w_g": (4, 16), "b_g": (4,), "w_l": (2, 16), "b_l": (2,)}
     assert [n for n, p in gate.named_parameters() if p.requires_grad] == ["w_g", "b_g"]
     gape.unpatch(model)
-    gape.patch(model, paper_config(key_gate=False))
+    gape.patch(model, paper_config(learned_pi=False))
     assert {n for n, _ in next(g for _, g in hf.iter_gates(model)).named_parameters()} == {"gamma", "w_g", "b_g"}
     with torch.no_grad():
         ids = tokens(1, 18)

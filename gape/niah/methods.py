@@ -51,7 +51,7 @@ def default_gape_config(gape_lambda: float = DEFAULT_GAPE_LAMBDA, distance: str 
     """The training-free GAPE used when no gate file is given."""
     from gape.config import GapeConfig
 
-    return GapeConfig(distance=distance, fixed_lambda=float(gape_lambda), key_gate=False, trainable=False)
+    return GapeConfig(distance=distance, fixed_lambda=float(gape_lambda), learned_pi=False, trainable=False)
 
 
 def apply_gape(model, options: MethodOptions) -> Callable[[], None]:
