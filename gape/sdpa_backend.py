@@ -20,17 +20,11 @@ tokens, so their rounding error is about ``eps * lambda * |t|`` instead of
 ``eps * lambda * delta``. Positions are centred on the newest token
 (``c = Lk - 1``), which leaves a decode step without cancellation (its query
 side is 0) and
-hurts the earliest rows of a long prefill most. Measured in float32 on the
-CPU (one head, D=16, random q/k, lambda ~ U(0, 1), pi ~ U(0, 0.5)), max abs
-error of the logits of nearby pairs (delta < 64, where the attention mass is)
-against float64: 9.6e-4 at positions up to 1e4, 1.3e-2 up to 1e5, 8.7e-2 up
-to 1e6, where the ``"torch"`` backend's logits (bias from integer distances)
-stay at 4e-6 to 5e-6. End to end, a float32 causal prefill of Lq = Lk = 1e4
-has max abs output error vs float64 of 7.9e-4 at lambda = 1 (``"torch"``:
-7.3e-7) and 4.3e-6 at lambda = 0.01 (``"torch"``: 6.3e-7). Float16 and
+hurts the earliest rows of a long prefill most; the README ("The sdpa backend
+and its precision limit") has the errors measured against float64. Float16 and
 bfloat16 inputs are computed in float32 (rounded to half precision the
-channels alone cost a logit error of 0.15 at 2k tokens) and cast back, so the
-float32 limits above hold for them too. More than ``2**24`` keys (positions no
+channels themselves would dominate the error) and cast back, so the float32
+limits hold for them too. More than ``2**24`` keys (positions no
 longer exact in float32) are refused.
 """
 

@@ -319,11 +319,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=A.seed, default=0, help="seed (data, init, eval)")
     parser.add_argument("--seeds", type=A.integer(1, 1000), default=1, help="number of seeds: seed, seed+1, ...")
     parser.add_argument("--methods", type=A.choice_list(METHODS), default=list(METHODS), help=f"comma-separated from {METHODS}")
-    parser.add_argument("--alpha", type=A.number(0.0), default=1.0, help="GAPE per-head lambda scale at init (2 did not train at theta 1e6 with key bias -3; README)")
+    parser.add_argument("--alpha", type=A.number(0.0), default=1.0, help="GAPE per-head lambda scale at init (README: the ablations)")
     parser.add_argument("--fixed-lambda", type=A.number(0.0), default=None, help="lambda of 'fixed' (default: gape's initial lambda, alpha*ln 2)")
     parser.add_argument("--key-bias", type=A.number(), default=-3.0,
-                        help="GAPE key-gate bias at init, pi = sigmoid(key_bias); -3 (pi~0.05) reaches furthest on average (16T), "
-                        "-1 and 0 give sharper attention but less reach (README)")
+                        help="GAPE key-gate bias at init, pi = sigmoid(key_bias) (README: the ablations)")
     parser.add_argument("--gate-lr", type=A.number(0.0, above=True), default=None, help="learning rate of the gate parameters (default: --lr)")
     parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-3)
     parser.add_argument("--batch", type=A.integer(1, 65536), default=32)
@@ -331,7 +330,7 @@ def add_arguments(parser) -> None:
                         help="RoPE theta (default 1e6, as in Qwen2/Llama-3-class models; GAPE extrapolated to 8T at 1e6, "
                         "not at 1e4; 100 broke both methods)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="GAPE attention backend for training/eval")
-    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (1 is fastest on a busy machine: 2 threads measured 7x slower per step here)")
+    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (1 is fastest on a busy machine; README)")
     parser.add_argument("--out", type=A.out_folder, default="benchmarks/results/synthetic", help="output folder (results.json, accuracy.png)")
     parser.add_argument("--force", action="store_true", help="discard results in --out made with a different config")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None, type=A.in_folder_with("results.json"),

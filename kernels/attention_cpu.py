@@ -3,9 +3,8 @@
 The kernel computes ``softmax(scale q k^T - lambda (1 - pi) phi(delta)) v``
 the FlashAttention way: BLAS for ``Q K^T`` and ``P V`` per block, the GAPE
 bias, masks and an online softmax in vector registers between them, so the
-bias never goes to memory. On the 2-core benchmark machine it runs at
-0.9-1.05x the time of PyTorch's own no-bias CPU flash attention (L = 1k-16k),
-against 1.4-2.3x for the pure-PyTorch tiles of :mod:`gape.torch_backend`.
+bias never goes to memory (its speed against PyTorch's no-bias flash
+attention and the pure-PyTorch tiles is in the README's CPU benchmark).
 
 It is compiled at first use with :func:`torch.utils.cpp_extension.load` (needs
 a C++ compiler and ninja; about a minute, once per machine, torch version
@@ -38,10 +37,8 @@ ENV_CAPABILITY = "GAPE_CPU_CAPABILITY"  # force "AVX512", "AVX2" or "DEFAULT" (t
 
 # Query rows and keys per block; the score block (64 or 256 x 512 floats, 128 or
 # 512 KB) stays in L2 next to the K/V blocks. Long queries take 256 rows, so each
-# K/V block is read from memory 4x less often once K/V outgrow the cache. Measured
-# against the no-bias flash floor (9/3 heads, D=64, 2 threads): L=1024 64 rows
-# 0.85x, 256 rows 0.91x; L=4096 0.99x / 0.97x (one thread 1.01x / 0.99x);
-# L=16384 1.13x / 1.04x (256 x 1024: 1.02x).
+# K/V block is read from memory 4x less often once K/V outgrow the cache (the
+# measurements behind these sizes: README, "The torch backend").
 Q_BLOCK = 64
 Q_BLOCK_LONG = 256
 LONG_QUERY = 2048  # query rows from which Q_BLOCK_LONG is used
@@ -118,7 +115,7 @@ def _load() -> str | None:
         reason = f"{type(exc).__name__}: {lines[0]}" + (f" ... {first_error}" if first_error else "")
         warnings.warn(
             f"gape: the fused CPU attention kernel could not be built ({reason}); the torch backend falls back "
-            f"to its pure-PyTorch tiles (about 1.5x slower). Set {ENV_SWITCH}=0 to skip the build.",
+            f"to its pure-PyTorch tiles (slower; README, CPU benchmark). Set {ENV_SWITCH}=0 to skip the build.",
             RuntimeWarning,
             stacklevel=3,
         )
