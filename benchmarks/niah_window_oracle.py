@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from gape._threads import set_threads
     from gape.models import load_model
     from gape.niah import results as res
-    from gape.niah.generator import build_sample
+    from gape.prompts import build_sample
     from gape.niah.runner import _generate
     from gape.niah.scoring import string_match_all
 

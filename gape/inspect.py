@@ -162,7 +162,7 @@ def run(args) -> int:
     elif args.prompt:
         ids = tok(args.prompt).input_ids
     else:
-        from .niah.generator import build_sample
+        from .prompts import build_sample
 
         ids = build_sample(tok, task="passkey", length=args.length, depth=0.25, seed=0).input_ids
     layers = args.layers

@@ -32,7 +32,7 @@ SHARPNESS = 4.0
 
 def calibration_ids(tokenizer, length: int = 512) -> list[int]:
     """``length`` tokens of the package's essay text (BOS first when the tokenizer has one)."""
-    from .niah.generator import haystack_sentences
+    from .prompts import haystack_sentences
 
     text = " ".join(haystack_sentences("essay"))
     ids = tokenizer(text, add_special_tokens=False).input_ids

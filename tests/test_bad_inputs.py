@@ -529,7 +529,7 @@ def test_more_entry_point_errors(tmp_path, capsys):
 
 def test_niah_refuses_a_too_short_length_and_a_bad_gate_file_before_running(tmp_path, gate_file):
     from gape._args import UsageError
-    from gape.niah.methods import MethodOptions
+    from gape.methods import MethodOptions
     from gape.niah.runner import run_benchmark
 
     cfg, model, tok = _tiny_niah(tmp_path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gape.niah import results as res
-from gape.niah.generator import HAYSTACKS, TASKS, build_sample, haystack_sentences
-from gape.niah.methods import METHODS, MethodOptions, apply_method, parse_methods
+from gape.prompts import HAYSTACKS, TASKS, build_sample, haystack_sentences
+from gape.methods import METHODS, MethodOptions, apply_method, parse_methods
 from gape.niah.scoring import string_match_all, string_match_part
 from tiny_models import save_tiny_hf, tiny_tokenizer
 

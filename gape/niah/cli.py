@@ -8,8 +8,8 @@ import os
 import time
 
 from .. import _args as A
-from .generator import HAYSTACKS, TASKS
-from .methods import DEFAULT_GAPE_LAMBDA, METHODS, MethodOptions, parse_methods
+from ..prompts import HAYSTACKS, TASKS
+from ..methods import DEFAULT_GAPE_LAMBDA, METHODS, MethodOptions, parse_methods
 
 # --quick: embedded SmolLM2, RoPE vs GAPE, 2 lengths x 3 depths x 1 sample
 QUICK = {"methods": "rope,gape", "lengths": "1024,2048", "depths": "0,0.5,1", "samples": 1, "max_new_tokens": 16, "task": "single"}

@@ -19,8 +19,8 @@ import torch
 from .._args import UsageError
 from .._io import lock_folder, write_atomic
 from . import results as res
-from .generator import HAYSTACKS, TASKS, build_sample
-from .methods import MethodOptions, apply_method, parse_methods
+from ..prompts import HAYSTACKS, TASKS, build_sample
+from ..methods import MethodOptions, apply_method, parse_methods
 from .scoring import string_match_all
 
 RUN_FILE = "run.json"

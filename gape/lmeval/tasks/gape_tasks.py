@@ -28,7 +28,7 @@ def _tokenizer(name: str | None, gguf_file: str | None):
 def _dataset(task: str, **metadata):
     import datasets
 
-    from gape.niah.generator import build_sample
+    from gape.prompts import build_sample
 
     name = metadata.get("tokenizer") or metadata.get("pretrained")
     name = name if isinstance(name, str) and name else None
