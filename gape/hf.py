@@ -10,8 +10,14 @@ the previous implementation.
 
 Distances are in cache-slot space (query row ``i`` at slot ``K - Q + i``),
 right for prefill, decoding with ``DynamicCache`` and left padding (pad slots
-precede every real token). A static cache (empty slots after the last token)
-is refused with an error.
+precede every real token). With a ``StaticCache`` the queries sit at the slots
+the cache is writing (``query_offset`` = the layer's length before this step),
+so the empty slots after the last token are future keys, masked by the causal
+rule; a static sliding-window layer (a ring buffer) is refused. Packed sequences
+(``DataCollatorWithFlattening``: ``cu_seq_lens_q/k`` kwargs, or ``position_ids``
+restarting at each sequence with transformers' block-diagonal mask) run
+:func:`gape.attention_varlen`; sliding-window layers pass their window to the
+kernels (``window_size = (sliding_window - 1, -1)``).
 
 At decode the key gate ``pi`` of the cached keys is recomputed from them
 (nothing is added to the KV cache). To keep a decode step O(new tokens), the
@@ -112,6 +118,47 @@ def _cache_layer_types():
     return DynamicLayer, StaticLayer
 
 
+# (backend, device, dtype, distance, D, Dv, is_causal) -> api.Selection for calls without
+# a mask: a plain dict that torch.compile reads as a constant (it traces through
+# lru_cache wrappers into the import machinery, a graph break per layer). Filled by
+# _backend_fn's first call. Calls with a mask go through api.select each time (the
+# mask decides, e.g. a padding pattern the Triton kernel takes or one it does not).
+_RESOLVED: dict = {}
+
+
+def _resolved_backend(backend: str, query, value, distance: str, is_causal: bool):
+    key = (backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1], is_causal)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _RESOLVED[key] = _backend_fn(*key)
+    return fn
+
+
+def _probe(device, dtype, *shape):
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, d: int = 1, dv: int = 1):
+    """The packed-sequence entry point of the backend, or None (the mask path then runs)."""
+    q, v = _probe(device, dtype, 1, 1, d), _probe(device, dtype, 1, 1, dv)
+    try:
+        return api.select(backend, q, q, v, distance=distance, varlen=True)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, d: int = 1, dv: int = 1,
+                is_causal: bool = True):
+    """api.select without a mask, on probe tensors of this device, dtype and head dims."""
+    q, v = _probe(device, dtype, 1, 1, 1, d), _probe(device, dtype, 1, 1, 1, dv)
+    try:
+        return api.select(backend, q, q, v, is_causal=is_causal, distance=distance)
+    except ValueError as e:
+        raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+
+
 # --------------------------------------------------------------------------- attention function
 
 
@@ -137,8 +184,9 @@ def gape_attention_forward(
             mask (0 = attend), or None (causal only).
         dropout: must be 0 (attention dropout is not implemented).
         scaling: logit scale (default ``1/sqrt(D)``).
-        kwargs: ``sliding_window`` and the rest are ignored: the window and the
-            padding reach GAPE through the mask.
+        kwargs: ``sliding_window`` (the layer's window, passed to the kernels),
+            ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``position_ids`` (packed
+            sequences, run as varlen); the rest are ignored.
 
     Returns:
         ``([B, Q, Hq, D]`` contiguous, ``None)``.
@@ -162,71 +210,103 @@ def gape_attention_forward(
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
-    # The same selection as gape.attention, with this call's mask: on CUDA a band
-    # (sliding-window) mask or a head dim the kernel does not take falls back.
-    try:
-        chosen = api.select(backend, query, key, value, attn_mask=mask, is_causal=is_causal, distance=distance)
-    except ValueError as e:
-        raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
-    out = chosen(query, key, value, lam, pi, mask, is_causal, scale, distance)
+    sliding = kwargs.get("sliding_window")
+    window = (int(sliding) - 1, -1) if sliding else None
+    # set by the pre-hook for a StaticCache layer (the gate owns the step's scratch state)
+    gate = module._modules.get(GATE_ATTR)
+    offset = getattr(gate, "_query_offset", None)
+    if gate is not None:
+        gate._query_offset = None
+    packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
+    if packed is not None:
+        varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1],
+                            value.shape[-1])
+        if varlen is not None:
+            out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
+                         pi[0].t(), *packed, is_causal, scale, distance, window)
+            return out.unsqueeze(0).contiguous(), None
+    positions = {}
+    if offset is not None:
+        positions["query_offset"] = offset
+    if window is not None:
+        positions["window"] = window
+        mask = _without_window(mask, query, key, is_causal, offset, window)
+    if mask is None:
+        fn = _resolved_backend(backend, query, value, distance, is_causal)
+    else:
+        # The same selection as gape.attention, with this call's mask: on CUDA a mask
+        # the Triton kernel cannot take (not key ranges) falls back to the torch backend.
+        try:
+            fn = api.select(backend, query, key, value, attn_mask=mask, is_causal=is_causal,
+                            distance=distance, **positions)
+        except ValueError as e:
+            raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+        positions = {}  # bound into the selection
+    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions)
     return out.transpose(1, 2).contiguous(), None
 
 
-def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
-    """``(lambda [B, Hq, Q], pi [B, Hkv, K], distance, backend)`` of one attention call
-    (post-RoPE ``query``/``key``, cache included), or None when the layer runs plain
-    SDPA (no gates and no ALiBi, or identity gates under the identity shortcut)."""
-    gate = module._modules.get(GATE_ATTR)
-    alibi = module._modules.get(ALIBI_ATTR)
-    if gate is None and alibi is None:
+def _packed_sequences(query, key, mask, kwargs, window):
+    """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` when one row holds packed
+    sequences, else None.
+
+    From the flash-attention kwargs transformers forwards (``DataCollatorWithFlattening``
+    with ``return_flash_attn_kwargs=True``), or from ``position_ids`` that restart, when the
+    mask is the block-diagonal one transformers builds from them (a padding mask given
+    with them means transformers did not pack, and neither do we).
+    """
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
-    if gate is None:
-        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
-        pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
-        return alibi.query_gate(query), pi, "linear", alibi.backend
-    config = gate.config
-    need_grad = gate.needs_grad()
-    record = gate.record
-    if isinstance(gate, PaperGate):
-        lam, pi = gate.gates_for(query, key)
-    else:
-        if config.identity_shortcut and record is None and not need_grad and alibi is None and gate.is_identity():
-            gate._prev_keys = None
-            return None
-        lam = gate.query_gate(query)
-        pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
-        gate._prev_keys = None
-    if alibi is not None:
-        if config.distance != "linear":
-            raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {config.distance!r}")
-        # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
-        lam = lam + alibi.query_gate(query)
-    if record is not None:
-        record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
-    return lam, pi, config.distance, config.backend
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if int(cu_q[-1]) != query.shape[2] or int(cu_k[-1]) != key.shape[2]:
+            return None  # not this layer's tokens (e.g. padded for a flash-attention kernel)
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
+        return cu_q, cu_k, max_q, max_k
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.numel() != query.shape[2]:
+        return None
+    pos = pos.reshape(-1)
+    starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    if starts.numel() == 0:
+        return None  # one sequence: the dense path
+    t = query.shape[2]
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), t)]).to(torch.int32)
+    if mask is not None and not _is_block_diagonal(mask, cu, window):
+        return None
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, longest, longest
 
 
-def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """transformers' mask as GAPE's bool mask (True = attend).
+def _is_block_diagonal(mask, cu, window) -> bool:
+    """Whether the bool mask ``[1, 1 or H, T, T]`` lets the first and last token of each
+    sequence see exactly its own earlier tokens (in the window): transformers' packed mask,
+    not a causal mask over the whole row or one with padding."""
+    m = mask[0, 0]
+    cu = cu.to(device=m.device, dtype=torch.int64)
+    idx = torch.arange(m.shape[-1], device=m.device)
+    start, last = cu[:-1], cu[1:] - 1
+    want_last = (idx >= start[:, None]) & (idx <= last[:, None])
+    if window is not None:
+        want_last &= last[:, None] - idx <= window[0]
+    want_first = idx == start[:, None]
+    return bool((m[last] == want_last).all()) and bool((m[start] == want_first).all())
 
-    An additive float mask is honoured when every entry is 0 (attend) or a
-    block (``-inf``, or at most half the dtype's lowest value, as transformers
-    writes it). A soft entry (finite, non-zero) would need adding to the logits,
-    which GAPE's kernels do not take: refused rather than turned into a block."""
-    if mask is None or mask.dtype == torch.bool:
+
+def _without_window(mask, query, key, is_causal, offset, window):
+    """A sliding layer's mask minus what the window says: None when only the causal
+    rule and the window remain (the kernels then read no mask), else the mask."""
+    if mask is None or torch.compiler.is_compiling():
         return mask
-    if not mask.is_floating_point():
-        raise TypeError(f"attention_mask must be bool or an additive float mask, got {mask.dtype}")
-    allowed = mask == 0
-    blocked = mask <= torch.finfo(mask.dtype).min / 2
-    if not bool((allowed | blocked).all()):
-        soft = mask[~(allowed | blocked)]
-        raise ValueError(
-            f"GAPE attention got an additive float attention_mask with {soft.numel()} soft entries (e.g. "
-            f"{float(soft.flatten()[0])}): only 0 (attend) and -inf / the dtype's minimum (block) can be honoured. "
-            "Pass a bool mask, or run this model unpatched (gape.unpatch) for a soft mask"
-        )
-    return allowed
+    from .kernels.key_ranges import analyse_mask
+
+    got = analyse_mask(mask, query.shape[2], key.shape[2], is_causal, offset, window)
+    if isinstance(got, str) or not (bool((got.start == 0).all()) and bool((got.end == key.shape[2]).all())):
+        return mask
+    return None
 
 
 def _remember_cached_keys(module, args, kwargs):
@@ -237,6 +317,7 @@ def _remember_cached_keys(module, args, kwargs):
         return None
     gate._prev_keys = None
     gate._cache_layer = None
+    gate._query_offset = None
     # transformers renamed the argument from past_key_values to cache (5.2x); read either.
     cache = kwargs.get("cache")
     if cache is None:
@@ -247,11 +328,13 @@ def _remember_cached_keys(module, args, kwargs):
         layer = layers[idx]
         dynamic, static = _cache_layer_types()
         if isinstance(layer, static):
-            raise ValueError(
-                f"GAPE needs a dynamic KV cache (DynamicCache, the generate default), got {type(layer).__name__}: "
-                "GAPE's distances are cache-slot distances, and a static cache holds empty slots after the last "
-                "token (or rolls over, for sliding windows)"
-            )
+            if type(layer) is not static:
+                raise ValueError(
+                    f"GAPE takes DynamicCache or StaticCache layers, got {type(layer).__name__}: GAPE's distances "
+                    "are cache-slot distances, and a static sliding-window layer rolls over (use a DynamicCache)"
+                )
+            # the queries of this step are written at slots [length, length + Q): that is the offset
+            gate._query_offset = layer.cumulative_length.clone()
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
         if type(layer) is dynamic:
             gate._prev_keys = getattr(layer, "keys", None)

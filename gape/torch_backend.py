@@ -27,6 +27,7 @@ import torch
 
 from .api import double_backward_error
 from .kernels import attention_cpu
+from .reference import delta_range
 from .reference import phi as _phi
 from .torch_tiles import CHUNK_SIZE, TilePlan, compute_dtype, decode_forward, phi_reversed, tiles_backward, tiles_forward
 
@@ -34,7 +35,7 @@ STRATEGIES = ("auto", "kernel", "sdpa-tiles", "gemm-tiles", "decode")
 SDPA_TILES_MIN_ROWS = 64
 FUSED_MIN_ROWS = SDPA_TILES_MIN_ROWS  # old name
 
-__all__ = ["CHUNK_SIZE", "STRATEGIES", "choose_strategy", "supports", "torch_attention"]
+__all__ = ["CHUNK_SIZE", "STRATEGIES", "choose_strategy", "supports", "torch_attention", "torch_attention_varlen"]
 
 
 def _kernel_ok(query, key, value) -> bool:
@@ -66,40 +67,73 @@ def choose_strategy(strategy: str, query, key, value, needs_grad: bool = False) 
     return strategy
 
 
-def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance):
-    """The C++ kernel's inputs in the compute dtype (float32 for half inputs)."""
+# Causal phi tables up to this many distances come from the shared reversed table
+# (torch_tiles.phi_reversed); larger ones (queries far from their keys) are built per call.
+_SHARED_PHI_MAX = 1 << 20
+
+
+def _kernel_positions(b, lq, lk, is_causal, query_offset=None, window=None, segments=None) -> dict:
+    """The kernel's position arguments: segments, allowed distances, and where delta 0 is in the table."""
+    if segments is None:
+        segments = attention_cpu.dense_segments(b, lq, lk, query_offset)
+    dlo, dhi = attention_cpu.delta_bounds(*delta_range(is_causal, window))
+    return dict(segments=segments, delta_lo=dlo, delta_hi=dhi)
+
+
+def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions=None):
+    """The C++ kernel's inputs in the compute dtype (float32 for half inputs), and its position arguments."""
     cdt = compute_dtype(query.dtype)
-    lq, lk = query.shape[2], key.shape[2]
-    if is_causal:
-        phi_rev = phi_reversed(lk, distance, cdt, query.device)  # only delta >= 0 is read
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    positions = dict(_kernel_positions(b, lq, lk, is_causal) if positions is None else positions)
+    rng = attention_cpu.read_range(positions["segments"], positions["delta_lo"], positions["delta_hi"])
+    if rng is None:  # no row sees a key: the table is never read
+        phi_rev, zero = torch.zeros(1, dtype=cdt), 0
+    elif rng[0] >= 0 and rng[1] < _SHARED_PHI_MAX:
+        phi_rev, zero = phi_reversed(rng[1] + 1, distance, cdt, query.device), rng[1]
     else:
-        phi_rev = _phi(torch.arange(lk - 1, -lq, -1, device=query.device).abs_(), distance, cdt)
-    return query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask
+        phi_rev, zero = attention_cpu.phi_table(rng[0], rng[1], distance, cdt), rng[1]
+    positions["phi_zero"] = zero
+    args = (query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask)
+    return args, positions
 
 
-def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False):
+def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False,
+                    positions=None):
     """The fused C++ forward, in the compute dtype, written in ``[B, Lq, Hq, Dv]``
     storage (returned as a ``[B, Hq, Lq, Dv]`` view): the layout transformers
     wants, so its transpose back is free."""
     b, hq, lq, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
     out = torch.empty(b, lq, hq, dv, dtype=compute_dtype(query.dtype)).transpose(1, 2)
-    args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
-    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse, out=out)
+    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions)
+    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse, out=out, **pos)
+
+
+def _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, out, lse,
+                     grad_out, positions=None):
+    """The fused C++ backward: ``(dq, dk, dv, d lambda, d pi)`` in the compute dtype."""
+    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions)
+    return attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out, **pos)
 
 
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
-                strategy):
+                strategy, query_offset=None, window=None, segments=None):
         lse = None
-        if strategy == "kernel":
-            out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True)
+        positions = None
+        if segments is not None or strategy == "kernel":
+            b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+            positions = _kernel_positions(b, lq, lk, is_causal, query_offset, window, segments)
+            out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+                                       True, positions)
         else:
-            plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+            plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                            query_offset, window)
             out = tiles_forward(plan, strategy)
         # lse (the kernel's row log-sum-exp) selects the kernel's backward
         ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse)
-        ctx.args = (is_causal, scale, distance, chunk_size)
+        ctx.args = (is_causal, scale, distance, chunk_size, query_offset, window)
+        ctx.positions = positions
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 
     @staticmethod
@@ -110,11 +144,11 @@ class _GapeAttention(torch.autograd.Function):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(double_backward_error("torch"))
         query, key, value, query_gate, key_gate, attn_mask, out, lse = ctx.saved_tensors
-        is_causal, scale, distance, chunk_size = ctx.args
+        is_causal, scale, distance, chunk_size, query_offset, window = ctx.args
         needs = ctx.needs_input_grad[:5]
         if lse is not None:
-            args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
-            dq, dk, dv, dlam, dpi = attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out)
+            dq, dk, dv, dlam, dpi = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal,
+                                                     scale, distance, out, lse, grad_out, ctx.positions)
         else:
             plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
             dq, dk, dv, dlam, dpi = tiles_backward(plan, out, grad_out, needs)
@@ -124,13 +158,17 @@ class _GapeAttention(torch.autograd.Function):
             dv.view(value.shape).to(value.dtype) if needs[2] else None,
             dlam.view(query_gate.shape).to(query_gate.dtype) if needs[3] else None,
             dpi.view(key_gate.shape).to(key_gate.dtype) if needs[4] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            None, None, None, None, None, None, None, None, None,
         )
+
+
+def _uniform(query_offset):
+    """An offset tensor whose entries are all equal becomes that int (reads the values)."""
+    if isinstance(query_offset, torch.Tensor):
+        flat = query_offset.reshape(-1)
+        if flat.numel() == 1 or bool((flat == flat[0]).all()):
+            return int(flat[0])
+    return query_offset
 
 
 def supports(call) -> str | None:
@@ -150,24 +188,82 @@ def torch_attention(
     distance: str,
     chunk_size: int | None = None,
     strategy: str = "auto",
+    *,
+    query_offset=None,
+    window=None,
 ) -> torch.Tensor:
     """GAPE attention on validated inputs (see :func:`gape.attention`).
 
     ``chunk_size`` (query rows per tile of the pure-PyTorch strategies, default
     :data:`CHUNK_SIZE`) trades memory (``B * Hq * chunk_size * Lk`` floats,
     twice in the backward) for fewer, larger GEMMs. ``strategy``: one of
-    :data:`STRATEGIES` (module docstring).
+    :data:`STRATEGIES` (module docstring). ``query_offset`` (None, an int or an
+    int64 ``[B]`` tensor) and ``window`` (``(left, right)`` or None) as in
+    :func:`gape.attention`.
     """
+    if not torch.compiler.is_compiling():  # a traced decode step keeps its offset a tensor
+        query_offset = _uniform(query_offset)
+    if isinstance(query_offset, int) and query_offset == key.shape[2] - query.shape[2]:
+        query_offset = None  # the bottom-right default: keep its fast paths
     tensors = (query, key, value, query_gate, key_gate)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    strategy = choose_strategy(strategy, query, key, value, needs_grad)
-    if needs_grad:
-        return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size, strategy)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    strategy = choose_strategy(strategy, query, key, value, grad)
     if strategy == "decode":
-        return decode_forward(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
+        return decode_forward(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal,
+                              query_offset, window)
+    if isinstance(query_offset, torch.Tensor) and strategy != "kernel":
+        # per-batch offsets on the pure-PyTorch tiles: one batch element at a time
+        outs = []
+        for i in range(query.shape[0]):
+            m = None if attn_mask is None else attn_mask[i : i + 1] if attn_mask.shape[0] > 1 else attn_mask
+            outs.append(torch_attention(*(t[i : i + 1] for t in tensors), m, is_causal, scale, distance, chunk_size,
+                                        strategy, query_offset=int(query_offset.reshape(-1).expand(query.shape[0])[i]),
+                                        window=window))
+        return torch.cat(outs, dim=0)
+    if grad:
+        return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size, strategy,
+                                    query_offset, window)
     if strategy == "kernel":
-        out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+        pos = _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, query_offset, window)
+        out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+                              positions=pos)
         return out.to(query.dtype)
-    plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+    plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                    query_offset, window)
     out = tiles_forward(plan, strategy)
     return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
+
+
+def torch_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, is_causal, scale, distance, window=None):
+    """``backend="torch"`` of :func:`gape.attention_varlen` (arguments validated there).
+
+    The C++ kernel takes the packed tensors as one batch element of ``[1, H, T, D]``
+    views with one segment per sequence: no padding, no loop over sequences. Without
+    the kernel (CUDA tensors, no compiler) each sequence runs through the tiles.
+    """
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    lam, pi = query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0)
+    if _kernel_ok(q4, k4, v4):
+        seg = attention_cpu.varlen_segments(cu_seqlens_q, cu_seqlens_k)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, query_gate, key_gate)):
+            out = _GapeAttention.apply(q4, k4, v4, lam, pi, None, is_causal, scale, distance, None, "kernel", None,
+                                       window, seg)
+        else:
+            pos = _kernel_positions(1, q4.shape[2], k4.shape[2], is_causal, None, window, seg)
+            out = _kernel_forward(q4, k4, v4, lam, pi, None, is_causal, scale, distance, positions=pos)
+            out = out.to(query.dtype)
+        return out[0].transpose(0, 1)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            outs.append(query.new_zeros(q1 - q0, query.shape[1], value.shape[-1]))
+            continue
+        o = torch_attention(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], lam[:, :, q0:q1], pi[:, :, k0:k1],
+                            None, is_causal, scale, distance, window=window)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0) if outs else query.new_zeros(0, query.shape[1], value.shape[-1])
