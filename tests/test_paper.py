@@ -316,6 +316,7 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
     # the backend table caches loaded functions (a dict lookup torch.compile traces)
     monkeypatch.setattr(gape.api, "_LOADED", {})
+    monkeypatch.setattr(hf, "_RESOLVED", {})
     hf._backend_fn.cache_clear()
     try:
         model = make_model()
