@@ -259,7 +259,7 @@ def _check_query_offset(query_offset, b: int, lq: int, lk: int, device):
         if query_offset.device != device and query_offset.device.type != "cpu":
             raise ValueError(f"query_offset is on {query_offset.device} but query is on {device}")
         off = query_offset.to(dtype=torch.int64).reshape(-1).expand(b)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or off.device.type == "meta":
             return off
         lo, hi = (int(off.min()), int(off.max())) if b else (0, 0)
     elif isinstance(query_offset, int) or (hasattr(query_offset, "__index__") and not isinstance(query_offset, float)):

@@ -212,15 +212,15 @@ def gape_attention_forward(
     # so the API's range check, a host sync per layer, is skipped here.
     sliding = kwargs.get("sliding_window")
     window = (int(sliding) - 1, -1) if sliding else None
-    # set by the pre-hook for a StaticCache layer (the gate owns the step's scratch state)
-    gate = module._modules.get(GATE_ATTR)
-    offset = getattr(gate, "_query_offset", None)
-    if gate is not None:
-        gate._query_offset = None
+    # set by the pre-hook for a StaticCache layer (on the gate, or ALiBi's slopes without one)
+    holder = module._modules.get(GATE_ATTR)
+    if holder is None:
+        holder = module._modules.get(ALIBI_ATTR)
+    offset = getattr(holder, "_query_offset", None)
+    holder._query_offset = None
     packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
     if packed is not None:
-        varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1],
-                            value.shape[-1])
+        varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1])
         if varlen is not None:
             out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
                          pi[0].t(), *packed, is_causal, scale, distance, window)
@@ -244,6 +244,63 @@ def gape_attention_forward(
         positions = {}  # bound into the selection
     out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions)
     return out.transpose(1, 2).contiguous(), None
+
+
+def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
+    """``(lambda [B, Hq, Q], pi [B, Hkv, K], distance, backend)`` of one attention call
+    (post-RoPE ``query``/``key``, cache included), or None when the layer runs plain
+    SDPA (no gates and no ALiBi, or identity gates under the identity shortcut)."""
+    gate = module._modules.get(GATE_ATTR)
+    alibi = module._modules.get(ALIBI_ATTR)
+    if gate is None and alibi is None:
+        return None
+    if gate is None:
+        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
+        pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
+        return alibi.query_gate(query), pi, "linear", alibi.backend
+    config = gate.config
+    need_grad = gate.needs_grad()
+    record = gate.record
+    if isinstance(gate, PaperGate):
+        lam, pi = gate.gates_for(query, key)
+    else:
+        if config.identity_shortcut and record is None and not need_grad and alibi is None and gate.is_identity():
+            gate._prev_keys = None
+            return None
+        lam = gate.query_gate(query)
+        pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
+        gate._prev_keys = None
+    if alibi is not None:
+        if config.distance != "linear":
+            raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {config.distance!r}")
+        # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
+        lam = lam + alibi.query_gate(query)
+    if record is not None:
+        record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
+    return lam, pi, config.distance, config.backend
+
+
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' mask as GAPE's bool mask (True = attend).
+
+    An additive float mask is honoured when every entry is 0 (attend) or a
+    block (``-inf``, or at most half the dtype's lowest value, as transformers
+    writes it). A soft entry (finite, non-zero) would need adding to the logits,
+    which GAPE's kernels do not take: refused rather than turned into a block."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"attention_mask must be bool or an additive float mask, got {mask.dtype}")
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        soft = mask[~(allowed | blocked)]
+        raise ValueError(
+            f"GAPE attention got an additive float attention_mask with {soft.numel()} soft entries (e.g. "
+            f"{float(soft.flatten()[0])}): only 0 (attend) and -inf / the dtype's minimum (block) can be honoured. "
+            "Pass a bool mask, or run this model unpatched (gape.unpatch) for a soft mask"
+        )
+    return allowed
 
 
 def _packed_sequences(query, key, mask, kwargs, window):
@@ -314,6 +371,9 @@ def _remember_cached_keys(module, args, kwargs):
     before this step appends to it (see the module docstring)."""
     gate = module._modules.get(GATE_ATTR)
     if gate is None:
+        alibi = module._modules.get(ALIBI_ATTR)
+        if alibi is not None:
+            alibi._query_offset = _static_offset(module, kwargs)
         return None
     gate._prev_keys = None
     gate._cache_layer = None
@@ -345,6 +405,28 @@ def _remember_cached_keys(module, args, kwargs):
         # resolved after this step's cache update (a DynamicCache() may create its layer then)
         gate._cache_layer = functools.partial(_paper_cache_layer, layers, idx)
     return None
+
+
+def _static_offset(module, kwargs):
+    """The queries' offset when this layer's cache is a StaticCache layer (the slots
+    [length, length + Q) are written this step), else None."""
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None)
+    idx = getattr(module, "layer_idx", None)
+    if layers is None or not isinstance(idx, int) or idx >= len(layers):
+        return None
+    layer = layers[idx]
+    static = _cache_layer_types()[1]
+    if not isinstance(layer, static):
+        return None
+    if type(layer) is not static:
+        raise ValueError(
+            f"GAPE takes DynamicCache or StaticCache layers, got {type(layer).__name__}: GAPE's distances "
+            "are cache-slot distances, and a static sliding-window layer rolls over (use a DynamicCache)"
+        )
+    return layer.cumulative_length.clone()
 
 
 def _paper_cache_layer(layers: list, idx: int):

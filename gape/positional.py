@@ -184,7 +184,7 @@ def with_positional(model: nn.Module, scheme: str, *, p: float | None = None, ba
                 f"rope_type={rope_type!r} recomputes its frequencies at run time; with_positional needs fixed ones "
                 "(use with_rope_scaling(model, 'default') first)"
             )
-    state = {"scheme": scheme, "p": p, "rotaries": [], "alibi": []}
+    state = {"scheme": scheme, "p": p, "rotaries": [], "alibi": [], "hooks": []}
     model.__dict__[_STATE_ATTR] = state
     try:
         for parent, name, module in rotaries:
@@ -198,6 +198,8 @@ def with_positional(model: nn.Module, scheme: str, *, p: float | None = None, ba
                 attn = getattr(layer, spec.attention)
                 attn.add_module(hf.ALIBI_ATTR, AlibiSlopes(shape["num_heads"], backend))
                 state["alibi"].append(attn)
+                # a StaticCache's query offset (gape.hf reads it when the layer has no gate)
+                state["hooks"].append(attn.register_forward_pre_hook(hf._remember_cached_keys, with_kwargs=True))
             hf.use_gape_attention(model)
     except Exception:
         _restore(model)
@@ -211,6 +213,8 @@ def _restore(model: nn.Module) -> None:
         return
     for parent, name, module in state["rotaries"]:
         setattr(parent, name, module)
+    for handle in state.get("hooks", ()):
+        handle.remove()
     for attn in state["alibi"]:
         attn._modules.pop(hf.ALIBI_ATTR, None)
     hf.release_gape_attention(model)

@@ -95,10 +95,14 @@ def sdpa_attention(
     if reason is not None:
         raise ValueError(reason)
     lq, lk = query.shape[2], key.shape[2]
-    if lk > MAX_POSITION:
+    span = lk + lq
+    if query_offset is not None:
+        off = query_offset if isinstance(query_offset, int) else int(query_offset.abs().max())
+        span += abs(off)
+    if span > MAX_POSITION:
         raise ValueError(
-            f'the "sdpa" backend takes at most {MAX_POSITION} keys (positions exact in float32), got Lk={lk}; '
-            'use backend="torch" or "triton"'
+            f'the "sdpa" backend takes positions up to {MAX_POSITION} (exact in float32), got Lq + Lk'
+            f'{" + |query_offset|" if query_offset is not None else ""} = {span}; use backend="torch" or "triton"'
         )
     out_dtype = query.dtype
     if out_dtype in (torch.float16, torch.bfloat16):

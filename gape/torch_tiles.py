@@ -89,7 +89,7 @@ class TilePlan:
         # key) when Lq <= Lk at the default offset; only then may the empty-row guards be skipped.
         self.may_have_empty_rows = attn_mask is not None or lq > lk or not default or self.dhi is not None
         # NaN/inf in the query or keys (one pass over each, no bigger than a GEMM's read)
-        self.nonfinite = (attn_mask is not None or self.dlo is not None or self.dhi is not None) and not bool(
+        self.nonfinite = (attn_mask is not None or is_causal or window is not None) and not bool(
             torch.isfinite(self.query).all() and torch.isfinite(self.key).all()
         )
         # Toeplitz table: toep[r, x] = phi(delta(r + off - x)), so the tile of a chunk whose

@@ -34,6 +34,27 @@ def test_static_cache_generate_equals_dynamic(arch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_static_cache_alibi_without_gates_equals_dynamic():
+    """ALiBi alone (no gate module on the layers) with a static cache equals the dynamic
+    cache, and going back to RoPE removes the offset hooks. (ALiBi alone is shift-invariant
+    per row, so this guards the plumbing, not the offset itself: the gated tests do.)"""
+    model = make_model("llama")
+    gape.with_positional(model, "alibi")
+    ids = tokens(2, 12)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=am, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        dyn = model.generate(ids, **kw)
+        st = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(dyn.sequences, st.sequences)
+    for a, b in zip(dyn.scores, st.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    gape.with_positional(model, "rope")
+    assert not any(attn._forward_pre_hooks for attn in (layer.self_attn for layer in model.model.layers))
+
+
 def test_static_cache_offsets_matter():
     # the static cache's keys hold empty slots after the last token: reading the queries
     # bottom-right (no offset) would put them at the end of the cache and change the bias
@@ -153,6 +174,7 @@ def test_sliding_window_layers_run_without_a_mask(monkeypatch):
 
     monkeypatch.setattr(torch_backend, "torch_attention", spy)
     monkeypatch.setattr(hf, "_RESOLVED", {})
+    monkeypatch.setattr(gape.api, "_MODULES", {})  # loaded backend modules are cached too
     hf._backend_fn.cache_clear()
     with torch.no_grad():
         ref = model(ids).logits
