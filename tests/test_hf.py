@@ -372,18 +372,20 @@ def test_default_backend_matches_reference_with_gradients():
         torch.testing.assert_close(grads_a[name], grads_r[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_auto_backend_on_cuda_route_falls_back_for_sliding_window(monkeypatch):
+@pytest.mark.parametrize("case", ["sliding-window", "head-dim-8"])
+def test_auto_backend_on_cuda_route_follows_the_selection_table(monkeypatch, case):
     """backend="auto" on the "CUDA" route (device check patched, Triton in its
-    interpreter): past Mistral's window the band mask goes to the torch backend,
-    never to the Triton kernel (which takes key ranges only), and the logits are
-    those of the reference backend."""
+    interpreter) goes through api.select like gape.attention: past Mistral's window
+    the layer's window reaches the Triton kernel natively (no band mask), while a
+    head dim the kernel does not take falls back to the torch backend; the logits
+    are those of the reference backend either way."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     import gape.kernels.attention as kattn
     import gape.torch_backend
 
-    ids = tokens(1, 12)  # window 8 < 12: transformers passes a band mask
-    model = make_model("mistral")
+    ids = tokens(1, 12)  # window 8 < 12
+    model = make_model("mistral") if case == "sliding-window" else make_model("llama", head_dim=8)
     gape.patch(model, gape.GapeConfig(backend="reference", identity_shortcut=False))
     randomize_gates(model)
     with torch.no_grad():
@@ -395,9 +397,14 @@ def test_auto_backend_on_cuda_route_falls_back_for_sliding_window(monkeypatch):
     ran = []
     real_torch, real_triton = gape.torch_backend.torch_attention, kattn.triton_attention
     monkeypatch.setattr(gape.api, "_on_gpu", lambda query: True)
+    monkeypatch.setattr(hf, "_RESOLVED", {})
+    hf._backend_fn.cache_clear()
     monkeypatch.setattr(gape.torch_backend, "torch_attention", lambda *a, **k: ran.append("torch") or real_torch(*a, **k))
     monkeypatch.setattr(kattn, "triton_attention", lambda *a, **k: ran.append("triton") or real_triton(*a, **k))
-    with torch.no_grad():
-        out = model(ids).logits
-    assert ran == ["torch", "torch"]
+    try:
+        with torch.no_grad():
+            out = model(ids).logits
+    finally:
+        hf._backend_fn.cache_clear()
+    assert ran == (["triton", "triton"] if case == "sliding-window" else ["torch", "torch"])
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
