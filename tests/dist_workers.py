@@ -1,0 +1,108 @@
+"""Worker functions run on each rank by ``dist_helpers.run_ranks`` (spawned
+processes import them from here). Every rank builds the same full inputs from
+a seed, computes the single-process answer itself and returns error norms,
+so no tensor has to travel back to the test."""
+
+from __future__ import annotations
+
+import torch
+
+import gape
+from gape import distributed as gd
+
+NAMES = ("out", "query", "key", "value", "query_gate", "key_gate")
+
+
+def full_inputs(case: dict, world: int, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, d, dv = case["b"], case["hq"], case["hkv"], case["d"], case.get("dv", case["d"])
+    length = world * case["local"]
+    q = torch.randn(b, hq, length, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, length, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, length, dv, generator=g, dtype=dtype)
+    lam = torch.rand(b, hq, length, generator=g, dtype=dtype) * case.get("lam", 0.5)
+    pi = torch.rand(b, hkv, length, generator=g, dtype=dtype)
+    grad = torch.randn(b, hq, length, dv, generator=g, dtype=dtype)
+    return (q, k, v, lam, pi), grad
+
+
+def _single(inputs, grad, case, dtype, backend):
+    xs = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = gape.attention(*xs, is_causal=case["causal"], distance=case["distance"], backend=backend)
+    out.backward(grad.to(dtype))
+    return [out.detach()] + [x.grad for x in xs]
+
+
+def _parallel(inputs, grad, case, dtype, backend, layout):
+    xs = [gd.shard(t, 2, layout=layout).to(dtype).requires_grad_() for t in inputs]
+    out = gd.context_parallel_attention(
+        *xs, is_causal=case["causal"], distance=case["distance"], layout=layout, backend=backend
+    )
+    out.backward(gd.shard(grad, 2, layout=layout).to(dtype))
+    return [out.detach()] + [x.grad for x in xs]
+
+
+def _max_err(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+def attention_cases(rank, world, cases):
+    """Per case: max error vs the fp64 single-process reference of the context-parallel
+    result (fp32, fused kernel), of the single-process fp32 result, and of the
+    context-parallel fp64 reference-kernel result; plus reproducibility."""
+    out = []
+    for case in cases:
+        inputs, grad = full_inputs(case, world, seed=case.get("seed", 0))
+        layout = case["layout"]
+        truth = [gd.shard(t, 2, layout=layout) for t in _single(inputs, grad, case, torch.float64, "reference")]
+        single32 = [gd.shard(t, 2, layout=layout) for t in _single(inputs, grad, case, torch.float32, "torch")]
+        cp32 = _parallel(inputs, grad, case, torch.float32, case.get("backend", "auto"), layout)
+        cp32_again = _parallel(inputs, grad, case, torch.float32, case.get("backend", "auto"), layout)
+        cp64 = _parallel(inputs, grad, case, torch.float64, "reference", layout)
+        out.append(
+            {
+                "cp32": [_max_err(a, t) for a, t in zip(cp32, truth)],
+                "single32": [_max_err(a, t) for a, t in zip(single32, truth)],
+                "cp64": [_max_err(a, t) for a, t in zip(cp64, truth)],
+                "scale": [float(t.abs().max()) for t in truth],
+                "bitwise_repeat": all(torch.equal(a, b) for a, b in zip(cp32, cp32_again)),
+            }
+        )
+    return out
+
+
+def bad_inputs(rank, world):
+    """Each scenario must raise on every rank (and leave the group usable)."""
+    case = {"b": 1, "hq": 2, "hkv": 1, "d": 8, "local": 8, "causal": True, "distance": "log"}
+    (q, k, v, lam, pi), _ = full_inputs(case, world, dtype=torch.float32)
+    sh = lambda t, layout="zigzag": gd.shard(t, 2, layout=layout)  # noqa: E731
+    local = [sh(t) for t in (q, k, v, lam, pi)]
+
+    def attempt(*xs, **kw):
+        try:
+            gd.context_parallel_attention(*xs, **kw)
+        except (ValueError, TypeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    results = {}
+    # shards of different lengths: rank 0 drops two positions
+    uneven = [t[:, :, :-2] if rank == 0 else t for t in local]
+    results["uneven"] = attempt(*uneven)
+    # an odd local length cannot be cut into the two zigzag blocks
+    odd = [t[:, :, :-1] for t in local]
+    results["odd_zigzag"] = attempt(*odd, layout="zigzag")
+    # ranks disagree on the layout
+    results["layout_disagree"] = attempt(*local, layout="zigzag" if rank == 0 else "contiguous")
+    # a backend without query_offset / lse
+    results["sdpa"] = attempt(*local, backend="sdpa", distance="linear")
+    # one rank has a negative forgetting rate
+    neg = [t.clone() for t in local]
+    if rank == world - 1:
+        neg[3][0, 0, 0] = -1.0
+    results["negative_gate"] = attempt(*neg)
+    # the group still works after all of that
+    ok = gd.context_parallel_attention(*local)
+    expected = sh(gape.attention(q, k, v, lam, pi))
+    results["after_ok"] = float((ok - expected).abs().max())
+    return results
