@@ -106,3 +106,70 @@ def bad_inputs(rank, world):
     expected = sh(gape.attention(q, k, v, lam, pi))
     results["after_ok"] = float((ok - expected).abs().max())
     return results
+
+
+def _tiny_llama(patched: bool, distance: str = "log"):
+    from tiny_models import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(attention_dropout=0.0))
+    if patched:
+        # non-trivial gates: lambda > 0 on every head, pi away from 0 and 1
+        gape.patch(model, gape.GapeConfig(alpha_init=0.5, key_bias_init=-1.0, distance=distance, identity_shortcut=False))
+        with torch.no_grad():
+            for _, g in gape.hf.iter_gates(model):
+                g.w.normal_(0, 0.5)
+                g.u.normal_(0, 0.5)
+    return model
+
+
+def llama_step(rank, world, length, layout, patched=True, distance="log"):
+    """Loss and gradients of one training step: the sequence split across the
+    ranks vs the whole sequence in this process."""
+    from gape.distributed import all_reduce_grads, causal_lm_loss, context_parallel, shift_labels
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 250, (2, length), generator=g)
+    labels = shift_labels(ids)
+    positions = torch.arange(length)[None].expand(2, -1)
+
+    single = _tiny_llama(patched, distance)
+    logits = single(input_ids=ids, position_ids=positions, use_cache=False).logits
+    loss_single = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss_single.backward()
+
+    model = _tiny_llama(patched, distance)
+    with context_parallel(model, layout=layout):
+        out = model(input_ids=gd.shard(ids, 1, layout=layout), position_ids=gd.shard(positions, 1, layout=layout))
+        loss = causal_lm_loss(out.logits, gd.shard(labels, 1, layout=layout))
+        loss.backward()
+    all_reduce_grads(model)
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    grads = dict(single.named_parameters())
+    errs = {n: float((p.grad - grads[n].grad).abs().max()) for n, p in model.named_parameters()}
+    scales = {n: float(grads[n].grad.abs().max()) for n in errs}
+    # the model is back to its own attention after the context
+    back = model.config._attn_implementation
+    return {"loss": float(total), "loss_single": float(loss_single.detach()), "errs": errs, "scales": scales, "impl_after": back,
+            "gate_params": sum(1 for n in errs if "gape_gate" in n)}
+
+
+def llama_bad_positions(rank, world):
+    """position_ids not matching the layout (here: a contiguous shard under zigzag) fail on every rank."""
+    from gape.distributed import context_parallel
+
+    model = _tiny_llama(True)
+    ids = torch.randint(0, 250, (1, 8 * world))
+    pos = torch.arange(8 * world)[None]
+    out = {}
+    with context_parallel(model, layout="zigzag"):
+        for name, p in (("contiguous_positions", gd.shard(pos, 1, layout="contiguous")),
+                        ("plain_arange", torch.arange(8)[None]), ("missing", None)):
+            try:
+                model(input_ids=gd.shard(ids, 1), position_ids=p)
+                out[name] = None
+            except ValueError as exc:
+                out[name] = str(exc)
+    return out

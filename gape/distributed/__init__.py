@@ -9,11 +9,16 @@
 """
 
 from .attention import context_parallel_attention
+from .hf import all_reduce_grads, causal_lm_loss, context_parallel, shift_labels
 from .layout import LAYOUTS, global_positions, shard, shard_along, unshard, unshard_from
 
 __all__ = [
     "LAYOUTS",
+    "all_reduce_grads",
+    "causal_lm_loss",
+    "context_parallel",
     "context_parallel_attention",
+    "shift_labels",
     "global_positions",
     "shard",
     "shard_along",

@@ -88,19 +88,20 @@ def _describe(field: str, value: int):
     return value
 
 
-def agree(group, device, error: str | None, values) -> None:
-    """All-gather every rank's call description; raise the same error on every
-    rank when a rank refused its inputs or the ranks disagree (one collective,
-    so a bad input on one rank never leaves the others waiting in the ring)."""
+def agree(group, device, error: str | None, values=(), fields=_FIELDS, what="context_parallel_attention") -> None:
+    """All-gather every rank's call description (``values``, one int per name
+    in ``fields``); raise the same error on every rank when a rank refused its
+    inputs (``error``) or the ranks disagree. One collective, so a bad input on
+    one rank never leaves the others waiting in the ring."""
     world = dist.get_world_size(group)
-    n = len(_FIELDS)
+    n = len(fields)
     row = torch.zeros(2 + n + _MSG_BYTES, dtype=torch.int64)
     if error is not None:
         msg = error.encode("utf-8")[:_MSG_BYTES]
         row[0] = 1
         row[1] = len(msg)
         row[2 + n : 2 + n + len(msg)] = torch.tensor(list(msg), dtype=torch.int64)
-    else:
+    elif n:
         row[2 : 2 + n] = torch.tensor(values, dtype=torch.int64)
     row = row.to(device)
     rows = [torch.empty_like(row) for _ in range(world)]
@@ -114,8 +115,8 @@ def agree(group, device, error: str | None, values) -> None:
         details = "; ".join(
             f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {msg}" for msg, rs in by_message.items()
         )
-        raise ValueError(f"context_parallel_attention: refused on {len(bad)} of {world} ranks ({details})")
-    for i, field in enumerate(_FIELDS):
+        raise ValueError(f"{what}: refused on {len(bad)} of {world} ranks ({details})")
+    for i, field in enumerate(fields):
         column = [table[r][2 + i] for r in range(world)]
         if len(set(column)) != 1:
             per_rank = ", ".join(f"rank {r}: {_describe(field, v)}" for r, v in enumerate(column))
@@ -124,7 +125,7 @@ def agree(group, device, error: str | None, values) -> None:
                 if field == "local length"
                 else ""
             )
-            raise ValueError(f"context_parallel_attention: the ranks disagree on the {field} ({per_rank}){hint}")
+            raise ValueError(f"{what}: the ranks disagree on the {field} ({per_rank}){hint}")
 
 
 # --------------------------------------------------------------------------- the ring
