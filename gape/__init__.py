@@ -1,7 +1,7 @@
 """gape: Gated Adaptive Positional Encoding for Llama-style language models.
 
 Attention:  ``gape.attention`` (a drop-in for ``F.scaled_dot_product_attention``
-with a query gate and a key gate). Models: ``gape.load_model``, ``gape.patch``,
+with a query gate and a key gate) and ``gape.attention_varlen`` (packed sequences). Models: ``gape.load_model``, ``gape.patch``,
 ``gape.unpatch``, ``gape.GapeConfig``, ``gape.save_gates``, ``gape.load_gates``,
 ``gape.with_rope_scaling``. Heavy dependencies (transformers) load on first use.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from .api import BACKENDS, attention
+from .api import BACKENDS, attention, attention_varlen
 
 __version__ = "0.1.0"
 
@@ -25,7 +25,7 @@ _LAZY = {
     "with_rope_scaling": "gape.models",
 }
 
-__all__ = ["attention", "BACKENDS", "__version__", *_LAZY]
+__all__ = ["attention", "attention_varlen", "BACKENDS", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -2,10 +2,14 @@
 
 Every backend receives already-validated tensors and the same arguments:
 
-    fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+    fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+       *, query_offset=None, window=None)
 
 with ``attn_mask`` either None or a 4-D bool tensor broadcastable (not
-expanded) to ``[B, Hq, Lq, Lk]``, and ``scale`` a float.
+expanded) to ``[B, Hq, Lq, Lk]``, and ``scale`` a float. ``query_offset`` is
+None (bottom-right), an int or an int64 ``[B]`` tensor; ``window`` is None
+(unbounded) or ``(left, right)`` ints with ``-1`` = unbounded on that side. The
+keywords are only passed when they differ from their defaults.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ _BACKENDS = {
     "triton": ("gape.kernels.attention", "triton_attention", "fused Triton kernel; CUDA (or TRITON_INTERPRET=1 on CPU)"),
 }
 BACKENDS = ("auto",) + tuple(_BACKENDS)
+# name -> (module, function) of the packed-sequence entry points
+_VARLEN = {
+    "reference": ("gape.reference", "reference_attention_varlen_backend"),
+    "torch": ("gape.torch_backend", "torch_attention_varlen"),
+    "triton": ("gape.kernels.attention", "triton_attention_varlen"),
+}
+VARLEN_BACKENDS = ("auto",) + tuple(_VARLEN)
 
 
 def _name(t) -> str:
@@ -126,13 +137,80 @@ def _check_gate_range(query_gate, key_gate) -> None:
             )
 
 
+# Positions enter the kernels as int32 (Triton) and the bias as float32 distances:
+# |query_offset| + the sequence lengths must stay below 2**31.
+MAX_POSITION = 2**31 - 1
+
+
+def _check_query_offset(query_offset, b: int, lq: int, lk: int, device):
+    """None, an int, or an integer tensor of shape [] / [B] (returned as int64 [B]); range-checked."""
+    if query_offset is None:
+        return None
+    if isinstance(query_offset, bool):
+        raise TypeError("query_offset must be an int or an integer tensor of shape [B], got a bool")
+    if isinstance(query_offset, torch.Tensor):
+        if query_offset.is_floating_point() or query_offset.is_complex() or query_offset.dtype == torch.bool:
+            raise TypeError(f"query_offset must be an integer tensor (int32 or int64), got {query_offset.dtype}")
+        if query_offset.dim() > 1 or (query_offset.dim() == 1 and query_offset.shape[0] not in (1, b)):
+            raise ValueError(f"query_offset must be an int or an integer tensor of shape [B={b}], got shape "
+                             f"{tuple(query_offset.shape)}")
+        if query_offset.device != device and query_offset.device.type != "cpu":
+            raise ValueError(f"query_offset is on {query_offset.device} but query is on {device}")
+        off = query_offset.to(dtype=torch.int64).reshape(-1).expand(b)
+        if torch.compiler.is_compiling():
+            return off
+        lo, hi = (int(off.min()), int(off.max())) if b else (0, 0)
+    elif isinstance(query_offset, int) or (hasattr(query_offset, "__index__") and not isinstance(query_offset, float)):
+        lo = hi = off = int(query_offset)
+    else:
+        raise TypeError(f"query_offset must be None, an int or an integer tensor of shape [B], got "
+                        f"{type(query_offset).__name__}")
+    if max(abs(lo), abs(hi)) + lq + lk > MAX_POSITION:
+        raise ValueError(
+            f"query_offset must satisfy |query_offset| + Lq + Lk <= 2**31 - 1 (positions are int32 in the kernels), "
+            f"got offsets in [{lo}, {hi}] with Lq={lq}, Lk={lk}"
+        )
+    return off
+
+
+def _check_window(window_size, is_causal: bool):
+    """``(left, right)`` ints >= -1 (FlashAttention's convention); None when unbounded."""
+    if window_size is None:
+        return None
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 = unbounded, got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    if is_causal:
+        right = -1  # the causal rule already stops at the query
+    if left == -1 and right == -1:
+        return None
+    if left > MAX_POSITION or right > MAX_POSITION:
+        raise ValueError(f"window_size entries must be below 2**31, got {window_size!r}")
+    return (left, right)
+
+
+def _position_kwargs(query_offset, window) -> dict:
+    kw = {}
+    if query_offset is not None:
+        kw["query_offset"] = query_offset
+    if window is not None:
+        kw["window"] = window
+    return kw
+
+
 def _load(name: str):
     module, fn, _ = _BACKENDS[name]
     return getattr(importlib.import_module(module), fn)
 
 
-def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True) -> str | None:
+def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True, varlen: bool = False
+                       ) -> str | None:
     """Why ``name`` cannot serve this call (None when it can)."""
+    if varlen and name not in VARLEN_BACKENDS:
+        return f"attention_varlen runs on backends {VARLEN_BACKENDS}, not {name!r}"
     if name == "sdpa" and distance != "linear":
         return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
     if name == "sdpa" and not is_causal:
@@ -181,6 +259,8 @@ def attention(
     scale: float | None = None,
     distance: str = "log",
     backend: str = "auto",
+    query_offset: int | torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """GAPE attention: scaled dot-product attention plus a gated distance bias.
 
@@ -200,15 +280,22 @@ def attention(
         attn_mask: optional bool tensor broadcastable to ``[B, Hq, Lq, Lk]``;
             True = may attend. Combined (AND) with the causal rule. A query row
             with no allowed key returns zeros, never NaN.
-        is_causal: causal masking with bottom-right alignment: query ``i`` sits
-            at cache slot ``i + Lk - Lq``, so ``Lq < Lk`` is a decode/chunked
-            prefill step. Distances are ``pos_q - pos_k`` (causal) or
-            ``|pos_q - pos_k|`` (non-causal).
+        is_causal: causal masking (keys with ``pos_q - pos_k < 0`` masked).
+            Distances are ``pos_q - pos_k`` (causal) or ``|pos_q - pos_k|`` (non-causal).
         scale: logit scale, default ``1/sqrt(D)``.
         distance: ``"log"`` (``log(1 + delta)``) or ``"linear"`` (``delta``).
         backend: ``"auto"`` (Triton on CUDA, tiled torch elsewhere),
             ``"reference"``, ``"torch"``, ``"sdpa"`` (linear distance, causal only) or
             ``"triton"``.
+        query_offset: position of query row 0 minus position of key column 0:
+            query ``i`` sits at ``i + query_offset``, key ``j`` at ``j``. An int, an
+            integer ``[B]`` tensor (one offset per batch element), or None for the
+            bottom-right default ``Lk - Lq`` (a decode step sees the whole cache).
+            Negative and larger-than-``Lk`` offsets are allowed (rows that see no
+            key are zeros); ``|query_offset| + Lq + Lk`` must stay below ``2**31``.
+        window_size: ``(left, right)`` local window in FlashAttention's convention:
+            query ``i`` sees keys at positions ``[pos_q - left, pos_q + right]``,
+            ``-1`` = unbounded on that side (``right`` is moot when causal).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query dtype.
@@ -223,9 +310,123 @@ def attention(
     attn_mask, scale = _validate(
         query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, backend
     )
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    query_offset = _check_query_offset(query_offset, b, lq, lk, query.device)
+    window = _check_window(window_size, is_causal)
     name = resolve_backend(backend, query, distance, attn_mask)
     reason = unsupported_reason(name, query, distance, attn_mask, is_causal)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
     fn = _load(name)
-    return fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+    return fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+              **_position_kwargs(query_offset, window))
+
+
+def _check_cu_seqlens(name: str, cu, total: int, total_name: str, device, max_seqlen, max_name: str):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of shape [N + 1], got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (FlashAttention's layout), got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but query is on {device}; move it to the query's device")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D of length N + 1 >= 2, got shape {tuple(cu.shape)}")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return
+    c = cu.to("cpu", torch.int64)
+    if int(c[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(c[0])}")
+    if int(c[-1]) != total:
+        raise ValueError(f"{name} must end at {total_name} = {total}, got {int(c[-1])}")
+    lens = c[1:] - c[:-1]
+    if bool((lens < 0).any()):
+        i = int((lens < 0).nonzero()[0])
+        raise ValueError(f"{name} must be non-decreasing, got {int(c[i])} then {int(c[i + 1])} at index {i}")
+    longest = int(lens.max())
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({longest})")
+
+
+def attention_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_gate: torch.Tensor,
+    key_gate: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    is_causal: bool = True,
+    scale: float | None = None,
+    distance: str = "log",
+    window_size: tuple[int, int] = (-1, -1),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GAPE attention over packed variable-length sequences (FlashAttention's varlen layout).
+
+    Sequence ``s`` owns query rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` and keys
+    ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]``; it is bottom-right aligned on its own
+    (as :func:`attention` with ``query_offset=None``) and never attends another
+    sequence. A sequence with no query rows is allowed; one with no keys gives zeros.
+
+    Args:
+        query: ``[Tq, Hq, D]``; key, value: ``[Tk, Hkv, D]`` / ``[Tk, Hkv, Dv]``.
+        query_gate: ``[Tq, Hq]`` (``lambda >= 0``); key_gate: ``[Tk, Hkv]`` (``pi`` in ``[0, 1]``).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[N + 1]`` on the query's device, starting
+            at 0, non-decreasing, ending at ``Tq`` / ``Tk``.
+        max_seqlen_q, max_seqlen_k: ints at least the longest sequence (Triton sizes its grid by them).
+        is_causal, scale, distance, window_size: as :func:`attention`.
+        backend: ``"auto"``, ``"reference"``, ``"torch"`` (the C++ kernel walks the
+            sequences natively) or ``"triton"``.
+
+    Returns:
+        ``[Tq, Hq, Dv]`` in the query dtype.
+
+    Example:
+        >>> import torch, gape
+        >>> cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        >>> q = torch.randn(12, 4, 16); k = torch.randn(12, 2, 16); v = torch.randn_like(k)
+        >>> out = gape.attention_varlen(q, k, v, torch.rand(12, 4) * 0.1, torch.rand(12, 2), cu, cu, 7, 7)
+        >>> out.shape
+        torch.Size([12, 4, 16])
+    """
+    _check_tensor("query", query, 3, "[Tq, Hq, D]")
+    _check_tensor("key", key, 3, "[Tk, Hkv, D]")
+    _check_tensor("value", value, 3, "[Tk, Hkv, Dv]")
+    _check_tensor("query_gate", query_gate, 2, "[Tq, Hq]")
+    _check_tensor("key_gate", key_gate, 2, "[Tk, Hkv]")
+    tq, tk = query.shape[0], key.shape[0]
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(f"key and value must hold the same tokens, got key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if tuple(query_gate.shape) != tuple(query.shape[:2]):
+        raise ValueError(f"query_gate must be [Tq, Hq] = {tuple(query.shape[:2])}, got {tuple(query_gate.shape)}")
+    if tuple(key_gate.shape) != tuple(key.shape[:2]):
+        raise ValueError(f"key_gate must be [Tk, Hkv] = {tuple(key.shape[:2])}, got {tuple(key_gate.shape)}")
+    if backend not in VARLEN_BACKENDS:
+        raise ValueError(f"backend must be one of {VARLEN_BACKENDS} for attention_varlen, got {backend!r}")
+    # the dense checks on the [1, H, T, D] views (dtypes, devices, heads, head dims, gates, scale)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    if tk == 0:
+        raise ValueError("key must hold at least one token (Tk >= 1)")
+    _, scale = _validate(q4, k4, v4, query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0), None, is_causal, scale,
+                         distance, "auto")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "Tq", query.device, max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, "Tk", query.device, max_seqlen_k, "max_seqlen_k")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have N + 1 entries, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    if max(max_seqlen_q, max_seqlen_k) > MAX_POSITION:
+        raise ValueError("max_seqlen_q and max_seqlen_k must be below 2**31")
+    window = _check_window(window_size, is_causal)
+    name = resolve_backend(backend, query, distance, None)
+    reason = unsupported_reason(name, query, distance, None, is_causal, varlen=True)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
+    module, fn = _VARLEN[name]
+    fn = getattr(importlib.import_module(module), fn)
+    return fn(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              is_causal, scale, distance, window)

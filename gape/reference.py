@@ -14,21 +14,43 @@ import torch
 DISTANCES = ("log", "linear")
 
 
-def positions(lq: int, lk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache-slot positions with bottom-right alignment (FlashAttention-2).
+def positions(lq: int, lk: int, device, query_offset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache-slot positions: bottom-right alignment (FlashAttention-2) by default.
 
-    Query row ``i`` sits at ``i + lk - lq`` and key column ``j`` at ``j``, so a
-    decode step (``lq == 1``) sits after the whole cache.
+    Query row ``i`` sits at ``i + query_offset`` and key column ``j`` at ``j``;
+    ``query_offset=None`` means ``lk - lq``, so a decode step (``lq == 1``) sits
+    after the whole cache. An int gives ``[lq]``; a ``[B]`` integer tensor gives
+    ``pos_q`` as ``[B, lq]``.
     """
-    pos_q = torch.arange(lq, device=device, dtype=torch.int64) + (lk - lq)
     pos_k = torch.arange(lk, device=device, dtype=torch.int64)
-    return pos_q, pos_k
+    rows = torch.arange(lq, device=device, dtype=torch.int64)
+    if query_offset is None:
+        query_offset = lk - lq
+    if isinstance(query_offset, torch.Tensor):
+        return rows[None, :] + query_offset.to(device=device, dtype=torch.int64).reshape(-1, 1), pos_k
+    return rows + int(query_offset), pos_k
 
 
-def signed_distance(lq: int, lk: int, device) -> torch.Tensor:
-    """``pos_q - pos_k`` as int64 ``[lq, lk]`` (exact at any cache position)."""
-    pos_q, pos_k = positions(lq, lk, device)
+def signed_distance(lq: int, lk: int, device, query_offset=None) -> torch.Tensor:
+    """``pos_q - pos_k`` as int64 ``[lq, lk]`` (``[B, 1, lq, lk]`` for per-batch
+    offsets), exact at any cache position."""
+    pos_q, pos_k = positions(lq, lk, device, query_offset)
+    if pos_q.dim() == 2:
+        return (pos_q[:, :, None] - pos_k)[:, None]
     return pos_q[:, None] - pos_k[None, :]
+
+
+def delta_range(is_causal: bool, window=None) -> tuple[int | None, int | None]:
+    """The signed distances ``pos_q - pos_k`` a query may attend, ``[lo, hi]`` (None = unbounded).
+
+    ``window = (left, right)`` in FlashAttention's convention (``-1`` = unbounded):
+    keys from ``left`` positions before the query to ``right`` after it. Causal
+    attention allows ``delta >= 0`` (a ``right`` window changes nothing then).
+    """
+    left, right = (-1, -1) if window is None else window
+    lo = 0 if is_causal else (-right if right >= 0 else None)
+    hi = left if left >= 0 else None
+    return lo, hi
 
 
 def phi(delta: torch.Tensor, distance: str, dtype=torch.float32) -> torch.Tensor:
@@ -44,11 +66,16 @@ def phi(delta: torch.Tensor, distance: str, dtype=torch.float32) -> torch.Tensor
     raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
 
 
-def allowed_mask(lq: int, lk: int, is_causal: bool, attn_mask, device) -> torch.Tensor | None:
+def allowed_mask(lq: int, lk: int, is_causal: bool, attn_mask, device, query_offset=None, window=None):
     """Boolean ``[.., Lq, Lk]`` of keys a query may attend to (None = all)."""
+    lo, hi = delta_range(is_causal, window)
     mask = None
-    if is_causal:
-        mask = signed_distance(lq, lk, device) >= 0
+    if lo is not None or hi is not None:
+        delta = signed_distance(lq, lk, device, query_offset)
+        if lo is not None:
+            mask = delta >= lo
+        if hi is not None:
+            mask = (delta <= hi) if mask is None else (mask & (delta <= hi))
     if attn_mask is not None:
         mask = attn_mask if mask is None else (attn_mask & mask)
     return mask
@@ -62,6 +89,7 @@ def gape_bias(
     is_causal: bool,
     distance: str,
     dtype=torch.float32,
+    query_offset=None,
 ) -> torch.Tensor:
     """``b[b, h, m, n] = -lambda_m * (1 - pi_n) * phi(delta_mn)`` as ``[B, Hq, Lq, Lk]``.
 
@@ -69,7 +97,7 @@ def gape_bias(
     formed from integer positions and only then converted to ``dtype``, so it
     stays exact at cache positions around 1e6 and beyond.
     """
-    delta = signed_distance(lq, lk, query_gate.device)
+    delta = signed_distance(lq, lk, query_gate.device, query_offset)
     delta = delta.clamp_min(0) if is_causal else delta.abs()
     ph = phi(delta, distance, dtype)
     lam = query_gate.to(dtype)[..., :, None]
@@ -88,8 +116,11 @@ def reference_attention(
     scale: float | None = None,
     distance: str = "log",
     upcast: bool = False,
+    query_offset=None,
+    window=None,
 ) -> torch.Tensor:
-    """Plain GAPE attention. Shapes as :func:`gape.attention`.
+    """Plain GAPE attention. Shapes and ``query_offset`` as :func:`gape.attention`;
+    ``window`` is its ``window_size`` (None = unbounded).
 
     ``upcast=False`` computes scores and softmax in the input dtype (the
     "same-dtype PyTorch reference" whose own error sets kernel tolerances);
@@ -112,9 +143,9 @@ def reference_attention(
     pi = key_gate.repeat_interleave(rep, dim=1)
 
     scores = torch.matmul(query, k.transpose(-1, -2)) * scale
-    bias = gape_bias(query_gate, pi, lq, lk, is_causal, distance, bias_dtype)
+    bias = gape_bias(query_gate, pi, lq, lk, is_causal, distance, bias_dtype, query_offset)
     scores = (scores.to(bias_dtype) + bias).to(cdt)
-    mask = allowed_mask(lq, lk, is_causal, attn_mask, query.device)
+    mask = allowed_mask(lq, lk, is_causal, attn_mask, query.device, query_offset, window)
     if mask is not None:
         mask = mask.expand(b, hq, lq, lk)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -126,3 +157,37 @@ def reference_attention(
         probs = probs.masked_fill(empty, 0.0)
     out = torch.matmul(probs, v)
     return out.to(out_dtype)
+
+
+def reference_attention_varlen(
+    query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
+    is_causal: bool = True, scale: float | None = None, distance: str = "log", window=None, upcast: bool = False,
+) -> torch.Tensor:
+    """Packed sequences (FlashAttention's varlen layout) one at a time: query
+    ``[Tq, Hq, D]``, key/value ``[Tk, Hkv, D]``, gates ``[Tq, Hq]`` / ``[Tk, Hkv]``;
+    each sequence bottom-right aligned on its own. Returns ``[Tq, Hq, Dv]``."""
+    outs = []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:  # no key at all: zero rows
+            outs.append(query.new_zeros(q1 - q0, query.shape[1], value.shape[-1]))
+            continue
+        o = reference_attention(
+            query[q0:q1].transpose(0, 1)[None], key[k0:k1].transpose(0, 1)[None],
+            value[k0:k1].transpose(0, 1)[None], query_gate[q0:q1].t()[None], key_gate[k0:k1].t()[None],
+            None, is_causal, scale, distance, upcast=upcast, window=window,
+        )
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return query.new_zeros(0, query.shape[1], value.shape[-1]) + 0 * value.sum()
+    return torch.cat(outs, dim=0)
+
+
+def reference_attention_varlen_backend(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
+                                       max_seqlen_q, max_seqlen_k, is_causal, scale, distance, window):
+    """``backend="reference"`` of :func:`gape.attention_varlen`."""
+    return reference_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
+                                      is_causal, scale, distance, window)

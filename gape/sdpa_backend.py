@@ -37,8 +37,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import allowed_mask, positions
 
-def augment(query, key, query_gate, key_gate, scale: float, center: int):
+
+def augment(query, key, query_gate, key_gate, scale: float, center: int, query_offset=None):
     """Queries and keys with the two GAPE channels appended (``D + 2``).
 
     ``center`` is subtracted from every cache position before it enters a
@@ -47,7 +49,10 @@ def augment(query, key, query_gate, key_gate, scale: float, center: int):
     lq, lk = query.shape[2], key.shape[2]
     dt = query.dtype
     # positions as exact integers, shifted, then cast once
-    t_q = (torch.arange(lq, device=query.device, dtype=torch.int64) + (lk - lq) - center).to(dt)
+    pos_q, _ = positions(lq, lk, query.device, query_offset)  # [Lq] or [B, Lq]
+    t_q = (pos_q - center).to(dt)
+    if t_q.dim() == 2:
+        t_q = t_q[:, None, :]
     t_k = (torch.arange(lk, device=key.device, dtype=torch.int64) - center).to(dt)
     lam = query_gate.to(dt)
     keep = (1 - key_gate.to(dt)) / scale
@@ -66,14 +71,18 @@ def sdpa_attention(
     is_causal: bool,
     scale: float,
     distance: str,
+    *,
+    query_offset=None,
+    window=None,
 ) -> torch.Tensor:
-    """GAPE attention via SDPA (linear distance, causal only). Shapes as :func:`gape.attention`."""
+    """GAPE attention via SDPA (linear distance, causal only). Shapes, ``query_offset``
+    and ``window`` as :func:`gape.attention`."""
     if distance != "linear":
         raise ValueError(f'the "sdpa" backend supports distance="linear" only, got {distance!r}')
     if not is_causal:
         raise ValueError('the "sdpa" backend supports is_causal=True only: |pos_q - pos_k| is not bilinear')
     lq, lk = query.shape[2], key.shape[2]
-    q_aug, k_aug = augment(query, key, query_gate, key_gate, scale, center=lk - 1)
+    q_aug, k_aug = augment(query, key, query_gate, key_gate, scale, center=lk - 1, query_offset=query_offset)
     # The fused SDPA kernels (CPU flash included) want one head dim for q, k and v,
     # a multiple of 8 on CUDA; zero channels change neither the logits nor the output.
     dv = value.shape[-1]
@@ -83,14 +92,11 @@ def sdpa_attention(
     value = F.pad(value, (0, width - dv))
     gqa = query.shape[1] != key.shape[1]
     empty = None
-    if attn_mask is None and lq == lk:
+    if attn_mask is None and lq == lk and query_offset is None and window is None:
         # SDPA's is_causal is top-left aligned, which equals bottom-right when Lq == Lk
         out = F.scaled_dot_product_attention(q_aug, k_aug, value, is_causal=True, scale=scale, enable_gqa=gqa)
         return out[..., :dv]
-    pos_q = torch.arange(lq, device=query.device) + (lk - lq)
-    allowed = pos_q[:, None] >= torch.arange(lk, device=query.device)[None, :]
-    if attn_mask is not None:
-        allowed = allowed & attn_mask
+    allowed = allowed_mask(lq, lk, True, attn_mask, query.device, query_offset, window)
     empty = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty.any()):
         # let an empty row attend everywhere (finite softmax, finite gradients), then zero it

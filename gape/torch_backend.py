@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import attention_cpu
+from .reference import delta_range
 from .reference import phi as _phi
 
 # Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 bias tile (~9 MB)
@@ -74,7 +75,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Plan:
     """Everything about one call that does not depend on the chunk."""
 
-    def __init__(self, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
+    def __init__(self, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                 query_offset=None, window=None):
         b, hq, lq, d = query.shape
         hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
         self.b, self.hq, self.hkv, self.rep = b, hq, hkv, hq // hkv
@@ -90,13 +92,18 @@ class _Plan:
         self.neg_lam = self.lam.neg().unsqueeze(-1)
         self.keep = (1 - key_gate.to(cdt)).reshape(b, hkv, lk)
         self.mask = attn_mask
+        # query row i sits at position i + qoff (one int here: per-batch offsets are split
+        # by the caller); the allowed signed distances are [dlo, dhi] (None = unbounded)
+        default = query_offset is None
+        self.qoff = lk - lq if default else int(query_offset)
+        self.dlo, self.dhi = delta_range(is_causal, window)
         # Without a mask every row keeps its distance-0 key (or, non-causal, any
-        # key) when Lq <= Lk; only then may the empty-row guards be skipped.
-        self.may_have_empty_rows = attn_mask is not None or lq > lk
+        # key) when Lq <= Lk at the default offset; only then may the empty-row guards be skipped.
+        self.may_have_empty_rows = attn_mask is not None or lq > lk or not default or self.dhi is not None
         # Toeplitz table: toep[r, x] = phi(delta(r + off - x)), so the tile of a chunk whose
-        # first row sits at position p0 is toep[:cc, off - p0 : off - p0 + kend]. phi is
-        # evaluated once per distance (a vector, reversed) and the rows are windows of it.
-        self.off = off = lk + c - 1
+        # first row sits at position p0 over keys [ks, ke) is toep[:cc, off - p0 + ks : off - p0 + ke].
+        # phi is evaluated once per distance (a vector, reversed) and the rows are windows of it.
+        self.off = off = lq - 1 + self.qoff + c
         n = lq + lk + c
         delta = torch.arange(off + c - 1, off - n, -1, device=self.device, dtype=torch.int64)
         delta = delta.clamp_min_(0) if is_causal else delta.abs_()
@@ -104,60 +111,74 @@ class _Plan:
         # vec[z] = phi(delta(off + c - 1 - z)); row r of the table starts at z = c - 1 - r
         self.toep = vec.as_strided((c, n), (1, 1)).flip(0)
         self.buf = self.kp_buf = None
-        self._future = {}  # chunk rows -> [cc, cc] causal mask of the diagonal block
 
     def chunks(self):
-        """(i0, i1, kend) per chunk; kend = number of keys the chunk can see."""
+        """(i0, i1, ks, ke) per chunk: the chunk's rows can see keys [ks, ke) at most."""
         for i0 in range(0, self.lq, self.c):
             i1 = min(self.lq, i0 + self.c)
-            kend = min(self.lk, i1 + self.lk - self.lq) if self.is_causal else self.lk
-            yield i0, i1, kend
+            p0, p1 = i0 + self.qoff, i1 - 1 + self.qoff
+            ks = 0 if self.dhi is None else min(max(p0 - self.dhi, 0), self.lk)
+            ke = self.lk if self.dlo is None else min(max(p1 - self.dlo + 1, 0), self.lk)
+            yield i0, i1, ks, max(ks, ke)
 
-    def bias(self, i0, i1, kend):
-        """Bias of one chunk with every disallowed key at ``-inf``, as ``[B, Hkv, rep, cc, kend]``.
+    def _band(self, s, p0, cc, ks, ke):
+        """-inf where a row's key is outside [pos - dhi, pos - dlo]: only the two edge blocks can be."""
+        p1 = p0 + cc - 1
+        edges = []
+        if self.dlo is not None:  # keys after the first row's last key
+            edges.append((max(ks, p0 - self.dlo + 1), ke))
+        if self.dhi is not None:  # keys before the last row's first key
+            edges.append((ks, min(ke, p1 - self.dhi)))
+        for j0, j1 in edges:
+            if j1 <= j0:
+                continue
+            delta = (torch.arange(p0, p0 + cc, device=self.device)[:, None]
+                     - torch.arange(j0, j1, device=self.device)[None, :])
+            bad = torch.zeros_like(delta, dtype=torch.bool)
+            if self.dlo is not None:
+                bad |= delta < self.dlo
+            if self.dhi is not None:
+                bad |= delta > self.dhi
+            s[..., j0 - ks : j1 - ks].masked_fill_(bad, _NEG_INF)
 
-        Also returns ``phi`` of the tile (``[cc, kend]``, a view of the table).
+    def bias(self, i0, i1, ks, ke):
+        """Bias of one chunk with every disallowed key at ``-inf``, as ``[B, Hkv, rep, cc, ke - ks]``.
+
+        Also returns ``phi`` of the tile (``[cc, ke - ks]``, a view of the table).
         """
-        b, hkv, rep, cc = self.b, self.hkv, self.rep, i1 - i0
-        n_s = b * self.hq * cc * kend
+        b, hkv, rep, cc, kw = self.b, self.hkv, self.rep, i1 - i0, ke - ks
+        n_s = b * self.hq * cc * kw
         if self.buf is None or self.buf.numel() < n_s:
             self.buf = torch.empty(b * self.hq * self.c * self.lk, device=self.device, dtype=self.cdt)
             self.kp_buf = torch.empty(b * hkv * self.c * self.lk, device=self.device, dtype=self.cdt)
-        x0 = self.off - (i0 + self.lk - self.lq)
-        phi = self.toep[:cc, x0 : x0 + kend]
-        keep_phi = self.kp_buf[: b * hkv * cc * kend].view(b, hkv, 1, cc, kend)
-        torch.mul(self.keep[:, :, None, None, :kend], phi, out=keep_phi)
-        s = self.buf[:n_s].view(b, hkv, rep, cc, kend)
+        p0 = i0 + self.qoff
+        x0 = self.off - p0 + ks
+        phi = self.toep[:cc, x0 : x0 + kw]
+        keep_phi = self.kp_buf[: b * hkv * cc * kw].view(b, hkv, 1, cc, kw)
+        torch.mul(self.keep[:, :, None, None, ks:ke], phi, out=keep_phi)
+        s = self.buf[:n_s].view(b, hkv, rep, cc, kw)
         torch.mul(self.neg_lam[..., i0:i1, :], keep_phi, out=s)
-        if self.is_causal:
-            ds = kend - cc  # first column of the diagonal block (< 0 when Lq > Lk)
-            future = self._future.get(cc)
-            if future is None:
-                r = torch.arange(cc, device=self.device)
-                future = self._future[cc] = r[None, :] > r[:, None]
-            if ds < 0:
-                future = future[:, -ds:]
-            s[..., max(ds, 0) : kend].masked_fill_(future, _NEG_INF)
+        self._band(s, p0, cc, ks, ke)
         if self.mask is not None:
             m = self.mask
             if m.shape[2] != 1:
                 m = m[:, :, i0:i1]
             if m.shape[3] != 1:
-                m = m[..., :kend]
+                m = m[..., ks:ke]
             m = m.reshape(m.shape[0], hkv, rep, *m.shape[2:]) if m.shape[1] != 1 else m.unsqueeze(1)
             s.masked_fill_(m.logical_not(), _NEG_INF)
         return s, phi
 
-    def probs(self, i0, i1, kend):
-        """Attention probabilities of one chunk as ``[B*Hkv, rep*cc, kend]`` (our own GEMM and softmax).
+    def probs(self, i0, i1, ks, ke):
+        """Attention probabilities of one chunk as ``[B*Hkv, rep*cc, ke - ks]`` (our own GEMM and softmax).
 
         Also returns the folded query chunk and ``phi``.
         """
         g, rows = self.g, self.rep * (i1 - i0)
-        s, phi = self.bias(i0, i1, kend)
+        s, phi = self.bias(i0, i1, ks, ke)
         qc = self.query.view(self.b, self.hkv, self.rep, self.lq, self.d)[:, :, :, i0:i1].reshape(g, rows, self.d)
-        k = self.key.view(g, self.lk, self.d)[:, :kend]
-        p = s.view(g, rows, kend).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
+        k = self.key.view(g, self.lk, self.d)[:, ks:ke]
+        p = s.view(g, rows, ke - ks).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
         _softmax_out(p, -1, False, out=p)
         if self.may_have_empty_rows:
             p.nan_to_num_(0.0)  # softmax of an all -inf row is NaN; GAPE's is zeros
@@ -178,21 +199,49 @@ def _use_cpu_kernel(query, key, value) -> bool:
     return ok and attention_cpu.available()
 
 
-def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance):
-    """The C++ kernel's inputs in the compute dtype (float32 for half inputs)."""
+# Causal phi tables up to this many distances come from the shared reversed table
+# (_phi_reversed); larger ones (queries far from their keys) are built per call.
+_SHARED_PHI_MAX = 1 << 20
+
+
+def _kernel_positions(b, lq, lk, is_causal, query_offset=None, window=None, segments=None) -> dict:
+    """The kernel's position arguments: segments, allowed distances, and where delta 0 is in the table."""
+    if segments is None:
+        segments = attention_cpu.dense_segments(b, lq, lk, query_offset)
+    dlo, dhi = attention_cpu.delta_bounds(*delta_range(is_causal, window))
+    return dict(segments=segments, delta_lo=dlo, delta_hi=dhi)
+
+
+def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions=None):
+    """The C++ kernel's inputs in the compute dtype (float32 for half inputs), and its position arguments."""
     cdt = _compute_dtype(query.dtype)
-    lq, lk = query.shape[2], key.shape[2]
-    if is_causal:
-        phi_rev = _phi_reversed(lk, distance, cdt, query.device)  # only delta >= 0 is read
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    positions = dict(_kernel_positions(b, lq, lk, is_causal) if positions is None else positions)
+    rng = attention_cpu.read_range(positions["segments"], positions["delta_lo"], positions["delta_hi"])
+    if rng is None:  # no row sees a key: the table is never read
+        phi_rev, zero = torch.zeros(1, dtype=cdt), 0
+    elif rng[0] >= 0 and rng[1] < _SHARED_PHI_MAX:
+        phi_rev, zero = _phi_reversed(rng[1] + 1, distance, cdt, query.device), rng[1]
     else:
-        phi_rev = _phi(torch.arange(lk - 1, -lq, -1, device=query.device).abs_(), distance, cdt)
-    return query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask
+        phi_rev, zero = attention_cpu.phi_table(rng[0], rng[1], distance, cdt), rng[1]
+    positions["phi_zero"] = zero
+    args = (query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask)
+    return args, positions
 
 
-def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False):
+def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False,
+                    positions=None):
     """The fused C++ forward, in the compute dtype."""
-    args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
-    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse)
+    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions)
+    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse, **pos)
+
+
+def _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, out, lse,
+                     grad_out, positions=None):
+    """The fused C++ backward: ``(dq, dk, dv, d lambda, d pi)`` in the compute dtype."""
+    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions)
+    dq, dk, dv, dlam, dkeep = attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out, **pos)
+    return dq, dk, dv, dlam, dkeep.neg_()
 
 
 def _use_fused_kernel(plan: _Plan) -> bool:
@@ -205,24 +254,24 @@ def _forward(plan: _Plan):
     b, hq, lq, dv = plan.b, plan.hq, plan.lq, plan.dv
     out = torch.empty(b, hq, lq, dv, device=plan.device, dtype=plan.cdt)
     fused = _use_fused_kernel(plan)
-    for i0, i1, kend in plan.chunks():
-        if kend <= 0:
-            out[:, :, i0:i1] = 0  # every row of this chunk precedes the cache
+    for i0, i1, ks, ke in plan.chunks():
+        if ke <= ks:
+            out[:, :, i0:i1] = 0  # no row of this chunk sees a key (before the cache, or outside the window)
             continue
         if fused:
-            s, _ = plan.bias(i0, i1, kend)
+            s, _ = plan.bias(i0, i1, ks, ke)
             # a row whose keys are all -inf comes back as zeros from the fused kernel
             out[:, :, i0:i1] = F.scaled_dot_product_attention(
                 plan.query[:, :, i0:i1],
-                plan.key[:, :, :kend],
-                plan.value[:, :, :kend],
-                attn_mask=s.view(b, hq, i1 - i0, kend),
+                plan.key[:, :, ks:ke],
+                plan.value[:, :, ks:ke],
+                attn_mask=s.view(b, hq, i1 - i0, ke - ks),
                 scale=plan.scale,
                 enable_gqa=plan.rep > 1,
             )
         else:
-            p, _, _ = plan.probs(i0, i1, kend)
-            o = torch.bmm(p, plan.value.view(plan.g, plan.lk, dv)[:, :kend])
+            p, _, _ = plan.probs(i0, i1, ks, ke)
+            o = torch.bmm(p, plan.value.view(plan.g, plan.lk, dv)[:, ks:ke])
             out[:, :, i0:i1] = o.view(b, hq, i1 - i0, dv)
     return out
 
@@ -240,31 +289,31 @@ def _backward(plan: _Plan, out, grad_out, needs):
     dpi = torch.zeros(g, 1, lk, device=plan.device, dtype=plan.cdt)
     keep = plan.keep.reshape(g, lk, 1)
     dbuf = None
-    for i0, i1, kend in plan.chunks():
-        if kend <= 0:
+    for i0, i1, ks, ke in plan.chunks():
+        if ke <= ks:
             continue
-        cc = i1 - i0
+        cc, kw = i1 - i0, ke - ks
         rows = rep * cc
-        p, qc, phi = plan.probs(i0, i1, kend)
+        p, qc, phi = plan.probs(i0, i1, ks, ke)
         doc = do[:, :, :, i0:i1].reshape(g, rows, dv)
-        dvv[:, :kend].baddbmm_(p.transpose(1, 2), doc)
-        n_s = g * rows * kend
+        dvv[:, ks:ke].baddbmm_(p.transpose(1, 2), doc)
+        n_s = g * rows * kw
         if dbuf is None or dbuf.numel() < n_s:
             dbuf = torch.empty(plan.buf.numel(), device=plan.device, dtype=plan.cdt)
-        ds = torch.bmm(doc, v[:, :kend].transpose(1, 2), out=dbuf[:n_s].view(g, rows, kend))
+        ds = torch.bmm(doc, v[:, ks:ke].transpose(1, 2), out=dbuf[:n_s].view(g, rows, kw))
         ds.sub_(delta_row[:, :, :, i0:i1].reshape(g, rows, 1)).mul_(p)
         if needs[0]:
-            dq[:, :, :, i0:i1] = torch.bmm(ds, k[:, :kend]).mul_(plan.scale).view(b, hkv, rep, cc, d)
+            dq[:, :, :, i0:i1] = torch.bmm(ds, k[:, ks:ke]).mul_(plan.scale).view(b, hkv, rep, cc, d)
         if needs[1]:
-            dk[:, :kend].baddbmm_(ds.transpose(1, 2), qc, alpha=plan.scale)
+            dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), qc, alpha=plan.scale)
         if needs[3] or needs[4]:
             # u = dS * phi; d lambda = -u @ (1 - pi) (rows), d pi = lambda^T u (columns)
-            u = torch.mul(ds.view(b, hkv, rep, cc, kend), phi, out=p.view(b, hkv, rep, cc, kend))
-            u = u.view(g, rows, kend)
+            u = torch.mul(ds.view(b, hkv, rep, cc, kw), phi, out=p.view(b, hkv, rep, cc, kw))
+            u = u.view(g, rows, kw)
             if needs[3]:
-                dlam[:, :, :, i0:i1] = torch.bmm(u, keep[:, :kend]).neg_().view(b, hkv, rep, cc)
+                dlam[:, :, :, i0:i1] = torch.bmm(u, keep[:, ks:ke]).neg_().view(b, hkv, rep, cc)
             if needs[4]:
-                dpi[:, :, :kend].baddbmm_(plan.lam[..., i0:i1].reshape(g, 1, rows), u)
+                dpi[:, :, ks:ke].baddbmm_(plan.lam[..., i0:i1].reshape(g, 1, rows), u)
     return dq, dk, dvv, dlam, dpi
 
 
@@ -284,27 +333,42 @@ def _phi_reversed(lk: int, distance: str, dtype: torch.dtype, device: torch.devi
     return r[r.numel() - lk :]
 
 
-def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance):
+def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal=True, query_offset=None,
+            window=None):
     """One query row per head (a decode step), no gradient: a handful of ops.
 
-    The row sits at position ``Lk - 1``, so key ``j`` is at distance ``Lk - 1 - j``
-    causal or not, and no causal mask is needed.
+    At the default offset the row sits at position ``Lk - 1``, so key ``j`` is at
+    distance ``Lk - 1 - j`` causal or not, and no causal mask is needed.
     """
     b, hq, _, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
     rep, g = hq // hkv, b * hkv
     cdt = _compute_dtype(query.dtype)
-    phi = _phi_reversed(lk, distance, cdt, query.device)
+    band = None
+    if query_offset is None and window is None:
+        phi = _phi_reversed(lk, distance, cdt, query.device).view(1, 1, lk)
+    else:
+        off = lk - 1 if query_offset is None else query_offset
+        off = torch.as_tensor(off, device=query.device).view(-1, 1)
+        delta = off - torch.arange(lk, device=query.device)  # [B or 1, Lk]
+        dlo, dhi = delta_range(is_causal, window)
+        if dlo is not None:
+            band = delta >= dlo
+        if dhi is not None:
+            band = (delta <= dhi) if band is None else band & (delta <= dhi)
+        phi = _phi(delta.clamp_min(0) if is_causal else delta.abs(), distance, cdt).unsqueeze(1)
     # bias = -lambda (1 - pi) phi = lambda (pi - 1) phi, as [B, Hkv, rep, Lk]
     keep_phi = (key_gate.to(cdt) - 1).mul_(phi).view(b, hkv, 1, lk)
     s = torch.mul(query_gate.to(cdt).reshape(b, hkv, rep, 1), keep_phi)
+    if band is not None:
+        s.masked_fill_(band.logical_not().view(-1, 1, 1, lk), _NEG_INF)
     if attn_mask is not None:
         m = attn_mask.expand(b, hq, 1, lk).reshape(b, hkv, rep, lk)
         s.masked_fill_(m.logical_not(), _NEG_INF)
     k = key.to(cdt).reshape(g, lk, d)
     p = s.view(g, rep, lk).baddbmm_(query.to(cdt).reshape(g, rep, d), k.transpose(1, 2), alpha=scale)
     _softmax_out(p, -1, False, out=p)
-    if attn_mask is not None:
+    if attn_mask is not None or band is not None:
         p.nan_to_num_(0.0)  # a row with every key masked: zeros, as GAPE defines it
     out = torch.bmm(p, value.to(cdt).reshape(g, lk, dv))
     return out.view(b, hq, 1, dv).to(query.dtype)
@@ -312,28 +376,34 @@ def _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
 
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size):
+    def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                query_offset=None, window=None, segments=None):
         lse = None
-        if _use_cpu_kernel(query, key, value):
-            out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True)
+        positions = None
+        if segments is not None or _use_cpu_kernel(query, key, value):
+            b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+            positions = _kernel_positions(b, lq, lk, is_causal, query_offset, window, segments)
+            out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+                                       True, positions)
         else:
-            plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+            plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                         query_offset, window)
             out = _forward(plan)
         # lse (the kernel's row log-sum-exp) selects the kernel's backward
         ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse)
-        ctx.args = (is_causal, scale, distance, chunk_size)
+        ctx.args = (is_causal, scale, distance, chunk_size, query_offset, window)
+        ctx.positions = positions
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         query, key, value, query_gate, key_gate, attn_mask, out, lse = ctx.saved_tensors
-        is_causal, scale, distance, chunk_size = ctx.args
+        is_causal, scale, distance, chunk_size, query_offset, window = ctx.args
         needs = ctx.needs_input_grad[:5]
         if lse is not None:
-            args = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance)
-            dq, dk, dv, dlam, dkeep = attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out)
-            dpi = dkeep.neg_()
+            dq, dk, dv, dlam, dpi = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal,
+                                                     scale, distance, out, lse, grad_out, ctx.positions)
         else:
             plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
             dq, dk, dv, dlam, dpi = _backward(plan, out, grad_out, needs)
@@ -343,12 +413,17 @@ class _GapeAttention(torch.autograd.Function):
             dv.view(value.shape).to(value.dtype) if needs[2] else None,
             dlam.view(query_gate.shape).to(query_gate.dtype) if needs[3] else None,
             dpi.view(key_gate.shape).to(key_gate.dtype) if needs[4] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            None, None, None, None, None, None, None, None,
         )
+
+
+def _uniform(query_offset):
+    """An offset tensor whose entries are all equal becomes that int (reads the values)."""
+    if isinstance(query_offset, torch.Tensor):
+        flat = query_offset.reshape(-1)
+        if flat.numel() == 1 or bool((flat == flat[0]).all()):
+            return int(flat[0])
+    return query_offset
 
 
 def torch_attention(
@@ -362,23 +437,77 @@ def torch_attention(
     scale: float,
     distance: str,
     chunk_size: int | None = None,
+    *,
+    query_offset=None,
+    window=None,
 ) -> torch.Tensor:
     """GAPE attention on validated inputs (see :func:`gape.attention`).
 
     ``chunk_size`` (query rows per tile, default :data:`CHUNK_SIZE`) trades
     memory (``B * Hq * chunk_size * Lk`` floats, twice in the backward) for
-    fewer, larger GEMMs.
+    fewer, larger GEMMs. ``query_offset`` (None, an int or an int64 ``[B]``
+    tensor) and ``window`` (``(left, right)`` or None) as in :func:`gape.attention`.
     """
+    query_offset = _uniform(query_offset)
+    if query_offset is not None and not isinstance(query_offset, torch.Tensor) and query_offset == key.shape[2] - query.shape[2]:
+        query_offset = None  # the bottom-right default: keep its fast paths
     tensors = (query, key, value, query_gate, key_gate)
+    kernel = _use_cpu_kernel(query, key, value)
+    if isinstance(query_offset, torch.Tensor) and not kernel:
+        # per-batch offsets on the pure-PyTorch tiles: one batch element at a time
+        outs = []
+        for i in range(query.shape[0]):
+            m = None if attn_mask is None else attn_mask[i : i + 1] if attn_mask.shape[0] > 1 else attn_mask
+            outs.append(torch_attention(*(t[i : i + 1] for t in tensors), m, is_causal, scale, distance, chunk_size,
+                                        query_offset=int(query_offset[i]), window=window))
+        return torch.cat(outs, dim=0)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size)
+        return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size, query_offset, window)
     # A decode step (Lq = 1) is faster through _decode, whose GEMMs fold a GQA group's
     # query heads into rows: 496 vs 722 us at Lk = 4096, 9/3 heads, one thread.
     if query.shape[2] == 1 and FORWARD != "kernel":
-        return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance)
-    if _use_cpu_kernel(query, key, value):
-        out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
+        return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal, query_offset,
+                       window)
+    if kernel:
+        pos = _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, query_offset, window)
+        out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+                              positions=pos)
         return out.to(query.dtype)
-    plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size)
+    plan = _Plan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
+                 query_offset, window)
     out = _forward(plan)
     return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
+
+
+def torch_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                           max_seqlen_k, is_causal, scale, distance, window=None):
+    """``backend="torch"`` of :func:`gape.attention_varlen` (arguments validated there).
+
+    The C++ kernel takes the packed tensors as one batch element of ``[1, H, T, D]``
+    views with one segment per sequence: no padding, no loop over sequences. Without
+    the kernel (CUDA tensors, no compiler) each sequence runs through the tiles.
+    """
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    lam, pi = query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0)
+    if _use_cpu_kernel(q4, k4, v4):
+        seg = attention_cpu.varlen_segments(cu_seqlens_q, cu_seqlens_k)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, query_gate, key_gate)):
+            out = _GapeAttention.apply(q4, k4, v4, lam, pi, None, is_causal, scale, distance, None, None, window, seg)
+        else:
+            pos = _kernel_positions(1, q4.shape[2], k4.shape[2], is_causal, None, window, seg)
+            out = _kernel_forward(q4, k4, v4, lam, pi, None, is_causal, scale, distance, positions=pos)
+            out = out.to(query.dtype)
+        return out[0].transpose(0, 1)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            outs.append(query.new_zeros(q1 - q0, query.shape[1], value.shape[-1]))
+            continue
+        o = torch_attention(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], lam[:, :, q0:q1], pi[:, :, k0:k1],
+                            None, is_causal, scale, distance, window=window)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0) if outs else query.new_zeros(0, query.shape[1], value.shape[-1])

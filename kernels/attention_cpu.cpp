@@ -8,7 +8,10 @@
 // and output O += P V (BLAS). The bias never exists in memory, which is what
 // the pure-PyTorch tiles pay for (a tile written, then read back by the
 // softmax or by SDPA). The backward recomputes the same logits from the
-// forward's row log-sum-exp (see backward_impl). Built at first use by
+// forward's row log-sum-exp (see backward_impl). Positions are an input: each
+// segment (a batch element, or one packed sequence) has its own query offset, and a
+// call allows the signed distances [dlo, dhi] (causal rule, local window), so key
+// blocks outside a block's window are never visited. Built at first use by
 // gape/kernels/attention_cpu.py;
 // the math is ../shared/GAPE.md and the oracle gape.reference.
 #include <ATen/ATen.h>
@@ -54,62 +57,77 @@ struct Strides {
 
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// One attention problem of the call: batch element b, query rows [q0, q0 + nq) and keys
+// [k0, k0 + nk) of that element, query row i (local) at position i + off, key j at j.
+// A dense batch has one segment per element (q0 = k0 = 0); packed sequences (varlen) are
+// segments of one element.
+struct Segment {
+  int64_t b, q0, nq, k0, nk, off;
+};
+
 // Everything about one call that the forward and the backward share.
 template <typename T>
 struct Problem {
-  int64_t B, Hq, Hkv, Lq, Lk, D, Dv, rep;
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv, rep;  // Lq, Lk: rows of the whole tensors
   Strides sq, sk, sv;
   const T* q;
   const T* k;
   const T* v;
   const T* lam;      // [B, Hq, Lq] contiguous
   const T* keep;     // 1 - pi, [B, Hkv, Lk] contiguous
-  const T* phi_rev;  // phi(delta(i, j)) = phi_rev[Lq - 1 - i + j]
+  const T* phi_rev;  // phi(delta) = phi_rev[phi_zero - delta] for every delta the call reads
+  int64_t phi_zero;
   const bool* mask = nullptr;
   int64_t mb = 0, mh = 0, mq = 0, mk = 0;  // mask expanded to [B, Hq, Lq, Lk]: broadcast dims have stride 0
+  std::vector<Segment> segs;
+  int64_t dlo, dhi;  // allowed signed distances pos_q - pos_k: [dlo, dhi] (causal, window)
   T scale;
-  bool causal;
 
   Problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lam_t,
-          const at::Tensor& keep_t, const at::Tensor& phi_t, const c10::optional<at::Tensor>& mask_t, double scale_d,
-          bool causal_)
+          const at::Tensor& keep_t, const at::Tensor& phi_t, int64_t phi_zero_, const c10::optional<at::Tensor>& mask_t,
+          const at::Tensor& seg_t, int64_t dlo_, int64_t dhi_, double scale_d)
       : B(query.size(0)), Hq(query.size(1)), Hkv(key.size(1)), Lq(query.size(2)), Lk(key.size(2)),
         D(query.size(3)), Dv(value.size(3)), rep(query.size(1) / key.size(1)), sq(strides_of(query)),
         sk(strides_of(key)), sv(strides_of(value)), q(query.data_ptr<T>()), k(key.data_ptr<T>()),
         v(value.data_ptr<T>()), lam(lam_t.data_ptr<T>()), keep(keep_t.data_ptr<T>()), phi_rev(phi_t.data_ptr<T>()),
-        scale(static_cast<T>(scale_d)), causal(causal_) {
+        phi_zero(phi_zero_), dlo(dlo_), dhi(dhi_), scale(static_cast<T>(scale_d)) {
     if (mask_t.has_value()) {
       mask = mask_t->data_ptr<bool>();
       mb = mask_t->stride(0), mh = mask_t->stride(1), mq = mask_t->stride(2), mk = mask_t->stride(3);
     }
+    const int64_t* sp = seg_t.data_ptr<int64_t>();
+    for (int64_t x = 0; x < seg_t.size(0); ++x, sp += 6) segs.push_back({sp[0], sp[1], sp[2], sp[3], sp[4], sp[5]});
   }
 
-  // Bottom-right alignment: row i sits at position i + Lk - Lq and, causal, sees keys j <= that.
-  int64_t key_end(int64_t i_end) const { return causal ? std::min(Lk, i_end + Lk - Lq) : Lk; }
+  // Keys [key_begin(i), key_end(i)) of segment S that local row i may see (non-decreasing in i).
+  int64_t key_begin(const Segment& S, int64_t i) const { return std::clamp<int64_t>(i + S.off - dhi, 0, S.nk); }
+  int64_t key_end(const Segment& S, int64_t i) const { return std::clamp<int64_t>(i + S.off - dlo + 1, 0, S.nk); }
 
-  // Row i of a score block over keys [j0, j0 + n): s holds <q_i, k_j> on entry and
-  // scale <q_i, k_j> - lambda_i (1 - pi_j) phi(delta_ij), or -inf where masked, on exit.
-  // Returns how many leading columns the causal rule lets the row see (the rest is untouched).
-  int64_t logits(T* s, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n) const {
+  // Row i (local) of a score block over the segment's keys [j0, j0 + n): s holds <q_i, k_j> on entry and
+  // scale <q_i, k_j> - lambda_i (1 - pi_j) phi(delta_ij), or -inf where masked, on exit, for the columns
+  // [c0, c1) the row may see; columns before c0 are -inf, those from c1 on are untouched. Returns c1.
+  int64_t logits(T* s, const Segment& S, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t& c0) const {
     using V = Vectorized<T>;
     constexpr int64_t W = V::size();
-    const int64_t ncols = causal ? std::clamp<int64_t>(i + Lk - Lq - j0 + 1, 0, n) : n;
-    const T* ph = phi_rev + (Lq - 1 - i + j0);
-    const T* kk = keep + (b * Hkv + h / rep) * Lk + j0;
-    const T li = lam[(b * Hq + h) * Lq + i];
+    c0 = std::clamp<int64_t>(key_begin(S, i) - j0, 0, n);
+    const int64_t c1 = std::max(c0, std::clamp<int64_t>(key_end(S, i) - j0, 0, n));
+    std::fill(s, s + c0, -std::numeric_limits<T>::infinity());
+    const T* ph = phi_rev + (phi_zero - (i + S.off) + j0);
+    const T* kk = keep + (S.b * Hkv + h / rep) * Lk + S.k0 + j0;
+    const T li = lam[(S.b * Hq + h) * Lq + S.q0 + i];
     const V vneg_l(-li), vscale(scale);
-    int64_t c = 0;
-    for (; c + W <= ncols; c += W) {
+    int64_t c = c0;
+    for (; c + W <= c1; c += W) {
       V x = at::vec::fmadd(vneg_l, V::loadu(kk + c) * V::loadu(ph + c), V::loadu(s + c) * vscale);
       x.store(s + c);
     }
-    for (; c < ncols; ++c) s[c] = s[c] * scale - li * (kk[c] * ph[c]);
+    for (; c < c1; ++c) s[c] = s[c] * scale - li * (kk[c] * ph[c]);
     if (mask != nullptr) {
-      const bool* mr = mask + b * mb + h * mh + i * mq + j0 * mk;
-      for (int64_t x = 0; x < ncols; ++x)
+      const bool* mr = mask + S.b * mb + h * mh + (S.q0 + i) * mq + (S.k0 + j0) * mk;
+      for (int64_t x = c0; x < c1; ++x)
         if (!mr[x * mk]) s[x] = -std::numeric_limits<T>::infinity();
     }
-    return ncols;
+    return c1;
   }
 };
 
@@ -146,51 +164,61 @@ T exp_shifted(T* s, int64_t n, T shift) {
   return sum;
 }
 
-// Items are (batch, head, query block). Causal blocks differ in cost; alternating
-// first and last blocks gives every thread's contiguous range a similar amount of work.
-inline void split_item(int64_t item, int64_t nqb, int64_t Hq, int64_t& b, int64_t& h, int64_t& qb) {
-  const int64_t t = item % nqb, bh = item / nqb;
-  h = bh % Hq, b = bh / Hq;
-  qb = (t % 2 == 0) ? t / 2 : nqb - 1 - t / 2;
+// Work units are (segment, query block); causal blocks differ in cost, so within a
+// segment the first and last blocks alternate and every thread's contiguous range of
+// units gets a similar amount of work.
+inline std::vector<std::pair<int64_t, int64_t>> query_blocks(const std::vector<Segment>& segs, int64_t QB) {
+  std::vector<std::pair<int64_t, int64_t>> units;
+  for (int64_t x = 0; x < static_cast<int64_t>(segs.size()); ++x) {
+    const int64_t nqb = (segs[x].nq + QB - 1) / QB;
+    for (int64_t t = 0; t < nqb; ++t) units.push_back({x, (t % 2 == 0) ? t / 2 : nqb - 1 - t / 2});
+  }
+  return units;
 }
 
 template <typename T>
 void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, int64_t KB) {
   const Strides so = strides_of(out_t);
   T* out = out_t.data_ptr<T>();
-  const int64_t Dv = P.Dv, nqb = (P.Lq + QB - 1) / QB;
+  const int64_t Dv = P.Dv;
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const auto units = query_blocks(P.segs, QB);
+  const int64_t n_units = static_cast<int64_t>(units.size());
 
-  at::parallel_for(0, P.B * P.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_units * P.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s_buf(QB * KB), o_buf(QB * Dv), m_buf(QB), l_buf(QB);
     T* S = s_buf.data();
     T* O = o_buf.data();
     for (int64_t item = begin; item < end; ++item) {
-      int64_t b, h, qb;
-      split_item(item, nqb, P.Hq, b, h, qb);
-      const int64_t hk = h / P.rep, i0 = qb * QB, rows = std::min(QB, P.Lq - i0);
-      const T* qp = P.q + b * P.sq.b + h * P.sq.h + i0 * P.sq.l;
-      const T* kp = P.k + b * P.sk.b + hk * P.sk.h;
-      const T* vp = P.v + b * P.sv.b + hk * P.sv.h;
-      const int64_t kend = P.key_end(i0 + rows);
+      // the query heads of a GQA group run one after the other on the same K/V blocks
+      const int64_t h = item % P.Hq;
+      const Segment& G = P.segs[units[item / P.Hq].first];
+      const int64_t b = G.b, hk = h / P.rep, i0 = units[item / P.Hq].second * QB, rows = std::min(QB, G.nq - i0);
+      const T* qp = P.q + b * P.sq.b + h * P.sq.h + (G.q0 + i0) * P.sq.l;
+      const T* kp = P.k + b * P.sk.b + hk * P.sk.h + G.k0 * P.sk.l;
+      const T* vp = P.v + b * P.sv.b + hk * P.sv.h + G.k0 * P.sv.l;
+      // window and causal rule: the block's rows see keys [kbeg, kend) at most
+      const int64_t kbeg = P.key_begin(G, i0), kend = P.key_end(G, i0 + rows - 1);
       std::fill(O, O + rows * Dv, T(0));
       std::fill(m_buf.begin(), m_buf.begin() + rows, neg_inf);
       std::fill(l_buf.begin(), l_buf.begin() + rows, T(0));
-      for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+      for (int64_t j0 = kbeg; j0 < kend; j0 += KB) {
         const int64_t n = std::min(KB, kend - j0);
         // S[rows x n] (row-major, ld KB) = Q K^T, i.e. column-major S^T = K Q^T
         gemm('T', 'N', n, rows, P.D, T(1), kp + j0 * P.sk.l, P.sk.l, qp, P.sq.l, T(0), S, KB);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = S + r * KB;
-          const int64_t ncols = P.logits(s, b, h, i0 + r, j0, n);
-          const T rmax = ncols > 0 ? row_max(s, ncols) : neg_inf;
+          int64_t c0;
+          const int64_t ncols = P.logits(s, G, h, i0 + r, j0, n, c0);
+          const T rmax = ncols > c0 ? row_max(s + c0, ncols - c0) : neg_inf;
           if (rmax == neg_inf) {  // no allowed key for this row in this block
             std::fill(s, s + n, T(0));
             continue;
           }
           const T m_old = m_buf[r], m_new = std::max(m_old, rmax);
           const T alpha = m_old == neg_inf ? T(0) : std::exp(m_old - m_new);
-          const T sum = exp_shifted(s, ncols, m_new);
+          std::fill(s, s + c0, T(0));
+          const T sum = exp_shifted(s + c0, ncols - c0, m_new);
           std::fill(s + ncols, s + n, T(0));
           l_buf[r] = l_buf[r] * alpha + sum;
           m_buf[r] = m_new;
@@ -202,15 +230,16 @@ void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, in
         // O[rows x Dv] += P[rows x n] V[n x Dv], i.e. column-major O^T += V^T P^T
         gemm('N', 'N', Dv, rows, n, T(1), vp + j0 * P.sv.l, P.sv.l, S, KB, T(1), O, Dv);
       }
-      // A row that saw no key (all masked, or before the cache) is zeros, as GAPE defines it;
-      // its log-sum-exp is +inf so that the backward's exp(s - lse) is 0 there.
-      T* op = out + b * so.b + h * so.h + i0 * so.l;
+      // A row that saw no key (all masked, outside the window or before the cache) is zeros, as
+      // GAPE defines it; its log-sum-exp is +inf so that the backward's exp(s - lse) is 0 there.
+      T* op = out + b * so.b + h * so.h + (G.q0 + i0) * so.l;
       for (int64_t r = 0; r < rows; ++r) {
         const T l = l_buf[r];
         const T inv = l > T(0) ? T(1) / l : T(0);
         for (int64_t d = 0; d < Dv; ++d) op[r * so.l + d] = O[r * Dv + d] * inv;
         if (lse != nullptr)
-          lse[(b * P.Hq + h) * P.Lq + i0 + r] = l > T(0) ? m_buf[r] + std::log(l) : std::numeric_limits<T>::infinity();
+          lse[(b * P.Hq + h) * P.Lq + G.q0 + i0 + r] =
+              l > T(0) ? m_buf[r] + std::log(l) : std::numeric_limits<T>::infinity();
       }
     }
   });
@@ -225,31 +254,35 @@ void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, in
 template <typename T>
 void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse, const T* delta, T* dq, T* dk_h,
                    T* dv_h, T* dlam, T* dpi_h, int64_t QB, int64_t KB) {
-  const int64_t D = P.D, Dv = P.Dv, nqb = (P.Lq + QB - 1) / QB;
-  at::parallel_for(0, P.B * P.Hq, 1, [&](int64_t begin, int64_t end) {
+  const int64_t D = P.D, Dv = P.Dv, n_segs = static_cast<int64_t>(P.segs.size());
+  // Items are (segment, query head). Segments of one batch element hold disjoint keys, so no
+  // two threads write the same row of the per-head dK, dV and d pi.
+  at::parallel_for(0, n_segs * P.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p_buf(QB * KB), ds_buf(QB * KB), dq_buf(QB * D);
     T* Pm = p_buf.data();
     T* dS = ds_buf.data();
     T* dQ = dq_buf.data();
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t h = bh % P.Hq, b = bh / P.Hq, hk = h / P.rep;
-      const T* kp = P.k + b * P.sk.b + hk * P.sk.h;
-      const T* vp = P.v + b * P.sv.b + hk * P.sv.h;
-      const T* keepp = P.keep + (b * P.Hkv + hk) * P.Lk;
-      T* dkp = dk_h + bh * P.Lk * D;
-      T* dvp = dv_h + bh * P.Lk * Dv;
-      T* dpip = dpi_h + bh * P.Lk;
+    for (int64_t item = begin; item < end; ++item) {
+      const Segment& G = P.segs[item / P.Hq];
+      const int64_t h = item % P.Hq, b = G.b, hk = h / P.rep, bh = b * P.Hq + h;
+      const T* kp = P.k + b * P.sk.b + hk * P.sk.h + G.k0 * P.sk.l;
+      const T* vp = P.v + b * P.sv.b + hk * P.sv.h + G.k0 * P.sv.l;
+      const T* keepp = P.keep + (b * P.Hkv + hk) * P.Lk + G.k0;
+      T* dkp = dk_h + (bh * P.Lk + G.k0) * D;
+      T* dvp = dv_h + (bh * P.Lk + G.k0) * Dv;
+      T* dpip = dpi_h + bh * P.Lk + G.k0;
+      const int64_t nqb = (G.nq + QB - 1) / QB;
       for (int64_t qb = 0; qb < nqb; ++qb) {
-        const int64_t i0 = qb * QB, rows = std::min(QB, P.Lq - i0);
-        const T* qp = P.q + b * P.sq.b + h * P.sq.h + i0 * P.sq.l;
-        const T* dop = dout + b * sdo.b + h * sdo.h + i0 * sdo.l;
-        const T* lsep = lse + bh * P.Lq + i0;
-        const T* dlt = delta + bh * P.Lq + i0;
-        const T* lamp = P.lam + bh * P.Lq + i0;
-        T* dlamp = dlam + bh * P.Lq + i0;
+        const int64_t i0 = qb * QB, rows = std::min(QB, G.nq - i0), row0 = bh * P.Lq + G.q0 + i0;
+        const T* qp = P.q + b * P.sq.b + h * P.sq.h + (G.q0 + i0) * P.sq.l;
+        const T* dop = dout + b * sdo.b + h * sdo.h + (G.q0 + i0) * sdo.l;
+        const T* lsep = lse + row0;
+        const T* dlt = delta + row0;
+        const T* lamp = P.lam + row0;
+        T* dlamp = dlam + row0;
         std::fill(dQ, dQ + rows * D, T(0));
-        const int64_t kend = P.key_end(i0 + rows);
-        for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+        const int64_t kbeg = P.key_begin(G, i0), kend = P.key_end(G, i0 + rows - 1);
+        for (int64_t j0 = kbeg; j0 < kend; j0 += KB) {
           const int64_t n = std::min(KB, kend - j0);
           gemm('T', 'N', n, rows, D, T(1), kp + j0 * P.sk.l, P.sk.l, qp, P.sq.l, T(0), Pm, KB);
           // dP[rows x n] = dO V^T
@@ -258,13 +291,16 @@ void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse
             const int64_t i = i0 + r;
             T* p = Pm + r * KB;
             T* ds = dS + r * KB;
-            const int64_t ncols = P.logits(p, b, h, i, j0, n);
-            if (ncols > 0) exp_shifted(p, ncols, lsep[r]);
+            int64_t c0;
+            const int64_t ncols = P.logits(p, G, h, i, j0, n, c0);
+            std::fill(p, p + c0, T(0));
+            if (ncols > c0) exp_shifted(p + c0, ncols - c0, lsep[r]);
             std::fill(p + ncols, p + n, T(0));
-            const T* ph = P.phi_rev + (P.Lq - 1 - i + j0);
+            const T* ph = P.phi_rev + (P.phi_zero - (i + G.off) + j0);
             const T li = lamp[r];
             T dl = T(0);
-            for (int64_t c = 0; c < ncols; ++c) {
+            std::fill(ds, ds + c0, T(0));
+            for (int64_t c = c0; c < ncols; ++c) {
               const T g = p[c] * (ds[c] - dlt[r]);
               ds[c] = g;
               const T gp = g * ph[c];
@@ -281,8 +317,7 @@ void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse
           // dQ[rows x D] += scale dS K
           gemm('N', 'N', D, rows, n, P.scale, kp + j0 * P.sk.l, P.sk.l, dS, KB, T(1), dQ, D);
         }
-        T* dqp = dq + (bh * P.Lq + i0) * D;
-        std::copy(dQ, dQ + rows * D, dqp);
+        std::copy(dQ, dQ + rows * D, dq + row0 * D);
       }
     }
   });
@@ -290,41 +325,47 @@ void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse
 
 void check_common(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& query_gate,
                   const at::Tensor& keep, const at::Tensor& phi_rev, const c10::optional<at::Tensor>& mask,
-                  int64_t q_block, int64_t k_block) {
-  // Shapes, dtypes and strides are checked in gape/kernels/attention_cpu.py; these guard the pointer math.
+                  const at::Tensor& segments, int64_t q_block, int64_t k_block) {
+  // Shapes, dtypes, strides and the phi table's extent are checked in gape/kernels/attention_cpu.py;
+  // these guard the pointer math.
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4, "gape: 4-d query/key/value expected");
   TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
               "gape: query/key/value need a contiguous last dim");
   TORCH_CHECK(query_gate.is_contiguous() && keep.is_contiguous() && phi_rev.is_contiguous(),
               "gape: gates and phi table must be contiguous");
   TORCH_CHECK(!mask.has_value() || (mask->scalar_type() == at::kBool && mask->dim() == 4), "gape: bool 4-d mask expected");
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 && segments.size(1) == 6 &&
+                  segments.is_contiguous(),
+              "gape: segments must be a contiguous int64 [S, 6] tensor");
   TORCH_CHECK(q_block > 0 && k_block > 0, "gape: block sizes must be positive");
 }
 
 void attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                        const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
-                       const c10::optional<at::Tensor>& mask, at::Tensor& out, const c10::optional<at::Tensor>& lse,
-                       double scale, bool causal, int64_t q_block, int64_t k_block) {
-  check_common(query, key, value, query_gate, keep, phi_rev, mask, q_block, k_block);
+                       int64_t phi_zero, const c10::optional<at::Tensor>& mask, const at::Tensor& segments,
+                       int64_t dlo, int64_t dhi, at::Tensor& out, const c10::optional<at::Tensor>& lse, double scale,
+                       int64_t q_block, int64_t k_block) {
+  check_common(query, key, value, query_gate, keep, phi_rev, mask, segments, q_block, k_block);
   TORCH_CHECK(out.dim() == 4 && out.stride(3) == 1, "gape: out needs a contiguous last dim");
   TORCH_CHECK(!lse.has_value() || lse->is_contiguous(), "gape: lse must be contiguous");
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "gape_cpu_attention_fwd", [&] {
-    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, mask, scale, causal);
+    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
     forward_impl<scalar_t>(P, out, lse.has_value() ? lse->data_ptr<scalar_t>() : nullptr, q_block, k_block);
   });
 }
 
 void attention_backward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                         const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
-                        const c10::optional<at::Tensor>& mask, const at::Tensor& grad_out, const at::Tensor& lse,
+                        int64_t phi_zero, const c10::optional<at::Tensor>& mask, const at::Tensor& segments,
+                        int64_t dlo, int64_t dhi, const at::Tensor& grad_out, const at::Tensor& lse,
                         const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk_h, at::Tensor& dv_h, at::Tensor& dlam,
-                        at::Tensor& dpi_h, double scale, bool causal, int64_t q_block, int64_t k_block) {
-  check_common(query, key, value, query_gate, keep, phi_rev, mask, q_block, k_block);
+                        at::Tensor& dpi_h, double scale, int64_t q_block, int64_t k_block) {
+  check_common(query, key, value, query_gate, keep, phi_rev, mask, segments, q_block, k_block);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.stride(3) == 1, "gape: grad_out needs a contiguous last dim");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lse, &delta, &dq, &dk_h, &dv_h, &dlam, &dpi_h})
     TORCH_CHECK(t->is_contiguous(), "gape: lse, delta and the gradient buffers must be contiguous");
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "gape_cpu_attention_bwd", [&] {
-    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, mask, scale, causal);
+    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
     backward_impl<scalar_t>(P, grad_out.data_ptr<scalar_t>(), strides_of(grad_out), lse.data_ptr<scalar_t>(),
                             delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk_h.data_ptr<scalar_t>(),
                             dv_h.data_ptr<scalar_t>(), dlam.data_ptr<scalar_t>(), dpi_h.data_ptr<scalar_t>(), q_block,
@@ -337,11 +378,13 @@ void attention_backward(const at::Tensor& query, const at::Tensor& key, const at
 TORCH_LIBRARY_FRAGMENT(gape, m) {
   m.def(
       "cpu_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
-      "Tensor? mask, Tensor(a!) out, Tensor(b!)? lse, float scale, bool is_causal, int q_block, int k_block) -> ()");
+      "int phi_zero, Tensor? mask, Tensor segments, int dlo, int dhi, Tensor(a!) out, Tensor(b!)? lse, float scale, "
+      "int q_block, int k_block) -> ()");
   m.def(
       "cpu_attention_bwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
-      "Tensor? mask, Tensor grad_out, Tensor lse, Tensor delta, Tensor(a!) dq, Tensor(b!) dk_h, Tensor(c!) dv_h, "
-      "Tensor(d!) dlam, Tensor(e!) dpi_h, float scale, bool is_causal, int q_block, int k_block) -> ()");
+      "int phi_zero, Tensor? mask, Tensor segments, int dlo, int dhi, Tensor grad_out, Tensor lse, Tensor delta, "
+      "Tensor(a!) dq, Tensor(b!) dk_h, Tensor(c!) dv_h, Tensor(d!) dlam, Tensor(e!) dpi_h, float scale, int q_block, "
+      "int k_block) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(gape, CPU, m) {

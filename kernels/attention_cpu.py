@@ -144,7 +144,64 @@ def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
     return longest <= _INT32_MAX // 2
 
 
-def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal):
+# "No bound" for the allowed signed distances; far beyond any int32 position, far from int64 overflow.
+UNBOUNDED = 1 << 40
+
+
+def dense_segments(b: int, lq: int, lk: int, query_offset=None) -> torch.Tensor:
+    """The kernel's segments for a dense batch: one per batch element, query row ``i``
+    at position ``i + query_offset[b]`` (None: ``lk - lq``, bottom-right)."""
+    seg = torch.empty(b, 6, dtype=torch.int64)
+    seg[:, 0] = torch.arange(b)
+    seg[:, 1], seg[:, 2], seg[:, 3], seg[:, 4] = 0, lq, 0, lk
+    if query_offset is None:
+        seg[:, 5] = lk - lq
+    elif isinstance(query_offset, torch.Tensor):
+        seg[:, 5] = query_offset.to(device="cpu", dtype=torch.int64).reshape(-1).expand(b)
+    else:
+        seg[:, 5] = int(query_offset)
+    return seg
+
+
+def varlen_segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """Segments of packed sequences (batch element 0), each bottom-right aligned."""
+    cq = cu_seqlens_q.to(device="cpu", dtype=torch.int64)
+    ck = cu_seqlens_k.to(device="cpu", dtype=torch.int64)
+    nq, nk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+    return torch.stack((torch.zeros_like(nq), cq[:-1], nq, ck[:-1], nk, nk - nq), dim=1).contiguous()
+
+
+def delta_bounds(lo: int | None, hi: int | None) -> tuple[int, int]:
+    """``gape.reference.delta_range`` as the kernel's ints (unbounded = +-UNBOUNDED)."""
+    return (-UNBOUNDED if lo is None else int(lo)), (UNBOUNDED if hi is None else int(hi))
+
+
+def read_range(segments: torch.Tensor, dlo: int, dhi: int) -> tuple[int, int] | None:
+    """``(min, max)`` of the signed distances the kernel reads from the phi table
+    (pairs a row may attend), or None when no row sees any key."""
+    nq, nk, off = segments[:, 2], segments[:, 4], segments[:, 5]
+    # rows with a key: e(i) = i + off - dlo + 1 > 0 and a(i) = i + off - dhi < nk
+    first = torch.clamp(dlo - off, min=0)
+    last = torch.minimum(nq - 1, nk + dhi - off - 1)
+    ok = (first <= last) & (nk > 0)
+    if not bool(ok.any()):
+        return None
+    first, last, nk, off = first[ok], last[ok], nk[ok], off[ok]
+    a_last = torch.clamp(last + off - dhi, min=0)
+    e_first = torch.clamp(first + off - dlo + 1, max=nk)
+    return int((first + off - e_first + 1).min()), int((last + off - a_last).max())
+
+
+def phi_table(dmin: int, dmax: int, distance: str, dtype) -> torch.Tensor:
+    """``t[x] = phi(|dmax - x|)`` for ``x`` in ``[0, dmax - dmin]``, i.e. ``phi(delta) = t[dmax - delta]``."""
+    from gape.reference import phi
+
+    delta = torch.arange(dmax, dmin - 1, -1, dtype=torch.int64).abs_()
+    return phi(delta, distance, dtype)
+
+
+def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi,
+             phi_zero):
     b, hq, lq, _ = query.shape
     lk = key.shape[2]
     dt = query.dtype
@@ -152,12 +209,23 @@ def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_ca
     query_gate = query_gate.to(dt).contiguous()
     keep = keep.to(dt).contiguous()
     phi_reversed = phi_reversed.to(dt).contiguous()
-    need = lk if is_causal else lq + lk - 1
-    if phi_reversed.numel() < need:
-        raise ValueError(f"phi_reversed has {phi_reversed.numel()} entries, the kernel reads {need}")
+    if segments is None:
+        segments = dense_segments(b, lq, lk)
+    segments = segments.to(torch.int64).contiguous()
+    if delta_lo is None and delta_hi is None:
+        dlo, dhi = delta_bounds(0 if is_causal else None, None)
+    else:
+        dlo, dhi = int(delta_lo), int(delta_hi)
+    zero = lk - 1 if phi_zero is None else int(phi_zero)  # the bottom-right default table
+    need = read_range(segments, dlo, dhi)
+    if need is not None and (zero - need[1] < 0 or zero - need[0] >= phi_reversed.numel()):
+        raise ValueError(
+            f"phi_reversed has {phi_reversed.numel()} entries with delta 0 at index {zero}; the kernel reads "
+            f"distances {need[0]}..{need[1]}, i.e. indices {zero - need[1]}..{zero - need[0]}"
+        )
     if attn_mask is not None:
         attn_mask = attn_mask.expand(b, hq, lq, lk)
-    return query, key, value, query_gate, keep, phi_reversed, attn_mask
+    return query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi
 
 
 def _q_block(lq: int) -> int:
@@ -175,6 +243,11 @@ def attention_forward(
     is_causal: bool,
     scale: float,
     return_lse: bool = False,
+    *,
+    segments: torch.Tensor | None = None,
+    delta_lo: int | None = None,
+    delta_hi: int | None = None,
+    phi_zero: int | None = None,
 ):
     """GAPE attention forward on validated CPU tensors of one floating dtype.
 
@@ -183,11 +256,20 @@ def attention_forward(
             any strides with a contiguous last dim (a transposed HF query is read in place).
         query_gate: lambda ``[B, Hq, Lq]``.
         keep: ``1 - pi``, ``[B, Hkv, Lk]``.
-        phi_reversed: ``phi(delta(i, j)) = phi_reversed[Lq - 1 - i + j]``, at least
-            ``Lk`` long causal (only ``delta >= 0`` is read), ``Lq + Lk - 1`` otherwise.
+        phi_reversed: ``phi(delta) = phi_reversed[phi_zero - delta]`` for every signed
+            distance ``delta = pos_q - pos_k`` of an attended pair (:func:`read_range`;
+            :func:`phi_table` builds one); checked.
         attn_mask: bool, broadcastable to ``[B, Hq, Lq, Lk]`` (True = may attend), or None.
         return_lse: also return the log-sum-exp of each row's logits ``[B, Hq, Lq]``
             (``+inf`` for a row with no allowed key), which :func:`attention_backward` needs.
+        segments: int64 ``[S, 6]`` rows ``(batch, q0, nq, k0, nk, offset)``: query rows
+            ``[q0, q0 + nq)`` of that batch element attend its keys ``[k0, k0 + nk)``, local
+            row ``i`` at position ``i + offset``, local key ``j`` at ``j``. Rows of no
+            segment are left unwritten. Default: :func:`dense_segments` (bottom-right).
+        delta_lo, delta_hi: the allowed ``pos_q - pos_k``, both or neither
+            (:func:`delta_bounds`); default ``[0, UNBOUNDED]`` causal, all otherwise.
+        phi_zero: index of ``delta = 0`` in ``phi_reversed``; default ``Lk - 1``
+            (the bottom-right table ``phi(delta(i, j)) = phi_reversed[Lq - 1 - i + j]``).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` (contiguous); rows with no allowed key are zeros. With
@@ -195,14 +277,14 @@ def attention_forward(
     """
     b, hq, lq, _ = query.shape
     dv = value.shape[3]
-    query, key, value, query_gate, keep, phi_reversed, attn_mask = _prepare(
-        query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal
+    query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
     out = torch.empty(b, hq, lq, dv, dtype=query.dtype)
     lse = torch.empty(b, hq, lq, dtype=query.dtype) if return_lse else None
     torch.ops.gape.cpu_attention_fwd(
-        query, key, value, query_gate, keep, phi_reversed, attn_mask, out, lse, float(scale), bool(is_causal),
-        _q_block(lq), K_BLOCK,
+        query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, out, lse,
+        float(scale), _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -220,6 +302,11 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
+    *,
+    segments: torch.Tensor | None = None,
+    delta_lo: int | None = None,
+    delta_hi: int | None = None,
+    phi_zero: int | None = None,
 ):
     """Gradients ``(d query, d key, d value, d query_gate, d keep)`` of :func:`attention_forward`.
 
@@ -227,25 +314,27 @@ def attention_backward(
     with the GAPE bias recomputed in registers: one pass per (batch, query head);
     ``d key``, ``d value`` and ``d keep`` are accumulated per query head and
     summed over each GQA group here. ``d keep`` is the gradient with respect to
-    ``1 - pi`` (the caller negates it for ``pi``).
+    ``1 - pi`` (the caller negates it for ``pi``). Positions as :func:`attention_forward`;
+    gradients of rows and keys outside every segment are zero.
     """
     b, hq, lq, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
     dt = query.dtype
-    query, key, value, query_gate, keep, phi_reversed, attn_mask = _prepare(
-        query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal
+    query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
+        query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
     grad_out = grad_out.to(dt)
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     delta = (grad_out * out).sum(-1).contiguous()  # rowsum(dO * O)
-    dq = torch.empty(b, hq, lq, d, dtype=dt)
+    dq = torch.zeros(b, hq, lq, d, dtype=dt)
     dk_h = torch.zeros(b, hq, lk, d, dtype=dt)
     dv_h = torch.zeros(b, hq, lk, dv, dtype=dt)
     dlam = torch.zeros(b, hq, lq, dtype=dt)
     dpi_h = torch.zeros(b, hq, lk, dtype=dt)
     torch.ops.gape.cpu_attention_bwd(
-        query, key, value, query_gate, keep, phi_reversed, attn_mask, grad_out, lse.contiguous(), delta,
-        dq, dk_h, dv_h, dlam, dpi_h, float(scale), bool(is_causal), _q_block(lq), K_BLOCK,
+        query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, grad_out,
+        lse.contiguous(), delta, dq, dk_h, dv_h, dlam, dpi_h, float(scale),
+        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
     )  # fmt: skip
     rep = hq // hkv
     dk = dk_h.view(b, hkv, rep, lk, d).sum(2)

@@ -65,7 +65,7 @@ def make_inputs(case: Case, *, lam_max: float = 0.5, seed: int = 0, device="cpu"
     return tuple(t.to(device) for t in (q, k, v, lam, pi))
 
 
-def run_fwd_bwd(fn, inputs, grad_out, dtype, gate_dtype=None, **kwargs):
+def run_fwd_bwd(fn, inputs, grad_out, dtype, gate_dtype=None, positions=None, **kwargs):
     """Output and the five gradients of ``fn`` with inputs cast to ``dtype``.
 
     Gates are cast to ``gate_dtype`` (default: ``dtype``). Returns float64
@@ -74,7 +74,7 @@ def run_fwd_bwd(fn, inputs, grad_out, dtype, gate_dtype=None, **kwargs):
     gate_dtype = gate_dtype or dtype
     leaves = [t.detach().to(dtype).requires_grad_() for t in inputs[:3]]
     leaves += [t.detach().to(gate_dtype).requires_grad_() for t in inputs[3:]]
-    out = fn(*leaves, kwargs["attn_mask"], kwargs["is_causal"], kwargs["scale"], kwargs["distance"])
+    out = fn(*leaves, kwargs["attn_mask"], kwargs["is_causal"], kwargs["scale"], kwargs["distance"], **(positions or {}))
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
     for name, leaf, gr in zip(GRAD_NAMES, leaves, grads):
         assert gr is not None, f"no gradient for {name}"
@@ -84,8 +84,8 @@ def run_fwd_bwd(fn, inputs, grad_out, dtype, gate_dtype=None, **kwargs):
 
 
 def _reference(upcast=False):
-    def fn(q, k, v, lam, pi, attn_mask, is_causal, scale, distance):
-        return reference_attention(q, k, v, lam, pi, attn_mask, is_causal, scale, distance, upcast=upcast)
+    def fn(q, k, v, lam, pi, attn_mask, is_causal, scale, distance, **positions):
+        return reference_attention(q, k, v, lam, pi, attn_mask, is_causal, scale, distance, upcast=upcast, **positions)
 
     return fn
 
@@ -107,10 +107,12 @@ def assert_matches_reference(
     factor: float = 2.0,
     atol: float | None = None,
     check_grads: bool = True,
+    positions: dict | None = None,
 ):
     """Assert ``fn`` in ``dtype`` is as close to float64 truth as the same-dtype reference.
 
-    ``inputs`` are float64 (see :func:`make_inputs`). Returns the measured
+    ``inputs`` are float64 (see :func:`make_inputs`). ``positions`` (``query_offset``,
+    ``window``) go to ``fn`` and to the reference as keywords. Returns the measured
     errors ``{name: (err_fn, err_same_dtype_reference)}`` for reporting.
     """
     d = inputs[0].shape[-1]
@@ -120,6 +122,7 @@ def assert_matches_reference(
     grad_out = torch.randn(b, hq, lq, inputs[2].shape[-1], dtype=torch.float64, generator=g).to(inputs[0].device)
     atol = ATOL[dtype] if atol is None else atol
 
+    kw["positions"] = positions
     truth_out, truth_grads = run_fwd_bwd(_reference(upcast=False), inputs, grad_out, torch.float64, **kw)[:2]
     same_out, same_grads = run_fwd_bwd(_reference(upcast=False), inputs, grad_out, dtype, gate_dtype, **kw)[:2]
     got_out, got_grads, got_dtype = run_fwd_bwd(fn, inputs, grad_out, dtype, gate_dtype, **kw)
