@@ -156,6 +156,22 @@ def llama_step(rank, world, length, layout, patched=True, distance="log"):
             "gate_params": sum(1 for n in errs if "gape_gate" in n)}
 
 
+def llama_runs(rank, world, runs):
+    """``llama_step`` for each ``(length, layout, patched, distance)`` and then ``llama_bad_positions``."""
+    return {"steps": [llama_step(rank, world, *run) for run in runs], "bad": llama_bad_positions(rank, world)}
+
+
+def hang(rank, world):
+    """Rank 0 waits in a collective that rank 1 never joins."""
+    if rank == 0:
+        torch.distributed.all_reduce(torch.ones(1))
+    else:
+        import time
+
+        time.sleep(600)
+    return "finished"
+
+
 def llama_bad_positions(rank, world):
     """position_ids not matching the layout (here: a contiguous shard under zigzag) fail on every rank."""
     from gape.distributed import context_parallel

@@ -138,8 +138,7 @@ class _Plan:
     is_causal: bool
     scale: float
     distance: str
-    forward: object
-    backward: object
+    kernel: str  # the block kernel (gape.ops backend)
 
     def pairs(self, src: int):
         """(query rows, key columns, query_offset) of every block that has an allowed key."""
@@ -163,7 +162,7 @@ def _merge(out, lse, rows, o, l):
 
 def _ring_forward(plan: _Plan, q, k, v, qg, kg):
     b, hq, lq, _ = q.shape
-    cdt = blocks._cdt(q.dtype)
+    cdt = blocks.compute_dtype(q.dtype)
     out = torch.zeros(b, hq, lq, v.shape[3], dtype=cdt, device=q.device)
     lse = torch.full((b, hq, lq), float("-inf"), dtype=cdt, device=q.device)
     ring = plan.ring
@@ -172,8 +171,8 @@ def _ring_forward(plan: _Plan, q, k, v, qg, kg):
         pending = ring.shift(kv) if step < ring.world - 1 else None
         kc, vc, kgc = kv
         for rows, cols, off in plan.pairs(ring.source(step)):
-            o, l = plan.forward(
-                q[:, :, rows], kc[:, :, cols], vc[:, :, cols], qg[:, :, rows], kgc[:, :, cols],
+            o, l = blocks.forward(
+                plan.kernel, q[:, :, rows], kc[:, :, cols], vc[:, :, cols], qg[:, :, rows], kgc[:, :, cols],
                 off, plan.is_causal, plan.scale, plan.distance,
             )
             _merge(out, lse, rows, o, l)
@@ -195,8 +194,8 @@ def _ring_backward(plan: _Plan, q, k, v, qg, kg, out, lse, dout):
         kc, vc, kgc = kv
         mine = tuple(torch.zeros(s, dtype=cdt, device=q.device) for s in shapes)
         for rows, cols, off in plan.pairs(ring.source(step)):
-            g = plan.backward(
-                q[:, :, rows], kc[:, :, cols], vc[:, :, cols], qg[:, :, rows], kgc[:, :, cols],
+            g = blocks.backward(
+                plan.kernel, q[:, :, rows], kc[:, :, cols], vc[:, :, cols], qg[:, :, rows], kgc[:, :, cols],
                 out[:, :, rows], lse[:, :, rows], dout[:, :, rows], off, plan.is_causal, plan.scale, plan.distance,
             )
             dq[:, :, rows] += g[0]
@@ -302,11 +301,10 @@ def context_parallel_attention(
     device = query.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     agree(group, device, error, values)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    fwd, bwd = blocks.KERNELS[blocks.resolve(backend, query)]
     local = query.shape[2]
     plan = _Plan(
         ring=Ring(group),
         segs=tuple(segments(layout, world, r, local) for r in range(world)),
-        is_causal=is_causal, scale=scale, distance=distance, forward=fwd, backward=bwd,
+        is_causal=is_causal, scale=scale, distance=distance, kernel=blocks.resolve(backend, query),
     )
     return _ContextParallelAttention.apply(query, key, value, query_gate, key_gate, plan)
