@@ -21,12 +21,40 @@ def row_key(row: dict) -> tuple:
     return tuple(round(row[k], 6) if k == "depth" else row[k] for k in KEY_FIELDS)
 
 
+def rank_results(rank: int, world_size: int) -> str:
+    """The file a rank appends to: ``results.jsonl`` alone, ``results.rank<r>.jsonl`` under torchrun
+    (one writer per file; :func:`read_rows` reads them all)."""
+    return RESULTS if world_size == 1 else f"results.rank{rank}.jsonl"
+
+
+def result_files(out_dir: str) -> list[str]:
+    """``results.jsonl`` first, then every rank's file in rank order."""
+    names = [RESULTS] if os.path.exists(os.path.join(out_dir, RESULTS)) else []
+    ranked = []
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            mid = name[len("results.rank") : -len(".jsonl")]
+            if name.startswith("results.rank") and name.endswith(".jsonl") and mid.isdigit():
+                ranked.append((int(mid), name))
+    return [os.path.join(out_dir, n) for n in names + [n for _, n in sorted(ranked)]]
+
+
 def read_rows(out_dir: str) -> list[dict]:
-    """All complete rows of ``results.jsonl`` (a half-written last line is ignored)."""
-    path = os.path.join(out_dir, RESULTS)
+    """All complete rows of ``results.jsonl`` and of the per-rank files (a half-written last
+    line is ignored; a sample found twice, e.g. after a rerun with another world size, counts once)."""
+    rows, seen = [], set()
+    for path in result_files(out_dir):
+        for row in read_rows_file(path):
+            key = row_key(row)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def read_rows_file(path: str) -> list[dict]:
+    """The complete rows of one JSONL file."""
     rows = []
-    if not os.path.exists(path):
-        return rows
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
@@ -39,8 +67,8 @@ def read_rows(out_dir: str) -> list[dict]:
     return rows
 
 
-def append_row(out_dir: str, row: dict) -> None:
-    path = os.path.join(out_dir, RESULTS)
+def append_row(out_dir: str, row: dict, filename: str = RESULTS) -> None:
+    path = os.path.join(out_dir, filename)
     # a previous run killed mid-line leaves no newline; start on a fresh line
     needs_newline = False
     if os.path.exists(path) and os.path.getsize(path):

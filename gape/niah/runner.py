@@ -81,7 +81,7 @@ class BenchmarkConfig:
         }
 
 
-def _check_run_file(out: str, settings: dict) -> None:
+def _check_run_file(out: str, settings: dict, write: bool = True) -> None:
     path = os.path.join(out, RUN_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -91,7 +91,8 @@ def _check_run_file(out: str, settings: dict) -> None:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
             raise RunMismatchError(f"--out {out} holds results of a run with other settings ({details}); use another --out")
         return
-    write_atomic(path, json.dumps(settings, indent=2) + "\n")
+    if write:  # one writer (rank 0 under torchrun); every rank checks
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
@@ -116,28 +117,57 @@ def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress:
 
     ``model``/``tokenizer`` may be passed in (already loaded); otherwise ``cfg.model`` is loaded
     with :func:`gape.load_model` (only if some sample is left to run).
-    """
-    from tqdm.auto import tqdm
 
-    from .plots import plot_all
+    Under ``torchrun --nproc-per-node N`` the samples are dealt round robin to the ranks
+    (each loads its own model), every rank appends to its own ``results.rank<r>.jsonl``
+    and skips the samples any file of the folder already holds, so resuming works per
+    rank and with another N. After a barrier rank 0 writes the summary and plots from
+    all files: the same summary a single process writes.
+    """
+    from gape.distributed.launch import data_parallel
 
     cfg.validate()
-    os.makedirs(cfg.out, exist_ok=True)
-    _check_run_file(cfg.out, cfg.fixed_settings())
+    with data_parallel() as procs:
+        os.makedirs(cfg.out, exist_ok=True)
+        _check_run_file(cfg.out, cfg.fixed_settings(), write=procs.rank == 0)
+        _run_share(cfg, model, tokenizer, procs, progress=progress and procs.rank == 0, echo=echo)
+        procs.barrier()
+        summary = res.summarize(res.read_rows(cfg.out))
+        if procs.rank == 0:
+            _write_outputs(cfg, summary, echo)
+    return summary
+
+
+def _write_outputs(cfg: BenchmarkConfig, summary: list[dict], echo) -> None:
+    from .plots import plot_all
+
+    res.write_summary(cfg.out, summary)
+    plot_all(cfg.out, summary, cfg.methods)
+    echo(res.format_table(summary, cfg.methods))
+
+
+def _run_share(cfg: BenchmarkConfig, model, tokenizer, procs, *, progress: bool, echo) -> None:
+    """Run this rank's samples of the plan that no result file holds yet."""
+    from tqdm.auto import tqdm
+
+    tag = f"rank {procs.rank}/{procs.world_size}: " if procs.world_size > 1 else ""
     depths = [float(d) for d in cfg.depths]
     plan = [(m, n, d, i) for m in cfg.methods for n in cfg.lengths for d in depths for i in range(cfg.samples)]
+    plan = [p for index, p in enumerate(plan) if procs.mine(index)]
     key = lambda m, n, d, i: res.row_key(  # noqa: E731
         {"method": m, "task": cfg.task, "haystack": cfg.haystack, "length": n, "depth": d, "sample": i, "seed": cfg.seed}
     )
     done = {res.row_key(r) for r in res.read_rows(cfg.out)}
     todo = [p for p in plan if key(*p) not in done]
+    results_file = res.rank_results(procs.rank, procs.world_size)
     if todo and model is None:
         from gape.models import load_model
 
-        echo(f"loading {cfg.model_label()} ...")
+        echo(f"{tag}loading {cfg.model_label()} ...")
         model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file)
     if len(todo) < len(plan):
-        echo(f"resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {os.path.join(cfg.out, res.RESULTS)}")
+        where = os.path.join(cfg.out, res.RESULTS if procs.world_size == 1 else "results*.jsonl")
+        echo(f"{tag}resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {where}")
 
     if todo:  # fail now, not after hours, if the shortest length cannot hold the prompt
         build_sample(tokenizer, task=cfg.task, length=min(n for _, n, _, _ in todo), depth=0.0, seed=cfg.seed,
@@ -184,16 +214,10 @@ def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress:
                         "model": cfg.model_label(),
                         **cfg.options.describe(method),
                     }
-                    res.append_row(cfg.out, row)
+                    res.append_row(cfg.out, row, results_file)
                     bar.update(1)
                     bar.set_postfix(method=method, length=length, depth=depth, ok=int(row["correct"]))
             finally:
                 restore()
     finally:
         bar.close()
-
-    summary = res.summarize(res.read_rows(cfg.out))
-    res.write_summary(cfg.out, summary)
-    plot_all(cfg.out, summary, cfg.methods)
-    echo(res.format_table(summary, cfg.methods))
-    return summary
