@@ -167,3 +167,33 @@ def test_one_rank_group_equals_gape_attention(tmp_path):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_example_script_under_torchrun_matches_one_process():
+    """benchmarks/train_context_parallel.py, launched as the README says."""
+    import re
+    import subprocess
+    import sys
+
+    from dist_helpers import free_port
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_context_parallel.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", script, "--length", "512", "--steps", "2", "--check"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = re.search(r"check: loss ([\d.]+) vs one process ([\d.]+); largest gradient difference ([\d.e+-]+)", run.stdout)
+    assert m, run.stdout
+    assert abs(float(m[1]) - float(m[2])) < 1e-5 and float(m[3]) < 1e-5
+    assert "step 2: loss" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_longer_sequences_with_bigger_heads(world):
+    cases = [dict(b=1, hq=8, hkv=2, d=64, local=512, causal=True, distance="log", layout="zigzag", lam=0.05)]
+    for rank, per_case in enumerate(_ok(run_ranks(w.attention_cases, world, cases, timeout=900))):
+        res = per_case[0]
+        for name, cp, single, scale in zip(GRAD_NAMES, res["cp32"], res["single32"], res["scale"]):
+            assert cp <= 2 * single + 2e-6 * max(1.0, scale), (world, rank, name, cp, single)
