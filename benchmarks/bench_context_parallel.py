@@ -188,6 +188,8 @@ def main(argv=None) -> int:
         if errors:
             print(f"W={world}: {errors}", file=sys.stderr)
             return 1
+        for r in got:
+            r["load_average_after"] = os.getloadavg()[0]  # other jobs on the machine skew the times
         rows.extend(got)
         worst = lambda key: max(statistics.median(r[key]) for r in got)  # noqa: E731
         print(f"W={world} (threads/rank {got[0]['threads_per_rank']}{', oversubscribed' if got[0]['oversubscribed'] else ''}): "

@@ -189,3 +189,24 @@ def llama_bad_positions(rank, world):
             except ValueError as exc:
                 out[name] = str(exc)
     return out
+
+
+def subgroup_case(rank, world):
+    """Ranks 1..W-1 form a group (rank 0 stays out): the ring addresses peers by their global ranks."""
+    members = list(range(1, world))
+    group = torch.distributed.new_group(members)
+    if rank not in members:
+        return None
+    case = dict(b=1, hq=4, hkv=2, d=8, local=12, causal=True, distance="log")
+    n = len(members)
+    (q, k, v, lam, pi), grad = full_inputs(case, n, dtype=torch.float32)
+    sub_rank = members.index(rank)
+    xs = [gd.shard_along(t, 2, n, sub_rank, "zigzag").requires_grad_() for t in (q, k, v, lam, pi)]
+    out = gd.context_parallel_attention(*xs, group=group)
+    out.backward(gd.shard_along(grad, 2, n, sub_rank, "zigzag"))
+    ys = [t.clone().requires_grad_() for t in (q, k, v, lam, pi)]
+    ref = gape.attention(*ys)
+    ref.backward(grad)
+    got = [out] + [x.grad for x in xs]
+    want = [ref] + [y.grad for y in ys]
+    return max(_max_err(a, gd.shard_along(b, 2, n, sub_rank, "zigzag")) for a, b in zip(got, want))

@@ -103,6 +103,12 @@ def test_position_ids_that_do_not_match_the_layout_are_refused_on_every_rank(lla
             assert f"of a {world}-rank group" in bad[name]
 
 
+def test_a_subgroup_ring_uses_global_ranks():
+    results = _ok(run_ranks(w.subgroup_case, 3, timeout=200))
+    assert results[0] is None
+    assert all(err < 1e-5 for err in results[1:]), results
+
+
 def test_a_hanging_rank_times_out_instead_of_blocking():
     with pytest.raises(TimeoutError, match="did not finish"):
         run_ranks(w.hang, 2, timeout=15)
