@@ -53,7 +53,10 @@ def segments(layout: str, world_size: int, rank: int, local_length: int) -> tupl
     if layout == "contiguous":
         return ((rank * local_length, 0, local_length),)
     c = local_length // 2
-    return ((rank * c, 0, c), ((2 * world_size - 1 - rank) * c, c, c))
+    first, second = (rank * c, 0, c), ((2 * world_size - 1 - rank) * c, c, c)
+    if second[0] == first[0] + c:  # one rank: the two blocks are adjacent, one segment
+        return ((first[0], 0, local_length),)
+    return (first, second)
 
 
 def global_positions(layout: str, world_size: int, rank: int, local_length: int, device=None) -> torch.Tensor:
