@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import agree, context_parallel_attention
-from .layout import _group_rank_size, check_layout, global_positions
+from .layout import _group_rank_size, check_layout, global_positions, local_length_error
 
 logger = logging.getLogger("gape")
 
@@ -117,10 +117,11 @@ def _check_positions(group, layout, model, args, kwargs):
         )
     else:
         local = pos.shape[-1]
-        want = global_positions(layout, world, rank, local, device=pos.device) if local % (2 if layout == "zigzag" else 1) == 0 else None
+        ok_length = local_length_error(layout, local) is None
+        want = global_positions(layout, world, rank, local, device=pos.device) if ok_length else None
         if want is None or not bool((pos == want).all()):
             shown = pos.reshape(-1, local)[0, :6].tolist()
-            expect = want[:6].tolist() if want is not None else "(none: odd local length)"
+            expect = want[:6].tolist() if want is not None else f"none: {local_length_error(layout, local)}"
             error = (
                 f"position_ids on rank {rank} are not this rank's {layout!r} shard of a {world}-rank group "
                 f"(first positions {shown}, expected {expect}); cut input_ids and position_ids with "
