@@ -204,7 +204,9 @@ def _ring_backward(plan: _Plan, q, k, v, qg, kg, out, lse, dout):
             mine[1][:, :, cols] += g[2]
             mine[2][:, :, cols] += g[4]
         if grads is not None:
-            mine = tuple(a + m for a, m in zip(grads.wait(), mine))  # owner's sum first, then along the ring
+            # the running sum (owner first, then along the ring) plus this rank's part; a + m == m + a
+            # exactly, so adding in place into the received buffers keeps the order
+            mine = tuple(a.add_(m) for a, m in zip(grads.wait(), mine))
         if ring.world == 1:
             dkv = mine
             break
