@@ -206,8 +206,8 @@ def _load(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True, varlen: bool = False
-                       ) -> str | None:
+def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bool = True, varlen: bool = False,
+                       query_offset=None, window=None) -> str | None:
     """Why ``name`` cannot serve this call (None when it can)."""
     if varlen and name not in VARLEN_BACKENDS:
         return f"attention_varlen runs on backends {VARLEN_BACKENDS}, not {name!r}"
@@ -233,16 +233,16 @@ def unsupported_reason(name: str, query, distance: str, attn_mask, is_causal: bo
         if attn_mask is not None:
             from gape.kernels.key_ranges import unsupported_mask_reason
 
-            return unsupported_mask_reason(attn_mask, query.shape[2], is_causal)
+            return unsupported_mask_reason(attn_mask, query.shape[2], is_causal, query_offset, window)
     return None
 
 
-def resolve_backend(backend: str, query, distance: str = "log", attn_mask=None) -> str:
+def resolve_backend(backend: str, query, distance: str = "log", attn_mask=None, query_offset=None, window=None) -> str:
     """The concrete backend ``attention`` would run for these inputs."""
     if backend != "auto":
         return backend
     if query.device.type == "cuda" and query.dtype != torch.float64:
-        if unsupported_reason("triton", query, distance, attn_mask) is None:
+        if unsupported_reason("triton", query, distance, attn_mask, query_offset=query_offset, window=window) is None:
             return "triton"
     return "torch"
 
@@ -313,8 +313,8 @@ def attention(
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     query_offset = _check_query_offset(query_offset, b, lq, lk, query.device)
     window = _check_window(window_size, is_causal)
-    name = resolve_backend(backend, query, distance, attn_mask)
-    reason = unsupported_reason(name, query, distance, attn_mask, is_causal)
+    name = resolve_backend(backend, query, distance, attn_mask, query_offset, window)
+    reason = unsupported_reason(name, query, distance, attn_mask, is_causal, query_offset=query_offset, window=window)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
     fn = _load(name)
@@ -415,10 +415,10 @@ def attention_varlen(
     _, scale = _validate(q4, k4, v4, query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0), None, is_causal, scale,
                          distance, "auto")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "Tq", query.device, max_seqlen_q, "max_seqlen_q")
+    if cu_seqlens_q.shape != getattr(cu_seqlens_k, "shape", None):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have N + 1 entries, got shapes "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(getattr(cu_seqlens_k, 'shape', ()))}")
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, "Tk", query.device, max_seqlen_k, "max_seqlen_k")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have N + 1 entries, got "
-                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     if max(max_seqlen_q, max_seqlen_k) > MAX_POSITION:
         raise ValueError("max_seqlen_q and max_seqlen_k must be below 2**31")
     window = _check_window(window_size, is_causal)

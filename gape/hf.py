@@ -10,8 +10,14 @@ the previous implementation.
 
 Distances are in cache-slot space (query row ``i`` at slot ``K - Q + i``),
 right for prefill, decoding with ``DynamicCache`` and left padding (pad slots
-precede every real token). A static cache (empty slots after the last token)
-is refused with an error.
+precede every real token). With a ``StaticCache`` the queries sit at the slots
+the cache is writing (``query_offset`` = the layer's length before this step),
+so the empty slots after the last token are future keys, masked by the causal
+rule; a static sliding-window layer (a ring buffer) is refused. Packed sequences
+(``DataCollatorWithFlattening``: ``cu_seq_lens_q/k`` kwargs, or ``position_ids``
+restarting at each sequence with transformers' block-diagonal mask) run
+:func:`gape.attention_varlen`; sliding-window layers pass their window to the
+kernels (``window_size = (sliding_window - 1, -1)``).
 
 At decode the key gate ``pi`` of the cached keys is recomputed from them
 (nothing is added to the KV cache). To keep a decode step O(new tokens), the
@@ -92,6 +98,19 @@ def _cache_layer_types():
 
 
 @functools.lru_cache(maxsize=64)
+def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
+    """The packed-sequence entry point of the backend, or None (the mask path then runs)."""
+    import importlib
+
+    probe = torch.empty(0, device=device, dtype=dtype)
+    name = api.resolve_backend(backend, probe, distance)
+    if name not in api._VARLEN or api.unsupported_reason(name, probe, distance, None, varlen=True) is not None:
+        return None
+    module, fn = api._VARLEN[name]
+    return getattr(importlib.import_module(module), fn)
+
+
+@functools.lru_cache(maxsize=64)
 def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
     # resolve_backend and unsupported_reason read only the device and dtype.
     probe = torch.empty(0, device=device, dtype=dtype)
@@ -126,8 +145,9 @@ def gape_attention_forward(
             mask (0 = attend), or None (causal only).
         dropout: must be 0 (attention dropout is not implemented).
         scaling: logit scale (default ``1/sqrt(D)``).
-        kwargs: ``sliding_window`` and the rest are ignored: the window and the
-            padding reach GAPE through the mask.
+        kwargs: ``sliding_window`` (the layer's window, passed to the kernels),
+            ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``position_ids`` (packed
+            sequences, run as varlen); the rest are ignored.
 
     Returns:
         ``([B, Q, Hq, D]`` contiguous, ``None)``.
@@ -162,9 +182,90 @@ def gape_attention_forward(
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
+    sliding = kwargs.get("sliding_window")
+    window = (int(sliding) - 1, -1) if sliding else None
+    # set by the pre-hook for a StaticCache layer (the gate owns the step's scratch state)
+    offset = getattr(gate, "_query_offset", None)
+    gate._query_offset = None
+    packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
+    if packed is not None:
+        varlen = _varlen_fn(config.backend, query.device, query.dtype, config.distance)
+        if varlen is not None:
+            out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
+                         pi[0].t(), *packed, is_causal, scale, config.distance, window)
+            return out.unsqueeze(0).contiguous(), None
     fn = _backend_fn(config.backend, query.device, query.dtype, config.distance)
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance)
+    positions = {}
+    if offset is not None:
+        positions["query_offset"] = offset
+    if window is not None:
+        positions["window"] = window
+        mask = _without_window(mask, query, key, is_causal, offset, window)
+    out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance, **positions)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_sequences(query, key, mask, kwargs, window):
+    """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` when one row holds packed
+    sequences, else None.
+
+    From the flash-attention kwargs transformers forwards (``DataCollatorWithFlattening``
+    with ``return_flash_attn_kwargs=True``), or from ``position_ids`` that restart, when the
+    mask is the block-diagonal one transformers builds from them (a padding mask given
+    with them means transformers did not pack, and neither do we).
+    """
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if int(cu_q[-1]) != query.shape[2] or int(cu_k[-1]) != key.shape[2]:
+            return None  # not this layer's tokens (e.g. padded for a flash-attention kernel)
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
+        return cu_q, cu_k, max_q, max_k
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.numel() != query.shape[2]:
+        return None
+    pos = pos.reshape(-1)
+    starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    if starts.numel() == 0:
+        return None  # one sequence: the dense path
+    t = query.shape[2]
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), t)]).to(torch.int32)
+    if mask is not None and not _is_block_diagonal(mask, cu, window):
+        return None
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, longest, longest
+
+
+def _is_block_diagonal(mask, cu, window) -> bool:
+    """Whether the bool mask ``[1, 1 or H, T, T]`` lets the first and last token of each
+    sequence see exactly its own earlier tokens (in the window): transformers' packed mask,
+    not a causal mask over the whole row or one with padding."""
+    m = mask[0, 0]
+    cu = cu.to(device=m.device, dtype=torch.int64)
+    idx = torch.arange(m.shape[-1], device=m.device)
+    start, last = cu[:-1], cu[1:] - 1
+    want_last = (idx >= start[:, None]) & (idx <= last[:, None])
+    if window is not None:
+        want_last &= last[:, None] - idx <= window[0]
+    want_first = idx == start[:, None]
+    return bool((m[last] == want_last).all()) and bool((m[start] == want_first).all())
+
+
+def _without_window(mask, query, key, is_causal, offset, window):
+    """A sliding layer's mask minus what the window says: None when only the causal
+    rule and the window remain (the kernels then read no mask), else the mask."""
+    if mask is None or torch.compiler.is_compiling():
+        return mask
+    from .kernels.key_ranges import _analyse
+
+    got = _analyse(mask, query.shape[2], key.shape[2], is_causal, offset, window)
+    if isinstance(got, str) or not (bool((got.start == 0).all()) and bool((got.end == key.shape[2]).all())):
+        return mask
+    return None
 
 
 def _remember_cached_keys(module, args, kwargs):
@@ -174,6 +275,7 @@ def _remember_cached_keys(module, args, kwargs):
     if gate is None:
         return None
     gate._prev_keys = None
+    gate._query_offset = None
     # transformers renamed the argument from past_key_values to cache (5.2x); read either.
     cache = kwargs.get("cache")
     if cache is None:
@@ -184,11 +286,13 @@ def _remember_cached_keys(module, args, kwargs):
         layer = layers[idx]
         dynamic, static = _cache_layer_types()
         if isinstance(layer, static):
-            raise ValueError(
-                f"GAPE needs a dynamic KV cache (DynamicCache, the generate default), got {type(layer).__name__}: "
-                "GAPE's distances are cache-slot distances, and a static cache holds empty slots after the last "
-                "token (or rolls over, for sliding windows)"
-            )
+            if type(layer) is not static:
+                raise ValueError(
+                    f"GAPE takes DynamicCache or StaticCache layers, got {type(layer).__name__}: GAPE's distances "
+                    "are cache-slot distances, and a static sliding-window layer rolls over (use a DynamicCache)"
+                )
+            # the queries of this step are written at slots [length, length + Q): that is the offset
+            gate._query_offset = layer.cumulative_length.clone()
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
         if type(layer) is dynamic:
             gate._prev_keys = getattr(layer, "keys", None)

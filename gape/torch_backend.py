@@ -448,10 +448,17 @@ def torch_attention(
     fewer, larger GEMMs. ``query_offset`` (None, an int or an int64 ``[B]``
     tensor) and ``window`` (``(left, right)`` or None) as in :func:`gape.attention`.
     """
-    query_offset = _uniform(query_offset)
-    if query_offset is not None and not isinstance(query_offset, torch.Tensor) and query_offset == key.shape[2] - query.shape[2]:
+    if not torch.compiler.is_compiling():  # a traced decode step keeps its offset a tensor
+        query_offset = _uniform(query_offset)
+    if isinstance(query_offset, int) and query_offset == key.shape[2] - query.shape[2]:
         query_offset = None  # the bottom-right default: keep its fast paths
     tensors = (query, key, value, query_gate, key_gate)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    # A decode step (Lq = 1) is faster through _decode, whose GEMMs fold a GQA group's
+    # query heads into rows: 496 vs 722 us at Lk = 4096, 9/3 heads, one thread.
+    if not grad and query.shape[2] == 1 and FORWARD != "kernel":
+        return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal, query_offset,
+                       window)
     kernel = _use_cpu_kernel(query, key, value)
     if isinstance(query_offset, torch.Tensor) and not kernel:
         # per-batch offsets on the pure-PyTorch tiles: one batch element at a time
@@ -459,15 +466,11 @@ def torch_attention(
         for i in range(query.shape[0]):
             m = None if attn_mask is None else attn_mask[i : i + 1] if attn_mask.shape[0] > 1 else attn_mask
             outs.append(torch_attention(*(t[i : i + 1] for t in tensors), m, is_causal, scale, distance, chunk_size,
-                                        query_offset=int(query_offset[i]), window=window))
+                                        query_offset=int(query_offset.reshape(-1).expand(query.shape[0])[i]),
+                                        window=window))
         return torch.cat(outs, dim=0)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if grad:
         return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size, query_offset, window)
-    # A decode step (Lq = 1) is faster through _decode, whose GEMMs fold a GQA group's
-    # query heads into rows: 496 vs 722 us at Lk = 4096, 9/3 heads, one thread.
-    if query.shape[2] == 1 and FORWARD != "kernel":
-        return _decode(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal, query_offset,
-                       window)
     if kernel:
         pos = _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, query_offset, window)
         out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,

@@ -210,31 +210,85 @@ def _phi2(delta, IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr):
 
 
 @triton.jit
+def _segment(QOFF, CU_Q, CU_K, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
+    """The program's problem: (batch element, first query row, query rows, first key,
+    keys, query offset). Dense: batch element ``off_b``, offset ``QOFF[off_b]``. Varlen:
+    packed sequence ``off_b`` of batch element 0, bottom-right aligned on its own."""
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + off_b)
+        nq = tl.load(CU_Q + off_b + 1) - q0
+        k0 = tl.load(CU_K + off_b)
+        nk = tl.load(CU_K + off_b + 1) - k0
+        qoff = nk - nq
+        batch = off_b * 0
+    else:
+        batch = off_b
+        q0 = off_b * 0
+        nq = Lq + q0
+        k0 = off_b * 0
+        nk = Lk + k0
+        qoff = tl.load(QOFF + off_b)
+    return batch, q0, nq, k0, nk, qoff
+
+
+@triton.jit
 def _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE: tl.constexpr):
     if HAS_KEY_RANGE:
         lo = tl.load(KSTART + off_b)
         hi = tl.minimum(tl.load(KEND + off_b), Lk)
     else:
-        lo = 0
+        lo = Lk * 0
         hi = Lk
     return lo, hi
+
+
+@triton.jit
+def _visible_keys(lo, hi, p_first, p_last, win_lo, win_hi, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Keys ``[lo, hi)`` that queries at positions ``p_first..p_last`` may see: the key
+    range, the causal rule, and the window ``win_lo <= pos_q - pos_k <= win_hi``
+    (bounds in int64: an unbounded side is +-(2**31 - 1))."""
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, p_last + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo.to(tl.int64), p_first.to(tl.int64) - win_hi)
+        hi = tl.minimum(hi.to(tl.int64), p_last.to(tl.int64) + 1 - win_lo)
+        lo = tl.minimum(lo, tl.maximum(hi, 0)).to(tl.int32)
+        hi = tl.maximum(hi, 0).to(tl.int32)
+    return lo, hi
+
+
+@triton.jit
+def _visible_queries(j_first, j_last, qoff, nq, win_lo, win_hi, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query rows ``[m_lo, m_hi)`` that may see some key of ``j_first..j_last``."""
+    m_lo = nq * 0
+    m_hi = nq
+    if IS_CAUSAL:
+        m_lo = tl.maximum(j_first - qoff, 0)
+    if HAS_WINDOW:
+        lo = tl.maximum(m_lo.to(tl.int64), j_first.to(tl.int64) + win_lo - qoff)
+        hi = tl.minimum(m_hi.to(tl.int64), j_last.to(tl.int64) + win_hi - qoff + 1)
+        m_lo = tl.minimum(lo, nq).to(tl.int32)
+        m_hi = tl.maximum(hi, 0).to(tl.int32)
+    return m_lo, m_hi
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _gape_fwd_kernel(
-    Q, K, V, QG, KG, KSTART, KEND, O, LSE,
+    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, O, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     n_qheads, group, Lq, Lk, head_dim, head_dim_v,
+    win_lo, win_hi,  # allowed pos_q - pos_k when HAS_WINDOW
     qk_scale,  # scale * log2(e)
     q_bucket, k_bucket,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # padded head dims: tile shapes must be powers of two
     IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,  # variants of one kernel (dead code folded away)
     HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,  # HAS_BIAS=False only to benchmark the bias cost
+    HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,  # local window; packed sequences (cu_seqlens)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose the fp32 reference's accuracy)
 ):
     start_m = tl.program_id(0)
@@ -242,29 +296,32 @@ def _gape_fwd_kernel(
     off_b = bh // n_qheads
     off_h = bh % n_qheads
     off_kvh = off_h // group
+    batch, q0, nq, k0, nk, qoff = _segment(QOFF, CU_Q, CU_K, off_b, Lq, Lk, IS_VARLEN)
+    if start_m * BLOCK_M >= nq:  # a packed sequence shorter than the grid's longest
+        return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_valid = offs_m < Lq
+    m_valid = offs_m < nq
     d_valid = offs_d < head_dim
     dv_valid = offs_dv < head_dim_v
 
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-    row = (off_b * n_qheads + off_h).to(tl.int64) * Lq
-    kg_base = KG + (off_b * (n_qheads // group) + off_kvh).to(tl.int64) * Lk
+    q_base = Q + batch.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q0.to(tl.int64) * stride_qm
+    k_base = K + batch.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh + k0.to(tl.int64) * stride_kn
+    v_base = V + batch.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh + k0.to(tl.int64) * stride_vn
+    row = (batch * n_qheads + off_h).to(tl.int64) * Lq + q0
+    kg_base = KG + (batch * (n_qheads // group) + off_kvh).to(tl.int64) * Lk + k0
 
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     lam = tl.load(QG + row + offs_m, mask=m_valid, other=0.0)
-    pos_q = offs_m + (Lk - Lq)
+    pos_q = offs_m + qoff
 
-    lo, hi = _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE)
-    if IS_CAUSAL:
-        # keys after the last query of this block are never visible
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + Lk - Lq)
+    lo, hi = _key_bounds(KSTART, KEND, batch, nk, HAS_KEY_RANGE)
+    # keys outside every row's window (after the block's last query, causal) are never visited
+    lo, hi = _visible_keys(lo, hi, start_m * BLOCK_M + qoff, (start_m + 1) * BLOCK_M - 1 + qoff, win_lo, win_hi,
+                           IS_CAUSAL, HAS_WINDOW)
     lo_blk = (lo // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -279,6 +336,9 @@ def _gape_fwd_kernel(
         valid = m_valid[:, None] & n_in[None, :] & (offs_n >= lo)[None, :]
         if IS_CAUSAL:
             valid = valid & (pos_q[:, None] >= offs_n[None, :])
+        if HAS_WINDOW:
+            dlt = pos_q[:, None] - offs_n[None, :]
+            valid = valid & (dlt >= win_lo) & (dlt <= win_hi)
         if HAS_BIAS:
             pi = tl.load(kg_base + offs_n, mask=n_in, other=0.0)
             ph2 = _phi2(pos_q[:, None] - offs_n[None, :], IS_CAUSAL, DISTANCE)
@@ -301,7 +361,7 @@ def _gape_fwd_kernel(
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     # +inf for a row with no visible key makes every backward weight exp2(s - inf) = 0.
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    o_base = O + batch.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q0.to(tl.int64) * stride_om
     tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], acc.to(O.dtype.element_ty),
              mask=m_valid[:, None] & dv_valid[None, :])
     tl.store(LSE + row + offs_m, lse, mask=m_valid)
@@ -333,7 +393,7 @@ def _gape_bwd_preprocess(
 @triton.autotune(configs=BWD_KV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("bwd_kv")})
 @triton.jit
 def _gape_bwd_kv_kernel(
-    Q, K, V, QG, KG, KSTART, KEND, DO, LSE, DELTA, DK, DV, DKG,
+    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, DO, LSE, DELTA, DK, DV, DKG,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -341,12 +401,14 @@ def _gape_bwd_kv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     n_qheads, group, Lq, Lk, head_dim, head_dim_v,
+    win_lo, win_hi,
     sm_scale, qk_scale,  # scale, and scale * log2(e)
     q_bucket, k_bucket,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -354,50 +416,55 @@ def _gape_bwd_kv_kernel(
     n_kvheads = n_qheads // group
     off_b = bh // n_kvheads
     off_kvh = bh % n_kvheads
+    batch, q0, nq, k0, nk, qoff = _segment(QOFF, CU_Q, CU_K, off_b, Lq, Lk, IS_VARLEN)
+    if start_n >= nk:  # a packed sequence shorter than the grid's longest
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_valid = offs_d < head_dim
     dv_valid = offs_dv < head_dim_v
-    lo, hi = _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE)
-    n_valid = offs_n < Lk
+    lo, hi = _key_bounds(KSTART, KEND, batch, nk, HAS_KEY_RANGE)
+    n_valid = offs_n < nk
     key_ok = n_valid & (offs_n >= lo) & (offs_n < hi)
 
-    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
+    k = tl.load(K + batch.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh + k0.to(tl.int64) * stride_kn
                 + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
+    v = tl.load(V + batch.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh + k0.to(tl.int64) * stride_vn
                 + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_valid[:, None] & dv_valid[None, :], other=0.0)
-    kg_row = (off_b * n_kvheads + off_kvh).to(tl.int64) * Lk
+    kg_row = (batch * n_kvheads + off_kvh).to(tl.int64) * Lk + k0
     keep = 1.0 - tl.load(KG + kg_row + offs_n, mask=n_valid, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     dpi = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    # Queries before this key block's first key cannot see it under the causal rule.
-    m_lo = 0
-    if IS_CAUSAL:
-        m_lo = tl.maximum(start_n - (Lk - Lq), 0)
-        m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    # Only queries whose window can reach this key block (causal: not before its first key).
+    m_lo, m_hi = _visible_queries(start_n, start_n + BLOCK_N - 1, qoff, nq, win_lo, win_hi, IS_CAUSAL, HAS_WINDOW)
+    m_lo = (m_lo // BLOCK_M) * BLOCK_M
     for g in range(0, group):
         off_h = off_kvh * group + g
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        row = (off_b * n_qheads + off_h).to(tl.int64) * Lq
-        for start_m in range(m_lo, Lq, BLOCK_M):
+        q_base = Q + batch.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q0.to(tl.int64) * stride_qm
+        do_base = (DO + batch.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+                   + q0.to(tl.int64) * stride_dom)
+        row = (batch * n_qheads + off_h).to(tl.int64) * Lq + q0
+        for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            m_valid = offs_m < Lq
+            m_valid = offs_m < nq
             qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None],
                          mask=m_valid[None, :] & d_valid[:, None], other=0.0)
             lam = tl.load(QG + row + offs_m, mask=m_valid, other=0.0)
             lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
             delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
-            pos_q = offs_m + (Lk - Lq)
+            pos_q = offs_m + qoff
             st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
             valid = key_ok[:, None] & m_valid[None, :]
             if IS_CAUSAL:
                 valid = valid & (pos_q[None, :] >= offs_n[:, None])
+            if HAS_WINDOW:
+                dlt = pos_q[None, :] - offs_n[:, None]
+                valid = valid & (dlt >= win_lo) & (dlt <= win_hi)
             if HAS_BIAS:
                 ph2 = _phi2(pos_q[None, :] - offs_n[:, None], IS_CAUSAL, DISTANCE)
                 st = st - lam[None, :] * keep[:, None] * ph2
@@ -414,10 +481,10 @@ def _gape_bwd_kv_kernel(
 
     dk = dk * sm_scale
     dpi = dpi * 0.6931471805599453  # ln 2: phi2 is phi in base-2 units
-    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh
+    tl.store(DK + batch.to(tl.int64) * stride_dkb + off_kvh.to(tl.int64) * stride_dkh + k0.to(tl.int64) * stride_dkn
              + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=n_valid[:, None] & d_valid[None, :])
-    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh
+    tl.store(DV + batch.to(tl.int64) * stride_dvb + off_kvh.to(tl.int64) * stride_dvh + k0.to(tl.int64) * stride_dvn
              + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=n_valid[:, None] & dv_valid[None, :])
     tl.store(DKG + kg_row + offs_n, dpi, mask=n_valid)
@@ -426,19 +493,21 @@ def _gape_bwd_kv_kernel(
 @triton.autotune(configs=BWD_Q_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("bwd_q")})
 @triton.jit
 def _gape_bwd_q_kernel(
-    Q, K, V, QG, KG, KSTART, KEND, DO, LSE, DELTA, DQ, DQG,
+    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, DO, LSE, DELTA, DQ, DQG,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     n_qheads, group, Lq, Lk, head_dim, head_dim_v,
+    win_lo, win_hi,
     sm_scale, qk_scale,  # scale, and scale * log2(e)
     q_bucket, k_bucket,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -446,31 +515,34 @@ def _gape_bwd_q_kernel(
     off_b = bh // n_qheads
     off_h = bh % n_qheads
     off_kvh = off_h // group
+    batch, q0, nq, k0, nk, qoff = _segment(QOFF, CU_Q, CU_K, off_b, Lq, Lk, IS_VARLEN)
+    if start_m * BLOCK_M >= nq:
+        return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_valid = offs_m < Lq
+    m_valid = offs_m < nq
     d_valid = offs_d < head_dim
     dv_valid = offs_dv < head_dim_v
-    row = (off_b * n_qheads + off_h).to(tl.int64) * Lq
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh
-    kg_base = KG + (off_b * (n_qheads // group) + off_kvh).to(tl.int64) * Lk
+    row = (batch * n_qheads + off_h).to(tl.int64) * Lq + q0
+    k_base = K + batch.to(tl.int64) * stride_kb + off_kvh.to(tl.int64) * stride_kh + k0.to(tl.int64) * stride_kn
+    v_base = V + batch.to(tl.int64) * stride_vb + off_kvh.to(tl.int64) * stride_vh + k0.to(tl.int64) * stride_vn
+    kg_base = KG + (batch * (n_qheads // group) + off_kvh).to(tl.int64) * Lk + k0
 
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q0.to(tl.int64) * stride_qm
                 + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    do = tl.load(DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+    do = tl.load(DO + batch.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh + q0.to(tl.int64) * stride_dom
                  + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=m_valid[:, None] & dv_valid[None, :],
                  other=0.0)
     lam = tl.load(QG + row + offs_m, mask=m_valid, other=0.0)
     lse = tl.load(LSE + row + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
-    pos_q = offs_m + (Lk - Lq)
+    pos_q = offs_m + qoff
 
-    lo, hi = _key_bounds(KSTART, KEND, off_b, Lk, HAS_KEY_RANGE)
-    if IS_CAUSAL:
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + Lk - Lq)
+    lo, hi = _key_bounds(KSTART, KEND, batch, nk, HAS_KEY_RANGE)
+    lo, hi = _visible_keys(lo, hi, start_m * BLOCK_M + qoff, (start_m + 1) * BLOCK_M - 1 + qoff, win_lo, win_hi,
+                           IS_CAUSAL, HAS_WINDOW)
     lo_blk = (lo // BLOCK_N) * BLOCK_N
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -486,6 +558,9 @@ def _gape_bwd_q_kernel(
         valid = m_valid[:, None] & n_in[None, :] & (offs_n >= lo)[None, :]
         if IS_CAUSAL:
             valid = valid & (pos_q[:, None] >= offs_n[None, :])
+        if HAS_WINDOW:
+            dlt = pos_q[:, None] - offs_n[None, :]
+            valid = valid & (dlt >= win_lo) & (dlt <= win_hi)
         if HAS_BIAS:
             keep = 1.0 - tl.load(kg_base + offs_n, mask=n_in, other=0.0)
             ph2 = _phi2(pos_q[:, None] - offs_n[None, :], IS_CAUSAL, DISTANCE)
@@ -500,7 +575,7 @@ def _gape_bwd_q_kernel(
 
     dq = dq * sm_scale
     dlam = dlam * 0.6931471805599453  # ln 2: phi2 is phi in base-2 units
-    tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+    tl.store(DQ + batch.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh + q0.to(tl.int64) * stride_dqm
              + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_valid[:, None] & d_valid[None, :])
     tl.store(DQG + row + offs_m, dlam, mask=m_valid)
@@ -541,21 +616,36 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common(q, k, v, is_causal, distance, key_start, has_bias):
+def _common(q, k, v, is_causal, distance, key_start, has_bias, window=None, cu_seqlens_q=None, max_seqlen_q=0,
+            max_seqlen_k=0):
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM):
         raise ValueError(f"the Triton GAPE kernel takes head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got D={d}, Dv={dv}")
     if distance not in DISTANCE_CODES:
         raise ValueError(f"distance must be one of {tuple(DISTANCE_CODES)}, got {distance!r}")
+    varlen = cu_seqlens_q is not None
+    lo, hi = _window_bounds(is_causal, window)
     return dict(
-        n_qheads=hq, group=hq // hkv, Lq=lq, Lk=lk, head_dim=d, head_dim_v=dv,
-        q_bucket=_bucket(lq), k_bucket=_bucket(lk),
+        n_qheads=hq, group=hq // hkv, Lq=lq, Lk=lk, head_dim=d, head_dim_v=dv, win_lo=lo, win_hi=hi,
+        q_bucket=_bucket(max_seqlen_q if varlen else lq), k_bucket=_bucket(max_seqlen_k if varlen else lk),
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
         IS_CAUSAL=bool(is_causal), DISTANCE=DISTANCE_CODES[distance],
         HAS_KEY_RANGE=key_start is not None, HAS_BIAS=bool(has_bias),
+        HAS_WINDOW=window is not None, IS_VARLEN=varlen,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _window_bounds(is_causal, window) -> tuple[int, int]:
+    """The allowed ``pos_q - pos_k`` as int32 kernel arguments (unbounded = +-(2**31 - 1))."""
+    from gape.reference import delta_range
+
+    lo, hi = delta_range(is_causal, window)
+    return (-_INT32_MAX if lo is None else int(lo)), (_INT32_MAX if hi is None else int(hi))
 
 
 def _ranges(key_start, key_end, device):
@@ -565,19 +655,38 @@ def _ranges(key_start, key_end, device):
     return tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (key_start, key_end))
 
 
-def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distance, has_bias=True):
+def _positions(q, k, query_offset, cu_seqlens_q, cu_seqlens_k):
+    """(QOFF, CU_Q, CU_K, number of problems): int32 device tensors (dummies where unused)."""
+    b, lq, lk = q.shape[0], q.shape[2], k.shape[2]
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if cu_seqlens_q is not None:
+        cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()
+        cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()
+        return dummy, cu_q, cu_k, cu_q.numel() - 1
+    if query_offset is None:
+        qoff = torch.full((b,), lk - lq, dtype=torch.int32, device=q.device)
+    else:
+        qoff = query_offset.to(device=q.device, dtype=torch.int32).reshape(-1).expand(b).contiguous()
+    return qoff, dummy, dummy, b
+
+
+def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distance, has_bias=True, query_offset=None,
+                  window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     check_device(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    meta = _common(q, k, v, is_causal, distance, key_start, has_bias)
+    meta = _common(q, k, v, is_causal, distance, key_start, has_bias, window, cu_seqlens_q, max_seqlen_q,
+                   max_seqlen_k)
     b, hq, lq, _ = q.shape
     qg = qg.to(torch.float32).contiguous()
     kg = kg.to(torch.float32).contiguous()
     out = _new_output((b, hq, lq, v.shape[3]), q.dtype, q.device)
     lse = _new_output((b, hq, lq), torch.float32, q.device)
     ks, ke = _ranges(key_start, key_end, q.device)
-    grid = lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)  # noqa: E731
+    qoff, cu_q, cu_k, n = _positions(q, k, query_offset, cu_seqlens_q, cu_seqlens_k)
+    rows = max_seqlen_q if cu_seqlens_q is not None else lq
+    grid = lambda m: (triton.cdiv(rows, m["BLOCK_M"]), n * hq)  # noqa: E731
     _gape_fwd_kernel[grid](
-        q, k, v, qg, kg, ks, ke, out, lse,
+        q, k, v, qg, kg, ks, ke, qoff, cu_q, cu_k, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -587,15 +696,21 @@ def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distanc
     return out, lse
 
 
-def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal, scale, distance, has_bias=True):
+def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal, scale, distance, has_bias=True,
+                   query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                   max_seqlen_k=0):
     check_device(q)
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
-    meta = _common(q, k, v, is_causal, distance, key_start, has_bias)
+    meta = _common(q, k, v, is_causal, distance, key_start, has_bias, window, cu_seqlens_q, max_seqlen_q,
+                   max_seqlen_k)
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     qg32 = qg.to(torch.float32).contiguous()
     kg32 = kg.to(torch.float32).contiguous()
     ks, ke = _ranges(key_start, key_end, q.device)
+    qoff, cu_q, cu_k, n = _positions(q, k, query_offset, cu_seqlens_q, cu_seqlens_k)
+    varlen = cu_seqlens_q is not None
+    rows, keys = (max_seqlen_q, max_seqlen_k) if varlen else (lq, lk)
 
     delta = _new_output((b, hq, lq), torch.float32, q.device)
     _gape_bwd_preprocess[(triton.cdiv(lq, PREPROCESS_BLOCK_M), b * hq)](
@@ -610,8 +725,8 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
     dv = _new_output(v.shape, v.dtype, v.device)
     dqg = _new_output((b, hq, lq), torch.float32, q.device)
     dkg = _new_output((b, hkv, lk), torch.float32, q.device)
-    _gape_bwd_kv_kernel[lambda m: (triton.cdiv(lk, m["BLOCK_N"]), b * hkv)](
-        q, k, v, qg32, kg32, ks, ke, do, lse, delta, dk, dv, dkg,
+    _gape_bwd_kv_kernel[lambda m: (triton.cdiv(keys, m["BLOCK_N"]), n * hkv)](
+        q, k, v, qg32, kg32, ks, ke, qoff, cu_q, cu_k, do, lse, delta, dk, dv, dkg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -620,8 +735,8 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
         dv.stride(0), dv.stride(1), dv.stride(2),
         sm_scale=scale, qk_scale=scale * LOG2E, **meta,
     )
-    _gape_bwd_q_kernel[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
-        q, k, v, qg32, kg32, ks, ke, do, lse, delta, dq, dqg,
+    _gape_bwd_q_kernel[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), n * hq)](
+        q, k, v, qg32, kg32, ks, ke, qoff, cu_q, cu_k, do, lse, delta, dq, dqg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -633,7 +748,9 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
 
 
 # torch.library ops: opaque to torch.compile (it sees the fake shapes) and
-# differentiable through the registered backward.
+# differentiable through the registered backward. Positions: query_offset (int32
+# [B] or None = bottom-right), window (None or [left, right]), and for packed
+# sequences cu_seqlens_q/k with max_seqlen_q/k (query/key then [1, H, T, D] views).
 
 
 @torch.library.custom_op("gape::triton_attention_fwd", mutates_args=())
@@ -642,13 +759,18 @@ def _fwd_op(
     query_gate: torch.Tensor, key_gate: torch.Tensor,
     key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
     is_causal: bool, scale: float, distance: str, has_bias: bool,
+    query_offset: Optional[torch.Tensor] = None, window: Optional[list[int]] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance,
-                         has_bias)
+                         has_bias, query_offset, None if window is None else tuple(window), cu_seqlens_q,
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @_fwd_op.register_fake
-def _(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance, has_bias):
+def _(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance, has_bias,
+      query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     b, hq, lq, _ = query.shape
     out = query.new_empty(b, hq, lq, value.shape[3])
     lse = query.new_empty(b, hq, lq, dtype=torch.float32)
@@ -661,52 +783,77 @@ def _bwd_op(
     query_gate: torch.Tensor, key_gate: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     key_start: Optional[torch.Tensor], key_end: Optional[torch.Tensor],
     is_causal: bool, scale: float, distance: str, has_bias: bool,
+    query_offset: Optional[torch.Tensor] = None, window: Optional[list[int]] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward_impl(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
-                          is_causal, scale, distance, has_bias)
+                          is_causal, scale, distance, has_bias, query_offset,
+                          None if window is None else tuple(window), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k)
 
 
 @_bwd_op.register_fake
 def _(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end, is_causal, scale, distance,
-      has_bias):
+      has_bias, query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+      max_seqlen_k=0):
     return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
             torch.empty_like(query_gate), torch.empty_like(key_gate))
 
 
+_N_TENSOR_INPUTS = 7  # query .. key_end
+_TENSOR_POSITIONS = (11, 13, 14)  # query_offset, cu_seqlens_q, cu_seqlens_k
+
+
+_POSITION_DEFAULTS = (None, None, None, None, 0, 0)  # query_offset .. max_seqlen_k
+
+
 def _setup_context(ctx, inputs, output):
-    query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance, has_bias = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, query_gate, key_gate, out, lse, key_start, key_end)
-    ctx.args = (is_causal, scale, distance, has_bias)
+    inputs = tuple(inputs) + _POSITION_DEFAULTS[len(inputs) - 11:]
+    tensors = list(inputs[:_N_TENSOR_INPUTS]) + [inputs[i] for i in _TENSOR_POSITIONS]
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.args = inputs
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, query_gate, key_gate, out, lse, key_start, key_end = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    query, key, value, query_gate, key_gate, key_start, key_end, qoff, cu_q, cu_k, out, lse = saved
+    a = ctx.args
     grads = _bwd_op(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
-                    *ctx.args)
-    return (*grads, None, None, None, None, None, None)
+                    a[7], a[8], a[9], a[10], qoff, a[12], cu_q, cu_k, a[15], a[16])
+    return (*grads, *([None] * (len(a) - 5)))
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _offset_tensor(query_offset, b, device):
+    if query_offset is None or isinstance(query_offset, torch.Tensor):
+        return query_offset
+    return torch.full((b,), int(query_offset), dtype=torch.int32, device=device)
+
+
 def gape_attention_fused(query, key, value, query_gate, key_gate, key_start=None, key_end=None, is_causal=True,
-                         scale=None, distance="log", has_bias=True) -> torch.Tensor:
+                         scale=None, distance="log", has_bias=True, *, query_offset=None, window=None) -> torch.Tensor:
     """The fused op with explicit per-batch key ranges (int ``[B]``, half-open).
 
     ``has_bias=False`` compiles the bias out (plain attention; for benchmarks).
-    Shapes as :func:`gape.attention`; no gate-range validation here.
+    Shapes, ``query_offset`` and ``window`` as :func:`gape.attention`; no
+    gate-range validation here.
     """
     if (key_start is None) != (key_end is None):
         raise ValueError("key_start and key_end must be given together (int tensors of shape [B])")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = _fwd_op(query, key, value, query_gate, key_gate, key_start, key_end, bool(is_causal), scale, distance,
-                     bool(has_bias))
+                     bool(has_bias), _offset_tensor(query_offset, query.shape[0], query.device),
+                     None if window is None else list(window), None, None, 0, 0)
     return out
 
 
-def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance):
+def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, *,
+                     query_offset=None, window=None):
     """``backend="triton"`` of :func:`gape.attention` (arguments already validated there).
 
     A key-padding ``attn_mask`` (see :mod:`gape.kernels.key_ranges`) becomes
@@ -715,7 +862,36 @@ def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_caus
     check_device(query)
     key_start = key_end = None
     if attn_mask is not None:
-        ranges = mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal)
+        ranges = mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal, query_offset, window)
         key_start, key_end, is_causal = ranges.start, ranges.end, ranges.causal
     return gape_attention_fused(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale,
-                                distance)
+                                distance, query_offset=query_offset, window=window)
+
+
+def triton_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, is_causal, scale, distance, window=None):
+    """``backend="triton"`` of :func:`gape.attention_varlen`: one launch over every
+    sequence (grid rows sized by ``max_seqlen_q``), the packed tensors read in place
+    as ``[1, H, T, D]`` views."""
+    check_device(query)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+    lam, pi = query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0)
+    out, _ = _fwd_op(q4, k4, v4, lam, pi, None, None, bool(is_causal), float(scale), distance, True, None,
+                     None if window is None else list(window), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                     int(max_seqlen_k))
+    return out[0].transpose(0, 1)
+
+
+def block_forward(query, key, value, query_gate, key_gate, query_offset, window, is_causal, scale, distance):
+    """``(out, lse in base 2)`` of one block (for :mod:`gape.ops`), no autograd."""
+    off = _offset_tensor(query_offset, query.shape[0], query.device)
+    return _forward_impl(query, key, value, query_gate, key_gate, None, None, is_causal, scale, distance, True, off,
+                         window)
+
+
+def block_backward(grad_out, query, key, value, query_gate, key_gate, out, lse2, query_offset, window, is_causal,
+                   scale, distance):
+    """The five gradients of one block from the merged ``(out, lse in base 2)`` (for :mod:`gape.ops`)."""
+    off = _offset_tensor(query_offset, query.shape[0], query.device)
+    return _backward_impl(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse2, None, None,
+                          is_causal, scale, distance, True, off, window)

@@ -35,6 +35,8 @@ ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100
 ARCH_NAMES = {80: "sm_80", 90: "sm_90"}
 KERNELS = ("fwd", "bwd_preprocess", "bwd_kv", "bwd_q")
 AUDIT_LEN = 4096  # sequence length the pruning filter sees (a long-context launch)
+# position variant -> (HAS_WINDOW, IS_VARLEN)
+POSITIONS = {"dense": (False, False), "window": (True, False), "varlen": (True, True)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--causal", nargs="+", default=["1", "0"], choices=["1", "0"], help="1 = causal, 0 = not")
     parser.add_argument("--distance", nargs="+", default=["log", "linear"], choices=["log", "linear"])
+    parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
+                        help="position variants: dense (query offsets), window (local window), varlen (packed "
+                             "sequences with a window); default all")
     parser.add_argument("--first-config-only", action="store_true",
                         help="compile only the first surviving autotune config per variant (quick check)")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
@@ -53,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _argv(args) -> list[str]:
     argv = ["--out", args.out, "--arch", *map(str, args.arch), "--head-dim", *map(str, args.head_dim),
-            "--dtype", *args.dtype, "--kernel", *args.kernel, "--causal", *args.causal, "--distance", *args.distance]
+            "--dtype", *args.dtype, "--kernel", *args.kernel, "--causal", *args.causal, "--distance", *args.distance,
+            "--positions", *args.positions]
     if args.first_config_only:
         argv.append("--first-config-only")
     if args.quiet:
@@ -85,8 +91,8 @@ def _write(path: str, rows: list[dict]) -> None:
     write_json_atomic(path, rows, indent=1)
 
 
-_KEY = ("kernel", "arch", "head_dim", "dtype", "causal", "distance", "block_m", "block_n", "num_warps", "num_stages",
-        "source")
+_KEY = ("kernel", "arch", "head_dim", "dtype", "causal", "distance", "positions", "block_m", "block_n", "num_warps",
+        "num_stages", "source")
 
 
 def _previous(path: str) -> dict:
@@ -124,7 +130,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = _TT_DTYPES[dtype]
         elif name in f32:
             sig[name] = "*fp32"
-        elif name in ("KSTART", "KEND"):
+        elif name in ("KSTART", "KEND", "QOFF", "CU_Q", "CU_K"):
             sig[name] = "*i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
@@ -204,16 +210,17 @@ def audit(args) -> list[dict]:
                 block_d = max(16, triton.next_power_of_2(d))
                 for dtype in args.dtype:
                     if kernel == "bwd_preprocess":
-                        variants = [(None, None)]
+                        variants = [(None, None, None)]
                         configs = [triton.Config({"BLOCK_M": A.PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1)]
                     else:
-                        variants = [(c, dist) for c in args.causal for dist in args.distance]
+                        variants = [(c, dist, pos) for c in args.causal for dist in args.distance
+                                    for pos in args.positions]
                         configs = [c for c in tuned.configs
                                    if A.config_fits(kernel, c, block_d, block_d, elt[dtype], AUDIT_LEN, AUDIT_LEN,
                                                     ARCHS[cc], cc)]
                         if args.first_config_only:
                             configs = configs[:1]
-                    for causal, dist in variants:
+                    for causal, dist, pos in variants:
                         for cfg in configs:
                             const = dict(cfg.kwargs)
                             if kernel == "bwd_preprocess":
@@ -221,12 +228,14 @@ def audit(args) -> list[dict]:
                             else:
                                 const.update(BLOCK_D=block_d, BLOCK_DV=block_d, IS_CAUSAL=causal == "1",
                                              DISTANCE=A.DISTANCE_CODES[dist], HAS_KEY_RANGE=False, HAS_BIAS=True,
+                                             HAS_WINDOW=POSITIONS[pos][0], IS_VARLEN=POSITIONS[pos][1],
                                              DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
                             sig, attrs = _signature(fn, dtype, const)
                             row = {
                                 "kernel": kernel, "source": _source_hash(fn), "arch": ARCH_NAMES[cc], "head_dim": d,
                                 "dtype": dtype,
                                 "causal": None if causal is None else causal == "1", "distance": dist,
+                                "positions": pos,
                                 "block_m": cfg.kwargs.get("BLOCK_M"), "block_n": cfg.kwargs.get("BLOCK_N"),
                                 "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                             }
@@ -241,7 +250,7 @@ def audit(args) -> list[dict]:
                             _write(args.out, rows)
                             if not args.quiet:
                                 print(f"[{len(rows)}] {kernel} {ARCH_NAMES[cc]} D{d} {dtype} causal={causal} "
-                                      f"{dist} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: regs {row.get('regs')} "
+                                      f"{dist} {pos} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: regs {row.get('regs')} "
                                       f"spills {row.get('spills')} smem {row.get('shared_bytes')}", file=sys.stderr,
                                       flush=True)
     _write(args.out, rows)
@@ -267,9 +276,9 @@ def _meets(row: dict, cc: int) -> bool:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["kernel", "arch", "head_dim", "dtype", "causal", "distance", "block_m", "block_n", "num_warps",
+    cols = ["kernel", "arch", "head_dim", "dtype", "causal", "distance", "positions", "block_m", "block_n", "num_warps",
             "num_stages", "regs", "spills", "shared_bytes", "uses_mma", "uses_wgmma", "ok", "meets_requirements"]
-    head = ["kernel", "arch", "D", "dtype", "causal", "dist", "BM", "BN", "warps", "stages", "regs", "spills",
+    head = ["kernel", "arch", "D", "dtype", "causal", "dist", "pos", "BM", "BN", "warps", "stages", "regs", "spills",
             "smem", "mma", "wgmma", "ok", "meets"]
     table = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]

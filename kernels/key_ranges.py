@@ -28,12 +28,24 @@ class KeyRanges:
     causal: bool
 
 
-def _causal(lq: int, lk: int, device) -> torch.Tensor:
-    pos_q = torch.arange(lq, device=device) + (lk - lq)
-    return pos_q[:, None] >= torch.arange(lk, device=device)[None, :]
+def _causal(lq: int, lk: int, device, query_offset=None, window=None, is_causal=True) -> torch.Tensor:
+    """``[1 or B, lq, lk]``: the keys query row ``i`` (at ``i + query_offset``, None: ``lk - lq``)
+    may see under the causal rule (when ``is_causal``) and the window."""
+    off = lk - lq if query_offset is None else query_offset
+    off = torch.as_tensor(off, device=device).reshape(-1, 1, 1)
+    delta = torch.arange(lq, device=device)[None, :, None] + off - torch.arange(lk, device=device)[None, None, :]
+    allowed = delta >= 0 if is_causal else torch.ones_like(delta, dtype=torch.bool)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed = allowed & (delta <= left)
+        if right >= 0 and not is_causal:
+            allowed = allowed & (delta >= -right)
+    return allowed
 
 
-def _analyse(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool) -> KeyRanges | str:
+def _analyse(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool, query_offset=None,
+             window=None) -> KeyRanges | str:
     if attn_mask.dtype != torch.bool:
         return f"attn_mask must be bool, got {attn_mask.dtype}"
     m = attn_mask
@@ -47,9 +59,13 @@ def _analyse(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool) 
     n_keys = m.shape[-1] if lk is None else lk
     m = m.expand(m.shape[0], m.shape[1], n_keys)
     idx = torch.arange(n_keys, device=m.device)
-    # The last query row sees the most keys under the causal rule; its allowed
-    # keys must form one contiguous range.
-    row = m[:, -1, :]
+    if m.shape[1] != lq and m.shape[1] != 1:
+        return f"attn_mask has {m.shape[1]} query rows but the query has {lq}"
+    causal = _causal(lq, n_keys, m.device, query_offset, window, True)
+    inside = causal if is_causal else _causal(lq, n_keys, m.device, query_offset, window, False)
+    # The keys some row may attend (only those the causal rule and the window leave can matter)
+    # must form one contiguous range per batch element.
+    row = (m & inside).any(dim=1)  # [B, Lk]
     count = row.sum(-1)
     big = torch.full_like(idx, n_keys)
     start = torch.where(row, idx, big).amin(-1)
@@ -59,38 +75,38 @@ def _analyse(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bool) 
         return "the allowed keys of a row are not one contiguous range (only key padding can be served)"
     rng = (idx[None, :] >= start[:, None]) & (idx[None, :] < end[:, None])  # [B, Lk]
     rng = rng[:, None, :]
-    if m.shape[1] != lq and m.shape[1] != 1:
-        return f"attn_mask has {m.shape[1]} query rows but the query has {lq}"
-    causal = _causal(lq, n_keys, m.device)[None]
     if is_causal:
-        # Entries above the diagonal are never read, so only compare below it.
+        # Entries above the diagonal (or outside the window) are never read, so only compare inside.
         if bool(((m & causal) == (rng & causal)).all()):
             return KeyRanges(start.to(torch.int32), end.to(torch.int32), True)
     else:
-        if bool((m == rng).all()):
+        if bool(((m & inside) == (rng & inside)).all()):
             return KeyRanges(start.to(torch.int32), end.to(torch.int32), False)
         # A causal-and-padding mask (what transformers builds) with
         # is_causal=False: the allowed keys have pos_q >= pos_k, where
         # |pos_q - pos_k| equals the causal distance, so the causal kernel is exact.
-        if m.shape[1] == lq and bool((m == (rng & causal)).all()):
+        if m.shape[1] == lq and bool(((m & inside) == (rng & causal)).all()):
             return KeyRanges(start.to(torch.int32), end.to(torch.int32), True)
     return ("the mask is not a key-padding pattern (same key range for every query row, "
             "optionally intersected with the bottom-right causal rule)")
 
 
-def mask_to_key_ranges(attn_mask: torch.Tensor, lq: int, lk: int, is_causal: bool) -> KeyRanges:
-    """Key ranges equivalent to ``attn_mask`` (AND the causal rule when ``is_causal``).
+def mask_to_key_ranges(attn_mask: torch.Tensor, lq: int, lk: int, is_causal: bool, query_offset=None,
+                       window=None) -> KeyRanges:
+    """Key ranges equivalent to ``attn_mask`` (AND the causal rule when ``is_causal``,
+    query row ``i`` at ``i + query_offset``, None = bottom-right).
 
     Raises ValueError naming the reason when the mask has another shape of
     pattern. Reads the mask's values (a device sync on CUDA).
     """
-    got = _analyse(attn_mask, lq, lk, is_causal)
+    got = _analyse(attn_mask, lq, lk, is_causal, query_offset, window)
     if isinstance(got, str):
         raise ValueError(f'backend="triton" cannot serve this attn_mask: {got}; use backend="torch"')
     return got
 
 
-def unsupported_mask_reason(attn_mask: torch.Tensor | None, lq: int, is_causal: bool = False) -> str | None:
+def unsupported_mask_reason(attn_mask: torch.Tensor | None, lq: int, is_causal: bool = False,
+                            query_offset=None, window=None) -> str | None:
     """Why the Triton kernel cannot serve ``attn_mask`` (None when it can).
 
     Without ``is_causal`` the mask alone must be a key-padding pattern, which
@@ -98,5 +114,5 @@ def unsupported_mask_reason(attn_mask: torch.Tensor | None, lq: int, is_causal: 
     """
     if attn_mask is None:
         return None
-    got = _analyse(attn_mask, lq, None, is_causal)
+    got = _analyse(attn_mask, lq, None, is_causal, query_offset, window)
     return got if isinstance(got, str) else None

@@ -351,13 +351,6 @@ def test_decode_computes_key_gate_for_new_keys_only():
     assert lengths == [12, 1, 1, 1, 1], lengths
 
 
-def test_static_cache_is_refused():
-    model = make_model("llama")
-    gape.patch(model, IDENTITY)
-    with torch.no_grad(), pytest.raises(ValueError, match="dynamic KV cache"):
-        model.generate(tokens(1, 6), max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
-
-
 def test_default_backend_matches_reference_with_gradients():
     """The CPU default backend ("auto" -> tiled torch) inside the model: same
     logits and same gate gradients as the reference backend."""

@@ -19,7 +19,8 @@ def rows(tmp_path_factory):
     # Under TRITON_INTERPRET=1 (set by conftest) the audit re-runs itself in a
     # subprocess without it: this also covers that path.
     rc = main(["audit-kernels", "--out", str(out), "--arch", "80", "90", "--head-dim", "128", "--dtype", "bf16",
-               "--causal", "1", "--distance", "log", "--first-config-only", "--quiet"])
+               "--causal", "1", "--distance", "log", "--positions", "dense", "varlen", "--first-config-only",
+               "--quiet"])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -27,6 +28,8 @@ def rows(tmp_path_factory):
 def test_every_kernel_and_arch_compiled(rows):
     seen = {(r["kernel"], r["arch"]) for r in rows}
     assert seen == {(k, a) for k in ("fwd", "bwd_preprocess", "bwd_kv", "bwd_q") for a in ("sm_80", "sm_90")}
+    # the dense kernels and the packed-sequence variant with a window (issue 18)
+    assert {r["positions"] for r in rows if r["kernel"] != "bwd_preprocess"} == {"dense", "varlen"}
     for r in rows:
         assert r["ok"], r.get("error")
         assert r["regs"] and 0 < r["regs"] <= 255, r
