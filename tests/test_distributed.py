@@ -203,3 +203,17 @@ def test_longer_sequences_with_bigger_heads(world):
         res = per_case[0]
         for name, cp, single, scale in zip(GRAD_NAMES, res["cp32"], res["single32"], res["scale"]):
             assert cp <= 2 * single + 2e-6 * max(1.0, scale), (world, rank, name, cp, single)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton block kernel on CPU tensors needs TRITON_INTERPRET=1")
+def test_triton_block_kernel_in_the_ring():
+    """The Triton kernel (query offsets, in Triton's interpreter) as the ring's block kernel."""
+    cases = [
+        dict(b=1, hq=2, hkv=1, d=16, local=8, causal=True, distance="log", layout="zigzag", backend="triton"),
+        dict(b=1, hq=2, hkv=1, d=16, local=6, causal=False, distance="linear", layout="contiguous", backend="triton"),
+    ]
+    for rank, per_case in enumerate(_ok(run_ranks(w.attention_cases, 2, cases, timeout=400))):
+        for case, res in zip(cases, per_case):
+            for name, cp, single, scale in zip(GRAD_NAMES, res["cp32"], res["single32"], res["scale"]):
+                assert cp <= 2 * single + 2e-6 * max(1.0, scale), (rank, case["layout"], name, cp, single)
+            assert res["bitwise_repeat"]

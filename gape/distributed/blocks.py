@@ -68,11 +68,5 @@ def unsupported_reason(name: str, query: torch.Tensor) -> str | None:
     if name == "triton":
         from .. import api
 
-        reason = api.unsupported_reason("triton", query, "log", None)
-        if reason is not None:
-            return reason
-        from ..kernels import attention as kattn
-
-        if not hasattr(kattn, "block_forward"):
-            return "this build's Triton kernel has no query_offset block kernel yet; use backend='torch' on the CPU"
+        return api.unsupported_reason("triton", query, "log", None)
     return None
