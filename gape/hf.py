@@ -97,6 +97,20 @@ def _cache_layer_types():
     return DynamicLayer, StaticLayer
 
 
+# (backend, device, dtype, distance) -> backend function: a plain dict that torch.compile
+# reads as a constant (it traces through lru_cache wrappers into the import machinery,
+# a graph break per layer). Filled by _backend_fn's first call.
+_RESOLVED: dict = {}
+
+
+def _resolved_backend(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
+    key = (backend, device, dtype, distance)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _RESOLVED[key] = _backend_fn(backend, device, dtype, distance)
+    return fn
+
+
 @functools.lru_cache(maxsize=64)
 def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
     """The packed-sequence entry point of the backend, or None (the mask path then runs)."""
@@ -194,7 +208,7 @@ def gape_attention_forward(
             out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
                          pi[0].t(), *packed, is_causal, scale, config.distance, window)
             return out.unsqueeze(0).contiguous(), None
-    fn = _backend_fn(config.backend, query.device, query.dtype, config.distance)
+    fn = _resolved_backend(config.backend, query.device, query.dtype, config.distance)
     positions = {}
     if offset is not None:
         positions["query_offset"] = offset

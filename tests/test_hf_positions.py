@@ -152,6 +152,7 @@ def test_sliding_window_layers_run_without_a_mask(monkeypatch):
         return fn(*args, **kw)
 
     monkeypatch.setattr(torch_backend, "torch_attention", spy)
+    monkeypatch.setattr(hf, "_RESOLVED", {})
     hf._backend_fn.cache_clear()
     with torch.no_grad():
         ref = model(ids).logits

@@ -104,3 +104,12 @@ def test_ops_blocks_on_triton():
     torch.testing.assert_close(g1[3] + g2[3], want[3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat([g1[1], g2[1]], 2), want[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat([g1[4], g2[4]], 2), want[4], rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_sequence_without_keys():
+    inputs, cu_q, cu_k = packed_inputs([3, 4, 2], [5, 0, 6], hq=2, hkv=1)
+    x = [t.float() for t in inputs]
+    got = kattn.triton_attention_varlen(*x, cu_q, cu_k, 4, 6, False, 0.3, "log")
+    want = reference_attention_varlen(*inputs, cu_q, cu_k, False, 0.3, "log")
+    assert (got[3:7] == 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)

@@ -146,3 +146,17 @@ def test_varlen_bad_layout_is_named():
     args[3] = args[3][:5]
     with pytest.raises(ValueError, match=r"query_gate must be \[Tq, Hq\]"):
         gape.attention_varlen(*args)
+
+
+def test_sequence_without_keys_gives_zero_rows(torch_varlen):
+    # non-causal: a sequence with queries but no keys sees nothing (zeros, zero gradients)
+    inputs, cu_q, cu_k = packed_inputs([3, 4, 2], [5, 0, 6])
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = torch_varlen(*leaves, cu_q, cu_k, 4, 6, False, 0.3, "log", None)
+    assert (out[3:7] == 0).all() and (out[:3].abs() > 0).any() and (out[7:].abs() > 0).any()
+    want = torch.cat([_each_alone(inputs, cu_q[[0, 1]], cu_k[[0, 1]], False, "log", None, 0.3),
+                      torch.zeros(4, 4, 16, dtype=torch.float64),
+                      _each_alone(inputs, cu_q[[2, 3]], cu_k[[2, 3]] - 0, False, "log", None, 0.3)])
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    gq = torch.autograd.grad(out.sum(), leaves[0])[0]
+    assert (gq[3:7] == 0).all()
