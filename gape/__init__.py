@@ -3,7 +3,8 @@
 Attention:  ``gape.attention`` (a drop-in for ``F.scaled_dot_product_attention``
 with a query gate and a key gate) and ``gape.attention_varlen`` (packed sequences). Models: ``gape.load_model``, ``gape.patch``,
 ``gape.unpatch``, ``gape.GapeConfig``, ``gape.save_gates``, ``gape.load_gates``,
-``gape.with_rope_scaling``, ``gape.with_positional``. Heavy dependencies (transformers) load on first use.
+``gape.with_rope_scaling``, ``gape.with_positional``. Context parallelism over
+``torch.distributed``: ``gape.distributed``. Heavy dependencies (transformers) load on first use.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = ["attention", "attention_varlen", "BACKENDS", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
+    if name == "distributed":  # a subpackage; torch.distributed loads only when asked for
+        return importlib.import_module("gape.distributed")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

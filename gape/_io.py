@@ -77,17 +77,19 @@ class FolderLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def lock_folder(folder: str, what: str = "gape"):
+def lock_folder(folder: str, what: str = "gape", name: str | None = None):
     """One writer per output folder: an exclusive ``flock`` on ``folder/.gape.lock``.
 
     A second run on the same folder fails at once with FolderLockedError naming
     the holder's pid. The lock is the kernel's: it goes with the process, so a
     run killed with ``kill -9`` leaves no stale lock (the file stays, unlocked).
+    ``name`` replaces the lock file's name (one lock per writer when several
+    processes of one run write their own files in the folder).
     """
     import fcntl
 
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_FILE)
+    path = os.path.join(folder, name or LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

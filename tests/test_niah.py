@@ -199,3 +199,57 @@ def test_cli_rejects_bad_flags(capsys):
     assert _cli(["--methods", "rope,alibi", "--no-progress"]) == 2
     assert "argument --methods" in capsys.readouterr().err
     assert _cli(["--lengths", "1024,abc", "--no-progress"]) == 2
+
+
+def _torchrun(nproc, argv, timeout=420):
+    import subprocess
+    import sys
+
+    from dist_helpers import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "gape", "niah", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _without_seconds(rows):
+    return sorted(json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True) for r in rows)
+
+
+def _summary_without_seconds(out):
+    with open(os.path.join(out, res.SUMMARY)) as f:
+        return [{k: v for k, v in line.items() if k != "seconds"} for line in csv.DictReader(f)]
+
+
+def test_niah_under_torchrun_splits_cells_and_merges_to_the_single_process_summary(tiny_folder, tmp_path):
+    args = ["--model", tiny_folder, "--methods", "rope,gape", "--lengths", "600", "--depths", "0,0.5,1", "--samples", "1",
+            "--task", "single", "--max-new-tokens", "3", "--threads", "1", "--no-progress"]
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    assert _cli([*args, "--out", single]) == 0
+
+    run = _torchrun(2, [*args, "--out", multi])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    files = sorted(os.listdir(multi))
+    assert "results.rank0.jsonl" in files and "results.rank1.jsonl" in files and res.RESULTS not in files
+    per_rank = [res.read_rows_file(os.path.join(multi, f"results.rank{r}.jsonl")) for r in (0, 1)]
+    assert [len(rows) for rows in per_rank] == [3, 3]  # 6 cells dealt round robin
+    assert not {res.row_key(r) for r in per_rank[0]} & {res.row_key(r) for r in per_rank[1]}
+    assert _without_seconds(res.read_rows(multi)) == _without_seconds(res.read_rows(single))
+    assert _summary_without_seconds(multi) == _summary_without_seconds(single)
+    assert run.stdout.count("task=single haystack=noise") == 1  # rank 0 prints the table once
+
+    # rank 1 was interrupted after its first sample: a rerun redoes only its two missing ones
+    path = os.path.join(multi, "results.rank1.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    with open(path, "w") as f:
+        f.writelines(lines[:1])
+    run = _torchrun(2, [*args, "--out", multi])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "rank 0/2: resuming: 3 of 3" in run.stdout and "rank 1/2: resuming: 1 of 3" in run.stdout
+    assert len(res.read_rows_file(path)) == 3
+    assert _summary_without_seconds(multi) == _summary_without_seconds(single)
+    # a single process on the same folder finds everything done
+    assert _cli([*args, "--out", multi]) == 0
+    assert _summary_without_seconds(multi) == _summary_without_seconds(single)

@@ -1,5 +1,6 @@
 """``gape niah``: needle-in-a-haystack retrieval across lengths and depths, GAPE vs RoPE and
-RoPE scaling, offline, resumable. ``--quick`` is the few-minute run on 2 CPU cores."""
+RoPE scaling, offline, resumable. ``--quick`` is the few-minute run on 2 CPU cores.
+Under ``torchrun --nproc-per-node N`` the samples are split across N processes (one model each)."""
 
 from __future__ import annotations
 
@@ -106,5 +107,6 @@ def run(args: argparse.Namespace) -> int:
     except (RunMismatchError, A.UsageError, FolderLockedError) as err:
         print(f"gape niah: error: {err}")
         return 2
-    print(f"results in {os.path.abspath(cfg.out)} ({time.perf_counter() - start:.0f} s)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(f"results in {os.path.abspath(cfg.out)} ({time.perf_counter() - start:.0f} s)")
     return 0

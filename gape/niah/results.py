@@ -32,16 +32,42 @@ def _valid_row(row) -> bool:
     )
 
 
+def rank_results(rank: int, world_size: int) -> str:
+    """The file a rank appends to: ``results.jsonl`` alone, ``results.rank<r>.jsonl`` under torchrun
+    (one writer per file; :func:`read_rows` reads them all)."""
+    return RESULTS if world_size == 1 else f"results.rank{rank}.jsonl"
+
+
+def result_files(out_dir: str) -> list[str]:
+    """``results.jsonl`` first, then every rank's file in rank order."""
+    names = [RESULTS] if os.path.exists(os.path.join(out_dir, RESULTS)) else []
+    ranked = []
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            mid = name[len("results.rank") : -len(".jsonl")]
+            if name.startswith("results.rank") and name.endswith(".jsonl") and mid.isdigit():
+                ranked.append((int(mid), name))
+    return [os.path.join(out_dir, n) for n in names + [n for _, n in sorted(ranked)]]
+
+
 def read_rows(out_dir: str, warn=None) -> list[dict]:
-    """The valid rows of ``results.jsonl``, each (method, task, haystack, length, depth,
-    sample, seed) once (the last row of a key wins).
+    """The valid rows of ``results.jsonl`` and of the per-rank files, each (method, task,
+    haystack, length, depth, sample, seed) once.
 
     A line that is not JSON (a half-written last line after a kill, a corrupted
     file) or lacks a field is skipped; ``warn`` (a callable, e.g. ``print``) gets
-    one message counting them, and their samples are simply redone."""
-    path = os.path.join(out_dir, RESULTS)
-    if not os.path.exists(path):
-        return []
+    one message per file counting them, and their samples are simply redone. Within
+    a file the last row of a key wins; a sample found in two files (a rerun with
+    another world size) counts once."""
+    rows: dict[tuple, dict] = {}
+    for path in result_files(out_dir):
+        for row in read_rows_file(path, warn):
+            rows.setdefault(row_key(row), row)
+    return list(rows.values())
+
+
+def read_rows_file(path: str, warn=None) -> list[dict]:
+    """The valid rows of one JSONL file (see :func:`read_rows`)."""
     rows: dict[tuple, dict] = {}
     bad = duplicates = 0
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -66,8 +92,8 @@ def read_rows(out_dir: str, warn=None) -> list[dict]:
     return list(rows.values())
 
 
-def append_row(out_dir: str, row: dict) -> None:
-    path = os.path.join(out_dir, RESULTS)
+def append_row(out_dir: str, row: dict, filename: str = RESULTS) -> None:
+    path = os.path.join(out_dir, filename)
     # a previous run killed mid-line leaves no newline; start on a fresh line
     needs_newline = False
     if os.path.exists(path) and os.path.getsize(path):

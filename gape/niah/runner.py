@@ -88,7 +88,7 @@ class BenchmarkConfig:
         }
 
 
-def _check_run_file(out: str, settings: dict, echo=print) -> None:
+def _check_run_file(out: str, settings: dict, echo=print, write: bool = True) -> None:
     path = os.path.join(out, RUN_FILE)
     if os.path.exists(path):
         try:
@@ -111,7 +111,8 @@ def _check_run_file(out: str, settings: dict, echo=print) -> None:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
             raise RunMismatchError(f"--out {out} holds results of a run with other settings ({details}); use another --out")
         return
-    write_atomic(path, json.dumps(settings, indent=2) + "\n")
+    if write:  # one writer (rank 0 under torchrun); every rank checks
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
 
 
 def _generate(model, tokenizer, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
@@ -136,12 +137,36 @@ def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress:
 
     ``model``/``tokenizer`` may be passed in (already loaded); otherwise ``cfg.model`` is loaded
     with :func:`gape.load_model` (only if some sample is left to run).
+
+    Under ``torchrun --nproc-per-node N`` the samples are dealt round robin to the ranks
+    (each loads its own model), every rank appends to its own ``results.rank<r>.jsonl``
+    and skips the samples any file of the folder already holds, so resuming works per
+    rank and with another N. After a barrier rank 0 writes the summary and plots from
+    all files: the same summary a single process writes.
     """
+    from gape.distributed.launch import data_parallel
+
     cfg.validate()
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a folder")
-    with lock_folder(cfg.out, "gape niah"):
-        return _run_locked(cfg, model, tokenizer, progress=progress, echo=echo)
+    with data_parallel() as procs:
+        # one writer per file: rank r of a torchrun holds the lock of results.rank<r>.jsonl
+        lock = None if procs.world_size == 1 else f".gape.rank{procs.rank}.lock"
+        with lock_folder(cfg.out, "gape niah", name=lock):
+            if cfg.options.gates and any(m.startswith("gape") for m in cfg.methods):
+                from ..hf import read_gates
+
+                try:  # a bad gate file fails now, before the model is loaded
+                    read_gates(cfg.options.gates)
+                except (ValueError, OSError) as err:
+                    raise UsageError(f"--gates: {err}") from None
+            _check_run_file(cfg.out, cfg.fixed_settings(), echo, write=procs.rank == 0)
+            _run_share(cfg, model, tokenizer, procs, progress=progress and procs.rank == 0, echo=echo)
+            procs.barrier()
+            summary = res.summarize(res.read_rows(cfg.out, warn=echo if procs.rank == 0 else None))
+            if procs.rank == 0:
+                _write_outputs(cfg, summary, echo)
+    return summary
 
 
 def max_tokens_in_memory(model, available: int | None = None) -> int:
@@ -171,35 +196,38 @@ def _check_lengths_fit(model, lengths: list[int]) -> None:
         )
 
 
-def _run_locked(cfg: BenchmarkConfig, model, tokenizer, *, progress: bool, echo) -> list[dict]:
-    from tqdm.auto import tqdm
-
+def _write_outputs(cfg: BenchmarkConfig, summary: list[dict], echo) -> None:
     from .plots import plot_all
 
-    if cfg.options.gates and any(m.startswith("gape") for m in cfg.methods):
-        from ..hf import read_gates
+    res.write_summary(cfg.out, summary)
+    plot_all(cfg.out, summary, cfg.methods)
+    echo(res.format_table(summary, cfg.methods))
 
-        try:  # a bad gate file fails now, before the model is loaded
-            read_gates(cfg.options.gates)
-        except (ValueError, OSError) as err:
-            raise UsageError(f"--gates: {err}") from None
-    _check_run_file(cfg.out, cfg.fixed_settings(), echo)
+
+def _run_share(cfg: BenchmarkConfig, model, tokenizer, procs, *, progress: bool, echo) -> None:
+    """Run this rank's samples of the plan that no result file holds yet."""
+    from tqdm.auto import tqdm
+
+    tag = f"rank {procs.rank}/{procs.world_size}: " if procs.world_size > 1 else ""
     depths = [float(d) for d in cfg.depths]
     plan = [(m, n, d, i) for m in cfg.methods for n in cfg.lengths for d in depths for i in range(cfg.samples)]
+    plan = [p for index, p in enumerate(plan) if procs.mine(index)]
     key = lambda m, n, d, i: res.row_key(  # noqa: E731
         {"method": m, "task": cfg.task, "haystack": cfg.haystack, "length": n, "depth": d, "sample": i, "seed": cfg.seed}
     )
     done = {res.row_key(r) for r in res.read_rows(cfg.out, warn=echo)}
     todo = [p for p in plan if key(*p) not in done]
+    results_file = res.rank_results(procs.rank, procs.world_size)
     if todo and model is None:
         from gape.models import load_model
 
-        echo(f"loading {cfg.model_label()} ...")
+        echo(f"{tag}loading {cfg.model_label()} ...")
         model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file)
     if todo:
         _check_lengths_fit(model, sorted({n for _, n, _, _ in todo}))
     if len(todo) < len(plan):
-        echo(f"resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {os.path.join(cfg.out, res.RESULTS)}")
+        where = os.path.join(cfg.out, res.RESULTS if procs.world_size == 1 else "results*.jsonl")
+        echo(f"{tag}resuming: {len(plan) - len(todo)} of {len(plan)} samples already in {where}")
 
     if todo:  # fail now, not after hours, if the shortest length cannot hold the prompt
         try:
@@ -249,16 +277,10 @@ def _run_locked(cfg: BenchmarkConfig, model, tokenizer, *, progress: bool, echo)
                         "model": cfg.model_label(),
                         **cfg.options.describe(method),
                     }
-                    res.append_row(cfg.out, row)
+                    res.append_row(cfg.out, row, results_file)
                     bar.update(1)
                     bar.set_postfix(method=method, length=length, depth=depth, ok=int(row["correct"]))
             finally:
                 restore()
     finally:
         bar.close()
-
-    summary = res.summarize(res.read_rows(cfg.out))
-    res.write_summary(cfg.out, summary)
-    plot_all(cfg.out, summary, cfg.methods)
-    echo(res.format_table(summary, cfg.methods))
-    return summary
