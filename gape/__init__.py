@@ -3,12 +3,19 @@
 Attention:  ``gape.attention`` (a drop-in for ``F.scaled_dot_product_attention``
 with a query gate and a key gate). Models: ``gape.load_model``, ``gape.patch``,
 ``gape.unpatch``, ``gape.GapeConfig``, ``gape.save_gates``, ``gape.load_gates``,
-``gape.with_rope_scaling``. Heavy dependencies (transformers) load on first use.
+``gape.save_pretrained``, ``gape.from_pretrained``, ``gape.with_rope_scaling``.
+Heavy dependencies (transformers) load on first use.
+
+The ``"gape"`` attention implementation is registered with transformers by
+``import gape.hf`` (and by every function above that needs it). ``import gape``
+registers it too when transformers is already imported; it never imports
+transformers itself, so it stays light.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .api import BACKENDS, attention
 
@@ -21,6 +28,8 @@ _LAZY = {
     "unpatch": "gape.hf",
     "save_gates": "gape.hf",
     "load_gates": "gape.hf",
+    "save_pretrained": "gape.pretrained",
+    "from_pretrained": "gape.pretrained",
     "load_model": "gape.models",
     "with_rope_scaling": "gape.models",
 }
@@ -34,3 +43,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gape' has no attribute {name!r}")
+
+
+if "transformers" in sys.modules:
+    importlib.import_module("gape.hf")  # registers "gape" with the transformers already in use

@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import api
+from . import api, compat, pretrained
 from ._io import replace_atomic
 from .config import GapeConfig
 from .gates import GapeGate
@@ -91,15 +91,24 @@ def _cache_layer_types():
     return DynamicLayer, StaticLayer
 
 
-@functools.lru_cache(maxsize=64)
+# (backend, device, dtype, distance) -> backend function. A plain dict, filled
+# eagerly (at patch time and on a miss), so that under torch.compile the lookup
+# is a guarded constant and no importlib call lands in the traced graph.
+_BACKEND_FNS: dict = {}
+
+
 def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
-    # resolve_backend and unsupported_reason read only the device and dtype.
-    probe = torch.empty(0, device=device, dtype=dtype)
-    name = api.resolve_backend(backend, probe, distance)
-    reason = api.unsupported_reason(name, probe, distance, None)
-    if reason is not None:
-        raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {reason}")
-    return api._load(name)
+    key = (backend, device, dtype, distance)
+    fn = _BACKEND_FNS.get(key)
+    if fn is None:
+        # resolve_backend and unsupported_reason read only the device and dtype.
+        probe = torch.empty(0, device=device, dtype=dtype)
+        name = api.resolve_backend(backend, probe, distance)
+        reason = api.unsupported_reason(name, probe, distance, None)
+        if reason is not None:
+            raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {reason}")
+        fn = _BACKEND_FNS[key] = api._load(name)
+    return fn
 
 
 # --------------------------------------------------------------------------- attention function
@@ -130,11 +139,18 @@ def gape_attention_forward(
             padding reach GAPE through the mask.
 
     Returns:
-        ``([B, Q, Hq, D]`` contiguous, ``None)``.
+        ``([B, Q, Hq, D]`` contiguous, ``None)``, or with ``output_attentions=True``
+        the attention probabilities ``[B, Hq, Q, K]`` instead of ``None``
+        (recomputed by the reference path, see :mod:`gape.compat`).
     """
-    gate = module._modules.get(GATE_ATTR)
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))
+    want_probs = bool(kwargs.get("output_attentions", False))
     if gate is None:
-        return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        pretrained.check_gate_missing(module)
+        out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if want_probs:
+            return compat.attention_with_probs(module, None, query, key, out, attention_mask, scaling, "log")
+        return out, None
     if dropout:
         raise ValueError(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
@@ -143,9 +159,17 @@ def gape_attention_forward(
     config = gate.config
     need_grad = gate.needs_grad()
     record = gate.record
-    if config.identity_shortcut and record is None and not need_grad and gate.is_identity():
+    # is_identity reads the gate values on the host: not while torch.compile traces
+    # (the GAPE kernel at lambda = 0 is the identity too, to kernel precision).
+    if (
+        config.identity_shortcut and record is None and not need_grad
+        and not torch.compiler.is_compiling() and gate.is_identity()
+    ):
         gate._prev_keys = None
-        return _sdpa_forward()(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+        out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+        if want_probs:
+            return compat.attention_with_probs(module, gate, query, key, out, attention_mask, scaling, config.distance)
+        return out, None
 
     lam = gate.query_gate(query)
     pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
@@ -163,14 +187,16 @@ def gape_attention_forward(
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
     fn = _backend_fn(config.backend, query.device, query.dtype, config.distance)
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance)
-    return out.transpose(1, 2).contiguous(), None
+    out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance).transpose(1, 2).contiguous()
+    if want_probs:
+        return compat.attention_with_probs(module, gate, query, key, out, attention_mask, scaling, config.distance)
+    return out, None
 
 
 def _remember_cached_keys(module, args, kwargs):
     """Forward pre-hook: note which keys tensor the layer's DynamicLayer holds
     before this step appends to it (see the module docstring)."""
-    gate = module._modules.get(GATE_ATTR)
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))
     if gate is None:
         return None
     gate._prev_keys = None
@@ -221,11 +247,11 @@ def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.
 
 
 def is_patched(model: nn.Module) -> bool:
-    return _STATE_ATTR in model.__dict__
+    return _STATE_ATTR in compat.unwrap(model).__dict__
 
 
 def _state(model: nn.Module) -> dict:
-    state = model.__dict__.get(_STATE_ATTR)
+    state = compat.unwrap(model).__dict__.get(_STATE_ATTR)
     if state is None:
         raise ValueError("model is not patched with GAPE (call gape.patch(model) first)")
     return state
@@ -263,6 +289,7 @@ def model_shape(model: nn.Module) -> dict:
     """Layer count, head counts and head dim as the spec reads them."""
     from .patches import get_spec
 
+    model = compat.unwrap(model)
     config = model.config
     spec = get_spec(getattr(config, "model_type", None))
     layers = _find_layers(model, spec)
@@ -296,6 +323,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     """
     from .patches import get_spec
 
+    model = compat.unwrap(model)  # a PEFT model: patch the transformers model inside
     if config is None:
         config = GapeConfig()
     elif isinstance(config, dict):
@@ -326,6 +354,8 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             )
             attn.add_module(GATE_ATTR, gate)
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
+            handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
+            _backend_fn(config.backend, ref.device, ref.dtype, config.distance)
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
@@ -338,6 +368,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     model.__dict__[_STATE_ATTR] = {
         "config": config, "spec": spec, "layers": indices, "handles": handles, "original": original,
     }
+    pretrained.mark(model, config, indices)
     window = getattr(model.config, spec.sliding_window, None) if spec.sliding_window else None
     logger.info(
         "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d, distance=%s, backend=%s%s; was attn_implementation=%r",
@@ -359,11 +390,13 @@ def _remove_gates(layers, spec, handles) -> None:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove the gates and restore the attention implementation from before ``patch``."""
+    model = compat.unwrap(model)
     state = _state(model)
     spec = state["spec"]
     _remove_gates(_find_layers(model, spec), spec, state["handles"])
     model.set_attn_implementation(state["original"])
     del model.__dict__[_STATE_ATTR]
+    pretrained.unmark(model)
     logger.info("gape: unpatched %s; attn_implementation=%r", type(model).__name__, state["original"])
     return model
 
@@ -375,9 +408,12 @@ def gape_config(model: nn.Module) -> GapeConfig:
 
 def iter_gates(model: nn.Module) -> list[tuple[int, GapeGate]]:
     """``[(layer index, gate), ...]`` of a patched model, in layer order."""
+    model = compat.unwrap(model)
     state = _state(model)
     layers = _find_layers(model, state["spec"])
-    return [(i, getattr(layers[i], state["spec"].attention)._modules[GATE_ATTR]) for i in state["layers"]]
+    return [
+        (i, compat.active_gate(getattr(layers[i], state["spec"].attention)._modules[GATE_ATTR])) for i in state["layers"]
+    ]
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -388,6 +424,7 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 def train_gates_only(model: nn.Module) -> list[nn.Parameter]:
     """Freeze every model weight, make the gate parts named by
     ``GapeConfig.trainable`` trainable, and return those parameters."""
+    model = compat.unwrap(model)
     gate_ids = {id(p) for _, g in iter_gates(model) for p in g.parameters()}
     for p in model.parameters():
         if id(p) not in gate_ids:
@@ -431,6 +468,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> None:
     model shape in the metadata). The write is atomic."""
     from safetensors.torch import save_file
 
+    model = compat.unwrap(model)
     state = _state(model)
     tensors = {}
     for i, gate in iter_gates(model):
@@ -467,6 +505,7 @@ def load_gates(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers and gate layout. Raises ValueError when
     the layer count, head counts or head dim differ from the saved model's.
     """
+    model = compat.unwrap(model)
     config, metadata, tensors = read_gates(path)
     shape = model_shape(model)
     saved = {k: int(metadata[k]) for k in shape}
@@ -503,3 +542,7 @@ def load_gates(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if extra:
         raise ValueError(f"gate file has gates for layers {extra} that the model does not patch (patched: {_state(model)['layers']})")
     return model
+
+
+# `import gape.hf` makes "gape" a valid attn_implementation (for from_pretrained too).
+_register()
