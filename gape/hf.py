@@ -151,6 +151,11 @@ def gape_attention_forward(
         if want_probs:
             return compat.attention_with_probs(module, None, query, key, out, attention_mask, scaling, "log")
         return out, None
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"GAPE attention does not implement attention logit soft-capping (softcap={kwargs['softcap']}); "
+            "set the model's attn_logit_softcapping to None or unpatch"
+        )
     if dropout:
         raise ValueError(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
@@ -299,6 +304,26 @@ def model_shape(model: nn.Module) -> dict:
     return {"num_layers": len(layers), "num_heads": hq, "num_kv_heads": hkv, "head_dim": int(d)}
 
 
+def rotary_dim(model: nn.Module, spec, head_dim: int) -> int | None:
+    """Channels per head that RoPE rotates, for a partial-rotary spec (None: all)."""
+    if not spec.partial_rotary:
+        return None
+    params = getattr(model.config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(model.config, "partial_rotary_factor", 1.0))
+    dim = int(head_dim * float(factor))
+    return None if dim == head_dim else dim
+
+
+def _refuse_unsupported(model: nn.Module, spec) -> None:
+    cap = getattr(model.config, spec.softcap, None) if spec.softcap else None
+    if cap is not None:
+        raise ValueError(
+            f"{model.config.model_type} uses attention logit soft-capping ({spec.softcap}={cap}), which GAPE's "
+            f"kernels do not implement; running without it would change the model. Set "
+            f"model.config.{spec.softcap} = None only if the model was trained without it"
+        )
+
+
 def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Module:
     """Turn a Llama-style transformers model into a GAPE model, in place.
 
@@ -335,11 +360,13 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     if is_patched(model):
         raise ValueError("model is already patched with GAPE; call gape.unpatch(model) first")
     spec = get_spec(getattr(model.config, "model_type", None))
+    _refuse_unsupported(model, spec)
     if config.rope_layout is None:
         config = config.replace(rope_layout=spec.rope_layout)
     shape = model_shape(model)
     layers = _find_layers(model, spec)
     indices = _select_layers(config.layers, len(layers))
+    rotated = rotary_dim(model, spec, shape["head_dim"])
     _register()
 
     original = model.config._attn_implementation
@@ -350,7 +377,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             ref = next(attn.parameters())
             gate = GapeGate(
                 shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], config,
-                layer_idx=i, dtype=ref.dtype, device=ref.device,
+                layer_idx=i, dtype=ref.dtype, device=ref.device, rotary_dim=rotated,
             )
             attn.add_module(GATE_ATTR, gate)
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))

@@ -25,6 +25,12 @@ class ArchSpec:
             logging and the tests.
         qk_norm: the model normalises q and k per head before RoPE (Qwen3).
             Pair norms stay rotation-invariant, so nothing changes for GAPE.
+        partial_rotary: RoPE rotates only the first ``partial_rotary_factor``
+            of each head's channels (``config.rope_parameters``); the gates then
+            read pair norms of those and raw values of the rest (gape.gates).
+        softcap: config attribute of an attention logit soft-cap
+            (``cap * tanh(s / cap)``, Gemma 2). GAPE's kernels do not implement
+            it, so a model with it set is refused rather than run without it.
     """
 
     model_types: tuple[str, ...]
@@ -36,3 +42,5 @@ class ArchSpec:
     rope_layout: str = "half"
     sliding_window: str | None = None
     qk_norm: bool = False
+    partial_rotary: bool = False
+    softcap: str | None = None
