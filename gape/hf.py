@@ -60,6 +60,7 @@ def _register() -> None:
 
     AttentionInterface.register(IMPLEMENTATION, gape_attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    _cache_layer_types()
 
 
 @functools.cache
@@ -84,11 +85,17 @@ def output_cache(outputs):
     return outputs.past_key_values if cache is None else cache
 
 
-@functools.cache
-def _cache_layer_types():
-    from transformers.cache_utils import DynamicLayer, StaticLayer
+# Filled once, eagerly (by _register): a functools.cache here would be traced
+# through (with its import) by torch.compile at every layer.
+_CACHE_LAYER_TYPES: list = []
 
-    return DynamicLayer, StaticLayer
+
+def _cache_layer_types():
+    if not _CACHE_LAYER_TYPES:
+        from transformers.cache_utils import DynamicLayer, StaticLayer
+
+        _CACHE_LAYER_TYPES[:] = [DynamicLayer, StaticLayer]
+    return _CACHE_LAYER_TYPES[0], _CACHE_LAYER_TYPES[1]
 
 
 # (backend, device, dtype, distance) -> backend function. A plain dict, filled
@@ -97,8 +104,8 @@ def _cache_layer_types():
 _BACKEND_FNS: dict = {}
 
 
-def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str):
-    key = (backend, device, dtype, distance)
+def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, compiling: bool = False):
+    key = (backend, device, dtype, distance, compiling)
     fn = _BACKEND_FNS.get(key)
     if fn is None:
         # resolve_backend and unsupported_reason read only the device and dtype.
@@ -107,6 +114,11 @@ def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance
         reason = api.unsupported_reason(name, probe, distance, None)
         if reason is not None:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {reason}")
+        if compiling and name == "torch":
+            # The torch backend's C++ op has no fake kernel and its tiles write into
+            # preallocated buffers, which inductor cannot lower; the reference
+            # formulation (plain tensor ops, scores materialised) traces and fuses.
+            name = "reference"
         fn = _BACKEND_FNS[key] = api._load(name)
     return fn
 
@@ -177,7 +189,10 @@ def gape_attention_forward(
         return out, None
 
     lam = gate.query_gate(query)
-    pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
+    # The decode memo keeps Python state across steps, which torch.compile would guard
+    # on (a recompile per step); compiled, pi comes from all keys (O(Lk) like attention).
+    compiling = torch.compiler.is_compiling()
+    pi = gate.key_gate(key) if need_grad or compiling else _key_gate_at_decode(gate, key, query.shape[2])
     gate._prev_keys = None
     if record is not None:
         record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
@@ -191,7 +206,7 @@ def gape_attention_forward(
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
-    fn = _backend_fn(config.backend, query.device, query.dtype, config.distance)
+    fn = _backend_fn(config.backend, query.device, query.dtype, config.distance, torch.compiler.is_compiling())
     out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance).transpose(1, 2).contiguous()
     if want_probs:
         return compat.attention_with_probs(module, gate, query, key, out, attention_mask, scaling, config.distance)
@@ -221,7 +236,7 @@ def _remember_cached_keys(module, args, kwargs):
                 "token (or rolls over, for sliding windows)"
             )
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
-        if type(layer) is dynamic:
+        if type(layer) is dynamic and not torch.compiler.is_compiling():
             gate._prev_keys = getattr(layer, "keys", None)
     return None
 
@@ -382,7 +397,8 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             attn.add_module(GATE_ATTR, gate)
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
             handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
-            _backend_fn(config.backend, ref.device, ref.dtype, config.distance)
+            for compiling in (False, True):  # filled now, so a traced forward only looks them up
+                _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling)
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise ValueError(
