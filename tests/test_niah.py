@@ -199,3 +199,17 @@ def test_cli_rejects_bad_flags(capsys):
     assert _cli(["--methods", "rope,alibi", "--no-progress"]) == 2
     assert "methods" in capsys.readouterr().out
     assert _cli(["--lengths", "1024,abc", "--no-progress"]) == 2
+
+
+def test_default_task_is_ruler_single_needle_and_passkey_stays():
+    """The default is a task the embedded model can do inside its window (RULER's
+    single needle); pass key is one flag away."""
+    import argparse
+
+    from gape.niah.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).task == "single"
+    assert config_from_args(parser.parse_args(["--quick"])).task == "single"
+    assert config_from_args(parser.parse_args(["--task", "passkey"])).task == "passkey"

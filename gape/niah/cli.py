@@ -12,7 +12,7 @@ from .methods import DEFAULT_GAPE_LAMBDA, METHODS, MethodOptions, parse_methods
 
 # --quick: embedded SmolLM2, RoPE vs GAPE, 2 lengths x 3 depths x 1 sample
 QUICK = {"methods": "rope,gape", "lengths": "1024,2048", "depths": "0,0.5,1", "samples": 1, "max_new_tokens": 16, "task": "single"}
-DEFAULTS = {"methods": "rope,gape,yarn", "lengths": "1024,4096,8192", "depths": "0,0.25,0.5,0.75,1", "samples": 3, "max_new_tokens": 32, "task": "passkey"}
+DEFAULTS = {"methods": "rope,gape,yarn", "lengths": "1024,4096,8192", "depths": "0,0.25,0.5,0.75,1", "samples": 3, "max_new_tokens": 32, "task": "single"}
 
 
 def _ints(text: str) -> list[int]:
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", help=f"context lengths in tokens (default {DEFAULTS['lengths']})")
     parser.add_argument("--depths", help=f"needle depths in [0,1] (default {DEFAULTS['depths']})")
     parser.add_argument("--samples", type=int, help=f"samples per cell (default {DEFAULTS['samples']})")
-    parser.add_argument("--task", choices=TASKS, help="passkey (LongLoRA style) or a RULER needle task (default passkey; single with --quick)")
+    parser.add_argument("--task", choices=TASKS, help="a RULER needle task (default single: one key -> 7-digit number) or passkey (LongLoRA style)")
     parser.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="repeated noise lines or the bundled essay")
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
