@@ -125,3 +125,85 @@ def test_lora_with_trained_gates_round_trip(tmp_path):
             plain = reloaded(input_ids=ids).logits
     with torch.no_grad():
         assert (plain - want).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- generate modes, training features
+
+
+def _gated(arch="llama"):
+    model = make_model(arch)
+    gape.patch(model, gape.GapeConfig(backend="reference"))
+    randomize_gates(model)
+    return model
+
+
+def test_beam_search_sampling_and_prompt_lookup_match_uncached():
+    """Beam search reorders the cache, prompt lookup (assisted decoding) crops it, sampling
+    draws from the logits: each equals the same generation without a cache."""
+    model = _gated()
+    prompt = torch.cat([tokens(1, 8), tokens(1, 8)], dim=1)  # a repeat, so prompt lookup proposes
+    base = dict(max_new_tokens=10, pad_token_id=0)
+    modes = {
+        "beams": dict(num_beams=3, do_sample=False),
+        "sample": dict(do_sample=True, top_k=20),
+    }
+    with torch.no_grad():
+        greedy = model.generate(prompt, do_sample=False, use_cache=False, **base)
+        for name, kw in modes.items():
+            torch.manual_seed(0)
+            cached = model.generate(prompt, **base, **kw)
+            torch.manual_seed(0)
+            plain = model.generate(prompt, use_cache=False, **base, **kw)
+            assert torch.equal(cached, plain), name
+        # assisted decoding needs the cache: greedy with prompt lookup equals plain greedy
+        assert torch.equal(model.generate(prompt, do_sample=False, prompt_lookup_num_tokens=3, **base), greedy)
+
+
+def test_packed_sequences_equal_separate_ones():
+    """Two sequences packed in one row (position_ids restart, no padding, no cache: the
+    training set-up in which transformers detects packing and blocks attention across
+    sequences); GAPE's slot distances inside a sequence equal its own distances."""
+    model = _gated()
+    a, b = tokens(1, 9, seed=3), tokens(1, 7, seed=4)
+    packed = torch.cat([a, b], dim=1)
+    position_ids = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=position_ids, use_cache=False).logits
+        torch.testing.assert_close(out[:, :9], model(a).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[:, 9:], model(b).logits, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gate_gradients():
+    ids = tokens(2, 16)
+    grads = []
+    for checkpointing in (False, True):
+        model = _gated()
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        hf.train_gates_only(model)
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in hf.gate_parameters(model)]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_trains_the_gates_and_checkpoints_are_gape_models(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _gated()
+    hf.train_gates_only(model)
+    before = torch.cat([p.detach().flatten().clone() for p in hf.gate_parameters(model)])
+    data = [{"input_ids": row, "labels": row} for row in tokens(8, 16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=0.05,
+        use_cpu=True, report_to=[], save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    after = torch.cat([p.detach().flatten() for p in hf.gate_parameters(model)])
+    assert (after - before).abs().max() > 1e-4
+    model.eval()
+    reloaded = gape.from_pretrained(tmp_path / "checkpoint-2")
+    ids = tokens(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)

@@ -156,3 +156,14 @@ def test_plain_folder_loads_plain_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gape"):
         model = gape.from_pretrained(tmp_path)
     assert not hf.is_patched(model) and "no GAPE entry" in caplog.text
+
+
+def test_from_pretrained_with_accelerate_device_map_and_dtype(saved):
+    folder, ids, want, _ = saved
+    model = gape.from_pretrained(folder, device_map="cpu")  # accelerate's dispatch path
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    half = gape.from_pretrained(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in hf.gate_parameters(half))
+    with torch.no_grad():
+        assert (half(ids).logits.float() - want).abs().max() < 0.5
