@@ -56,7 +56,7 @@ def active_gate(obj):
     return obj.modules_to_save[obj.active_adapters[0]]
 
 
-def attention_with_probs(module, gate, query, key, out, attention_mask, scaling, distance):
+def attention_with_probs(gate, query, key, out, attention_mask, scaling, distance):
     """``(out, probs)`` with ``probs [B, Hq, Q, K]`` in the query dtype, recomputed
     by the reference path (causal, bottom-right aligned; the GAPE bias when
     ``gate`` is a gate, plain RoPE attention when it is None)."""

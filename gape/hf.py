@@ -161,7 +161,7 @@ def gape_attention_forward(
         pretrained.check_gate_missing(module)
         out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if want_probs:
-            return compat.attention_with_probs(module, None, query, key, out, attention_mask, scaling, "log")
+            return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
         return out, None
     if kwargs.get("softcap") is not None:
         raise ValueError(
@@ -176,22 +176,19 @@ def gape_attention_forward(
     config = gate.config
     need_grad = gate.needs_grad()
     record = gate.record
+    compiling = torch.compiler.is_compiling()
     # is_identity reads the gate values on the host: not while torch.compile traces
     # (the GAPE kernel at lambda = 0 is the identity too, to kernel precision).
-    if (
-        config.identity_shortcut and record is None and not need_grad
-        and not torch.compiler.is_compiling() and gate.is_identity()
-    ):
+    if config.identity_shortcut and record is None and not need_grad and not compiling and gate.is_identity():
         gate._prev_keys = None
         out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
         if want_probs:
-            return compat.attention_with_probs(module, gate, query, key, out, attention_mask, scaling, config.distance)
+            return compat.attention_with_probs(gate, query, key, out, attention_mask, scaling, config.distance)
         return out, None
 
     lam = gate.query_gate(query)
     # The decode memo keeps Python state across steps, which torch.compile would guard
     # on (a recompile per step); compiled, pi comes from all keys (O(Lk) like attention).
-    compiling = torch.compiler.is_compiling()
     pi = gate.key_gate(key) if need_grad or compiling else _key_gate_at_decode(gate, key, query.shape[2])
     gate._prev_keys = None
     if record is not None:
@@ -206,10 +203,10 @@ def gape_attention_forward(
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
-    fn = _backend_fn(config.backend, query.device, query.dtype, config.distance, torch.compiler.is_compiling())
+    fn = _backend_fn(config.backend, query.device, query.dtype, config.distance, compiling)
     out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance).transpose(1, 2).contiguous()
     if want_probs:
-        return compat.attention_with_probs(module, gate, query, key, out, attention_mask, scaling, config.distance)
+        return compat.attention_with_probs(gate, query, key, out, attention_mask, scaling, config.distance)
     return out, None
 
 
