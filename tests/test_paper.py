@@ -316,22 +316,18 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
     # the backend table caches loaded functions (a dict lookup torch.compile traces)
     monkeypatch.setattr(gape.api, "_LOADED", {})
-    monkeypatch.setattr(hf, "_RESOLVED", {})
-    hf._backend_fn.cache_clear()
-    try:
-        model = make_model()
-        gape.with_positional(model, "alibi")
-        assert model.config._attn_implementation == "gape"
-        ids = tokens(1, 10)
-        with torch.no_grad():
-            model(ids)
-        assert calls == [((1, 4, 10), 0.0)] * 2  # both layers, pi = 0
-        gape.patch(model, paper_config())
-        with torch.no_grad():
-            model(ids)
-        assert len(calls) == 4 and calls[-1][1] > 0
-    finally:
-        hf._backend_fn.cache_clear()
+    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    model = make_model()
+    gape.with_positional(model, "alibi")
+    assert model.config._attn_implementation == "gape"
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        model(ids)
+    assert calls == [((1, 4, 10), 0.0)] * 2  # both layers, pi = 0
+    gape.patch(model, paper_config())
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 4 and calls[-1][1] > 0
 
 
 def test_alibi_decode_with_cache_equals_full():
