@@ -3,13 +3,20 @@
 Attention:  ``gape.attention`` (a drop-in for ``F.scaled_dot_product_attention``
 with a query gate and a key gate) and ``gape.attention_varlen`` (packed sequences). Models: ``gape.load_model``, ``gape.patch``,
 ``gape.unpatch``, ``gape.GapeConfig``, ``gape.save_gates``, ``gape.load_gates``,
-``gape.with_rope_scaling``, ``gape.with_positional``. Context parallelism over
-``torch.distributed``: ``gape.distributed``. Heavy dependencies (transformers) load on first use.
+``gape.save_pretrained``, ``gape.from_pretrained``, ``gape.with_rope_scaling``,
+``gape.with_positional``. Context parallelism over ``torch.distributed``:
+``gape.distributed``. Heavy dependencies (transformers) load on first use.
+
+The ``"gape"`` attention implementation is registered with transformers by
+``import gape.hf`` (and by every function above that needs it). ``import gape``
+registers it too when transformers is already imported; it never imports
+transformers itself, so it stays light.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .api import BACKENDS, attention, attention_varlen
 
@@ -22,6 +29,8 @@ _LAZY = {
     "unpatch": "gape.hf",
     "save_gates": "gape.hf",
     "load_gates": "gape.hf",
+    "save_pretrained": "gape.pretrained",
+    "from_pretrained": "gape.pretrained",
     "load_model": "gape.models",
     "with_rope_scaling": "gape.models",
     "with_positional": "gape.positional",
@@ -38,3 +47,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gape' has no attribute {name!r}")
+
+
+if "transformers" in sys.modules:
+    importlib.import_module("gape.hf")  # registers "gape" with the transformers already in use

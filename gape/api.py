@@ -224,6 +224,7 @@ _UNSET = object()
 
 
 _MODULES: dict = {}
+_LOADED = _MODULES  # the name tests clear it by (replacing it leaves _MODULES as is; functions are looked up per call)
 
 
 def _module(name: str):

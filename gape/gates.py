@@ -9,7 +9,14 @@ pairs RoPE rotates together. For head dim ``D`` and ``P = D/2`` pairs,
     pi_n     = sigmoid(<u_g, f(k_n)> + c_g)                         (kv head g)
 
 ``pair_i`` is ``(x_i, x_{i+P})`` in the half-split layout transformers uses,
-``(x_2i, x_2i+1)`` in the interleaved one. The ``1/sqrt(D)`` makes
+``(x_2i, x_2i+1)`` in the interleaved one.
+
+Partial rotary (GPT-NeoX, StableLM, Phi-3 with ``partial_rotary_factor < 1``):
+RoPE rotates only the first ``R`` channels of each head and leaves the other
+``D - R`` as they are. The features are then the ``R/2`` pair norms of the
+rotated channels followed by the ``D - R`` unrotated channels' raw values
+(position-invariant as they are, and signed), all divided by ``sqrt(D)``:
+``P = R/2 + D - R`` features. The ``1/sqrt(D)`` makes
 ``||f(x)||_2`` the root-mean-square of ``x``'s channels, so weights of order
 one give logits of the order of the activations' scale whatever ``D`` is.
 
@@ -56,11 +63,22 @@ def inverse_softplus(y: float | torch.Tensor) -> float | torch.Tensor:
     return y + math.log(-math.expm1(-y))
 
 
-def pair_features(x: torch.Tensor, layout: str = "half") -> torch.Tensor:
-    """Rotation-invariant features ``[..., D/2]`` (float32) of ``x [..., D]``."""
+def feature_count(head_dim: int, rotary_dim: int | None = None) -> int:
+    """Number of gate features ``P`` for a head of ``head_dim`` channels, ``rotary_dim`` of them rotated."""
+    r = head_dim if rotary_dim is None else rotary_dim
+    return r // 2 + head_dim - r
+
+
+def pair_features(x: torch.Tensor, layout: str = "half", rotary_dim: int | None = None) -> torch.Tensor:
+    """Rotation-invariant features ``[..., P]`` (float32) of ``x [..., D]``: the
+    pair norms of the first ``rotary_dim`` channels (all by default), then the
+    raw values of the unrotated rest (see :func:`feature_count`)."""
     d = x.shape[-1]
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    if rotary_dim is not None and rotary_dim != d:
+        rot = pair_features(x[..., :rotary_dim], layout) * math.sqrt(rotary_dim / d)
+        return torch.cat([rot, x[..., rotary_dim:].float() * (1.0 / math.sqrt(d))], dim=-1)
     if layout == "half":
         a, b = x[..., : d // 2], x[..., d // 2 :]
     elif layout == "interleaved":
@@ -86,6 +104,7 @@ class GapeGate(nn.Module):
         config: the :class:`GapeConfig` (init values, key gate on/off, fixed lambda).
         layer_idx: index of the decoder layer (for records and error messages).
         dtype, device: of the parameters (the model's).
+        rotary_dim: channels of each head that RoPE rotates (even; None: all ``D``).
     """
 
     def __init__(
@@ -97,9 +116,14 @@ class GapeGate(nn.Module):
         layer_idx: int = 0,
         dtype: torch.dtype = torch.float32,
         device=None,
+        rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if head_dim % 2:
+        if rotary_dim == head_dim:
+            rotary_dim = None  # RoPE on every channel: the plain pair norms
+        if rotary_dim is not None and (rotary_dim % 2 or not 0 < rotary_dim < head_dim):
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+        if rotary_dim is None and head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE pair features, got {head_dim}")
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -107,7 +131,8 @@ class GapeGate(nn.Module):
         self.layer_idx = layer_idx
         self.config = config
         self.layout = config.rope_layout or "half"
-        pairs = head_dim // 2
+        self.rotary_dim = rotary_dim
+        pairs = feature_count(head_dim, rotary_dim)
         kw = dict(dtype=dtype, device=device)
 
         if config.fixed_lambda is None:
@@ -148,6 +173,7 @@ class GapeGate(nn.Module):
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"{mode}, {key}, layout={self.layout}"
+            + (f", rotary_dim={self.rotary_dim}" if self.rotary_dim is not None else "")
         )
 
     def is_identity(self) -> bool:
@@ -164,7 +190,7 @@ class GapeGate(nn.Module):
         b, h, lq, _ = query.shape
         if self.config.fixed_lambda is not None:
             return self.fixed_lambda[None, :, None].expand(b, h, lq).contiguous()
-        feats = pair_features(query, self.layout)
+        feats = pair_features(query, self.layout, self.rotary_dim)
         w = self.w.float()
         z = torch.matmul(feats, w[:, :, None]).squeeze(-1) + self.b.float()[:, None]
         alpha = self.alpha.float()
@@ -180,7 +206,7 @@ class GapeGate(nn.Module):
         b, h, lk, _ = key.shape
         if not self.config.learned_pi:
             return key.new_zeros((b, h, lk), dtype=torch.float32)
-        feats = pair_features(key, self.layout)
+        feats = pair_features(key, self.layout, self.rotary_dim)
         z = torch.matmul(feats, self.u.float()[:, :, None]).squeeze(-1) + self.c.float()[:, None]
         return torch.sigmoid(z)
 
@@ -234,6 +260,7 @@ class PaperGate(nn.Module):
         layer_idx: int = 0,
         dtype: torch.dtype = torch.float32,
         device=None,
+        rotary_dim: int | None = None,  # unused: the paper's gates read pre-RoPE q/k, all channels alike
     ) -> None:
         super().__init__()
         if config.gate != "paper":

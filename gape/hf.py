@@ -53,7 +53,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import api
+from . import api, compat, pretrained
 from ._io import replace_atomic
 from .config import GapeConfig
 from .gates import GapeGate, PaperGate
@@ -87,6 +87,7 @@ def register_implementation(name: str, forward) -> None:
 def _register() -> None:
     """Make ``"gape"`` a valid ``attn_implementation`` (idempotent)."""
     register_implementation(IMPLEMENTATION, gape_attention_forward)
+    _cache_layer_types()
 
 
 @functools.cache
@@ -111,26 +112,44 @@ def output_cache(outputs):
     return outputs.past_key_values if cache is None else cache
 
 
-@functools.cache
+# Filled once, eagerly (by _register): a functools.cache here would be traced
+# through (with its import) by torch.compile at every layer.
+_CACHE_LAYER_TYPES: list = []
+
+
 def _cache_layer_types():
-    from transformers.cache_utils import DynamicLayer, StaticLayer
+    if not _CACHE_LAYER_TYPES:
+        from transformers.cache_utils import DynamicLayer, StaticLayer
 
-    return DynamicLayer, StaticLayer
-
-
-# (backend, device, dtype, distance, D, Dv, is_causal) -> api.Selection for calls without
-# a mask: a plain dict that torch.compile reads as a constant (it traces through
-# lru_cache wrappers into the import machinery, a graph break per layer). Filled by
-# _backend_fn's first call. Calls with a mask go through api.select each time (the
-# mask decides, e.g. a padding pattern the Triton kernel takes or one it does not).
-_RESOLVED: dict = {}
+        _CACHE_LAYER_TYPES[:] = [DynamicLayer, StaticLayer]
+    return _CACHE_LAYER_TYPES[0], _CACHE_LAYER_TYPES[1]
 
 
-def _resolved_backend(backend: str, query, value, distance: str, is_causal: bool):
-    key = (backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1], is_causal)
-    fn = _RESOLVED.get(key)
+# (backend, device, dtype, distance, compiling, D, Dv, is_causal) -> the backend function
+# for calls without a mask (api.select on probe tensors: only mask-independent facts).
+# A plain dict, filled eagerly (at patch time and on a miss), so that under
+# torch.compile the lookup is a guarded constant and no importlib call lands in the
+# traced graph. Calls with a mask go through api.select each time (the mask decides,
+# e.g. a padding pattern the Triton kernel takes or one it does not).
+_BACKEND_FNS: dict = {}
+
+
+def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, compiling: bool = False,
+                d: int = 64, dv: int = 64, is_causal: bool = True):
+    key = (backend, device, dtype, distance, compiling, d, dv, is_causal)
+    fn = _BACKEND_FNS.get(key)
     if fn is None:
-        fn = _RESOLVED[key] = _backend_fn(*key)
+        q, v = _probe(device, dtype, 1, 1, 1, d), _probe(device, dtype, 1, 1, 1, dv)
+        try:
+            fn = api.select(backend, q, q, v, is_causal=is_causal, distance=distance)
+        except ValueError as e:
+            raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+        if compiling and fn.name == "torch":
+            # The torch backend's C++ op has no fake kernel and its tiles write into
+            # preallocated buffers, which inductor cannot lower; the reference
+            # formulation (plain tensor ops, scores materialised) traces and fuses.
+            fn = api.Selection("reference", api._load("reference"))
+        _BACKEND_FNS[key] = fn
     return fn
 
 
@@ -146,17 +165,6 @@ def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance:
         return api.select(backend, q, q, v, distance=distance, varlen=True)
     except ValueError:
         return None
-
-
-@functools.lru_cache(maxsize=64)
-def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, d: int = 1, dv: int = 1,
-                is_causal: bool = True):
-    """api.select without a mask, on probe tensors of this device, dtype and head dims."""
-    q, v = _probe(device, dtype, 1, 1, 1, d), _probe(device, dtype, 1, 1, 1, dv)
-    try:
-        return api.select(backend, q, q, v, is_causal=is_causal, distance=distance)
-    except ValueError as e:
-        raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
 
 
 # --------------------------------------------------------------------------- attention function
@@ -189,9 +197,24 @@ def gape_attention_forward(
             sequences, run as varlen); the rest are ignored.
 
     Returns:
-        ``([B, Q, Hq, D]`` contiguous, ``None)``.
+        ``([B, Q, Hq, D]`` contiguous, ``None)``, or with ``output_attentions=True``
+        the attention probabilities ``[B, Hq, Q, K]`` instead of ``None``
+        (recomputed by the reference path, see :mod:`gape.compat`).
     """
-    if dropout and (GATE_ATTR in module._modules or ALIBI_ATTR in module._modules):
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))
+    want_probs = bool(kwargs.get("output_attentions", False))
+    if gate is None and ALIBI_ATTR not in module._modules:
+        pretrained.check_gate_missing(module)
+        out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if want_probs:
+            return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
+        return out, None
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"GAPE attention does not implement attention logit soft-capping (softcap={kwargs['softcap']}); "
+            "set the model's attn_logit_softcapping to None or unpatch"
+        )
+    if dropout:
         raise ValueError(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
             "set config.attention_dropout = 0 or call model.eval()"
@@ -199,9 +222,13 @@ def gape_attention_forward(
     # gape.attention_probe computes the gates first and hands them over (the paper's
     # form consumes what its hooks captured, so it cannot compute them twice).
     gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
-    if gates is None:
-        return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if gates is None:  # identity gates under the identity shortcut: exactly the unpatched layer
+        out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if want_probs:
+            return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
+        return out, None
     lam, pi, distance, backend = gates
+    compiling = torch.compiler.is_compiling()
 
     mask = _bool_mask(attention_mask)
     is_causal = kwargs.get("is_causal")
@@ -224,15 +251,20 @@ def gape_attention_forward(
         if varlen is not None:
             out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
                          pi[0].t(), *packed, is_causal, scale, distance, window)
-            return out.unsqueeze(0).contiguous(), None
+            out = out.unsqueeze(0).contiguous()
+            if want_probs:
+                return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
+                                              packed=packed)
+            return out, None
     positions = {}
     if offset is not None:
         positions["query_offset"] = offset
     if window is not None:
         positions["window"] = window
         mask = _without_window(mask, query, key, is_causal, offset, window)
-    if mask is None:
-        fn = _resolved_backend(backend, query, value, distance, is_causal)
+    if mask is None or compiling:
+        fn = _backend_fn(backend, query.device, query.dtype, distance, compiling, query.shape[-1], value.shape[-1],
+                         is_causal)
     else:
         # The same selection as gape.attention, with this call's mask: on CUDA a mask
         # the Triton kernel cannot take (not key ranges) falls back to the torch backend.
@@ -242,15 +274,17 @@ def gape_attention_forward(
         except ValueError as e:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
         positions = {}  # bound into the selection
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions)
-    return out.transpose(1, 2).contiguous(), None
+    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2).contiguous()
+    if want_probs:
+        return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window)
+    return out, None
 
 
 def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     """``(lambda [B, Hq, Q], pi [B, Hkv, K], distance, backend)`` of one attention call
     (post-RoPE ``query``/``key``, cache included), or None when the layer runs plain
     SDPA (no gates and no ALiBi, or identity gates under the identity shortcut)."""
-    gate = module._modules.get(GATE_ATTR)
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))  # a PEFT modules_to_save copy when active
     alibi = module._modules.get(ALIBI_ATTR)
     if gate is None and alibi is None:
         return None
@@ -264,11 +298,17 @@ def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     if isinstance(gate, PaperGate):
         lam, pi = gate.gates_for(query, key)
     else:
-        if config.identity_shortcut and record is None and not need_grad and alibi is None and gate.is_identity():
+        compiling = torch.compiler.is_compiling()
+        # is_identity reads the gate values on the host: not while torch.compile traces
+        # (the GAPE kernel at lambda = 0 is the identity too, to kernel precision).
+        if (config.identity_shortcut and record is None and not need_grad and alibi is None and not compiling
+                and gate.is_identity()):
             gate._prev_keys = None
             return None
         lam = gate.query_gate(query)
-        pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
+        # The decode memo keeps Python state across steps, which torch.compile would guard
+        # on (a recompile per step); compiled, pi comes from all keys (O(Lk) like attention).
+        pi = gate.key_gate(key) if need_grad or compiling else _key_gate_at_decode(gate, key, query.shape[2])
         gate._prev_keys = None
     if alibi is not None:
         if config.distance != "linear":
@@ -293,6 +333,10 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
         raise TypeError(f"attention_mask must be bool or an additive float mask, got {mask.dtype}")
     allowed = mask == 0
     blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if torch.compiler.is_compiling():
+        # no host sync in a traced graph: the same check as a compiled assert
+        torch._assert_async((allowed | blocked).all(), "GAPE attention got a soft (finite, non-zero) float mask entry")
+        return allowed
     if not bool((allowed | blocked).all()):
         soft = mask[~(allowed | blocked)]
         raise ValueError(
@@ -324,8 +368,8 @@ def _packed_sequences(query, key, mask, kwargs, window):
         max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         return cu_q, cu_k, max_q, max_k
     pos = kwargs.get("position_ids")
-    if pos is None or pos.numel() != query.shape[2]:
-        return None
+    if pos is None or pos.numel() != query.shape[2] or torch.compiler.is_compiling():
+        return None  # compiled: restarting position ids keep their block-diagonal mask (exact, no host sync)
     pos = pos.reshape(-1)
     starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
     if starts.numel() == 0:
@@ -369,7 +413,7 @@ def _without_window(mask, query, key, is_causal, offset, window):
 def _remember_cached_keys(module, args, kwargs):
     """Forward pre-hook: note which keys tensor the layer's DynamicLayer holds
     before this step appends to it (see the module docstring)."""
-    gate = module._modules.get(GATE_ATTR)
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))
     if gate is None:
         alibi = module._modules.get(ALIBI_ATTR)
         if alibi is not None:
@@ -396,7 +440,7 @@ def _remember_cached_keys(module, args, kwargs):
             # the queries of this step are written at slots [length, length + Q): that is the offset
             gate._query_offset = layer.cumulative_length.clone()
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
-        if type(layer) is dynamic:
+        if type(layer) is dynamic and not torch.compiler.is_compiling():
             gate._prev_keys = getattr(layer, "keys", None)
         elif isinstance(gate, PaperGate) and type(layer) is _sliding_layer_type():
             # returns cat(old keys, new keys) too, and keeps the last window - 1 of them
@@ -490,6 +534,7 @@ def is_patched(model: nn.Module) -> bool:
     After ``model.set_attn_implementation("sdpa")`` (or any other) the gates are
     still attached but unused: this says False, with a warning, until
     ``set_attn_implementation("gape")`` or :func:`unpatch`."""
+    model = compat.unwrap(model)
     if _STATE_ATTR not in model.__dict__:
         return False
     switched = _switched_away(model)
@@ -511,7 +556,7 @@ def _switched_away(model: nn.Module) -> str | None:
 
 
 def _state(model: nn.Module) -> dict:
-    state = model.__dict__.get(_STATE_ATTR)
+    state = compat.unwrap(model).__dict__.get(_STATE_ATTR)
     if state is None:
         raise ValueError("model is not patched with GAPE (call gape.patch(model) first)")
     return state
@@ -549,6 +594,7 @@ def model_shape(model: nn.Module) -> dict:
     """Layer count, head counts and head dim as the spec reads them."""
     from .patches import get_spec
 
+    model = compat.unwrap(model)
     config = model.config
     spec = get_spec(getattr(config, "model_type", None))
     layers = _find_layers(model, spec)
@@ -556,6 +602,26 @@ def model_shape(model: nn.Module) -> dict:
     hkv = int(getattr(config, spec.num_kv_heads, None) or hq)
     d = getattr(config, spec.head_dim, None) or config.hidden_size // hq
     return {"num_layers": len(layers), "num_heads": hq, "num_kv_heads": hkv, "head_dim": int(d)}
+
+
+def rotary_dim(model: nn.Module, spec, head_dim: int) -> int | None:
+    """Channels per head that RoPE rotates, for a partial-rotary spec (None: all)."""
+    if not spec.partial_rotary:
+        return None
+    params = getattr(model.config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(model.config, "partial_rotary_factor", 1.0))
+    dim = int(head_dim * float(factor))
+    return None if dim == head_dim else dim
+
+
+def _refuse_unsupported(model: nn.Module, spec) -> None:
+    cap = getattr(model.config, spec.softcap, None) if spec.softcap else None
+    if cap is not None:
+        raise ValueError(
+            f"{model.config.model_type} uses attention logit soft-capping ({spec.softcap}={cap}), which GAPE's "
+            f"kernels do not implement; running without it would change the model. Set "
+            f"model.config.{spec.softcap} = None only if the model was trained without it"
+        )
 
 
 def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Module:
@@ -582,6 +648,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     """
     from .patches import get_spec
 
+    model = compat.unwrap(model)  # a PEFT model: patch the transformers model inside
     if config is None:
         config = GapeConfig()
     elif isinstance(config, dict):
@@ -596,6 +663,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         switched = _switched_away(model)
         raise ValueError(switched or "model is already patched with GAPE; call gape.unpatch(model) first")
     spec = get_spec(getattr(model.config, "model_type", None))
+    _refuse_unsupported(model, spec)
     if config.rope_layout is None:
         config = config.replace(rope_layout=spec.rope_layout)
     shape = model_shape(model)
@@ -606,6 +674,8 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             f"GapeConfig.distance must be 'linear' on an ALiBi model (ALiBi is a linear-distance bias that the gates "
             f"add to), got {config.distance!r}"
         )
+    rotated = rotary_dim(model, spec, shape["head_dim"])
+    _register()
 
     original = model.config._attn_implementation
     handles = []
@@ -615,7 +685,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             ref = next(attn.parameters())
             gate = GATE_CLASSES[config.gate](
                 shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], config,
-                layer_idx=i, dtype=ref.dtype, device=ref.device,
+                layer_idx=i, dtype=ref.dtype, device=ref.device, rotary_dim=rotated,
             )
             attn.add_module(GATE_ATTR, gate)
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
@@ -628,6 +698,10 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
                             f"this model does not have; fix query_pre_rope/key_pre_rope in the {spec.model_types[0]} spec"
                         )
                     handles.append(source.register_forward_hook(capture))
+            handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
+            for compiling in (False, True):  # filled now, so a traced forward only looks them up
+                _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
+                            shape["head_dim"])
         use_gape_attention(model)
     except Exception:
         _remove_gates(layers, spec, handles)
@@ -636,6 +710,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     model.__dict__[_STATE_ATTR] = {
         "config": config, "spec": spec, "layers": indices, "handles": handles, "original": original,
     }
+    pretrained.mark(model, config, indices)
     window = getattr(model.config, spec.sliding_window, None) if spec.sliding_window else None
     logger.info(
         "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d, gate=%s, distance=%s, backend=%s%s; "
@@ -687,10 +762,12 @@ def _remove_gates(layers, spec, handles) -> None:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove the gates and restore the attention implementation from before ``patch``."""
+    model = compat.unwrap(model)
     state = _state(model)
     spec = state["spec"]
     _remove_gates(_find_layers(model, spec), spec, state["handles"])
     del model.__dict__[_STATE_ATTR]
+    pretrained.unmark(model)
     release_gape_attention(model)  # keeps "gape" while ALiBi needs it
     logger.info("gape: unpatched %s; attn_implementation=%r", type(model).__name__, model.config._attn_implementation)
     return model
@@ -703,9 +780,12 @@ def gape_config(model: nn.Module) -> GapeConfig:
 
 def iter_gates(model: nn.Module) -> list[tuple[int, GapeGate]]:
     """``[(layer index, gate), ...]`` of a patched model, in layer order."""
+    model = compat.unwrap(model)
     state = _state(model)
     layers = _find_layers(model, state["spec"])
-    return [(i, getattr(layers[i], state["spec"].attention)._modules[GATE_ATTR]) for i in state["layers"]]
+    return [
+        (i, compat.active_gate(getattr(layers[i], state["spec"].attention)._modules[GATE_ATTR])) for i in state["layers"]
+    ]
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -716,6 +796,7 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 def train_gates_only(model: nn.Module) -> list[nn.Parameter]:
     """Freeze every model weight, make the gate parts named by
     ``GapeConfig.trainable`` trainable, and return those parameters."""
+    model = compat.unwrap(model)
     gate_ids = {id(p) for _, g in iter_gates(model) for p in g.parameters()}
     for p in model.parameters():
         if id(p) not in gate_ids:
@@ -777,6 +858,7 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> None:
     model shape in the metadata). The write is atomic."""
     from safetensors.torch import save_file
 
+    model = compat.unwrap(model)
     path = _check_gate_path(path, for_writing=True)
     state = _state(model)
     tensors = {}
@@ -864,6 +946,7 @@ def load_gates(model: nn.Module, path: str | os.PathLike, *, strict: bool = True
     after an error the model is exactly as before (not patched, or patched with
     its old gate values).
     """
+    model = compat.unwrap(model)
     config, metadata, tensors = read_gates(path)
     path = os.fspath(path)
     shape = model_shape(model)
@@ -944,3 +1027,7 @@ def _copy_gates(model: nn.Module, path: str, config: GapeConfig, tensors: dict) 
             for (dst, _), old in zip(pairs, backup):
                 dst.copy_(old)
             raise
+
+
+# `import gape.hf` makes "gape" a valid attn_implementation (for from_pretrained too).
+_register()

@@ -117,7 +117,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str 
         dtype: parameter dtype after loading (GGUF weights are dequantized to it).
 
     The model comes back in eval mode with ``attn_implementation="sdpa"``: the unpatched
-    baseline that ``gape.patch`` changes and ``gape.unpatch`` restores.
+    baseline that ``gape.patch`` changes and ``gape.unpatch`` restores. A folder saved from
+    a GAPE model (``gape.save_pretrained``) comes back patched, with its gates.
 
     Example::
 
@@ -131,9 +132,20 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str 
     folder, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = load_tokenizer(folder, gguf_file=gguf_file)
+    if gguf_file is None and _is_gape_folder(folder):
+        from .pretrained import from_pretrained
+
+        return from_pretrained(folder, dtype=dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
     model.eval()
     return model, tokenizer
+
+
+def _is_gape_folder(folder: str) -> bool:
+    import json
+
+    with open(os.path.join(folder, "config.json")) as f:
+        return "gape" in json.load(f)
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:

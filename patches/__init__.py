@@ -2,7 +2,7 @@
 
 Adding an architecture: a module here with ``SPEC = ArchSpec(...)`` saying what
 differs from Llama, its name in ``_MODULES``, and a tiny-config test in
-tests/test_hf.py.
+tests/test_archs.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import importlib
 
 from .spec import ArchSpec
 
-_MODULES = ("llama", "mistral", "qwen2", "qwen3")
+_MODULES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite", "cohere",
+    "stablelm", "gpt_neox", "qwen2_moe", "mixtral",
+)
 
 REGISTRY: dict[str, ArchSpec] = {}
 

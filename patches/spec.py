@@ -28,6 +28,12 @@ class ArchSpec:
         query_pre_rope, key_pre_rope: attributes of the attention module whose
             outputs are the pre-RoPE query and key (``[B, L, H*D]`` or
             ``[B, L, H, D]``), read by the paper's gate form (``gate="paper"``).
+        partial_rotary: RoPE rotates only the first ``partial_rotary_factor``
+            of each head's channels (``config.rope_parameters``); the gates then
+            read pair norms of those and raw values of the rest (gape.gates).
+        softcap: config attribute of an attention logit soft-cap
+            (``cap * tanh(s / cap)``, Gemma 2). GAPE's kernels do not implement
+            it, so a model with it set is refused rather than run without it.
     """
 
     model_types: tuple[str, ...]
@@ -41,3 +47,5 @@ class ArchSpec:
     qk_norm: bool = False
     query_pre_rope: str = "q_proj"
     key_pre_rope: str = "k_proj"
+    partial_rotary: bool = False
+    softcap: str | None = None

@@ -173,9 +173,8 @@ def test_sliding_window_layers_run_without_a_mask(monkeypatch):
         return fn(*args, **kw)
 
     monkeypatch.setattr(torch_backend, "torch_attention", spy)
-    monkeypatch.setattr(hf, "_RESOLVED", {})
-    monkeypatch.setattr(gape.api, "_MODULES", {})  # loaded backend modules are cached too
-    hf._backend_fn.cache_clear()
+    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    monkeypatch.setattr(gape.api, "_LOADED", {})  # loaded backend functions are cached too
     with torch.no_grad():
         ref = model(ids).logits
         gape.patch(model, gape.GapeConfig(backend="torch", identity_shortcut=False))
@@ -186,7 +185,6 @@ def test_sliding_window_layers_run_without_a_mask(monkeypatch):
         gape.patch(model, gape.GapeConfig(backend="reference"))
         randomize_gates(model, scale=0.5)
         gated_ref = model(ids).logits
-    hf._backend_fn.cache_clear()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(gated, gated_ref, rtol=1e-5, atol=1e-5)
     assert seen and all(s == (True, (7, -1)) for s in seen), seen

@@ -87,7 +87,15 @@ def index_only_ruler_defaults(monkeypatch):
     monkeypatch.setattr(manager.TaskManager, "__init__", init)
 
 
-def test_gape_eval_cli_runs_ruler_and_gape_tasks_offline(tiny_folder, tmp_path, index_only_ruler_defaults):
+def test_drop_unrun_lengths():
+    from gape.lmeval.cli import drop_unrun_lengths
+
+    results = {"results": {"t": {"acc,none": 0.5, "1024,none": 0.5, "1024_stderr,none": 0.1,
+                                 "2048,none": -1, "2048_stderr,none": "N/A", "alias": "t"}}}
+    assert drop_unrun_lengths(results)["results"]["t"] == {"acc,none": 0.5, "1024,none": 0.5, "1024_stderr,none": 0.1, "alias": "t"}
+
+
+def test_gape_eval_cli_runs_ruler_and_gape_tasks_offline(tiny_folder, tmp_path, index_only_ruler_defaults, capsys):
     """lm-eval's own arguments pass through; gape_passkey is found without --include_path; lm-eval's
     RULER niah_single_1 (repeat haystack) runs offline with a local tokenizer folder."""
     from gape.cli import main
@@ -116,6 +124,12 @@ def test_gape_eval_cli_runs_ruler_and_gape_tasks_offline(tiny_folder, tmp_path, 
     assert results["config"]["model"] == "gape"
     assert 0.0 <= results["results"]["gape_passkey"]["acc,none"] <= 1.0
     assert 0.0 <= results["results"]["niah_single_1"]["1024,none"] <= 1.0
+    # lengths that were not run are absent, not placeholders (-1), in the file and the printed table
+    for task in ("gape_passkey", "niah_single_1"):
+        assert not [k for k, v in results["results"][task].items() if v == -1], results["results"][task]
+        assert "4096,none" not in results["results"][task]
+    printed = capsys.readouterr().out
+    assert "1024" in printed and "-1.0000" not in printed and "|4096" not in printed.replace(" ", "")
     samples = glob.glob(str(out_dir / "**" / "samples_niah_single_1_*.jsonl"), recursive=True)
     assert len(samples) == 1
     with open(samples[0]) as f:

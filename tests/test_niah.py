@@ -253,3 +253,17 @@ def test_niah_under_torchrun_splits_cells_and_merges_to_the_single_process_summa
     # a single process on the same folder finds everything done
     assert _cli([*args, "--out", multi]) == 0
     assert _summary_without_seconds(multi) == _summary_without_seconds(single)
+
+
+def test_default_task_is_ruler_single_needle_and_passkey_stays():
+    """The default is a task the embedded model can do inside its window (RULER's
+    single needle); pass key is one flag away."""
+    import argparse
+
+    from gape.niah.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).task == "single"
+    assert config_from_args(parser.parse_args(["--quick"])).task == "single"
+    assert config_from_args(parser.parse_args(["--task", "passkey"])).task == "passkey"

@@ -175,7 +175,7 @@ def test_paper_parameters_are_the_papers():
     assert shapes == {"gamma": (4,), "w_g": (4, 16), "b_g": (4,), "w_l": (2, 16), "b_l": (2,)}
     assert [n for n, p in gate.named_parameters() if p.requires_grad] == ["w_g", "b_g"]
     gape.unpatch(model)
-    gape.patch(model, paper_config(learned_pi=False))
+    gape.patch(model, paper_config(key_gate=False))
     assert {n for n, _ in next(g for _, g in hf.iter_gates(model)).named_parameters()} == {"gamma", "w_g", "b_g"}
     with torch.no_grad():
         ids = tokens(1, 18)
@@ -314,24 +314,20 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
 
     monkeypatch.setattr(gape.torch_backend, "torch_attention", spy)
     monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
-    # the backend table caches loaded modules (a dict lookup torch.compile traces)
-    monkeypatch.setattr(gape.api, "_MODULES", {})
-    monkeypatch.setattr(hf, "_RESOLVED", {})
-    hf._backend_fn.cache_clear()
-    try:
-        model = make_model()
-        gape.with_positional(model, "alibi")
-        assert model.config._attn_implementation == "gape"
-        ids = tokens(1, 10)
-        with torch.no_grad():
-            model(ids)
-        assert calls == [((1, 4, 10), 0.0)] * 2  # both layers, pi = 0
-        gape.patch(model, paper_config())
-        with torch.no_grad():
-            model(ids)
-        assert len(calls) == 4 and calls[-1][1] > 0
-    finally:
-        hf._backend_fn.cache_clear()
+    # the backend table caches loaded functions (a dict lookup torch.compile traces)
+    monkeypatch.setattr(gape.api, "_LOADED", {})
+    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    model = make_model()
+    gape.with_positional(model, "alibi")
+    assert model.config._attn_implementation == "gape"
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        model(ids)
+    assert calls == [((1, 4, 10), 0.0)] * 2  # both layers, pi = 0
+    gape.patch(model, paper_config())
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 4 and calls[-1][1] > 0
 
 
 def test_alibi_decode_with_cache_equals_full():

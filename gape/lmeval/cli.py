@@ -11,6 +11,7 @@ subcommand (run, ls, validate) is given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from . import TASKS_DIR, register
@@ -42,5 +43,44 @@ def run(argv: list[str]) -> int:
         # lm-eval takes one path on the command line but a list in TaskManager
         args.include_path = [TASKS_DIR] + ([args.include_path] if args.include_path else [])
     setup_logging()
-    cli.execute(args)
+    with _without_unrun_lengths():
+        cli.execute(args)
     return 0
+
+
+def drop_unrun_lengths(results: dict) -> dict:
+    """Remove the per-length metrics of lengths that were not run, in place.
+
+    RULER's tasks (lm-eval's and gape's) score every sample under every length
+    of a fixed list and put -1 under the lengths the sample does not have; a
+    length no sample had aggregates to -1. Those are placeholders, not scores:
+    they are dropped (with their stderr) from the results lm-eval prints and saves.
+    """
+    for metrics in results.get("results", {}).values():
+        for name in [k for k, v in metrics.items() if v == -1 and k.split(",")[0].isdigit()]:
+            del metrics[name]
+            metrics.pop(name.replace(",", "_stderr,", 1), None)
+    return results
+
+
+@contextlib.contextmanager
+def _without_unrun_lengths():
+    """lm-eval's run imports ``simple_evaluate`` from ``lm_eval`` when it executes:
+    wrap it for the duration of the command so its results lose the placeholders."""
+    import lm_eval
+
+    had = "simple_evaluate" in vars(lm_eval)  # else a lazy module attribute
+    original = lm_eval.simple_evaluate
+
+    def evaluate(*args, **kwargs):
+        results = original(*args, **kwargs)
+        return drop_unrun_lengths(results) if results is not None else results
+
+    lm_eval.simple_evaluate = evaluate
+    try:
+        yield
+    finally:
+        if had:
+            lm_eval.simple_evaluate = original
+        else:
+            del lm_eval.simple_evaluate

@@ -14,7 +14,7 @@ from ..methods import DEFAULT_GAPE_LAMBDA, METHODS, MethodOptions, parse_methods
 
 # --quick: embedded SmolLM2, RoPE vs GAPE, 2 lengths x 3 depths x 1 sample
 QUICK = {"methods": "rope,gape", "lengths": "1024,2048", "depths": "0,0.5,1", "samples": 1, "max_new_tokens": 16, "task": "single"}
-DEFAULTS = {"methods": "rope,gape,yarn", "lengths": "1024,4096,8192", "depths": "0,0.25,0.5,0.75,1", "samples": 3, "max_new_tokens": 32, "task": "passkey"}
+DEFAULTS = {"methods": "rope,gape,yarn", "lengths": "1024,4096,8192", "depths": "0,0.25,0.5,0.75,1", "samples": 3, "max_new_tokens": 32, "task": "single"}
 
 
 # parse-time types: a bad value is reported under its flag (gape._args)
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"context lengths in tokens, at most {A.MAX_TOKENS} (default {DEFAULTS['lengths']})")
     parser.add_argument("--depths", type=_depths, help=f"needle depths in [0,1] (default {DEFAULTS['depths']})")
     parser.add_argument("--samples", type=A.integer(1, 10_000), help=f"samples per cell (default {DEFAULTS['samples']})")
-    parser.add_argument("--task", choices=TASKS, help="passkey (LongLoRA style) or a RULER needle task (default passkey; single with --quick)")
+    parser.add_argument("--task", choices=TASKS, help="a RULER needle task (default single: one key -> 7-digit number) or passkey (LongLoRA style)")
     parser.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="repeated noise lines or the bundled essay")
     parser.add_argument("--model", type=A.model_path, default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")

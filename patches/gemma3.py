@@ -1,0 +1,6 @@
+"""Gemma 3 (text): per-head q/k RMSNorm, local/global layers with their own RoPE base,
+sliding window on local layers; soft-capping is off by default (refused if set)."""
+
+from .spec import ArchSpec
+
+SPEC = ArchSpec(model_types=("gemma3_text",), sliding_window="sliding_window", qk_norm=True, softcap="attn_logit_softcapping")

@@ -1,0 +1,162 @@
+"""Every architecture under patches/ on a tiny random config: identity gates equal the
+unpatched model, cached decoding equals recomputing, a left-padded batch equals its rows,
+and the gates (and the logits) do not change when every position is shifted (the gate
+features are RoPE-invariant, including the unrotated channels of partial rotary)."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import gape
+from gape import hf
+from gape.patches import supported_model_types
+
+BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+HEAD16 = dict(BASE, head_dim=16)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+# model_type -> (config class, kwargs)
+CONFIGS = {
+    "llama": ("LlamaConfig", HEAD16),
+    "mistral": ("MistralConfig", dict(HEAD16, sliding_window=8)),
+    "qwen2": ("Qwen2Config", BASE),
+    "qwen3": ("Qwen3Config", HEAD16),
+    "gemma": ("GemmaConfig", HEAD16),
+    "gemma2": ("Gemma2Config", dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=None)),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "phi3": ("Phi3Config", dict(BASE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "olmo2": ("Olmo2Config", BASE),
+    "granite": ("GraniteConfig", dict(BASE, attention_multiplier=0.2)),
+    "cohere": ("CohereConfig", dict(BASE, use_qk_norm=False)),
+    "stablelm": ("StableLmConfig", BASE),  # partial_rotary_factor 0.25: 4 of 16 channels rotated
+    "gpt_neox": ("GPTNeoXConfig", dict(BASE, rotary_pct=0.25, num_key_value_heads=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(BASE, **MOE)),
+    "mixtral": ("MixtralConfig", dict(HEAD16, sliding_window=8, num_local_experts=4, num_experts_per_tok=2)),
+}
+ARCHS = list(CONFIGS)
+# transformers gives Gemma 2 no SDPA path (soft-capping); eager is its baseline
+BASELINE = {"gemma2": "eager"}
+REFERENCE = gape.GapeConfig(backend="reference", identity_shortcut=False)
+
+
+def make(arch: str, **overrides):
+    cls, kwargs = CONFIGS[arch]
+    config = copy.deepcopy(getattr(transformers, cls)(**{**kwargs, **overrides}))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=BASELINE.get(arch, "sdpa")).eval()
+
+
+def randomize(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gate in hf.iter_gates(model):
+            for p in gate.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+            gate.alpha.abs_()
+
+
+def ids(batch, length, seed=2):
+    return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_at_least_fourteen_architectures_each_tested():
+    assert set(supported_model_types()) == set(ARCHS) and len(ARCHS) >= 14
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_cache_padding_and_shift(arch):
+    model = make(arch)
+    x = ids(2, 20)
+    with torch.no_grad():
+        ref = model(x).logits
+        gape.patch(model, REFERENCE)
+        torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=2e-5)
+
+        randomize(model)
+        gated = model(x).logits
+        assert (gated - ref).abs().max() > 1e-2, "gates too weak: the checks below prove nothing"
+
+        # cached decoding == full recomputation
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        cached = model.generate(x[:1, :10], **kw)
+        full = model.generate(x[:1, :10], use_cache=False, **kw)
+        assert torch.equal(cached.sequences, full.sequences)
+        torch.testing.assert_close(torch.stack(cached.logits), torch.stack(full.logits), rtol=0, atol=2e-5)
+
+        # left padding: each padded row equals the row alone
+        lengths = (14, 9)
+        rows = [ids(1, n, seed=10 + n) for n in lengths]
+        batch = torch.zeros(2, 14, dtype=torch.long)
+        mask = torch.zeros(2, 14, dtype=torch.long)
+        for r, row in enumerate(rows):
+            batch[r, 14 - row.shape[1]:] = row[0]
+            mask[r, 14 - row.shape[1]:] = 1
+        out = model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+        for r, row in enumerate(rows):
+            torch.testing.assert_close(out[r, 14 - row.shape[1]:], model(row).logits[0], rtol=0, atol=2e-5)
+
+        # shifting every position: RoPE-invariant gate features give the same gates
+        pos = torch.arange(20)[None].expand(2, 20)
+        with hf.record_gates(model) as a:
+            at0 = model(x, position_ids=pos).logits
+        a = {i: {k: v.clone() for k, v in g.items()} for i, g in a.items()}
+        with hf.record_gates(model) as b:
+            at37 = model(x, position_ids=pos + 37).logits
+    for i in a:
+        torch.testing.assert_close(b[i]["lambda"], a[i]["lambda"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(b[i]["pi"], a[i]["pi"], rtol=0, atol=1e-5)
+        assert a[i]["lambda"].std() > 1e-3 and a[i]["pi"].std() > 1e-3  # the gates read the content
+    torch.testing.assert_close(at37, at0, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["stablelm", "gpt_neox", "phi3"])
+def test_partial_rotary_gates_read_both_channel_kinds(arch):
+    model = make(arch)
+    gape.patch(model, REFERENCE)
+    (_, gate), *_ = hf.iter_gates(model)
+    d = gate.head_dim
+    assert gate.rotary_dim is not None and gate.rotary_dim < d
+    assert gate.w.shape[-1] == gate.rotary_dim // 2 + d - gate.rotary_dim
+    # Rotating the rotated channels' pairs changes nothing; changing an unrotated channel does.
+    x = torch.randn(1, 1, 3, d)
+    r, half = gate.rotary_dim, gate.rotary_dim // 2
+    a, b = x[..., :half].clone(), x[..., half:r].clone()
+    turned = x.clone()
+    turned[..., :half], turned[..., half:r] = a * 0.6 - b * 0.8, a * 0.8 + b * 0.6
+    from gape.gates import pair_features
+
+    torch.testing.assert_close(pair_features(turned, "half", r), pair_features(x, "half", r), rtol=0, atol=1e-6)
+    moved = x.clone()
+    moved[..., -1] += 1.0
+    assert (pair_features(moved, "half", r) - pair_features(x, "half", r)).abs().max() > 0.1
+
+
+def test_gemma2_soft_capping_is_refused():
+    model = make("gemma2", attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="soft-capping.*attn_logit_softcapping=50.0"):
+        gape.patch(model)
+    assert not hf.is_patched(model) and model.config._attn_implementation == "eager"
+
+
+def test_cohere_uses_the_interleaved_layout():
+    model = make("cohere")
+    gape.patch(model, REFERENCE)
+    assert all(g.layout == "interleaved" for _, g in hf.iter_gates(model))

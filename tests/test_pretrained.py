@@ -1,0 +1,169 @@
+"""A GAPE model ships like any transformers model: save_pretrained writes the GAPE
+config with the weights and gates, gape.from_pretrained / gape.load_model give the
+patched model back (same logits), plain transformers refuses the folder loudly, and
+importing gape registers the "gape" attention implementation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_hf import make_model, randomize_gates, tokens
+from tiny_models import tiny_tokenizer
+
+import gape
+from gape import hf, pretrained
+
+CFG = gape.GapeConfig(backend="reference", distance="linear", layers=[1])
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _patched(arch="qwen3", config=CFG):
+    model = make_model(arch)
+    gape.patch(model, config)
+    randomize_gates(model, seed=5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A patched qwen3 saved with gape.save_pretrained, and its logits."""
+    model = _patched()
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        want = model(ids).logits
+    folder = tmp_path_factory.mktemp("gape_model") / "m"
+    gape.save_pretrained(model, folder, tokenizer=tiny_tokenizer())
+    return str(folder), ids, want, hf.gape_config(model)
+
+
+def test_folder_is_self_describing(saved):
+    folder, *_ = saved
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert config["attn_implementation"] == "gape"
+    entry = pretrained.read_description(config)
+    assert entry["layers"] == [1] and gape.GapeConfig.from_dict(entry["config"]) == CFG.replace(rope_layout="half")
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    gates = sorted(k for k in weights if ".gape_gate." in k)
+    assert gates == [f"model.layers.1.self_attn.gape_gate.{n}" for n in ("alpha", "b", "c", "u", "w")]
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_model"])
+def test_round_trip_gives_the_same_model(saved, loader, caplog):
+    folder, ids, want, config = saved
+    with caplog.at_level("WARNING", logger="transformers.modeling_utils"):
+        model = gape.from_pretrained(folder) if loader == "from_pretrained" else gape.load_model(folder)[0]
+    assert "LOAD REPORT" not in caplog.text  # the gate keys are expected, not reported
+    assert hf.is_patched(model) and hf.gape_config(model) == config and not model.training
+    assert [i for i, _ in hf.iter_gates(model)] == [1]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    # A reloaded model saves to the same folder content again (still self-describing).
+    assert model.config.gape["layers"] == [1]
+
+
+def test_model_save_pretrained_is_self_describing_too(tmp_path):
+    model = _patched("llama", gape.GapeConfig(backend="reference"))
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)  # the model's own method, not gape.save_pretrained
+    fresh = gape.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)
+
+
+def test_auto_model_with_gape_registered_refuses_to_run_without_gates(saved):
+    from transformers import AutoModelForCausalLM
+
+    folder, ids, want, _ = saved
+    model = AutoModelForCausalLM.from_pretrained(folder)  # "gape" is registered in this process
+    assert model.config._attn_implementation == "gape"
+    with pytest.raises(ValueError, match=r"layer 1 .*no gate.*gape.from_pretrained"):
+        model(ids)
+    # The plain base model stays one explicit argument away.
+    base = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    with torch.no_grad():
+        assert (base(ids).logits - want).abs().max() > 1e-3
+
+
+def test_plain_transformers_refuses_a_gape_folder(saved):
+    """A fresh process without gape: loading fails and the message names gape."""
+    folder, *_ = saved
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({folder!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert 'attn_implementation="gape"' in proc.stderr, proc.stderr[-2000:]
+
+
+def test_import_registers_the_implementation_only_if_transformers_is_loaded():
+    code = (
+        "import sys, gape\n"
+        "assert 'transformers' not in sys.modules, 'import gape must not import transformers'\n"
+        "import gape.hf\n"
+        "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
+        "assert 'gape' in ALL_ATTENTION_FUNCTIONS\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=300)
+    code = (
+        "import transformers.modeling_utils, gape\n"
+        "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
+        "assert 'gape' in ALL_ATTENTION_FUNCTIONS\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=300)
+
+
+def test_unpatch_removes_the_description(tmp_path):
+    model = _patched("llama", gape.GapeConfig())
+    assert model.config.to_dict()["gape"]["layers"] == [0, 1]
+    gape.unpatch(model)
+    saved = model.config.to_dict()
+    assert "gape" not in saved and "attn_implementation" not in saved
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs a model patched"):
+        gape.save_pretrained(model, tmp_path / "x")
+
+
+def test_missing_or_foreign_gate_tensors_are_errors(saved, tmp_path):
+    folder, *_ = saved
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    for name, edit in (("missing", lambda w: w.pop("model.layers.1.self_attn.gape_gate.u")),
+                       ("extra", lambda w: w.__setitem__("model.layers.0.self_attn.gape_gate.u", torch.zeros(2, 8)))):
+        out = tmp_path / name
+        out.mkdir()
+        w = dict(weights)
+        edit(w)
+        save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(folder, "config.json")) as f:
+            (out / "config.json").write_text(f.read())
+        with pytest.raises(ValueError, match="gate tensors"):
+            gape.from_pretrained(out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    config["gape"]["format_version"] = 99
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version 99"):
+        gape.from_pretrained(bad)
+
+
+def test_plain_folder_loads_plain_with_a_warning(tmp_path, caplog):
+    make_model("llama").save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="gape"):
+        model = gape.from_pretrained(tmp_path)
+    assert not hf.is_patched(model) and "no GAPE entry" in caplog.text
+
+
+def test_from_pretrained_with_accelerate_device_map_and_dtype(saved):
+    folder, ids, want, _ = saved
+    model = gape.from_pretrained(folder, device_map="cpu")  # accelerate's dispatch path
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+    half = gape.from_pretrained(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in hf.gate_parameters(half))
+    with torch.no_grad():
+        assert (half(ids).logits.float() - want).abs().max() < 0.5
