@@ -3,7 +3,7 @@
 Attention:  ``gape.attention`` (a drop-in for ``F.scaled_dot_product_attention``
 with a query gate and a key gate). Models: ``gape.load_model``, ``gape.patch``,
 ``gape.unpatch``, ``gape.GapeConfig``, ``gape.save_gates``, ``gape.load_gates``,
-``gape.with_rope_scaling``. Heavy dependencies (transformers) load on first use.
+``gape.with_rope_scaling``, ``gape.with_positional``. Heavy dependencies (transformers) load on first use.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ _LAZY = {
     "load_gates": "gape.hf",
     "load_model": "gape.models",
     "with_rope_scaling": "gape.models",
+    "with_positional": "gape.positional",
 }
 
 __all__ = ["attention", "BACKENDS", "__version__", *_LAZY]

@@ -19,8 +19,16 @@ from .reference import DISTANCES
 #   "alpha" -> alpha (per query head scale of lambda)
 #   "query" -> w, b  (query gate weights and bias)
 #   "key"   -> u, c  (key gate weights and bias)
+# (for gate="paper" the same parts are gamma; w_g, b_g; w_l, b_l)
 GATE_PARTS = ("alpha", "query", "key")
 ROPE_LAYOUTS = ("half", "interleaved")
+# "invariant": the project's form (pair norms of post-RoPE q/k, alpha = 0 at start: identity);
+# "paper": the paper's form (pre-RoPE q/k, gamma/w_g/b_g/w_l/b_l; GAPE.md "The paper's form")
+GATES = ("invariant", "paper")
+# The paper's plain start (gamma = b = w = 0): lambda = log(2)^2 / T, pi = 1/2 -- gated from step 0.
+PAPER_GAMMA_INIT = 0.0
+# The distance each gate form uses when GapeConfig.distance is left unset.
+DEFAULT_DISTANCE = {"invariant": "log", "paper": "linear"}
 
 
 @dataclass
@@ -28,7 +36,21 @@ class GapeConfig:
     """Settings of a GAPE patch.
 
     Attributes:
+        gate: the gate form. ``"invariant"`` (default): the project's gates, read from
+            rotation-invariant pair norms of the post-RoPE query and key, with ``alpha_h = 0``
+            at start so a patched pretrained model is unchanged. ``"paper"``: the paper's
+            gates, exactly (GAPE.md "The paper's form"): ``lambda = softplus(gamma_h) *
+            softplus(w_g . q + b_g) / T`` and ``pi = sigmoid(w_l . k + b_l)`` from the
+            pre-RoPE query and key; linear distance; needs ``train_length``.
+        train_length: ``T`` of the paper's form (the training context length), an int > 0;
+            only with ``gate="paper"``.
+        gamma_init: initial ``gamma_h`` of the paper's form (only with ``gate="paper"``).
+            Unset means ``0.0``, the paper's plain start (``Gamma = log 2``; with ``b = w = 0``
+            every ``lambda = log(2)^2 / T`` and ``pi = 1/2``: not RoPE at step 0, as in the
+            paper). Use a very negative value (e.g. ``-20``) to start a pretrained model at RoPE.
         distance: distance transform ``phi``: ``"log"`` (``log(1 + delta)``) or ``"linear"``.
+            Unset: ``"log"`` for the invariant form, ``"linear"`` for the paper's (which
+            accepts only ``"linear"``: its mask is linear in position).
         backend: attention backend passed to :func:`gape.attention` (``"auto"``,
             ``"reference"``, ``"torch"``, ``"sdpa"``, ``"triton"``).
         layers: indices of the decoder layers to patch (negative indices count
@@ -36,16 +58,20 @@ class GapeConfig:
             plain SDPA.
         alpha_init: initial ``alpha_h`` of every query head. ``0.0`` makes
             ``lambda == 0``, i.e. the patched model equals the unpatched one.
+            Invariant form only (the paper's form starts from ``gamma_init``).
         query_bias_init: initial query-gate bias ``b_h`` (``lambda = alpha *
-            softplus(b)`` while ``w = 0``).
-        key_bias_init: initial key-gate bias ``c_g`` (``pi = sigmoid(c)`` while ``u = 0``).
+            softplus(b)`` while ``w = 0``); ``b_g`` in the paper's form.
+        key_bias_init: initial key-gate bias ``c_g`` (``pi = sigmoid(c)`` while ``u = 0``);
+            ``b_l`` in the paper's form.
         key_gate: ``False`` fixes ``pi = 0`` (no protection; the "fixed decay"
             ablation when combined with ``fixed_lambda``) and creates no ``u, c``.
         trainable: ``True`` (every gate parameter), ``False`` (none) or a list of
-            parts from ``("alpha", "query", "key")``.
+            parts from ``("alpha", "query", "key")`` (paper's form: ``gamma``;
+            ``w_g, b_g``; ``w_l, b_l``).
         fixed_lambda: ``None`` (learned query gate), a float (the same constant
             forgetting rate for every query head), or one float per query head.
             When set the query gate has no parameters: ``lambda_m = fixed_lambda[h]``.
+            Invariant form only.
         rope_layout: which channels RoPE rotates together: ``"half"`` (pair ``i``
             is ``(x_i, x_{i+D/2})``, the transformers layout) or ``"interleaved"``
             (``(x_2i, x_2i+1)``). Normally taken from the architecture's spec.
@@ -55,7 +81,7 @@ class GapeConfig:
             turn it off.
     """
 
-    distance: str = "log"
+    distance: str | None = None
     backend: str = "auto"
     layers: list[int] | None = None
     alpha_init: float = 0.0
@@ -66,12 +92,19 @@ class GapeConfig:
     fixed_lambda: float | list[float] | None = None
     rope_layout: str | None = None
     identity_shortcut: bool = True
+    gate: str = "invariant"
+    train_length: int | None = None
+    gamma_init: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError/TypeError naming the first invalid field."""
+        if self.gate not in GATES:
+            raise ValueError(f"GapeConfig.gate must be one of {GATES}, got {self.gate!r}")
+        if self.distance is None:
+            self.distance = DEFAULT_DISTANCE[self.gate]
         if self.distance not in DISTANCES:
             raise ValueError(f"GapeConfig.distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.backend not in BACKENDS:
@@ -117,6 +150,37 @@ class GapeConfig:
                 self.fixed_lambda = float(self.fixed_lambda)
         if self.rope_layout is not None and self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"GapeConfig.rope_layout must be None or one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        if self.gate == "paper":
+            self._validate_paper()
+        else:
+            for name in ("train_length", "gamma_init"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"GapeConfig.{name} belongs to the paper's gate form; set gate='paper' or leave {name} unset "
+                        f"(got {name}={getattr(self, name)!r} with gate={self.gate!r})"
+                    )
+
+    def _validate_paper(self) -> None:
+        t = self.train_length
+        if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+            raise ValueError(
+                f"GapeConfig.train_length must be the training context length T, an int > 0, with gate='paper'; got {t!r}"
+            )
+        if self.distance != "linear":
+            raise ValueError(
+                f"GapeConfig.distance must be 'linear' with gate='paper' (the paper's mask is linear in position), "
+                f"got {self.distance!r}"
+            )
+        if self.fixed_lambda is not None:
+            raise ValueError("GapeConfig.fixed_lambda is the invariant form's fixed-decay ablation; it does not apply to gate='paper'")
+        if self.alpha_init != 0.0:
+            raise ValueError(
+                f"GapeConfig.alpha_init belongs to the invariant gate form; with gate='paper' set gamma_init (got alpha_init={self.alpha_init})"
+            )
+        g = PAPER_GAMMA_INIT if self.gamma_init is None else self.gamma_init
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+            raise ValueError(f"GapeConfig.gamma_init must be a finite float, got {self.gamma_init!r}")
+        self.gamma_init = float(g)
 
     def trainable_parts(self) -> tuple[str, ...]:
         if self.trainable is True:

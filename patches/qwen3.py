@@ -1,5 +1,7 @@
-"""Qwen3: Qwen2 plus per-head RMSNorm on q and k before RoPE."""
+"""Qwen3: Qwen2 plus per-head RMSNorm on q and k before RoPE
+(so the pre-RoPE query and key are the norms' outputs)."""
 
 from .spec import ArchSpec
 
-SPEC = ArchSpec(model_types=("qwen3",), sliding_window="sliding_window", qk_norm=True)
+SPEC = ArchSpec(model_types=("qwen3",), sliding_window="sliding_window", qk_norm=True,
+                query_pre_rope="q_norm", key_pre_rope="k_norm")

@@ -25,6 +25,9 @@ class ArchSpec:
             logging and the tests.
         qk_norm: the model normalises q and k per head before RoPE (Qwen3).
             Pair norms stay rotation-invariant, so nothing changes for GAPE.
+        query_pre_rope, key_pre_rope: attributes of the attention module whose
+            outputs are the pre-RoPE query and key (``[B, L, H*D]`` or
+            ``[B, L, H, D]``), read by the paper's gate form (``gate="paper"``).
     """
 
     model_types: tuple[str, ...]
@@ -36,3 +39,5 @@ class ArchSpec:
     rope_layout: str = "half"
     sliding_window: str | None = None
     qk_norm: bool = False
+    query_pre_rope: str = "q_proj"
+    key_pre_rope: str = "k_proj"
