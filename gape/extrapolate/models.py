@@ -32,10 +32,11 @@ class Arch:
 #   paper/strong: gamma = 4 (Gamma ~ 4.02, Gamma*g ~ 2.8: a key T tokens back is
 #                 pushed down by ~2.8 nats unless protected), b_l = -2 (l ~ 0.12).
 #   invariant/default: the invariant form as `gape synthetic` trains it from
-#                 scratch (alpha = 1, key bias -3, log distance).
+#                 scratch (alpha = 1, key bias -3, log distance; linear on ALiBi, which
+#                 the package requires: the gates add to ALiBi's linear slope there).
 STARTS = {
     "none": {"none": {}},
-    "paper": {"plain": {"gamma_init": 0.0}, "strong": {"gamma_init": 4.0, "landmark_bias_init": -2.0}},
+    "paper": {"plain": {"gamma_init": 0.0}, "strong": {"gamma_init": 4.0, "key_bias_init": -2.0}},
     "invariant": {"default": {"alpha_init": 1.0, "key_bias_init": -3.0}},
 }
 
@@ -43,6 +44,8 @@ STARTS = {
 def variant_label(gape: str, start: str, scheme: str, base: float) -> str:
     """The ``variant`` field of a row: the gate start, plus the RoPE base for rotary schemes."""
     label = start
+    if gape == "invariant" and scheme == "alibi":
+        label += ",linear"
     if scheme in ROTARY:
         label += f",base{base:.0e}".replace("e+0", "e")
     return label
@@ -60,7 +63,7 @@ def llama_config(arch: Arch, vocab: int, scheme: str, base: float, max_len: int)
     return cfg
 
 
-def gape_config(gape: str, start: str, train_length: int):
+def gape_config(gape: str, start: str, train_length: int, scheme: str = "rope"):
     """The GapeConfig of a (form, start), None for ``gape="none"``."""
     from ..config import GapeConfig
 
@@ -71,6 +74,8 @@ def gape_config(gape: str, start: str, train_length: int):
     kw = dict(STARTS[gape][start])
     if gape == "paper":
         kw.update(gate="paper", train_length=train_length, distance="linear")
+    elif scheme == "alibi":
+        kw.update(distance="linear")
     return GapeConfig(backend="torch", identity_shortcut=False, **kw)
 
 
@@ -87,5 +92,5 @@ def build(arch: Arch, vocab: int, scheme: str, gape: str, start: str, base: floa
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(arch, vocab, scheme, base, max_len))
     model.set_attn_implementation("sdpa")
-    model = schemes.apply(model, scheme, gape_config(gape, start, train_length))
+    model = schemes.apply(model, scheme, gape_config(gape, start, train_length, scheme))
     return model

@@ -126,32 +126,36 @@ def summary(out: str) -> str:
     rows = read_rows(out)
     with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
         config = json.load(f)
-    T = config["train_length"]
     runs = sorted({r["run"] for r in rows})
     a = config["arch"]
+    r, m = config["retrieval"], config["lm"]
     lines = [f"# gape extrapolate: {out}", "",
-             f"T = {T} tokens; {a['layers']} layers, width {a['hidden']}, {a['heads']} heads, FFN {a['ffn']}; "
-             f"steps: retrieval {config['retrieval']['steps']} (batch {config['retrieval']['batch']}), "
-             f"lm {config['lm']['steps']} (batch {config['lm']['batch']}); {len(runs)} run(s) finished.",
+             f"{a['layers']} layers, width {a['hidden']}, {a['heads']} heads, FFN {a['ffn']}; "
+             f"retrieval: T = {r['train_length']}, {r['steps']} steps of batch {r['batch']}, lr {r['lr']}; "
+             f"lm: T = {m['train_length']} bytes, {m['steps']} steps of batch {m['batch']}, lr {m['lr']}; "
+             f"{len(runs)} run(s) finished.",
              "Cells: mean ± sample std over the finished seeds. Regenerate with "
              f"`gape extrapolate --report --out {out}`.", ""]
     for task in ("retrieval", "lm"):
         for metric, title in ((METRIC[task], METRIC[task]),) + ((("perplexity_last_t", "perplexity of the last T tokens only"),) if task == "lm" else ()):
             groups = group([r for r in rows if r["task"] == task], metric)
             for base in sorted({k[1] for k in groups}):
-                t = _table(groups, task, base, metric, T)
+                t = _table(groups, task, base, metric, config[task]["train_length"])
                 if t:
                     lines += [f"## {task}: {title}, RoPE base {base}", ""] + t + [""]
         eg = group([r for r in rows if r["task"] == task], "entropy_mean")
         for base in sorted({k[1] for k in eg}):
-            t = _table(eg, task, base, "entropy", T)
+            t = _table(eg, task, base, "entropy", config[task]["train_length"])
             if t:
                 lines += [f"## {task}: attention entropy (normalised, mean over layers), RoPE base {base}", ""] + t + [""]
-    groups = {**group([r for r in rows if r["task"] == "lm"], "perplexity"), **group([r for r in rows if r["task"] == "retrieval"], "accuracy")}
-    c = claims(groups, T)
+    c, m = [], []
+    for task in ("retrieval", "lm"):
+        groups = group([r for r in rows if r["task"] == task], METRIC[task])
+        T = config[task]["train_length"]
+        c += claims(groups, T)[2 if c else 0:]
+        m += moonshot(groups, T)
     if c:
         lines += ["## The paper's claim per scheme (+GAPE ppl below none at 2T and 4T and within 2% at 1T; retrieval at or above at 2T and 4T)", ""] + c + [""]
-    m = moonshot(groups, T)
     if m:
         lines += ["## Moonshot targets", ""] + m + [""]
     return "\n".join(lines)
@@ -173,10 +177,11 @@ def _label(k):
     return "none" if k[3] == "none" else f"{k[3]}/{k[4]}"
 
 
-def plot_metric(out: str, rows: list[dict], T: int) -> list[str]:
+def plot_metric(out: str, rows: list[dict], config: dict) -> list[str]:
     plt = _plt()
     paths = []
     for task in ("retrieval", "lm"):
+        T = config[task]["train_length"]
         groups = group([r for r in rows if r["task"] == task], METRIC[task])
         for base in sorted({k[1] for k in groups}):
             keys = [k for k in groups if k[1] == base]
@@ -293,5 +298,5 @@ def write(out: str) -> list[str]:
     if not rows:
         return [path]
     with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
-        T = json.load(f)["train_length"]
-    return [path] + plot_metric(out, rows, T) + plot_entropy(out, rows) + plot_gates(out)
+        config = json.load(f)
+    return [path] + plot_metric(out, rows, config) + plot_entropy(out, rows) + plot_gates(out)

@@ -61,11 +61,11 @@ def queue(config: dict) -> list[Job]:
     bases = config["bases"]
     for bi, base in enumerate(bases):
         for seed in config["seeds"]:
-            for task in config["tasks"]:
-                for scheme in config["schemes"]:
-                    if bi > 0 and scheme not in ROTARY:
-                        continue
-                    for gape, start in config["forms"]:
+            for scheme in config["schemes"]:
+                if bi > 0 and scheme not in ROTARY:
+                    continue
+                for gape, start in config["forms"]:
+                    for task in config["tasks"]:
                         jobs.append(Job(task, scheme, gape, start, base, seed))
     return jobs
 
@@ -124,14 +124,14 @@ def _plain(config: dict) -> dict:
 
 def run_job(job: Job, config: dict, data, log=print) -> tuple[list[dict], dict]:
     """Train and evaluate one model; returns ``(rows, record)``."""
-    T = config["train_length"]
     t = config[job.task]
+    T = t["train_length"]
     lengths = [m * T for m in t["multiples"]]
     arch = Arch(**config["arch"])
     vocab = tasks.RETRIEVAL_VOCAB if job.task == "retrieval" else corpus_mod.VOCAB
     model = build(arch, vocab, job.scheme, job.gape, job.start, job.base, T, max(lengths), job.seed)
     t0 = time.perf_counter()
-    trained = tasks.train(model, job.task, data=data, steps=t["steps"], train_length=T, batch=t["batch"], lr=config["lr"],
+    trained = tasks.train(model, job.task, data=data, steps=t["steps"], train_length=T, batch=t["batch"], lr=t["lr"],
                           warmup=config["warmup"], seed=job.seed, gate_every=config["gate_every"],
                           track_gates=job.gape != "none",
                           log_every=max(1, t["steps"] // 10), log=log)
@@ -177,8 +177,15 @@ def _show(row: dict) -> str:
     return f"  L={row['length']:6d} ({row['multiple']:2d}T): {metric}  entropy {row['entropy_mean']:.3f}"
 
 
-def run(out: str, config: dict, *, corpus: str | None = None, check_corpus: bool = True, force: bool = False, max_runs: int | None = None, report: bool = True, log=print) -> list[dict]:
-    """Work through the queue, skipping finished runs; returns every row in the folder."""
+REPORT_EVERY_S = 300.0
+
+
+def run(out: str, config: dict, *, corpus: str | None = None, check_corpus: bool = True, force: bool = False,
+        max_runs: int | None = None, report: bool = True, log=print) -> list[dict]:
+    """Work through the queue, skipping finished runs; returns every row in the folder.
+
+    ``report``: regenerate summary.md and the plots at the end and at most every
+    ``REPORT_EVERY_S`` seconds in between (they cost a few seconds of CPU each time)."""
     config = prepare(out, config, force)
     rows = read_rows(out)
     done = {r["run"] for r in rows}
@@ -186,12 +193,12 @@ def run(out: str, config: dict, *, corpus: str | None = None, check_corpus: bool
     log(f"{out}: {len(done)} run(s) done, {len(jobs)} to go")
     data = None
     if any(j.task == "lm" for j in jobs):
-        T = config["train_length"]
         data = corpus_mod.load(corpus, check=check_corpus,
-                               min_doc_tokens=max(config["lm"]["multiples"]) * T + 1)
+                               min_doc_tokens=max(config["lm"]["multiples"]) * config["lm"]["train_length"] + 1)
+    if max_runs is not None:
+        jobs = jobs[:max_runs]
+    last_report = time.monotonic()
     for n, job in enumerate(jobs):
-        if max_runs is not None and n >= max_runs:
-            break
         log(f"[{len(done) + n + 1}/{len(done) + len(jobs)}] {job.run_id}")
         new, record = run_job(job, config, data, log=log)
         for r in new:
@@ -200,8 +207,9 @@ def run(out: str, config: dict, *, corpus: str | None = None, check_corpus: bool
         rows = rows + new
         write_rows(out, rows)
         log(f"  train {record['train_s']:.1f} s, eval {record['eval_s']:.1f} s")
-        if report:
+        if report and (n + 1 == len(jobs) or time.monotonic() - last_report > REPORT_EVERY_S):
             from . import report as report_mod
 
             report_mod.write(out)
+            last_report = time.monotonic()
     return rows
