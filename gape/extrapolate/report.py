@@ -65,12 +65,15 @@ def _table(groups: dict, task: str, base: str, metric: str, T: int) -> list[str]
     return lines
 
 
-def claims(groups: dict, T: int) -> list[str]:
-    """The issue's targets, checked per scheme and GAPE start against the same scheme without GAPE."""
+def claims(groups: dict, T: int, main_base: str | None = None) -> list[str]:
+    """The issue's targets, checked per scheme and GAPE start against the same scheme without GAPE
+    (NoPE and ALiBi, which have no base, only under ``main_base``)."""
+    from .models import ROTARY
+
     lines = []
     for key in sorted(groups, key=_order):
         task, base, scheme, gape, start = key
-        if gape == "none":
+        if gape == "none" or (main_base is not None and base != main_base and scheme not in ROTARY):
             continue
         ref = groups.get((task, base, scheme, "none", "none"))
         if not ref:
@@ -152,7 +155,8 @@ def summary(out: str) -> str:
     for task in ("retrieval", "lm"):
         groups = group([r for r in rows if r["task"] == task], METRIC[task])
         T = config[task]["train_length"]
-        c += claims(groups, T)[2 if c else 0:]
+        main = f"{config['bases'][0]:.0e}".replace("e+0", "e")
+        c += claims(groups, T, main)[2 if c else 0:]
         m += moonshot(groups, T)
     if c:
         lines += ["## The paper's claim per scheme (+GAPE ppl below none at 2T and 4T and within 2% at 1T; retrieval at or above at 2T and 4T)", ""] + c + [""]
