@@ -165,6 +165,13 @@ def test_run_rows_summary_and_resume(tmp_path):
     for _ in range(2):
         ex.run(_args(out_b, src, max_runs=5))
     assert _strip(runner.read_rows(str(out_b))) == _strip(rows)
+    # seeds run in two folders by two processes, merged, equal the single folder
+    out_c, out_d = tmp_path / "c", tmp_path / "d"
+    ex.run(_args(out_c, src, seeds="0,"))
+    ex.run(_args(out_d, src, seeds="1,"))
+    ex.run(argparse.Namespace(report=False, merge=[str(out_d)], out=str(out_c)))
+    assert _strip(runner.read_rows(str(out_c))) == _strip(rows)
+    assert len(os.listdir(out_c / "runs")) == len(os.listdir(out / "runs"))
     # a different experiment in the same folder is refused
     with pytest.raises(ValueError, match="different experiment"):
         ex.run(_args(out, src, lr=0.01))

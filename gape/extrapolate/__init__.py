@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     a = parser.add_argument
     a("--quick", action="store_true", help="small run: width 32, T 16 (retrieval) and 32 (lm), 300/200 steps, 1 seed, base 1e4 only")
     a("--out", default="benchmarks/results/extrapolate", help="output folder (rows.jsonl, runs/, summary.md, *.png); one writer at a time")
-    a("--seeds", default=None, help="number of seeds (0..N-1) or a comma-separated list (default 3; 1 with --quick)")
+    a("--seeds", default=None, help="number of seeds (0..N-1) or a comma-separated list, e.g. '1,' for seed 1 alone (default 3; 1 with --quick)")
     a("--tasks", default=",".join(TASKS), help=f"comma-separated from {TASKS}")
     a("--schemes", default=",".join(SCHEMES), help=f"comma-separated from {SCHEMES}")
     a("--gape", default=",".join(GAPE_FORMS), help=f"comma-separated from {GAPE_FORMS}; 'paper' runs each of --paper-starts")
@@ -54,6 +54,8 @@ def add_arguments(parser) -> None:
     a("--max-runs", type=int, default=None, help="stop after this many new runs (the folder stays resumable)")
     a("--force", action="store_true", help="discard the results in --out if they were made with a different experiment")
     a("--report", action="store_true", help="only regenerate summary.md and the plots of --out from its rows.jsonl and runs/")
+    a("--merge", nargs="+", metavar="DIR", default=None,
+      help="instead of training: add the finished runs of DIR (same experiment, e.g. other seeds run by a second process) to --out, then --report")
 
 
 def argparse_suppress():
@@ -90,7 +92,10 @@ def resolve(args) -> dict:
     if arch["hidden"] % arch["heads"] or (arch["hidden"] // arch["heads"]) % 2:
         raise ValueError(f"--hidden ({arch['hidden']}) must be --heads ({arch['heads']}) times an even head size")
     seeds_text = args.seeds if args.seeds is not None else str(p["seeds"])
-    seeds = [int(s) for s in seeds_text.split(",")] if "," in seeds_text else list(range(int(seeds_text)))
+    if "," in seeds_text:
+        seeds = [int(s) for s in seeds_text.split(",") if s.strip()]
+    else:
+        seeds = list(range(int(seeds_text)))
     if not seeds or any(s < 0 for s in seeds):
         raise ValueError(f"--seeds must be a count >= 1 or a list of seeds >= 0, got {seeds_text!r}")
     forms = []
@@ -126,7 +131,9 @@ def run(args) -> int:
     from .._threads import set_threads
     from . import report, runner
 
-    if args.report:
+    if getattr(args, "merge", None):
+        runner.merge(args.out, args.merge)
+    if args.report or getattr(args, "merge", None):
         for path in report.write(args.out):
             print(f"wrote {path}")
         return 0

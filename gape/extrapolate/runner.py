@@ -177,6 +177,33 @@ def _show(row: dict) -> str:
     return f"  L={row['length']:6d} ({row['multiple']:2d}T): {metric}  entropy {row['entropy_mean']:.3f}"
 
 
+def merge(out: str, sources: list[str]) -> list[dict]:
+    """Add to ``out`` the finished runs of other folders of the same experiment (for example
+    other seeds run by a second process, each folder with its own single writer); runs
+    ``out`` already has are kept as they are. Returns every row of ``out``."""
+    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    rows = read_rows(out)
+    have = {r["run"] for r in rows}
+    for src in sources:
+        with open(os.path.join(src, CONFIG), encoding="utf-8") as f:
+            other = json.load(f)
+        diff = _same_experiment(config, other)
+        if diff:
+            raise ValueError(f"{src} is a different experiment from {out} (differs in {diff}); cannot merge")
+        new = [r for r in read_rows(src) if r["run"] not in have]
+        for run_id in sorted({r["run"] for r in new}):
+            with open(os.path.join(src, "runs", run_id + ".json"), encoding="utf-8") as f:
+                record = json.load(f)
+            write_json_atomic(os.path.join(out, "runs", run_id + ".json"), record, sort_keys=True)
+        rows += new
+        have |= {r["run"] for r in new}
+        config = _merge_queue(config, other)
+    write_json_atomic(os.path.join(out, CONFIG), config, indent=1, sort_keys=True)
+    write_rows(out, rows)
+    return rows
+
+
 REPORT_EVERY_S = 300.0
 
 
