@@ -84,7 +84,7 @@ def claims(groups: dict, T: int, main_base: str | None = None) -> list[str]:
             if T in g and T in ref:
                 r = g[T][0] / ref[T][0]
                 parts.append(f"1T ratio {r:.3f}")
-                ok &= abs(r - 1) <= 0.02
+                ok &= r <= 1.02  # "within 2%": not worse by more than 2% (better passes)
             for m in (2, 4):
                 L = m * T
                 if L in g and L in ref:
@@ -159,7 +159,7 @@ def summary(out: str) -> str:
         c += claims(groups, T, main)[2 if c else 0:]
         m += moonshot(groups, T)
     if c:
-        lines += ["## The paper's claim per scheme (+GAPE ppl below none at 2T and 4T and within 2% at 1T; retrieval at or above at 2T and 4T)", ""] + c + [""]
+        lines += ["## The paper's claim per scheme (+GAPE perplexity below none at 2T and 4T, and at 1T at most 2% above it; retrieval at or above none at 2T and 4T)", ""] + c + [""]
     if m:
         lines += ["## Moonshot targets", ""] + m + [""]
     return "\n".join(lines)
@@ -252,10 +252,15 @@ def _records(out: str) -> list[dict]:
 
 def plot_gates(out: str, scheme: str = "rope", seed: int = 0) -> list[str]:
     """Gate magnitude per head over training (one row per GAPE start, one column per layer),
-    and the mask strength against key position of the last layer's heads at the end."""
+    and the mask strength against key position of the last layer's heads at the end
+    (for ``scheme``, or the first scheme with GAPE runs while it has none)."""
     plt = _plt()
     paths = []
-    recs = [r for r in _records(out) if r["job"]["scheme"] == scheme and r["job"]["seed"] == seed and r["job"]["gape"] != "none"]
+    gated = [r for r in _records(out) if r["job"]["seed"] == seed and r["job"]["gape"] != "none"]
+    present = [s for s in SCHEMES if any(r["job"]["scheme"] == s for r in gated)]
+    if present and scheme not in present:
+        scheme = present[0]
+    recs = [r for r in gated if r["job"]["scheme"] == scheme]
     for task in ("retrieval", "lm"):
         sel = [r for r in recs if r["job"]["task"] == task and r["gate_curve"]]
         if not sel:
@@ -270,7 +275,7 @@ def plot_gates(out: str, scheme: str = "rope", seed: int = 0) -> list[str]:
                     ax.plot(steps, [g[layer][h] for _, g in rec["gate_curve"]], lw=1)
                 ax.set_title(f"{rec['variant']} L{layer}", fontsize=7)
                 ax.tick_params(labelsize=6)
-            row[0].set_ylabel("T * mean lambda\n(= Gamma_h mean g)", fontsize=7)
+            row[0].set_ylabel("T * mean lambda\n(paper: Gamma_h mean g)", fontsize=7)
         fig.suptitle(f"gate magnitude per head over training ({task}, {scheme}, seed {seed})", fontsize=9)
         fig.tight_layout()
         paths.append(save_figure_atomic(fig, os.path.join(out, f"gates_{task}.png"), dpi=90))
