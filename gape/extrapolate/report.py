@@ -26,10 +26,10 @@ def _base_of(row: dict) -> str:
     return "main" if row["rope_base"] is None else f"{row['rope_base']:.0e}".replace("e+0", "e")
 
 
-def group(rows: list[dict], metric: str) -> dict:
+def group(rows: list[dict], metric: str, main: str = "1e4") -> dict:
     """``{(task, base label, scheme, gape, start): {length: (mean, std, n)}}``; NoPE and ALiBi rows
     appear under every base (they have none)."""
-    bases = sorted({_base_of(r) for r in rows if r["rope_base"] is not None}) or ["main"]
+    bases = sorted({_base_of(r) for r in rows if r["rope_base"] is not None}) or [main]
     acc = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if metric not in r:
