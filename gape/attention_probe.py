@@ -20,7 +20,6 @@ from .reference import phi
 
 PROBE = "gape_probe"
 GATE_ATTR = "gape_gate"
-ALIBI_ATTR = "gape_alibi"  # gape.hf.ALIBI_ATTR (gape.positional)
 
 # The active capture: the implementation to delegate to, the rows to keep and the sink.
 _ACTIVE: list[dict] = []
@@ -40,9 +39,9 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
 
     ``query [B, Hq, Q, D]`` and ``key [B, Hkv, K, D]`` are post-RoPE; rows sit at
     cache slots ``K - Q + row``. ``gate`` is a :class:`gape.gates.GapeGate` or None
-    (plain RoPE); or ``gates = (lambda [B, Hq, Q], pi [B, Hkv, K])`` as the attention
-    call used them (the paper's gate form and ALiBi, whose gates are not a function of
-    the post-RoPE tensors). Also returns ``(lambda [B, Hq, R], pi [B, Hkv, K])`` or ``(None, None)``.
+    (plain RoPE); or ``gates = (lambda [B, Hq, Q], pi [B, Hkv, K])`` already computed
+    (any gate form, ALiBi). Also returns ``(lambda [B, Hq, R], pi [B, Hkv, K])`` or
+    ``(None, None)``.
     """
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
@@ -54,12 +53,11 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
     delta = (idx + (lk - lq))[:, None] - torch.arange(lk, device=query.device)[None, :]
     allowed = (delta >= 0)[None, None]
     lam = pi = None
+    if gate is not None and gates is None:
+        gates = (gate.query_gate(query), gate.key_gate(key))
     if gates is not None:
-        lam, pi = gates[0][:, :, idx].float(), gates[1].float()
-    elif gate is not None:
-        lam = gate.query_gate(query)[:, :, idx].float()
-        pi = gate.key_gate(key).float()
-    if lam is not None:
+        lam = gates[0][:, :, idx].float()
+        pi = gates[1].float()
         ph = phi(delta.clamp_min(0), distance)
         keep = 1 - pi.repeat_interleave(rep, dim=1)
         scores = scores - lam[..., None] * keep[:, :, None, :] * ph
@@ -74,40 +72,22 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from .hf import IMPLEMENTATION, gape_attention_forward, layer_gates
+
     state = _ACTIVE[-1]
     gate = module._modules.get(GATE_ATTR)
-    alibi = module._modules.get(ALIBI_ATTR)
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    distance = gate.config.distance if gate is not None else ("linear" if alibi is not None else "log")
-    original = state["original"]
-    if original == "eager" or original not in ALL_ATTENTION_FUNCTIONS:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
-    else:
-        fn = ALL_ATTENTION_FUNCTIONS[original]
-    gates = None
-    if alibi is not None or (gate is not None and getattr(gate.config, "gate", "invariant") == "paper"):
-        # The gates exactly as the attention call computes them (ALiBi's slopes added; the
-        # paper's gates read pre-RoPE tensors captured by hooks): run the call first, recording.
-        own = {}
-        saved, gate_record = (gate.record, True) if gate is not None else (None, False)
-        if gate_record:
-            gate.record = own
-        try:
-            result = fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        finally:
-            if gate_record:
-                gate.record = saved
-        if gate is not None:
-            gates = (own[gate.layer_idx]["lambda"], own[gate.layer_idx]["pi"])
-            if saved is not None:
-                saved[gate.layer_idx] = own[gate.layer_idx]
-        else:
-            gates = (alibi.query_gate(query), key.new_zeros(key.shape[:3], dtype=torch.float32))
+    # computed once, here, and handed to GAPE's attention below (the paper's gate form
+    # and ALiBi included); None: the layer runs plain SDPA
+    gates = layer_gates(module, query, key) if state["original"] == IMPLEMENTATION else None
     with torch.no_grad():
         rows = state["rows"]
         if callable(rows):
             rows = rows(query.shape[2])
-        probs, (lam, pi) = attention_rows(query, key, attention_mask, scale, None if gates else gate, rows, distance, gates)
+        probs, (lam, pi) = attention_rows(
+            query, key, attention_mask, scale, None, rows, gates[2] if gates else "log",
+            gates=None if gates is None else (gates[0].detach(), gates[1].detach()),
+        )
     entry = {"probs": probs}
     if state.get("keys"):
         from .gates import pair_features
@@ -117,8 +97,14 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
     if lam is not None:
         entry["lambda"], entry["pi"] = lam, pi
     state["out"][getattr(module, "layer_idx", len(state["out"]))] = entry
-    if gates is not None:
-        return result
+    original = state["original"]
+    if original == IMPLEMENTATION:
+        return gape_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      gape_gates=gates, **kwargs)
+    if original == "eager" or original not in ALL_ATTENTION_FUNCTIONS:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as fn
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[original]
     return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

@@ -134,7 +134,8 @@ def gape_attention_forward(
 
     Args:
         module: the attention layer; its ``gape_gate`` submodule holds the gates
-            and the config. A layer without one (not selected) runs plain SDPA.
+            and the config, its ``gape_alibi`` one ALiBi's slopes (see
+            :func:`layer_gates`). A layer with neither runs plain SDPA.
         query: ``[B, Hq, Q, D]`` post-RoPE. key, value: ``[B, Hkv, K, D]``
             (cache included, not repeated for GQA).
         attention_mask: bool ``[B, 1, Q, K]`` (True = attend), a float additive
@@ -147,41 +148,17 @@ def gape_attention_forward(
     Returns:
         ``([B, Q, Hq, D]`` contiguous, ``None)``.
     """
-    gate = module._modules.get(GATE_ATTR)
-    alibi = module._modules.get(ALIBI_ATTR)
-    if gate is None and alibi is None:
-        return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if dropout:
+    if dropout and (GATE_ATTR in module._modules or ALIBI_ATTR in module._modules):
         raise ValueError(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
             "set config.attention_dropout = 0 or call model.eval()"
         )
-    if gate is None:
-        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
-        lam = alibi.query_gate(query)
-        pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
-        backend, distance = alibi.backend, "linear"
-    else:
-        config = gate.config
-        backend, distance = config.backend, config.distance
-        need_grad = gate.needs_grad()
-        record = gate.record
-        if isinstance(gate, PaperGate):
-            lam, pi = gate.gates_for(query, key)
-        else:
-            if config.identity_shortcut and record is None and not need_grad and alibi is None and gate.is_identity():
-                gate._prev_keys = None
-                return _sdpa_forward()(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-            lam = gate.query_gate(query)
-            pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
-            gate._prev_keys = None
-        if alibi is not None:
-            if distance != "linear":
-                raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {distance!r}")
-            # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
-            lam = lam + alibi.query_gate(query)
-        if record is not None:
-            record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
+    # gape.attention_probe computes the gates first and hands them over (the paper's
+    # form consumes what its hooks captured, so it cannot compute them twice).
+    gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
+    if gates is None:
+        return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    lam, pi, distance, backend = gates
 
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
@@ -195,6 +172,40 @@ def gape_attention_forward(
     fn = _backend_fn(backend, query.device, query.dtype, distance)
     out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance)
     return out.transpose(1, 2).contiguous(), None
+
+
+def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
+    """``(lambda [B, Hq, Q], pi [B, Hkv, K], distance, backend)`` of one attention call
+    (post-RoPE ``query``/``key``, cache included), or None when the layer runs plain
+    SDPA (no gates and no ALiBi, or identity gates under the identity shortcut)."""
+    gate = module._modules.get(GATE_ATTR)
+    alibi = module._modules.get(ALIBI_ATTR)
+    if gate is None and alibi is None:
+        return None
+    if gate is None:
+        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
+        pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
+        return alibi.query_gate(query), pi, "linear", alibi.backend
+    config = gate.config
+    need_grad = gate.needs_grad()
+    record = gate.record
+    if isinstance(gate, PaperGate):
+        lam, pi = gate.gates_for(query, key)
+    else:
+        if config.identity_shortcut and record is None and not need_grad and alibi is None and gate.is_identity():
+            gate._prev_keys = None
+            return None
+        lam = gate.query_gate(query)
+        pi = gate.key_gate(key) if need_grad else _key_gate_at_decode(gate, key, query.shape[2])
+        gate._prev_keys = None
+    if alibi is not None:
+        if config.distance != "linear":
+            raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {config.distance!r}")
+        # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
+        lam = lam + alibi.query_gate(query)
+    if record is not None:
+        record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
+    return lam, pi, config.distance, config.backend
 
 
 def _remember_cached_keys(module, args, kwargs):
@@ -487,7 +498,7 @@ def train_gates_only(model: nn.Module) -> list[nn.Parameter]:
     parts = gape_config(model).trainable_parts()
     for _, gate in iter_gates(model):
         for name, p in gate.named_parameters():
-            p.requires_grad_(GapeGate.part_of(name) in parts)
+            p.requires_grad_(gate.part_of(name) in parts)
     return gate_parameters(model)
 
 

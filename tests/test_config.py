@@ -62,3 +62,36 @@ def test_invalid_fields_are_named(kwargs, field, exc):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown GapeConfig field"):
         GapeConfig.from_dict({"distance": "log", "lambda": 1.0})
+
+
+def test_paper_form_defaults_and_round_trip():
+    cfg = GapeConfig(gate="paper", train_length=256)
+    assert cfg.distance == "linear" and cfg.gamma_init == 0.0 and cfg.alpha_init == 0.0
+    assert GapeConfig.from_json(cfg.to_json()) == cfg
+    assert GapeConfig().gate == "invariant" and GapeConfig().distance == "log"
+    # files written before the gate field existed load as the invariant form
+    old = {k: v for k, v in GapeConfig().to_dict().items() if k not in ("gate", "train_length", "gamma_init")}
+    assert GapeConfig.from_dict(old) == GapeConfig()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"gate": "pre-rope"}, "gate"),
+        ({"gate": "paper"}, "train_length"),
+        ({"gate": "paper", "train_length": 0}, "train_length"),
+        ({"gate": "paper", "train_length": -4}, "train_length"),
+        ({"gate": "paper", "train_length": 256.0}, "train_length"),
+        ({"gate": "paper", "train_length": 256, "distance": "log"}, "distance"),
+        ({"gate": "paper", "train_length": 256, "gamma_init": float("inf")}, "gamma_init"),
+        ({"gate": "paper", "train_length": 256, "fixed_lambda": 0.1}, "fixed_lambda"),
+        ({"gate": "paper", "train_length": 256, "alpha_init": 1.0}, "alpha_init"),
+        ({"train_length": 256}, "train_length"),
+        ({"gamma_init": -5.0}, "gamma_init"),
+    ],
+    ids=["gate", "T-missing", "T-zero", "T-negative", "T-float", "paper-log", "gamma-inf", "paper-fixed",
+         "paper-alpha", "T-invariant", "gamma-invariant"],
+)
+def test_paper_form_invalid_fields_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=f"GapeConfig.{field}"):
+        GapeConfig(**kwargs)
