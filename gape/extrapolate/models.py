@@ -19,7 +19,7 @@ ROTARY = ("rope", "prope")
 class Arch:
     layers: int = 6
     hidden: int = 64
-    heads: int = 4
+    heads: int = 2
     ffn: int = 256
 
     def to_dict(self) -> dict:
