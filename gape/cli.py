@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "eval": ("gape.lmeval.cli", "lm-evaluation-harness with the 'gape' model registered (args pass through)"),
     "audit-kernels": ("gape.kernels.audit", "compile every Triton kernel variant for sm_80/sm_90 and report registers, spills, shared memory"),
     "synthetic": ("gape.synthetic", "train tiny models from scratch on synthetic retrieval; length extrapolation"),
+    "extrapolate": ("gape.extrapolate", "the paper's experiment at CPU scale: NoPE/RoPE/p-RoPE/ALiBi with and without GAPE, retrieval and LM"),
     "calibrate": ("gape.calibrate", "train only the gates of a pretrained model"),
     "inspect": ("gape.inspect", "plot attention mass against distance and the gate values"),
 }

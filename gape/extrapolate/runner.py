@@ -1,0 +1,242 @@
+"""The resumable queue of ``gape extrapolate``: one model per (task, scheme, GAPE form and
+start, RoPE base, seed), trained, evaluated, and written before the next one starts.
+
+Output folder (one writer):
+
+- ``config.json``: the experiment (anything that changes a number); a resumed run must match it.
+- ``rows.jsonl``: one JSON object per (run, evaluation length), rewritten atomically after
+  each run, so a kill at any moment leaves every finished run and nothing partial.
+- ``runs/<run id>.json``: a run's loss curve, gate magnitudes over training, mask strength
+  at the end, timings (written before its rows, so a run is done exactly when its rows are).
+- ``summary.md`` and ``*.png``: regenerated from the two above after each run (:mod:`.report`).
+
+A run killed half-way is retrained from scratch; data, initialisation and evaluation depend
+only on the seed, so the resumed folder holds the same numbers an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import synthetic as syn
+from .._io import write_atomic, write_json_atomic
+from . import corpus as corpus_mod
+from . import tasks
+from .models import ROTARY, Arch, build, variant_label
+
+ROWS = "rows.jsonl"
+CONFIG = "config.json"
+# config keys that may grow between invocations on one folder (the queue, not the numbers)
+QUEUE_KEYS = ("seeds", "schemes", "forms", "tasks", "bases")
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    scheme: str
+    gape: str
+    start: str
+    base: float
+    seed: int
+
+    @property
+    def variant(self) -> str:
+        return variant_label(self.gape, self.start, self.scheme, self.base)
+
+    @property
+    def run_id(self) -> str:
+        base = f"base{self.base:.0e}".replace("e+0", "e") if self.scheme in ROTARY else "nobase"
+        return f"{self.task}-{self.scheme}-{self.gape}-{self.start}-{base}-seed{self.seed}"
+
+
+def queue(config: dict) -> list[Job]:
+    """Every job, balanced for partial results: seed by seed at the main base first, then
+    the second base (rotary schemes only, as NoPE and ALiBi have no base)."""
+    jobs = []
+    bases = config["bases"]
+    for bi, base in enumerate(bases):
+        for seed in config["seeds"]:
+            for scheme in config["schemes"]:
+                if bi > 0 and scheme not in ROTARY:
+                    continue
+                for gape, start in config["forms"]:
+                    for task in config["tasks"]:
+                        jobs.append(Job(task, scheme, gape, start, base, seed))
+    return jobs
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def read_rows(out: str) -> list[dict]:
+    path = os.path.join(out, ROWS)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_rows(out: str, rows: list[dict]) -> None:
+    write_atomic(os.path.join(out, ROWS), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def _same_experiment(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if k not in QUEUE_KEYS and a.get(k) != b.get(k))
+
+
+def _merge_queue(old: dict, new: dict) -> dict:
+    merged = dict(new)
+    for k in QUEUE_KEYS:
+        seen = list(old.get(k, []))
+        merged[k] = seen + [v for v in new[k] if v not in seen]
+    return merged
+
+
+def prepare(out: str, config: dict, force: bool = False) -> dict:
+    """Create or reopen ``out`` for ``config``; returns the folder's (merged) config."""
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    path = os.path.join(out, CONFIG)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.loads(f.read())
+        diff = _same_experiment(_plain(old), _plain(config))
+        if diff and not force:
+            raise ValueError(f"{out} holds results of a different experiment (differs in {diff}); use another --out, or --force to discard them")
+        if diff:
+            write_rows(out, [])
+            old = {}
+        config = _merge_queue(_plain(old), _plain(config))
+    write_json_atomic(path, _plain(config), indent=1, sort_keys=True)
+    return config
+
+
+def _plain(config: dict) -> dict:
+    return json.loads(json.dumps(config))
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_job(job: Job, config: dict, data, log=print) -> tuple[list[dict], dict]:
+    """Train and evaluate one model; returns ``(rows, record)``."""
+    t = config[job.task]
+    T = t["train_length"]
+    lengths = [m * T for m in t["multiples"]]
+    arch = Arch(**config["arch"])
+    vocab = tasks.RETRIEVAL_VOCAB if job.task == "retrieval" else corpus_mod.VOCAB
+    model = build(arch, vocab, job.scheme, job.gape, job.start, job.base, T, max(lengths), job.seed)
+    t0 = time.perf_counter()
+    trained = tasks.train(model, job.task, data=data, steps=t["steps"], train_length=T, batch=t["batch"], lr=t["lr"],
+                          warmup=config["warmup"], seed=job.seed, gate_every=config["gate_every"],
+                          track_gates=job.gape != "none",
+                          log_every=max(1, t["steps"] // 10), log=log)
+    t1 = time.perf_counter()
+    results, valid = {}, None
+    ev = config["eval"]
+    if job.task == "retrieval":
+        for L in lengths:
+            results[L] = tasks.eval_retrieval(model, L, ev["samples"], batch_tokens=ev["batch_tokens"], entropy_samples=ev["entropy_samples"])
+    else:
+        for L in lengths:
+            windows = corpus_mod.eval_windows(data.test, L, max(ev["min_windows"], ev["tokens"] // L))
+            results[L] = tasks.eval_lm(model, windows, T, batch_tokens=ev["batch_tokens"], entropy_windows=ev["entropy_samples"])
+        vw = corpus_mod.eval_windows(data.valid, T, max(ev["min_windows"], ev["tokens"] // T))
+        valid = tasks.eval_lm(model, vw, T, batch_tokens=ev["batch_tokens"], entropy_windows=0)["perplexity"]
+    mask = {}
+    if job.gape != "none":
+        L = config["mask_multiple"] * T
+        probe = (corpus_mod.eval_windows(data.test, L, 8)[:, :L] if job.task == "lm"
+                 else syn.make_batch(torch.Generator().manual_seed(5), 8, L)[0])
+        mask = tasks.mask_strength(model, probe, stride=max(1, L // 256))
+    t2 = time.perf_counter()
+    rows = []
+    for L, r in results.items():
+        row = {"run": job.run_id, "task": job.task, "scheme": job.scheme, "gape": job.gape, "start": job.start,
+               "variant": job.variant, "rope_base": job.base if job.scheme in ROTARY else None, "seed": job.seed,
+               "train_length": T, "length": L, "multiple": L // T, "entropy": r["entropy"],
+               "entropy_mean": round(sum(r["entropy"]) / len(r["entropy"]), 5)}
+        if job.task == "retrieval":
+            row["accuracy"] = r["accuracy"]
+        else:
+            row.update(perplexity=round(r["perplexity"], 5), perplexity_last_t=round(r["perplexity_last_t"], 5),
+                       windows=r["windows"], valid_perplexity=round(valid, 5))
+        rows.append(row)
+    record = {"run": job.run_id, "job": job.__dict__, "variant": job.variant, **trained, "mask_strength": mask,
+              "train_s": round(t1 - t0, 2), "eval_s": round(t2 - t1, 2), "valid_perplexity": valid,
+              "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
+    return rows, record
+
+
+def _show(row: dict) -> str:
+    metric = f"acc {row['accuracy']:.3f}" if "accuracy" in row else f"ppl {row['perplexity']:.3f} (last T {row['perplexity_last_t']:.3f})"
+    return f"  L={row['length']:6d} ({row['multiple']:2d}T): {metric}  entropy {row['entropy_mean']:.3f}"
+
+
+def merge(out: str, sources: list[str]) -> list[dict]:
+    """Add to ``out`` the finished runs of other folders of the same experiment (for example
+    other seeds run by a second process, each folder with its own single writer); runs
+    ``out`` already has are kept as they are. Returns every row of ``out``."""
+    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    rows = read_rows(out)
+    have = {r["run"] for r in rows}
+    for src in sources:
+        with open(os.path.join(src, CONFIG), encoding="utf-8") as f:
+            other = json.load(f)
+        diff = _same_experiment(config, other)
+        if diff:
+            raise ValueError(f"{src} is a different experiment from {out} (differs in {diff}); cannot merge")
+        new = [r for r in read_rows(src) if r["run"] not in have]
+        for run_id in sorted({r["run"] for r in new}):
+            with open(os.path.join(src, "runs", run_id + ".json"), encoding="utf-8") as f:
+                record = json.load(f)
+            write_json_atomic(os.path.join(out, "runs", run_id + ".json"), record, sort_keys=True)
+        rows += new
+        have |= {r["run"] for r in new}
+        config = _merge_queue(config, other)
+    write_json_atomic(os.path.join(out, CONFIG), config, indent=1, sort_keys=True)
+    write_rows(out, rows)
+    return rows
+
+
+REPORT_EVERY_S = 300.0
+
+
+def run(out: str, config: dict, *, corpus: str | None = None, check_corpus: bool = True, force: bool = False,
+        max_runs: int | None = None, report: bool = True, log=print) -> list[dict]:
+    """Work through the queue, skipping finished runs; returns every row in the folder.
+
+    ``report``: regenerate summary.md and the plots at the end and at most every
+    ``REPORT_EVERY_S`` seconds in between (they cost a few seconds of CPU each time)."""
+    config = prepare(out, config, force)
+    rows = read_rows(out)
+    done = {r["run"] for r in rows}
+    jobs = [j for j in queue(config) if j.run_id not in done]
+    log(f"{out}: {len(done)} run(s) done, {len(jobs)} to go")
+    data = None
+    if any(j.task == "lm" for j in jobs):
+        data = corpus_mod.load(corpus, check=check_corpus,
+                               min_doc_tokens=max(config["lm"]["multiples"]) * config["lm"]["train_length"] + 1)
+    if max_runs is not None:
+        jobs = jobs[:max_runs]
+    last_report = time.monotonic()
+    for n, job in enumerate(jobs):
+        log(f"[{len(done) + n + 1}/{len(done) + len(jobs)}] {job.run_id}")
+        new, record = run_job(job, config, data, log=log)
+        for r in new:
+            log(_show(r))
+        write_json_atomic(os.path.join(out, "runs", job.run_id + ".json"), record, sort_keys=True)
+        rows = rows + new
+        write_rows(out, rows)
+        log(f"  train {record['train_s']:.1f} s, eval {record['eval_s']:.1f} s")
+        if report and (n + 1 == len(jobs) or time.monotonic() - last_report > REPORT_EVERY_S):
+            from . import report as report_mod
+
+            report_mod.write(out)
+            last_report = time.monotonic()
+    return rows

