@@ -16,15 +16,13 @@ from test_hf import make_model, randomize_gates, tokens
 DEFAULT = gape.GapeConfig()  # backend auto: the C++ kernel / tiles on the CPU
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_static_cache_generate_equals_dynamic(arch):
-    model = make_model(arch)
-    gape.patch(model, DEFAULT)
-    randomize_gates(model, scale=0.5)
+def _assert_static_equals_dynamic(model, pad: int, new_tokens: int) -> None:
+    """Greedy generate on a left-padded batch: a static cache gives the dynamic cache's
+    tokens and scores."""
     ids = tokens(2, 12)
     am = torch.ones_like(ids)
-    am[1, :4] = 0  # left padding
-    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, attention_mask=am, output_scores=True,
+    am[1, :pad] = 0  # left padding
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, attention_mask=am, output_scores=True,
               return_dict_in_generate=True)
     with torch.no_grad():
         dyn = model.generate(ids, **kw)
@@ -32,6 +30,14 @@ def test_static_cache_generate_equals_dynamic(arch):
     assert torch.equal(dyn.sequences, st.sequences)
     for a, b in zip(dyn.scores, st.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_cache_generate_equals_dynamic(arch):
+    model = make_model(arch)
+    gape.patch(model, DEFAULT)
+    randomize_gates(model, scale=0.5)
+    _assert_static_equals_dynamic(model, pad=4, new_tokens=10)
 
 
 def test_static_cache_alibi_without_gates_equals_dynamic():
@@ -40,17 +46,7 @@ def test_static_cache_alibi_without_gates_equals_dynamic():
     per row, so this guards the plumbing, not the offset itself: the gated tests do.)"""
     model = make_model("llama")
     gape.with_positional(model, "alibi")
-    ids = tokens(2, 12)
-    am = torch.ones_like(ids)
-    am[1, :3] = 0
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=am, output_scores=True,
-              return_dict_in_generate=True)
-    with torch.no_grad():
-        dyn = model.generate(ids, **kw)
-        st = model.generate(ids, cache_implementation="static", **kw)
-    assert torch.equal(dyn.sequences, st.sequences)
-    for a, b in zip(dyn.scores, st.scores):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_static_equals_dynamic(model, pad=3, new_tokens=8)
     gape.with_positional(model, "rope")
     assert not any(attn._forward_pre_hooks for attn in (layer.self_attn for layer in model.model.layers))
 
