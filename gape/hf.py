@@ -421,24 +421,11 @@ def _remember_cached_keys(module, args, kwargs):
         return None
     gate._prev_keys = None
     gate._cache_layer = None
-    gate._query_offset = None
-    # transformers renamed the argument from past_key_values to cache (5.2x); read either.
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    layers = getattr(cache, "layers", None)
-    idx = getattr(module, "layer_idx", None)
+    gate._query_offset = _static_offset(module, kwargs)
+    layers, idx = _cache_layers(kwargs), getattr(module, "layer_idx", None)
     if layers is not None and isinstance(idx, int) and idx < len(layers):
         layer = layers[idx]
-        dynamic, static = _cache_layer_types()
-        if isinstance(layer, static):
-            if type(layer) is not static:
-                raise ValueError(
-                    f"GAPE takes DynamicCache or StaticCache layers, got {type(layer).__name__}: GAPE's distances "
-                    "are cache-slot distances, and a static sliding-window layer rolls over (use a DynamicCache)"
-                )
-            # the queries of this step are written at slots [length, length + Q): that is the offset
-            gate._query_offset = layer.cumulative_length.clone()
+        dynamic = _cache_layer_types()[0]
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
         if type(layer) is dynamic and not torch.compiler.is_compiling():
             gate._prev_keys = getattr(layer, "keys", None)
@@ -451,14 +438,19 @@ def _remember_cached_keys(module, args, kwargs):
     return None
 
 
-def _static_offset(module, kwargs):
-    """The queries' offset when this layer's cache is a StaticCache layer (the slots
-    [length, length + Q) are written this step), else None."""
+def _cache_layers(kwargs):
+    """The layers of the KV cache a layer forward was given, or None."""
+    # transformers renamed the argument from past_key_values to cache (5.2x); read either.
     cache = kwargs.get("cache")
     if cache is None:
         cache = kwargs.get("past_key_values")
-    layers = getattr(cache, "layers", None)
-    idx = getattr(module, "layer_idx", None)
+    return getattr(cache, "layers", None)
+
+
+def _static_offset(module, kwargs):
+    """The queries' offset when this layer's cache is a StaticCache layer (the slots
+    [length, length + Q) are written this step), else None."""
+    layers, idx = _cache_layers(kwargs), getattr(module, "layer_idx", None)
     if layers is None or not isinstance(idx, int) or idx >= len(layers):
         return None
     layer = layers[idx]
