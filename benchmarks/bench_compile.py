@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gape  # noqa: E402
 from gape import hf  # noqa: E402
 from gape._io import write_json_atomic  # noqa: E402
-from gape._machine import cpu_model  # noqa: E402
+from gape._machine import machine_record  # noqa: E402
 from gape._threads import set_threads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,19 +94,8 @@ def measure(mode: str, compiled: bool, prompt: int, new: int, repeats: int) -> d
 
 
 def environment() -> dict:
-    import transformers
-
-    return {
-        "machine": platform.machine(),
-        "processor": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "gape": gape.__version__,
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized), float32, DynamicCache",
-    }
+    return {**machine_record(),
+            "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantized), float32, DynamicCache"}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import torch
 import gape
 from gape import hf
 from gape._io import write_csv_atomic, write_json_atomic
-from gape._machine import cpu_model
+from gape._machine import machine_record
 from gape._threads import set_threads
 from gape.gates import PaperGate, inverse_softplus
 
@@ -244,22 +243,13 @@ def _cpu_kernel_available() -> bool:
 
 
 def environment(args, backend) -> dict:
-    import transformers
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
-        "machine": platform.machine(),
-        "processor": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "gape": gape.__version__,
+        **machine_record(),
         "commit": commit,
         "backend": backend,
         # the torch backend's fused C++ CPU forward (False: its pure-PyTorch tiles)

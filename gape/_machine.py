@@ -33,3 +33,24 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 34
+
+
+def machine_record() -> dict:
+    """The machine and software fields every benchmark's JSON carries (callers add their own)."""
+    import os
+
+    import torch
+    import transformers
+
+    import gape
+
+    return {
+        "machine": platform.machine(),
+        "processor": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gape": gape.__version__,
+    }
