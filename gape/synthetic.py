@@ -168,6 +168,31 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def optimizer_step(model, opt, loss) -> float:
+    """One AdamW step with global-norm clipping at 1.0 (every from-scratch trainer here); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+class LossLog:
+    """Mean training loss over each ``every`` steps, kept as ``curve = [[step, mean]]`` and logged."""
+
+    def __init__(self, steps: int, every: int, log, indent: str = "  "):
+        self.steps, self.every, self.log, self.indent = steps, every, log, indent
+        self.curve: list[list[float]] = []
+        self._window: list[float] = []
+
+    def add(self, step: int, loss: float) -> None:
+        self._window.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+            self.curve.append([step + 1, sum(self._window) / len(self._window)])
+            self.log(f"{self.indent}step {step + 1:5d}/{self.steps}  loss {self.curve[-1][1]:.4f}")
+            self._window = []
+
+
 def train(model, *, steps: int, train_len: int, seed: int, batch: int = 32, lr: float = 1e-3, gate_lr: float | None = None,
           warmup: int = 50, min_len: int = 32, log_every: int = 100, log=print) -> list[list[float]]:
     """Train on passkey batches, one length per batch drawn uniformly from ``min_len..train_len``.
@@ -184,25 +209,16 @@ def train(model, *, steps: int, train_len: int, seed: int, batch: int = 32, lr: 
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed * 1000003 + 17)
     model.train()
-    curve, window = [], []
+    losses = LossLog(steps, log_every, log)
     lo = min(max(MIN_LENGTH + 4, min_len), train_len)
     for step in range(steps):
         length = int(torch.randint(lo, train_len + 1, (1,), generator=gen))
         tokens, _, _ = make_batch(gen, batch, length)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup) * g["lr_scale"]
-        loss = answer_loss(model, tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append([step + 1, sum(window) / len(window)])
-            log(f"  step {step + 1:5d}/{steps}  loss {curve[-1][1]:.4f}")
-            window = []
+        losses.add(step, optimizer_step(model, opt, answer_loss(model, tokens)))
     model.eval()
-    return curve
+    return losses.curve
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -66,7 +66,7 @@ def train(model, task: str, *, data, steps: int, train_length: int, batch: int, 
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed * 1000003 + (17 if task == "retrieval" else 29))
     model.train()
-    loss_curve, gate_curve, window = [], [], []
+    gate_curve, losses = [], syn.LossLog(steps, log_every, log, indent="    ")
     for step in range(steps):
         if task == "retrieval":
             length = int(torch.randint(RETRIEVAL_MIN_LEN, train_length + 1, (1,), generator=gen))
@@ -82,17 +82,9 @@ def train(model, task: str, *, data, steps: int, train_length: int, batch: int, 
             gate_curve.append([step, gate_magnitude(rec, train_length)])
         else:
             loss = _loss(model, task, tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        window.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            loss_curve.append([step + 1, sum(window) / len(window)])
-            log(f"    step {step + 1:5d}/{steps}  loss {loss_curve[-1][1]:.4f}")
-            window = []
+        losses.add(step, syn.optimizer_step(model, opt, loss))
     model.eval()
-    return {"loss_curve": loss_curve, "gate_curve": gate_curve}
+    return {"loss_curve": losses.curve, "gate_curve": gate_curve}
 
 
 def _gates(model) -> list:
