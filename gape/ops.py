@@ -36,6 +36,14 @@ BLOCK_BACKENDS = ("auto", "torch", "triton", "reference")
 _LN2 = math.log(2.0)
 
 
+def block_backend(backend: str, query, distance: str = "log") -> str:
+    """The block kernel ``backend`` names for ``query``: ``"auto"`` is Triton where
+    :func:`gape.api.select` would pick it, else the fused C++ kernel."""
+    if backend != "auto":
+        return backend
+    return "triton" if api.resolve_backend("auto", query, distance) == "triton" else "torch"
+
+
 def _prepare(query, key, value, query_gate, key_gate, is_causal, scale, distance, query_offset, window_size, backend):
     if backend not in BLOCK_BACKENDS:
         raise ValueError(f"backend must be one of {BLOCK_BACKENDS}, got {backend!r}")
@@ -43,8 +51,7 @@ def _prepare(query, key, value, query_gate, key_gate, is_causal, scale, distance
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     offset = api._check_query_offset(query_offset, b, lq, lk, query.device)
     window = api._check_window(window_size, is_causal)
-    if backend == "auto":
-        backend = "triton" if api.resolve_backend("auto", query, distance) == "triton" else "torch"
+    backend = block_backend(backend, query, distance)
     if backend == "triton":
         reason = api.unsupported_reason("triton", query, distance, None, is_causal)
         if reason is not None:

@@ -42,9 +42,7 @@ def backward(name, q, k, v, qg, kg, out, lse, dout, query_offset, is_causal, sca
 
 def resolve(backend: str, query: torch.Tensor) -> str:
     """The block kernel ``backend`` names for ``query`` (``auto``: the fused kernel of its device)."""
-    if backend == "auto":
-        return "triton" if query.device.type == "cuda" and query.dtype != torch.float64 else "torch"
-    return backend
+    return ops.block_backend(backend, query)
 
 
 def unsupported_reason(name: str, query: torch.Tensor) -> str | None:
