@@ -63,6 +63,7 @@ def measure(mode: str, compiled: bool, prompt: int, new: int, repeats: int) -> d
     import torch._dynamo.utils as dynamo_utils
 
     torch._dynamo.reset()
+    dynamo_utils.counters.clear()  # reset() keeps the counters: graphs would add up across modes
     model = build(mode)
     ids = torch.randint(100, 20000, (1, prompt), generator=torch.Generator().manual_seed(0))
     if compiled:
