@@ -316,7 +316,7 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
     # the backend table caches loaded functions (a dict lookup torch.compile traces)
     monkeypatch.setattr(gape.api, "_LOADED", {})
-    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
     model = make_model()
     gape.with_positional(model, "alibi")
     assert model.config._attn_implementation == "gape"
