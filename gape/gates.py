@@ -69,6 +69,14 @@ def feature_count(head_dim: int, rotary_dim: int | None = None) -> int:
     return r // 2 + head_dim - r
 
 
+def set_trainable(gate: nn.Module, parts) -> None:
+    """Make the parameters of ``gate`` (a :class:`GapeGate` or :class:`PaperGate`) that
+    belong to the ``GapeConfig.trainable`` ``parts`` trainable and freeze the others
+    (``gate.part_of`` names a parameter's part)."""
+    for name, param in gate.named_parameters():
+        param.requires_grad_(gate.part_of(name) in parts)
+
+
 def pair_features(x: torch.Tensor, layout: str = "half", rotary_dim: int | None = None) -> torch.Tensor:
     """Rotation-invariant features ``[..., P]`` (float32) of ``x [..., D]``: the
     pair norms of the first ``rotary_dim`` channels (all by default), then the
@@ -151,9 +159,7 @@ class GapeGate(nn.Module):
             self.u = nn.Parameter(torch.zeros(num_kv_heads, pairs, **kw))
             self.c = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
 
-        parts = config.trainable_parts()
-        for name, param in self.named_parameters():
-            param.requires_grad_(self.part_of(name) in parts)
+        set_trainable(self, config.trainable_parts())
 
         # Opt-in recording for inspection: a dict the attention function fills
         # with {layer_idx: {"lambda": ..., "pi": ...}} (see gape.hf.record_gates).
@@ -278,9 +284,7 @@ class PaperGate(nn.Module):
         if config.learned_pi:
             self.w_l = nn.Parameter(torch.zeros(num_kv_heads, head_dim, **kw))
             self.b_l = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
-        parts = config.trainable_parts()
-        for name, param in self.named_parameters():
-            param.requires_grad_(self.part_of(name) in parts)
+        set_trainable(self, config.trainable_parts())
         self.record: dict | None = None
         # Scratch state of one forward, owned here (see gape.hf): the gates of the
         # tokens the hooks just saw, the keys the cache held before this step, and

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import compat, pretrained
 from ..config import GapeConfig
-from ..gates import GapeGate, PaperGate
+from ..gates import GapeGate, PaperGate, set_trainable
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
 from .attention import _backend_fn, _register
 from .decode import _remember_cached_keys
@@ -299,8 +299,7 @@ def train_gates_only(model: nn.Module) -> list[nn.Parameter]:
             p.requires_grad_(False)
     parts = gape_config(model).trainable_parts()
     for _, gate in iter_gates(model):
-        for name, p in gate.named_parameters():
-            p.requires_grad_(gate.part_of(name) in parts)
+        set_trainable(gate, parts)
     return gate_parameters(model)
 
 
