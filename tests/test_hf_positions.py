@@ -67,7 +67,7 @@ def test_static_cache_offsets_matter():
             orig(module, args, kwargs)
             gate = module._modules.get(hf.GATE_ATTR)
             if gate is not None:
-                gate._query_offset = None
+                hf.decode.layer_state(gate).query_offset = None
 
         for _, g in hf.iter_gates(model):
             pass

@@ -112,7 +112,7 @@ def test_paper_decode_step_by_step_with_dynamic_cache_left_padded():
     assert_real_rows_close(torch.cat(steps, dim=1), ref, mask)
     # pi is remembered per cached key: one float per key and kv head
     gate = next(g for _, g in hf.iter_gates(model))
-    assert gate.cached_pi_bytes() == ids.shape[0] * 2 * ids.shape[1] * 4
+    assert hf.decode.cached_pi_bytes(gate) == ids.shape[0] * 2 * ids.shape[1] * 4
 
 
 def test_paper_generate_cached_equals_uncached():

@@ -15,7 +15,7 @@ from torch import nn
 from .. import api, compat, pretrained
 from ..gates import PaperGate
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
-from .decode import _cache_layer_types, _key_gate_at_decode
+from .decode import _cache_layer_types, _key_gate_at_decode, layer_state, paper_gates
 
 # --------------------------------------------------------------------------- registration
 
@@ -177,8 +177,9 @@ def gape_attention_forward(
     holder = module._modules.get(GATE_ATTR)
     if holder is None:
         holder = module._modules.get(ALIBI_ATTR)
-    offset = getattr(holder, "_query_offset", None)
-    holder._query_offset = None
+    state = layer_state(holder)
+    offset = state.query_offset
+    state.query_offset = None
     packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
     if packed is not None:
         varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1])
@@ -228,22 +229,23 @@ def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
         return alibi.query_gate(query), pi, "linear", alibi.backend
     config = gate.config
     need_grad = gate.needs_grad()
-    record = gate.record
+    state = layer_state(gate)
+    record = state.record
     if isinstance(gate, PaperGate):
-        lam, pi = gate.gates_for(query, key)
+        lam, pi = paper_gates(gate, query, key)
     else:
         compiling = torch.compiler.is_compiling()
         # is_identity reads the gate values on the host: not while torch.compile traces
         # (the GAPE kernel at lambda = 0 is the identity too, to kernel precision).
         if (config.identity_shortcut and record is None and not need_grad and alibi is None and not compiling
                 and gate.is_identity()):
-            gate._prev_keys = None
+            state.prev_keys = None
             return None
         lam = gate.query_gate(query)
         # The decode memo keeps Python state across steps, which torch.compile would guard
         # on (a recompile per step); compiled, pi comes from all keys (O(Lk) like attention).
         pi = gate.key_gate(key) if need_grad or compiling else _key_gate_at_decode(gate, key, query.shape[2])
-        gate._prev_keys = None
+        state.prev_keys = None
     if alibi is not None:
         if config.distance != "linear":
             raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {config.distance!r}")

@@ -5,6 +5,7 @@ gates expose (parameters to train, records of the gates, the model's shape)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 from torch import nn
@@ -14,7 +15,7 @@ from ..config import GapeConfig
 from ..gates import GapeGate, PaperGate, set_trainable
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
 from .attention import _backend_fn, _register
-from .decode import _remember_cached_keys
+from .decode import _remember_cached_keys, capture_key, capture_query, layer_state
 
 logger = logging.getLogger("gape")
 
@@ -184,16 +185,17 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
                 layer_idx=i, dtype=ref.dtype, device=ref.device, rotary_dim=rotated,
             )
             attn.add_module(GATE_ATTR, gate)
+            layer_state(gate)  # created now, so a traced forward only reads it
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
             if isinstance(gate, PaperGate):
-                for name, capture in ((spec.query_pre_rope, gate.capture_query), (spec.key_pre_rope, gate.capture_key)):
+                for name, capture in ((spec.query_pre_rope, capture_query), (spec.key_pre_rope, capture_key)):
                     source = getattr(attn, name, None)
                     if not isinstance(source, nn.Module):
                         raise ValueError(
                             f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{name}, which "
                             f"this model does not have; fix query_pre_rope/key_pre_rope in the {spec.model_types[0]} spec"
                         )
-                    handles.append(source.register_forward_hook(capture))
+                    handles.append(source.register_forward_hook(functools.partial(capture, gate)))
             handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
             for compiling in (False, True):  # filled now, so a traced forward only looks them up
                 _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
@@ -319,9 +321,9 @@ def record_gates(model: nn.Module):
     gates = iter_gates(model)
     out: dict = {}
     for _, g in gates:
-        g.record = out
+        layer_state(g).record = out
     try:
         yield out
     finally:
         for _, g in gates:
-            g.record = None
+            layer_state(g).record = None
