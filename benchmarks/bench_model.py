@@ -49,7 +49,7 @@ from gape import hf
 from gape._io import write_csv_atomic, write_json_atomic
 from gape._machine import machine_record
 from gape._threads import set_threads
-from gape.gates import PaperGate, inverse_softplus
+from gape.gates import inverse_softplus
 
 MODES = ("sdpa", "gape-identity", "gape-identity-kernel", "gape-gates", "gape-paper")
 PAPER_T = 2048  # the paper form's training length in this benchmark (SmolLM2 was trained at 2k-8k)
@@ -107,14 +107,7 @@ def kv_bytes(cache) -> int:
 def pi_memo_bytes(model) -> int:
     if not hf.is_patched(model):
         return 0
-    total = 0
-    for _, gate in hf.iter_gates(model):
-        if isinstance(gate, PaperGate):
-            total += gate.cached_pi_bytes()
-        elif gate._pi_memo is not None:
-            pi = gate._pi_memo[3]
-            total += pi.numel() * pi.element_size()
-    return total
+    return sum(hf.decode.cached_pi_bytes(gate) for _, gate in hf.iter_gates(model))
 
 
 # --------------------------------------------------------------------------- model set-up

@@ -42,7 +42,6 @@ Gates are computed in float32 whatever the model dtype.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -67,6 +66,14 @@ def feature_count(head_dim: int, rotary_dim: int | None = None) -> int:
     """Number of gate features ``P`` for a head of ``head_dim`` channels, ``rotary_dim`` of them rotated."""
     r = head_dim if rotary_dim is None else rotary_dim
     return r // 2 + head_dim - r
+
+
+def set_trainable(gate: nn.Module, parts) -> None:
+    """Make the parameters of ``gate`` (a :class:`GapeGate` or :class:`PaperGate`) that
+    belong to the ``GapeConfig.trainable`` ``parts`` trainable and freeze the others
+    (``gate.part_of`` names a parameter's part)."""
+    for name, param in gate.named_parameters():
+        param.requires_grad_(gate.part_of(name) in parts)
 
 
 def pair_features(x: torch.Tensor, layout: str = "half", rotary_dim: int | None = None) -> torch.Tensor:
@@ -151,16 +158,7 @@ class GapeGate(nn.Module):
             self.u = nn.Parameter(torch.zeros(num_kv_heads, pairs, **kw))
             self.c = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
 
-        parts = config.trainable_parts()
-        for name, param in self.named_parameters():
-            param.requires_grad_(self.part_of(name) in parts)
-
-        # Opt-in recording for inspection: a dict the attention function fills
-        # with {layer_idx: {"lambda": ..., "pi": ...}} (see gape.hf.record_gates).
-        self.record: dict | None = None
-        # Decode-time memo of pi for the cached keys (see gape.hf).
-        self._prev_keys = None
-        self._pi_memo = None
+        set_trainable(self, config.trainable_parts())
 
     @staticmethod
     def part_of(name: str) -> str:
@@ -278,20 +276,7 @@ class PaperGate(nn.Module):
         if config.learned_pi:
             self.w_l = nn.Parameter(torch.zeros(num_kv_heads, head_dim, **kw))
             self.b_l = nn.Parameter(torch.full((num_kv_heads,), config.key_bias_init, **kw))
-        parts = config.trainable_parts()
-        for name, param in self.named_parameters():
-            param.requires_grad_(self.part_of(name) in parts)
-        self.record: dict | None = None
-        # Scratch state of one forward, owned here (see gape.hf): the gates of the
-        # tokens the hooks just saw, the keys the cache held before this step, and
-        # a function returning this layer's cache layer (after the update).
-        self._lambda = None
-        self._pi_new = None
-        self._prev_keys = None
-        self._cache_layer = None
-        # cache layer -> (weakref to the keys it holds, their _version, key-gate
-        # parameter versions, pi of those keys): the key gates of cached keys.
-        self._pi_cache = weakref.WeakKeyDictionary()
+        set_trainable(self, config.trainable_parts())
 
     @staticmethod
     def part_of(name: str) -> str:
@@ -311,20 +296,6 @@ class PaperGate(nn.Module):
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-
-    def _key_versions(self) -> tuple:
-        # Storage, version counter and a copy of the values: a replaced ``.data`` and an
-        # in-place edit through ``.data`` (which bumps no version counter) both show.
-        if not self.config.learned_pi:
-            return ()
-        return tuple((p.data_ptr(), p._version, p.detach().clone()) for p in (self.w_l, self.b_l))
-
-    @staticmethod
-    def _same_versions(saved: tuple, now: tuple) -> bool:
-        return len(saved) == len(now) and all(
-            a[0] == b[0] and a[1] == b[1] and a[2].shape == b[2].shape and torch.equal(a[2], b[2])
-            for a, b in zip(saved, now)
-        )
 
     # ---- the gates, on [B, L, H, D] (the projections' layout) or [B, H, L, D]
 
@@ -350,63 +321,8 @@ class PaperGate(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_gate(query), self.key_gate(key)
 
-    # ---- capture (forward hooks on the modules producing the pre-RoPE q and k)
+    # ---- a projection's output as heads (for gape.hf's capture hooks)
 
     def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         # q_proj output [B, L, H*D] or q_norm output [B, L, H, D] -> [B, L, H, D]
         return x.reshape(x.shape[0], x.shape[1], heads, self.head_dim)
-
-    def capture_query(self, module, args, output) -> None:
-        self._lambda = self._lambda_blhd(self._heads(output, self.num_heads))
-
-    def capture_key(self, module, args, output) -> None:
-        self._pi_new = self._pi_blhd(self._heads(output, self.num_kv_heads))
-
-    def gates_for(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lambda [B, Hq, Lq], pi [B, Hkv, Lk])`` for this attention call, from what the
-        hooks captured; ``query``/``key`` are the post-RoPE tensors (cache included)."""
-        lam, pi_new, prev, find_layer = self._lambda, self._pi_new, self._prev_keys, self._cache_layer
-        self._lambda = self._pi_new = self._prev_keys = self._cache_layer = None
-        layer = find_layer() if find_layer is not None else None
-        b, hq, lq, _ = query.shape
-        lk = key.shape[2]
-        if lam is None or pi_new is None or tuple(lam.shape) != (b, hq, lq) or pi_new.shape[:2] != (b, self.num_kv_heads):
-            raise RuntimeError(
-                f"gate='paper' (layer {self.layer_idx}): the pre-RoPE query/key of this call were not captured "
-                "(the attention module must compute them with the modules named by the architecture spec's "
-                "query_pre_rope/key_pre_rope in the same forward)"
-            )
-        new = pi_new.shape[2]
-        versions = self._key_versions()
-        if lk == new:
-            pi = pi_new
-        else:
-            memo = self._pi_cache.get(layer) if layer is not None else None
-            if (
-                memo is None or prev is None or memo[0]() is not prev or prev._version != memo[1]
-                or not self._same_versions(memo[2], versions) or memo[3].shape[0] != b or memo[3].shape[2] != lk - new
-            ):
-                raise ValueError(
-                    f"gate='paper' (layer {self.layer_idx}): the KV cache holds {lk - new} keys whose key gates this "
-                    "model did not compute when they were cached (the cache was filled before patching or by another "
-                    "model, reordered (beam search), cropped, or the key-gate parameters changed since). The paper's "
-                    "key gate reads the pre-RoPE key, which a cache does not keep: start from an empty DynamicCache"
-                )
-            pi = torch.cat([memo[3], pi_new], dim=-1)
-        self._remember(layer, pi, lk, versions)
-        return lam, pi
-
-    def _remember(self, layer, pi: torch.Tensor, lk: int, versions: tuple) -> None:
-        if layer is None:
-            return
-        stored = getattr(layer, "keys", None)
-        # gape.hf passes only a DynamicLayer (which holds exactly the keys it returned) or a
-        # DynamicSlidingWindowLayer (which holds the last of them).
-        if isinstance(stored, torch.Tensor) and stored.dim() == 4 and stored.shape[2] <= lk:
-            self._pi_cache[layer] = (weakref.ref(stored), stored._version, versions, pi[..., lk - stored.shape[2]:].detach())
-        else:
-            self._pi_cache.pop(layer, None)
-
-    def cached_pi_bytes(self) -> int:
-        """Memory of the remembered key gates (the decode-time state, for benchmarks)."""
-        return sum(m[3].numel() * m[3].element_size() for m in self._pi_cache.values())

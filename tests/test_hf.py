@@ -397,7 +397,7 @@ def test_auto_backend_on_cuda_route_follows_the_selection_table(monkeypatch, cas
     ran = []
     real_torch, real_triton = gape.torch_backend.torch_attention, kattn.triton_attention
     monkeypatch.setattr(gape.api, "_on_gpu", lambda query: True)
-    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
     monkeypatch.setattr(gape.torch_backend, "torch_attention", lambda *a, **k: ran.append("torch") or real_torch(*a, **k))
     monkeypatch.setattr(kattn, "triton_attention", lambda *a, **k: ran.append("triton") or real_triton(*a, **k))
     with torch.no_grad():

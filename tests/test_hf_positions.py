@@ -67,7 +67,7 @@ def test_static_cache_offsets_matter():
             orig(module, args, kwargs)
             gate = module._modules.get(hf.GATE_ATTR)
             if gate is not None:
-                gate._query_offset = None
+                hf.decode.layer_state(gate).query_offset = None
 
         for _, g in hf.iter_gates(model):
             pass
@@ -148,7 +148,7 @@ def test_packed_training_equals_unpacked(flash_kwargs, monkeypatch):
 def test_concatenated_rows_without_packing_attend_across(monkeypatch):
     # position_ids that do not restart: one sequence, the dense path (no varlen call)
     calls = []
-    monkeypatch.setattr(hf, "_varlen_fn", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(hf.attention, "_varlen_fn", lambda *a: calls.append(a) or None)
     model = make_model("llama")
     gape.patch(model, DEFAULT)
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_sliding_window_layers_run_without_a_mask(monkeypatch):
         return fn(*args, **kw)
 
     monkeypatch.setattr(torch_backend, "torch_attention", spy)
-    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
     monkeypatch.setattr(gape.api, "_LOADED", {})  # loaded backend functions are cached too
     with torch.no_grad():
         ref = model(ids).logits

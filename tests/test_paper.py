@@ -112,7 +112,7 @@ def test_paper_decode_step_by_step_with_dynamic_cache_left_padded():
     assert_real_rows_close(torch.cat(steps, dim=1), ref, mask)
     # pi is remembered per cached key: one float per key and kv head
     gate = next(g for _, g in hf.iter_gates(model))
-    assert gate.cached_pi_bytes() == ids.shape[0] * 2 * ids.shape[1] * 4
+    assert hf.decode.cached_pi_bytes(gate) == ids.shape[0] * 2 * ids.shape[1] * 4
 
 
 def test_paper_generate_cached_equals_uncached():
@@ -316,7 +316,7 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
     # the backend table caches loaded functions (a dict lookup torch.compile traces)
     monkeypatch.setattr(gape.api, "_LOADED", {})
-    monkeypatch.setattr(hf, "_BACKEND_FNS", {})
+    monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
     model = make_model()
     gape.with_positional(model, "alibi")
     assert model.config._attn_implementation == "gape"

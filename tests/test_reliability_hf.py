@@ -176,6 +176,6 @@ def test_decode_memo_follows_key_gate_changes(change):
         fresh = copy.deepcopy(cache)
         got = model(step, **{**kw, hf.cache_kwarg(): cache}).logits
         for _, g in hf.iter_gates(model):
-            g._pi_memo = None
+            hf.decode.layer_state(g).pi_memo = None
         want = model(step, **{**kw, hf.cache_kwarg(): fresh}).logits
     assert torch.equal(got, want)

@@ -1,0 +1,346 @@
+"""The ``"gape"`` attention implementation: its registration with transformers'
+``AttentionInterface`` / ``AttentionMaskInterface``, the attention function, the
+gates of one call (:func:`layer_gates`), the backend lookup and the mask helpers
+(bool / additive masks, packed sequences, sliding windows)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from .. import api, compat, pretrained
+from ..gates import PaperGate
+from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
+from .decode import _cache_layer_types, _key_gate_at_decode, layer_state, paper_gates
+
+# --------------------------------------------------------------------------- registration
+
+
+@functools.cache
+def register_implementation(name: str, forward) -> None:
+    """Make ``name`` a valid ``attn_implementation`` running ``forward`` with
+    transformers' own SDPA mask (bool ``[B, 1, Q, K]`` or None); idempotent."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(name, forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def _register() -> None:
+    """Make ``"gape"`` a valid ``attn_implementation`` (idempotent)."""
+    register_implementation(IMPLEMENTATION, gape_attention_forward)
+    _cache_layer_types()
+
+
+@functools.cache
+def _sdpa_forward():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The keyword the installed transformers gives the KV cache in model and layer
+    forwards: ``"cache"`` in recent 5.x, ``"past_key_values"`` before (now deprecated)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def output_cache(outputs):
+    """The KV cache a model forward or ``generate`` returned, under either name."""
+    cache = getattr(outputs, "cache", None)
+    return outputs.past_key_values if cache is None else cache
+
+
+
+# for calls without a mask (api.select on probe tensors: only mask-independent facts).
+# A plain dict, filled eagerly (at patch time and on a miss), so that under
+# torch.compile the lookup is a guarded constant and no importlib call lands in the
+# traced graph. Calls with a mask go through api.select each time (the mask decides,
+# e.g. a padding pattern the Triton kernel takes or one it does not).
+_BACKEND_FNS: dict = {}
+
+
+def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, compiling: bool = False,
+                d: int = 64, dv: int = 64, is_causal: bool = True):
+    key = (backend, device, dtype, distance, compiling, d, dv, is_causal)
+    fn = _BACKEND_FNS.get(key)
+    if fn is None:
+        q, v = _probe(device, dtype, 1, 1, 1, d), _probe(device, dtype, 1, 1, 1, dv)
+        try:
+            fn = api.select(backend, q, q, v, is_causal=is_causal, distance=distance)
+        except ValueError as e:
+            raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+        if compiling and fn.name == "torch":
+            # The torch backend's C++ op has no fake kernel and its tiles write into
+            # preallocated buffers, which inductor cannot lower; the reference
+            # formulation (plain tensor ops, scores materialised) traces and fuses.
+            fn = api.Selection("reference", api._load("reference"))
+        _BACKEND_FNS[key] = fn
+    return fn
+
+
+def _probe(device, dtype, *shape):
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, d: int = 1, dv: int = 1):
+    """The packed-sequence entry point of the backend, or None (the mask path then runs)."""
+    q, v = _probe(device, dtype, 1, 1, d), _probe(device, dtype, 1, 1, dv)
+    try:
+        return api.select(backend, q, q, v, distance=distance, varlen=True)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- attention function
+
+
+def gape_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The ``"gape"`` attention implementation (transformers AttentionInterface contract).
+
+    Args:
+        module: the attention layer; its ``gape_gate`` submodule holds the gates
+            and the config, its ``gape_alibi`` one ALiBi's slopes (see
+            :func:`layer_gates`). A layer with neither runs plain SDPA.
+        query: ``[B, Hq, Q, D]`` post-RoPE. key, value: ``[B, Hkv, K, D]``
+            (cache included, not repeated for GQA).
+        attention_mask: bool ``[B, 1, Q, K]`` (True = attend), a float additive
+            mask (0 = attend), or None (causal only).
+        dropout: must be 0 (attention dropout is not implemented).
+        scaling: logit scale (default ``1/sqrt(D)``).
+        kwargs: ``sliding_window`` (the layer's window, passed to the kernels),
+            ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``position_ids`` (packed
+            sequences, run as varlen); the rest are ignored.
+
+    Returns:
+        ``([B, Q, Hq, D]`` contiguous, ``None)``, or with ``output_attentions=True``
+        the attention probabilities ``[B, Hq, Q, K]`` instead of ``None``
+        (recomputed by the reference path, see :mod:`gape.compat`).
+    """
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))
+    want_probs = bool(kwargs.get("output_attentions", False))
+    if gate is None and ALIBI_ATTR not in module._modules:
+        pretrained.check_gate_missing(module)
+        out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if want_probs:
+            return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
+        return out, None
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"GAPE attention does not implement attention logit soft-capping (softcap={kwargs['softcap']}); "
+            "set the model's attn_logit_softcapping to None or unpatch"
+        )
+    if dropout:
+        raise ValueError(
+            f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
+            "set config.attention_dropout = 0 or call model.eval()"
+        )
+    # gape.attention_probe computes the gates first and hands them over (the paper's
+    # form consumes what its hooks captured, so it cannot compute them twice).
+    gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
+    if gates is None:  # identity gates under the identity shortcut: exactly the unpatched layer
+        out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if want_probs:
+            return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
+        return out, None
+    lam, pi, distance, backend = gates
+    compiling = torch.compiler.is_compiling()
+
+    mask = _bool_mask(attention_mask)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", True))
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    # The gates are in range by construction (softplus/sigmoid, alpha clamped at 0),
+    # so the API's range check, a host sync per layer, is skipped here.
+    sliding = kwargs.get("sliding_window")
+    window = (int(sliding) - 1, -1) if sliding else None
+    # set by the pre-hook for a StaticCache layer (on the gate, or ALiBi's slopes without one)
+    holder = module._modules.get(GATE_ATTR)
+    if holder is None:
+        holder = module._modules.get(ALIBI_ATTR)
+    state = layer_state(holder)
+    offset = state.query_offset
+    state.query_offset = None
+    packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
+    if packed is not None:
+        varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1])
+        if varlen is not None:
+            out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
+                         pi[0].t(), *packed, is_causal, scale, distance, window)
+            out = out.unsqueeze(0).contiguous()
+            if want_probs:
+                return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
+                                              packed=packed)
+            return out, None
+    positions = {}
+    if offset is not None:
+        positions["query_offset"] = offset
+    if window is not None:
+        positions["window"] = window
+        mask = _without_window(mask, query, key, is_causal, offset, window)
+    if mask is None or compiling:
+        fn = _backend_fn(backend, query.device, query.dtype, distance, compiling, query.shape[-1], value.shape[-1],
+                         is_causal)
+    else:
+        # The same selection as gape.attention, with this call's mask: on CUDA a mask
+        # the Triton kernel cannot take (not key ranges) falls back to the torch backend.
+        try:
+            fn = api.select(backend, query, key, value, attn_mask=mask, is_causal=is_causal,
+                            distance=distance, **positions)
+        except ValueError as e:
+            raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+        positions = {}  # bound into the selection
+    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2).contiguous()
+    if want_probs:
+        return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window)
+    return out, None
+
+
+def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
+    """``(lambda [B, Hq, Q], pi [B, Hkv, K], distance, backend)`` of one attention call
+    (post-RoPE ``query``/``key``, cache included), or None when the layer runs plain
+    SDPA (no gates and no ALiBi, or identity gates under the identity shortcut)."""
+    gate = compat.active_gate(module._modules.get(GATE_ATTR))  # a PEFT modules_to_save copy when active
+    alibi = module._modules.get(ALIBI_ATTR)
+    if gate is None and alibi is None:
+        return None
+    if gate is None:
+        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
+        pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
+        return alibi.query_gate(query), pi, "linear", alibi.backend
+    config = gate.config
+    need_grad = gate.needs_grad()
+    state = layer_state(gate)
+    record = state.record
+    if isinstance(gate, PaperGate):
+        lam, pi = paper_gates(gate, query, key)
+    else:
+        compiling = torch.compiler.is_compiling()
+        # is_identity reads the gate values on the host: not while torch.compile traces
+        # (the GAPE kernel at lambda = 0 is the identity too, to kernel precision).
+        if (config.identity_shortcut and record is None and not need_grad and alibi is None and not compiling
+                and gate.is_identity()):
+            state.prev_keys = None
+            return None
+        lam = gate.query_gate(query)
+        # The decode memo keeps Python state across steps, which torch.compile would guard
+        # on (a recompile per step); compiled, pi comes from all keys (O(Lk) like attention).
+        pi = gate.key_gate(key) if need_grad or compiling else _key_gate_at_decode(gate, key, query.shape[2])
+        state.prev_keys = None
+    if alibi is not None:
+        if config.distance != "linear":
+            raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {config.distance!r}")
+        # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
+        lam = lam + alibi.query_gate(query)
+    if record is not None:
+        record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}
+    return lam, pi, config.distance, config.backend
+
+
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' mask as GAPE's bool mask (True = attend).
+
+    An additive float mask is honoured when every entry is 0 (attend) or a
+    block (``-inf``, or at most half the dtype's lowest value, as transformers
+    writes it). A soft entry (finite, non-zero) would need adding to the logits,
+    which GAPE's kernels do not take: refused rather than turned into a block."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"attention_mask must be bool or an additive float mask, got {mask.dtype}")
+    allowed = mask == 0
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    if torch.compiler.is_compiling():
+        # no host sync in a traced graph: the same check as a compiled assert
+        torch._assert_async((allowed | blocked).all(), "GAPE attention got a soft (finite, non-zero) float mask entry")
+        return allowed
+    if not bool((allowed | blocked).all()):
+        soft = mask[~(allowed | blocked)]
+        raise ValueError(
+            f"GAPE attention got an additive float attention_mask with {soft.numel()} soft entries (e.g. "
+            f"{float(soft.flatten()[0])}): only 0 (attend) and -inf / the dtype's minimum (block) can be honoured. "
+            "Pass a bool mask, or run this model unpatched (gape.unpatch) for a soft mask"
+        )
+    return allowed
+
+
+def _packed_sequences(query, key, mask, kwargs, window):
+    """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` when one row holds packed
+    sequences, else None.
+
+    From the flash-attention kwargs transformers forwards (``DataCollatorWithFlattening``
+    with ``return_flash_attn_kwargs=True``), or from ``position_ids`` that restart, when the
+    mask is the block-diagonal one transformers builds from them (a padding mask given
+    with them means transformers did not pack, and neither do we).
+    """
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if int(cu_q[-1]) != query.shape[2] or int(cu_k[-1]) != key.shape[2]:
+            return None  # not this layer's tokens (e.g. padded for a flash-attention kernel)
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
+        return cu_q, cu_k, max_q, max_k
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.numel() != query.shape[2] or torch.compiler.is_compiling():
+        return None  # compiled: restarting position ids keep their block-diagonal mask (exact, no host sync)
+    pos = pos.reshape(-1)
+    starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    if starts.numel() == 0:
+        return None  # one sequence: the dense path
+    t = query.shape[2]
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), t)]).to(torch.int32)
+    if mask is not None and not _is_block_diagonal(mask, cu, window):
+        return None
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, longest, longest
+
+
+def _is_block_diagonal(mask, cu, window) -> bool:
+    """Whether the bool mask ``[1, 1 or H, T, T]`` lets the first and last token of each
+    sequence see exactly its own earlier tokens (in the window): transformers' packed mask,
+    not a causal mask over the whole row or one with padding."""
+    m = mask[0, 0]
+    cu = cu.to(device=m.device, dtype=torch.int64)
+    idx = torch.arange(m.shape[-1], device=m.device)
+    start, last = cu[:-1], cu[1:] - 1
+    want_last = (idx >= start[:, None]) & (idx <= last[:, None])
+    if window is not None:
+        want_last &= last[:, None] - idx <= window[0]
+    want_first = idx == start[:, None]
+    return bool((m[last] == want_last).all()) and bool((m[start] == want_first).all())
+
+
+def _without_window(mask, query, key, is_causal, offset, window):
+    """A sliding layer's mask minus what the window says: None when only the causal
+    rule and the window remain (the kernels then read no mask), else the mask."""
+    if mask is None or torch.compiler.is_compiling():
+        return mask
+    from ..kernels.key_ranges import analyse_mask
+
+    got = analyse_mask(mask, query.shape[2], key.shape[2], is_causal, offset, window)
+    if isinstance(got, str) or not (bool((got.start == 0).all()) and bool((got.end == key.shape[2]).all())):
+        return mask
+    return None

@@ -1,0 +1,329 @@
+"""Patching a model: ``patch`` / ``unpatch``, selecting and releasing the ``"gape"``
+implementation, the patched model's state (config, layers, gates) and what the
+gates expose (parameters to train, records of the gates, the model's shape)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+from torch import nn
+
+from .. import compat, pretrained
+from ..config import GapeConfig
+from ..gates import GapeGate, PaperGate, set_trainable
+from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
+from .attention import _backend_fn, _register
+from .decode import _remember_cached_keys, capture_key, capture_query, layer_state
+
+logger = logging.getLogger("gape")
+
+# the attention implementation from before "gape" was selected (by patch or ALiBi)
+_ATTN_ORIGINAL_ATTR = "_gape_attn_original"
+GATE_CLASSES = {"invariant": GapeGate, "paper": PaperGate}
+_STATE_ATTR = "_gape_state"
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model`` is patched and still runs GAPE attention.
+
+    After ``model.set_attn_implementation("sdpa")`` (or any other) the gates are
+    still attached but unused: this says False, with a warning, until
+    ``set_attn_implementation("gape")`` or :func:`unpatch`."""
+    model = compat.unwrap(model)
+    if _STATE_ATTR not in model.__dict__:
+        return False
+    switched = _switched_away(model)
+    if switched is not None:
+        logger.warning("gape: %s", switched)
+        return False
+    return True
+
+
+def _switched_away(model: nn.Module) -> str | None:
+    """Why a patched model no longer runs GAPE (None when it does)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", IMPLEMENTATION)
+    if impl == IMPLEMENTATION:
+        return None
+    return (
+        f"{type(model).__name__} was patched with GAPE but its attention implementation is now {impl!r}, so GAPE "
+        f"is off; call model.set_attn_implementation({IMPLEMENTATION!r}) to turn it back on, or gape.unpatch(model)"
+    )
+
+
+def _state(model: nn.Module) -> dict:
+    state = compat.unwrap(model).__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError("model is not patched with GAPE (call gape.patch(model) first)")
+    return state
+
+
+def _find_layers(model: nn.Module, spec) -> nn.ModuleList:
+    for path in spec.layers:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(spec.layers)}); "
+        "the architecture spec under patches/ does not match this model"
+    )
+
+
+def _select_layers(layers: list[int] | None, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    out = []
+    for i in layers:
+        if not -n <= i < n:
+            raise ValueError(f"GapeConfig.layers has index {i} but the model has {n} layers (valid: {-n}..{n - 1})")
+        out.append(i % n)
+    if len(set(out)) != len(out):
+        raise ValueError(f"GapeConfig.layers names a layer twice: {layers}")
+    return sorted(out)
+
+
+def model_shape(model: nn.Module) -> dict:
+    """Layer count, head counts and head dim as the spec reads them."""
+    from ..patches import get_spec
+
+    model = compat.unwrap(model)
+    config = model.config
+    spec = get_spec(getattr(config, "model_type", None))
+    layers = _find_layers(model, spec)
+    hq = int(getattr(config, spec.num_heads))
+    hkv = int(getattr(config, spec.num_kv_heads, None) or hq)
+    d = getattr(config, spec.head_dim, None) or config.hidden_size // hq
+    return {"num_layers": len(layers), "num_heads": hq, "num_kv_heads": hkv, "head_dim": int(d)}
+
+
+def rotary_dim(model: nn.Module, spec, head_dim: int) -> int | None:
+    """Channels per head that RoPE rotates, for a partial-rotary spec (None: all)."""
+    if not spec.partial_rotary:
+        return None
+    params = getattr(model.config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(model.config, "partial_rotary_factor", 1.0))
+    dim = int(head_dim * float(factor))
+    return None if dim == head_dim else dim
+
+
+def _refuse_unsupported(model: nn.Module, spec) -> None:
+    cap = getattr(model.config, spec.softcap, None) if spec.softcap else None
+    if cap is not None:
+        raise ValueError(
+            f"{model.config.model_type} uses attention logit soft-capping ({spec.softcap}={cap}), which GAPE's "
+            f"kernels do not implement; running without it would change the model. Set "
+            f"model.config.{spec.softcap} = None only if the model was trained without it"
+        )
+
+
+def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Module:
+    """Turn a Llama-style transformers model into a GAPE model, in place.
+
+    Attaches a ``gape_gate`` (:class:`~gape.gates.GapeGate`, in the model's
+    dtype and device) to the attention module of each layer in
+    ``config.layers`` and selects ``attn_implementation="gape"``. With the
+    default config (``alpha_init=0``) the model's outputs do not change.
+
+    Args:
+        model: a loaded ``PreTrainedModel`` whose ``config.model_type`` has a
+            spec under ``patches/`` (llama, mistral, qwen2, qwen3).
+        config: a :class:`GapeConfig`, its dict, or None for the defaults.
+
+    Returns:
+        The same model (patched).
+
+    Example:
+        >>> model, tok = gape.load_model()
+        >>> gape.patch(model, gape.GapeConfig(alpha_init=1.0))
+        >>> out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=8)
+        >>> gape.unpatch(model)
+    """
+    from ..patches import get_spec
+
+    model = compat.unwrap(model)  # a PEFT model: patch the transformers model inside
+    if config is None:
+        config = GapeConfig()
+    elif isinstance(config, dict):
+        config = GapeConfig.from_dict(config)
+    elif not isinstance(config, GapeConfig):
+        raise TypeError(f"config must be a GapeConfig, a dict or None, got {type(config).__name__}")
+    else:
+        config.validate()  # fields may have been set after construction
+    if not hasattr(model, "config") or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if _STATE_ATTR in model.__dict__:
+        switched = _switched_away(model)
+        raise ValueError(switched or "model is already patched with GAPE; call gape.unpatch(model) first")
+    spec = get_spec(getattr(model.config, "model_type", None))
+    _refuse_unsupported(model, spec)
+    if config.rope_layout is None:
+        config = config.replace(rope_layout=spec.rope_layout)
+    shape = model_shape(model)
+    layers = _find_layers(model, spec)
+    indices = _select_layers(config.layers, len(layers))
+    if has_alibi(model) and config.distance != "linear":
+        raise ValueError(
+            f"GapeConfig.distance must be 'linear' on an ALiBi model (ALiBi is a linear-distance bias that the gates "
+            f"add to), got {config.distance!r}"
+        )
+    rotated = rotary_dim(model, spec, shape["head_dim"])
+    _register()
+
+    original = model.config._attn_implementation
+    handles = []
+    try:
+        for i in indices:
+            attn = getattr(layers[i], spec.attention)
+            ref = next(attn.parameters())
+            gate = GATE_CLASSES[config.gate](
+                shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], config,
+                layer_idx=i, dtype=ref.dtype, device=ref.device, rotary_dim=rotated,
+            )
+            attn.add_module(GATE_ATTR, gate)
+            layer_state(gate)  # created now, so a traced forward only reads it
+            handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
+            if isinstance(gate, PaperGate):
+                for name, capture in ((spec.query_pre_rope, capture_query), (spec.key_pre_rope, capture_key)):
+                    source = getattr(attn, name, None)
+                    if not isinstance(source, nn.Module):
+                        raise ValueError(
+                            f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{name}, which "
+                            f"this model does not have; fix query_pre_rope/key_pre_rope in the {spec.model_types[0]} spec"
+                        )
+                    handles.append(source.register_forward_hook(functools.partial(capture, gate)))
+            handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
+            for compiling in (False, True):  # filled now, so a traced forward only looks them up
+                _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
+                            shape["head_dim"])
+        use_gape_attention(model)
+    except Exception:
+        _remove_gates(layers, spec, handles)
+        release_gape_attention(model)
+        raise
+    model.__dict__[_STATE_ATTR] = {
+        "config": config, "spec": spec, "layers": indices, "handles": handles, "original": original,
+    }
+    pretrained.mark(model, config, indices)
+    window = getattr(model.config, spec.sliding_window, None) if spec.sliding_window else None
+    logger.info(
+        "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d, gate=%s, distance=%s, backend=%s%s; "
+        "was attn_implementation=%r",
+        type(model).__name__, model.config.model_type, len(indices), len(layers), shape["num_heads"],
+        shape["num_kv_heads"], shape["head_dim"], config.gate, config.distance, config.backend,
+        f", sliding window {window}" if window else "", original,
+    )
+    return model
+
+
+def has_alibi(model: nn.Module) -> bool:
+    """True when ``gape.with_positional(model, "alibi")`` is in effect."""
+    return any(ALIBI_ATTR in m._modules for m in model.modules())
+
+
+def use_gape_attention(model: nn.Module) -> None:
+    """Select ``attn_implementation="gape"``, remembering the one it replaces (once)."""
+    _register()
+    current = model.config._attn_implementation
+    if current == IMPLEMENTATION:
+        return
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        raise ValueError(
+            f"{type(model).__name__} refused attn_implementation={IMPLEMENTATION!r} "
+            "(its attention does not go through transformers' AttentionInterface)"
+        )
+    model.__dict__[_ATTN_ORIGINAL_ATTR] = current
+
+
+def release_gape_attention(model: nn.Module) -> None:
+    """Restore the implementation from before ``"gape"`` once neither gates nor ALiBi need it."""
+    if is_patched(model) or has_alibi(model):
+        return
+    original = model.__dict__.pop(_ATTN_ORIGINAL_ATTR, None)
+    if original is not None:
+        model.set_attn_implementation(original)
+
+
+def _remove_gates(layers, spec, handles) -> None:
+    for h in handles:
+        h.remove()
+    for layer in layers:
+        attn = getattr(layer, spec.attention, None)
+        if attn is not None and GATE_ATTR in attn._modules:
+            del attn._modules[GATE_ATTR]
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove the gates and restore the attention implementation from before ``patch``."""
+    model = compat.unwrap(model)
+    state = _state(model)
+    spec = state["spec"]
+    _remove_gates(_find_layers(model, spec), spec, state["handles"])
+    del model.__dict__[_STATE_ATTR]
+    pretrained.unmark(model)
+    release_gape_attention(model)  # keeps "gape" while ALiBi needs it
+    logger.info("gape: unpatched %s; attn_implementation=%r", type(model).__name__, model.config._attn_implementation)
+    return model
+
+
+def gape_config(model: nn.Module) -> GapeConfig:
+    """The config a patched model was patched with."""
+    return _state(model)["config"]
+
+
+def iter_gates(model: nn.Module) -> list[tuple[int, GapeGate]]:
+    """``[(layer index, gate), ...]`` of a patched model, in layer order."""
+    model = compat.unwrap(model)
+    state = _state(model)
+    layers = _find_layers(model, state["spec"])
+    return [
+        (i, compat.active_gate(getattr(layers[i], state["spec"].attention)._modules[GATE_ATTR])) for i in state["layers"]
+    ]
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable gate parameters (for an optimizer that trains only the gates)."""
+    return [p for _, g in iter_gates(model) for p in g.parameters() if p.requires_grad]
+
+
+def train_gates_only(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze every model weight, make the gate parts named by
+    ``GapeConfig.trainable`` trainable, and return those parameters."""
+    model = compat.unwrap(model)
+    gate_ids = {id(p) for _, g in iter_gates(model) for p in g.parameters()}
+    for p in model.parameters():
+        if id(p) not in gate_ids:
+            p.requires_grad_(False)
+    parts = gape_config(model).trainable_parts()
+    for _, gate in iter_gates(model):
+        set_trainable(gate, parts)
+    return gate_parameters(model)
+
+
+@contextlib.contextmanager
+def record_gates(model: nn.Module):
+    """Record every patched layer's gates during the forward passes in the block.
+
+    Yields a dict filled as ``{layer index: {"lambda": [B, Hq, Q], "pi": [B, Hkv, K]}}``
+    (float32, detached; the last forward pass wins). While recording, the
+    identity shortcut is off so the gates are always computed.
+
+    Example:
+        >>> with gape.hf.record_gates(model) as rec:
+        ...     model(**batch)
+        >>> rec[0]["lambda"].shape
+    """
+    gates = iter_gates(model)
+    out: dict = {}
+    for _, g in gates:
+        layer_state(g).record = out
+    try:
+        yield out
+    finally:
+        for _, g in gates:
+            layer_state(g).record = None
