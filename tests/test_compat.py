@@ -127,6 +127,62 @@ def test_lora_with_trained_gates_round_trip(tmp_path):
         assert (plain - want).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("form", ["invariant", "paper"])
+def test_lora_trained_gates_decode_with_a_static_cache(form):
+    """A LoRA model whose gates are trained copies (modules_to_save): static-cache decoding
+    reads the copy's gates and the static query offset, so it gives the dynamic cache's
+    tokens and scores, and those differ from the adapter-disabled (original-gate) ones."""
+    from test_hf_positions import _assert_static_equals_dynamic
+    from test_paper import paper_config, randomize
+
+    base = make_model("llama")
+    gape.patch(base, paper_config() if form == "paper" else gape.GapeConfig())
+    model = _lora(base, modules_to_save=["gape_gate"]).eval()
+    # the active copies only: the originals keep their start
+    randomize(model) if form == "paper" else randomize_gates(model, scale=0.5)
+    _assert_static_equals_dynamic(model, pad=3, new_tokens=6)
+    ids = tokens(1, 12)
+    with torch.no_grad():
+        on = model(input_ids=ids).logits
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+    assert (on - off).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("wrap_first", [False, True])
+def test_paper_gates_read_the_lora_adapted_query_and_key(wrap_first):
+    """gate='paper' with LoRA on q_proj and k_proj, wrapped before or after patching: the
+    gates read the adapted projections (the query and key attention uses), so the model
+    equals the same model with the adapter merged into plain Linear layers."""
+    from test_paper import paper_config, randomize
+
+    ids = tokens(2, 14)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"])
+    base = make_model("llama")
+    if wrap_first:
+        model = peft.get_peft_model(base, lora)
+        gape.patch(model, paper_config())
+    else:
+        gape.patch(base, paper_config())
+        model = peft.get_peft_model(base, lora)
+    randomize(model)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert (model(input_ids=ids).logits - want).abs().max() > 1e-2  # the adapter matters
+        merged = model.merge_and_unload()
+        assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    gape.unpatch(merged)
+    assert not any(m._forward_hooks for layer in merged.model.layers for m in layer.self_attn.children())
+
+
 # --------------------------------------------------------------------------- generate modes, training features
 
 

@@ -90,3 +90,31 @@ def test_inductor_generate_equals_eager(gates):
         out = model.generate(prompt, **kw)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-4)
+
+
+def test_paper_form_decode_under_compile():
+    """gate='paper' keeps the key gates of cached keys outside the graph: a decode step
+    compiled without fullgraph (after an eager prefill) gives the eager logits; with
+    fullgraph=True it is refused with the reason, not run with forgotten key gates."""
+    from transformers import DynamicCache
+
+    from test_paper import paper_config, randomize
+
+    model = make_model("llama")
+    gape.patch(model, paper_config())
+    randomize(model)
+    ids, nxt = tokens(1, 8), tokens(1, 1, seed=3)
+    with torch.no_grad():
+        want = model(torch.cat([ids, nxt], dim=1)).logits[:, -1:]
+        for fullgraph in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=Counting(), fullgraph=fullgraph)
+            cache = DynamicCache(config=model.config)
+            model(ids, past_key_values=cache, use_cache=True)
+            if fullgraph:
+                with pytest.raises(Exception, match="outside the graph"):
+                    compiled(nxt, past_key_values=cache, use_cache=True)
+            else:
+                got = compiled(nxt, past_key_values=cache, use_cache=True).logits
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

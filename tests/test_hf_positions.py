@@ -69,8 +69,6 @@ def test_static_cache_offsets_matter():
             if gate is not None:
                 hf.decode.layer_state(gate).query_offset = None
 
-        for _, g in hf.iter_gates(model):
-            pass
         handles = [attn.register_forward_pre_hook(no_offset, with_kwargs=True)
                    for attn in (layer.self_attn for layer in model.model.layers)]
         try:
@@ -79,6 +77,41 @@ def test_static_cache_offsets_matter():
             for h in handles:
                 h.remove()
     assert max(float((a - b).abs().max()) for a, b in zip(dyn.scores, st.scores)) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_cache_generate_equals_dynamic_paper_form(arch):
+    """gate='paper': the key gates of the static cache's written slots are remembered
+    across steps (the cache keeps post-RoPE keys only), so static == dynamic decoding."""
+    from test_paper import paper_config, randomize
+
+    model = make_model(arch)
+    gape.patch(model, paper_config())
+    randomize(model)
+    _assert_static_equals_dynamic(model, pad=4, new_tokens=10)
+
+
+def test_static_cache_paper_form_refuses_slots_it_did_not_gate():
+    """A static cache filled before patching: the paper's key gates of its slots were never
+    computed, so the next step is refused; after cache.reset() it decodes again."""
+    from transformers import StaticCache
+
+    from test_paper import paper_config, randomize
+
+    model = make_model("llama")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    kw = {hf.attention.cache_kwarg(): cache, "use_cache": True}
+    with torch.no_grad():
+        model(tokens(1, 8), **kw)
+        gape.patch(model, paper_config())
+        randomize(model)
+        with pytest.raises(ValueError, match="did not compute when they were cached"):
+            model(tokens(1, 1), **kw)
+        cache.reset()
+        model(tokens(1, 8), **kw)
+        step = model(tokens(1, 1, seed=3), **kw).logits
+        full = model(torch.cat([tokens(1, 8), tokens(1, 1, seed=3)], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
 
 
 def test_static_sliding_window_cache_is_refused():

@@ -31,6 +31,8 @@ class LayerState:
     # held before this step, the StaticCache query offset, and (paper) a function
     # returning this layer's cache layer after the update
     prev_keys: torch.Tensor | None = None
+    # (paper, StaticCache) the version of prev_keys before this step's in-place update
+    prev_version: int | None = None
     query_offset: torch.Tensor | None = None
     cache_layer: object = None
     # invariant gate: (weakref to the keys tensor, its _version, key-gate parameters, pi)
@@ -52,46 +54,76 @@ def layer_state(holder: nn.Module) -> LayerState:
         setattr(holder, _LAYER_STATE_ATTR, state)
     return state
 
-# Filled once, eagerly (by _register): a functools.cache here would be traced
-# through (with its import) by torch.compile at every layer.
+
+# The cache layer classes GAPE treats differently: (DynamicLayer, StaticLayer,
+# DynamicSlidingWindowLayer). Filled once, eagerly (by _register): a functools.cache
+# here would be traced through (with its import) by torch.compile at every layer.
 _CACHE_LAYER_TYPES: list = []
 
 
 def _cache_layer_types():
     if not _CACHE_LAYER_TYPES:
-        from transformers.cache_utils import DynamicLayer, StaticLayer
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
-        _CACHE_LAYER_TYPES[:] = [DynamicLayer, StaticLayer]
-    return _CACHE_LAYER_TYPES[0], _CACHE_LAYER_TYPES[1]
+        _CACHE_LAYER_TYPES[:] = [DynamicLayer, StaticLayer, DynamicSlidingWindowLayer]
+    return tuple(_CACHE_LAYER_TYPES)
 
 
 def _remember_cached_keys(module, args, kwargs):
     """Forward pre-hook: note which keys tensor the layer's DynamicLayer holds
     before this step appends to it (see the module docstring)."""
+    for capture in module.__dict__.get(_CAPTURES_ATTR, ()):
+        capture.follow()
+    layers, idx = _cache_layers(kwargs), getattr(module, "layer_idx", None)
     gate = compat.active_gate(module._modules.get(GATE_ATTR))
     if gate is None:
         alibi = module._modules.get(ALIBI_ATTR)
         if alibi is not None:
-            layer_state(alibi).query_offset = _static_offset(module, kwargs)
+            layer_state(alibi).query_offset = _static_offset(layers, idx)
         return None
     state = layer_state(gate)
-    state.prev_keys = None
+    state.prev_keys = state.prev_version = None
     state.cache_layer = None
-    state.query_offset = _static_offset(module, kwargs)
-    layers, idx = _cache_layers(kwargs), getattr(module, "layer_idx", None)
+    state.query_offset = _static_offset(layers, idx)
+    if isinstance(gate, PaperGate):
+        # Traced, a prefill into an empty dynamic cache gates its keys in the graph and
+        # remembers nothing; any step reading cached keys goes through the eager helpers.
+        if layers is not None and isinstance(idx, int) and (
+            not torch.compiler.is_compiling() or state.query_offset is not None or _holds_keys(layers, idx)
+        ):
+            _note_paper_cache(state, layers, idx)
+        return None
     if layers is not None and isinstance(idx, int) and idx < len(layers):
         layer = layers[idx]
-        dynamic = _cache_layer_types()[0]
         # Exact type: only DynamicLayer.update is known to return cat(old keys, new keys).
-        if type(layer) is dynamic and not torch.compiler.is_compiling():
+        if type(layer) is _cache_layer_types()[0] and not torch.compiler.is_compiling():
             state.prev_keys = getattr(layer, "keys", None)
-        elif isinstance(gate, PaperGate) and type(layer) is _sliding_layer_type():
-            # returns cat(old keys, new keys) too, and keeps the last window - 1 of them
-            state.prev_keys = getattr(layer, "keys", None)
-    if isinstance(gate, PaperGate) and isinstance(layers, list) and isinstance(idx, int):
-        # resolved after this step's cache update (a DynamicCache() may create its layer then)
-        state.cache_layer = functools.partial(_paper_cache_layer, layers, idx)
     return None
+
+
+def _holds_keys(layers, idx: int) -> bool:
+    return idx < len(layers) and bool(getattr(layers[idx], "is_initialized", False))
+
+
+_EAGER_REASON = "gate='paper' remembers the key gates of cached keys between decode steps, outside the graph"
+
+
+@torch.compiler.disable(reason=_EAGER_REASON)
+def _note_paper_cache(state: LayerState, layers, idx: int) -> None:
+    """The paper gate's part of the pre-hook: the keys the cache layer holds before this
+    step (and, for the static buffer written in place, their version), and a function
+    finding the cache layer after the update (a DynamicCache() may create it then)."""
+    if idx < len(layers):
+        layer = layers[idx]
+        dynamic, static, sliding = _cache_layer_types()
+        keys = getattr(layer, "keys", None)
+        if type(layer) in (dynamic, sliding):
+            # both return cat(old keys, new keys); the sliding one keeps the last window - 1
+            state.prev_keys = keys
+        elif type(layer) is static and isinstance(keys, torch.Tensor):
+            state.prev_keys, state.prev_version = keys, keys._version
+    if isinstance(layers, list):
+        state.cache_layer = functools.partial(_paper_cache_layer, layers, idx)
 
 
 def _cache_layers(kwargs):
@@ -103,10 +135,10 @@ def _cache_layers(kwargs):
     return getattr(cache, "layers", None)
 
 
-def _static_offset(module, kwargs):
-    """The queries' offset when this layer's cache is a StaticCache layer (the slots
-    [length, length + Q) are written this step), else None."""
-    layers, idx = _cache_layers(kwargs), getattr(module, "layer_idx", None)
+def _static_offset(layers, idx):
+    """The queries' offset when layer ``idx`` of the cache ``layers`` (see
+    :func:`_cache_layers`) is a StaticCache layer (the slots [length, length + Q)
+    are written this step), else None."""
     if layers is None or not isinstance(idx, int) or idx >= len(layers):
         return None
     layer = layers[idx]
@@ -123,18 +155,12 @@ def _static_offset(module, kwargs):
 
 def _paper_cache_layer(layers: list, idx: int):
     """The cache layer whose keys the paper's gate may remember pi for: only the types
-    known to return cat(held keys, new keys) and to hold a suffix of what they return."""
+    known to return cat(held keys, new keys) and to hold a suffix of what they return,
+    and the static layer (which returns its whole buffer, written in place)."""
     if idx >= len(layers):
         return None
     layer = layers[idx]
-    return layer if type(layer) in (_cache_layer_types()[0], _sliding_layer_type()) else None
-
-
-@functools.cache
-def _sliding_layer_type():
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
-    return DynamicSlidingWindowLayer
+    return layer if type(layer) in _cache_layer_types() else None
 
 
 def _key_gate_params(gate: GapeGate) -> tuple:
@@ -177,14 +203,73 @@ def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.
 # --------------------------------------------------------------------------- the paper's gate
 
 
-def capture_query(gate: PaperGate, module, args, output) -> None:
-    """Forward hook on the module producing the pre-RoPE query (``functools.partial(capture_query, gate)``)."""
-    layer_state(gate).lam = gate._lambda_blhd(gate._heads(output, gate.num_heads))
+class PreRopeCapture:
+    """The forward hook that hands the pre-RoPE query (or key) of one attention module to
+    the paper's gate in use there: the gate itself or PEFT's active copy of it
+    (``modules_to_save``), resolved at each call. It follows the module computing that
+    projection: when a wrapper replaces it after patching (a LoRA layer on ``q_proj``),
+    :meth:`follow` (run by the attention pre-hook) moves the hook onto the wrapper, whose
+    output is the query the attention really uses; the wrapped module's own output lacks
+    the adapter's delta. ``remove()`` like a hook handle."""
+
+    def __init__(self, attn: nn.Module, name: str, kind: str):
+        self.attn, self.name, self.kind = attn, name, kind
+        self.module = None
+        self._attach()
+
+    def _attach(self) -> None:
+        source = getattr(self.attn, self.name, None)
+        if not isinstance(source, nn.Module):
+            raise ValueError(
+                f"gate='paper' reads the pre-RoPE {self.kind} from {type(self.attn).__name__}.{self.name}, which "
+                f"this model does not have (any more); fix query_pre_rope/key_pre_rope in the architecture spec"
+            )
+        self.remove()
+        source.register_forward_hook(self)
+        self.module = source
+
+    def follow(self) -> None:
+        if self.attn._modules.get(self.name) is self.module:
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"gate='paper': {type(self.attn).__name__}.{self.name} was replaced after patching (e.g. by a PEFT "
+                "adapter); run the model once eagerly before torch.compile, so the gate reads the new module's output"
+            )
+        self._attach()
+
+    def remove(self) -> None:
+        # by identity, not by a handle: a deep-copied model's handles point into the
+        # original's hook dicts
+        if self.module is not None:
+            hooks = self.module._forward_hooks
+            for key in [k for k, hook in hooks.items() if hook is self]:
+                del hooks[key]
+        self.module = None
+
+    def __call__(self, module, args, output) -> None:
+        gate = compat.active_gate(self.attn._modules.get(GATE_ATTR))
+        if not isinstance(gate, PaperGate):
+            return
+        if self.kind == "query":
+            layer_state(gate).lam = gate._lambda_blhd(gate._heads(output, gate.num_heads))
+        else:
+            layer_state(gate).pi_new = gate._pi_blhd(gate._heads(output, gate.num_kv_heads))
 
 
-def capture_key(gate: PaperGate, module, args, output) -> None:
-    """Forward hook on the module producing the pre-RoPE key."""
-    layer_state(gate).pi_new = gate._pi_blhd(gate._heads(output, gate.num_kv_heads))
+_CAPTURES_ATTR = "_gape_pre_rope_captures"
+
+
+def add_captures(attn: nn.Module, query_name: str, key_name: str) -> tuple[PreRopeCapture, PreRopeCapture]:
+    """Hook the paper's gate of ``attn`` onto the modules computing its pre-RoPE query and key."""
+    captures = (PreRopeCapture(attn, query_name, "query"), PreRopeCapture(attn, key_name, "key"))
+    attn.__dict__[_CAPTURES_ATTR] = captures
+    return captures
+
+
+def remove_captures(attn: nn.Module) -> None:
+    for capture in attn.__dict__.pop(_CAPTURES_ATTR, ()):
+        capture.remove()
 
 
 def _paper_key_versions(gate: PaperGate) -> tuple:
@@ -209,8 +294,8 @@ def paper_gates(gate: PaperGate, query: torch.Tensor, key: torch.Tensor) -> tupl
     a cache whose keys this gate did not see is refused."""
     state = layer_state(gate)
     lam, pi_new, prev, find_layer = state.lam, state.pi_new, state.prev_keys, state.cache_layer
-    state.lam = state.pi_new = state.prev_keys = state.cache_layer = None
-    layer = find_layer() if find_layer is not None else None
+    prev_version = state.prev_version
+    state.lam = state.pi_new = state.prev_keys = state.prev_version = state.cache_layer = None
     b, hq, lq, _ = query.shape
     lk = key.shape[2]
     if lam is None or pi_new is None or tuple(lam.shape) != (b, hq, lq) or pi_new.shape[:2] != (b, gate.num_kv_heads):
@@ -219,27 +304,73 @@ def paper_gates(gate: PaperGate, query: torch.Tensor, key: torch.Tensor) -> tupl
             "(the attention module must compute them with the modules named by the architecture spec's "
             "query_pre_rope/key_pre_rope in the same forward)"
         )
-    new = pi_new.shape[2]
+    if find_layer is None and state.query_offset is None:  # no cache (or a traced prefill): every key is new
+        if lk != pi_new.shape[2]:
+            raise _unseen_keys(gate, lk - pi_new.shape[2])
+        return lam, pi_new
+    return lam, _paper_pi_with_cache(gate, state, find_layer, (prev, prev_version), pi_new, key)
+
+
+@torch.compiler.disable(reason=_EAGER_REASON)
+def _paper_pi_with_cache(gate: PaperGate, state: LayerState, find_layer, prev: tuple, pi_new, key) -> torch.Tensor:
+    """pi of every key of a call with a KV cache: the remembered pi of the cached keys
+    and this step's; remembered in turn for the next step. ``find_layer``: returns the
+    cache layer (or None); ``prev``: the keys tensor that layer held before this step's
+    update and (static buffer) its version then."""
+    layer = find_layer() if find_layer is not None else None
     versions = _paper_key_versions(gate)
     if state.pi_cache is None:
         state.pi_cache = weakref.WeakKeyDictionary()
+    if state.query_offset is not None:
+        return _static_paper_pi(gate, state, layer, prev, pi_new, key, versions)
+    b, lk, new = key.shape[0], key.shape[2], pi_new.shape[2]
     if lk == new:
         pi = pi_new
     else:
         memo = state.pi_cache.get(layer) if layer is not None else None
+        held = prev[0]
         if (
-            memo is None or prev is None or memo[0]() is not prev or prev._version != memo[1]
+            memo is None or held is None or memo[0]() is not held or held._version != memo[1]
             or not _same_versions(memo[2], versions) or memo[3].shape[0] != b or memo[3].shape[2] != lk - new
         ):
-            raise ValueError(
-                f"gate='paper' (layer {gate.layer_idx}): the KV cache holds {lk - new} keys whose key gates this "
-                "model did not compute when they were cached (the cache was filled before patching or by another "
-                "model, reordered (beam search), cropped, or the key-gate parameters changed since). The paper's "
-                "key gate reads the pre-RoPE key, which a cache does not keep: start from an empty DynamicCache"
-            )
+            raise _unseen_keys(gate, lk - new)
         pi = torch.cat([memo[3], pi_new], dim=-1)
     _remember_paper_pi(state.pi_cache, layer, pi, lk, versions)
-    return lam, pi
+    return pi
+
+
+def _unseen_keys(gate: PaperGate, held) -> ValueError:
+    return ValueError(
+        f"gate='paper' (layer {gate.layer_idx}): the KV cache holds {held} keys whose key gates this "
+        "model did not compute when they were cached (the cache was filled before patching, by another "
+        "model or by a forward under torch.compile, reordered (beam search), cropped, or the key-gate parameters "
+        "changed since). The paper's key gate reads the pre-RoPE key, which a cache does not keep: start from "
+        "an empty cache, and prefill eagerly when decoding under torch.compile"
+    )
+
+
+def _static_paper_pi(gate: PaperGate, state: LayerState, layer, prev: tuple, pi_new, key, versions) -> torch.Tensor:
+    """pi over a StaticCache layer's slots: the remembered pi of the slots before the query
+    offset, this step's pi at [offset, offset + new), zeros for the empty slots after
+    (future keys, masked by the offset). ``prev``: the slots' keys buffer and its version
+    before this step's update."""
+    b, _, lk, _ = key.shape
+    new = pi_new.shape[2]
+    offset = int(state.query_offset)
+    if offset == 0:
+        held = pi_new.new_zeros(b, gate.num_kv_heads, lk)
+    else:
+        memo = state.pi_cache.get(layer) if layer is not None else None
+        if (
+            memo is None or prev[0] is None or memo[0]() is not prev[0] or prev[1] != memo[1]
+            or not _same_versions(memo[2], versions) or tuple(memo[3].shape) != (b, gate.num_kv_heads, lk)
+        ):
+            raise _unseen_keys(gate, offset)
+        held = memo[3].to(pi_new.dtype)
+    pi = torch.cat([held[..., :offset], pi_new, held[..., offset + new:]], dim=-1)
+    if layer is not None and isinstance(getattr(layer, "keys", None), torch.Tensor):
+        state.pi_cache[layer] = (weakref.ref(layer.keys), layer.keys._version, versions, pi.detach())
+    return pi
 
 
 def _remember_paper_pi(pi_cache, layer, pi: torch.Tensor, lk: int, versions: tuple) -> None:

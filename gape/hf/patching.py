@@ -5,7 +5,6 @@ gates expose (parameters to train, records of the gates, the model's shape)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 from torch import nn
@@ -15,7 +14,7 @@ from ..config import GapeConfig
 from ..gates import GapeGate, PaperGate, set_trainable
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
 from .attention import _backend_fn, _register
-from .decode import _remember_cached_keys, capture_key, capture_query, layer_state
+from .decode import _remember_cached_keys, add_captures, layer_state, remove_captures
 
 logger = logging.getLogger("gape")
 
@@ -188,14 +187,13 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             layer_state(gate)  # created now, so a traced forward only reads it
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
             if isinstance(gate, PaperGate):
-                for name, capture in ((spec.query_pre_rope, capture_query), (spec.key_pre_rope, capture_key)):
-                    source = getattr(attn, name, None)
-                    if not isinstance(source, nn.Module):
+                for name in (spec.query_pre_rope, spec.key_pre_rope):
+                    if not isinstance(getattr(attn, name, None), nn.Module):
                         raise ValueError(
                             f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{name}, which "
                             f"this model does not have; fix query_pre_rope/key_pre_rope in the {spec.model_types[0]} spec"
                         )
-                    handles.append(source.register_forward_hook(functools.partial(capture, gate)))
+                handles += add_captures(attn, spec.query_pre_rope, spec.key_pre_rope)
             handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
             for compiling in (False, True):  # filled now, so a traced forward only looks them up
                 _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
@@ -254,6 +252,8 @@ def _remove_gates(layers, spec, handles) -> None:
         h.remove()
     for layer in layers:
         attn = getattr(layer, spec.attention, None)
+        if attn is not None:
+            remove_captures(attn)
         if attn is not None and GATE_ATTR in attn._modules:
             del attn._modules[GATE_ATTR]
 
