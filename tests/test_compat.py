@@ -193,10 +193,19 @@ def _gated(arch="llama"):
     return model
 
 
-def test_beam_search_sampling_and_prompt_lookup_match_uncached():
+@pytest.mark.parametrize("form", ["invariant", "paper"])
+def test_beam_search_sampling_and_prompt_lookup_match_uncached(form):
     """Beam search reorders the cache, prompt lookup (assisted decoding) crops it, sampling
-    draws from the logits: each equals the same generation without a cache."""
-    model = _gated()
+    draws from the logits: each equals the same generation without a cache (the paper's
+    form carries the key gates it remembered through the reorder and the crop)."""
+    if form == "paper":
+        from test_paper import paper_config, randomize
+
+        model = make_model("llama")
+        gape.patch(model, paper_config())
+        randomize(model)
+    else:
+        model = _gated()
     prompt = torch.cat([tokens(1, 8), tokens(1, 8)], dim=1)  # a repeat, so prompt lookup proposes
     base = dict(max_new_tokens=10, pad_token_id=0)
     modes = {

@@ -229,6 +229,34 @@ def test_paper_refuses_a_cache_it_did_not_fill():
             model(ids[:, 8:9], use_cache=True, **{hf.cache_kwarg(): cache})
 
 
+def test_paper_follows_a_reordered_or_cropped_cache_and_refuses_edited_keys():
+    """The cache's own reorder_cache (beam search) and crop (assisted decoding) make new
+    key tensors: the remembered pi follows them, so the next step equals the full forward
+    of the reordered / cropped rows; keys edited into a new tensor are refused."""
+    model = make_model()
+    gape.patch(model, paper_config())
+    randomize(model)
+    ids, nxt = tokens(2, 10), tokens(2, 1, seed=5)
+    with torch.no_grad():
+        def step(cache):
+            return model(nxt, use_cache=True, **{hf.cache_kwarg(): cache}).logits
+
+        cache = hf.output_cache(model(ids, use_cache=True))
+        cache.reorder_cache(torch.tensor([1, 0]))
+        want = model(torch.cat([ids.flip(0), nxt], dim=1)).logits[:, -1:]
+        torch.testing.assert_close(step(cache), want, rtol=1e-5, atol=1e-5)
+
+        cache = hf.output_cache(model(ids, use_cache=True))
+        cache.crop(-4)  # keeps the first 6
+        want = model(torch.cat([ids[:, :6], nxt], dim=1)).logits[:, -1:]
+        torch.testing.assert_close(step(cache), want, rtol=1e-5, atol=1e-5)
+
+        cache = hf.output_cache(model(ids, use_cache=True))
+        cache.layers[0].keys = cache.layers[0].keys + 1
+        with pytest.raises(ValueError, match="KV cache holds 10 keys"):
+            step(cache)
+
+
 # --------------------------------------------------------------------------- save / load
 
 

@@ -32,8 +32,9 @@ The paper's gate form (``GapeConfig(gate="paper")``, :class:`~gape.gates.PaperGa
 reads the pre-RoPE query and key: forward hooks on the modules that produce them
 (the spec's ``query_pre_rope``/``key_pre_rope``) hand them to the gate, which
 computes lambda and the new keys' pi there and remembers the pi of the keys a
-``DynamicLayer`` (or ``DynamicSlidingWindowLayer``) holds; a cache whose keys it
-did not see is refused (see :func:`gape.hf.decode.paper_gates`).
+``DynamicLayer`` (or ``DynamicSlidingWindowLayer``, or the slots a ``StaticLayer``
+has written) holds, following them through beam-search reordering and cropping;
+a cache whose keys it did not see is refused (see :func:`gape.hf.decode.paper_gates`).
 
 ALiBi (``gape.with_positional(model, "alibi")``) reaches attention here too: a
 ``gape_alibi`` submodule of the attention layer adds its per-head slope to

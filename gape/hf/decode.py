@@ -328,22 +328,46 @@ def _paper_pi_with_cache(gate: PaperGate, state: LayerState, find_layer, prev: t
         pi = pi_new
     else:
         memo = state.pi_cache.get(layer) if layer is not None else None
-        held = prev[0]
-        if (
-            memo is None or held is None or memo[0]() is not held or held._version != memo[1]
-            or not _same_versions(memo[2], versions) or memo[3].shape[0] != b or memo[3].shape[2] != lk - new
-        ):
+        held = _held_pi(memo, prev[0], versions)
+        if held is None or held.shape[0] != b or held.shape[2] != lk - new:
             raise _unseen_keys(gate, lk - new)
-        pi = torch.cat([memo[3], pi_new], dim=-1)
+        pi = torch.cat([held, pi_new], dim=-1)
     _remember_paper_pi(state.pi_cache, layer, pi, lk, versions)
     return pi
+
+
+# Head-dim components of each cached key that the memo keeps (as a view of the cache's own
+# keys, so at no cost) to recognise the keys in tensors transformers' cache ops make from them.
+_FINGERPRINT = 4
+
+
+def _held_pi(memo, held, versions: tuple):
+    """pi of ``held`` (the keys the cache layer holds before this step) from the memo of
+    the keys it held after the last step, or None. Either the same tensor, unchanged; or
+    a new one that transformers' cache ops made from it bit for bit: rows reordered or
+    selected (beam search: ``reorder_cache``; contrastive search), a prefix kept (``crop``:
+    assisted decoding), recognised row by row from each key's first components."""
+    if memo is None or held is None or not _same_versions(memo[2], versions):
+        return None
+    ref, version, _, pi, fingerprint = memo
+    if ref() is held:
+        return pi if held._version == version else None
+    n = held.shape[2]
+    if fingerprint is None or held.dim() != 4 or held.shape[1] != fingerprint.shape[1] or n > fingerprint.shape[2]:
+        return None
+    now = held[..., : fingerprint.shape[-1]]
+    # match[i, j]: row i now holds the first n keys of remembered row j
+    match = (now[:, None] == fingerprint[None, :, :, :n]).flatten(2).all(-1)
+    if not bool(match.any(1).all()):
+        return None
+    return pi[match.int().argmax(1), :, :n]
 
 
 def _unseen_keys(gate: PaperGate, held) -> ValueError:
     return ValueError(
         f"gate='paper' (layer {gate.layer_idx}): the KV cache holds {held} keys whose key gates this "
         "model did not compute when they were cached (the cache was filled before patching, by another "
-        "model or by a forward under torch.compile, reordered (beam search), cropped, or the key-gate parameters "
+        "model or by a forward under torch.compile, its keys were edited, or the key-gate parameters "
         "changed since). The paper's key gate reads the pre-RoPE key, which a cache does not keep: start from "
         "an empty cache, and prefill eagerly when decoding under torch.compile"
     )
@@ -369,7 +393,7 @@ def _static_paper_pi(gate: PaperGate, state: LayerState, layer, prev: tuple, pi_
         held = memo[3].to(pi_new.dtype)
     pi = torch.cat([held[..., :offset], pi_new, held[..., offset + new:]], dim=-1)
     if layer is not None and isinstance(getattr(layer, "keys", None), torch.Tensor):
-        state.pi_cache[layer] = (weakref.ref(layer.keys), layer.keys._version, versions, pi.detach())
+        state.pi_cache[layer] = (weakref.ref(layer.keys), layer.keys._version, versions, pi.detach(), None)
     return pi
 
 
@@ -380,13 +404,15 @@ def _remember_paper_pi(pi_cache, layer, pi: torch.Tensor, lk: int, versions: tup
     # _paper_cache_layer passes only a DynamicLayer (which holds exactly the keys it returned)
     # or a DynamicSlidingWindowLayer (which holds the last of them).
     if isinstance(stored, torch.Tensor) and stored.dim() == 4 and stored.shape[2] <= lk:
-        pi_cache[layer] = (weakref.ref(stored), stored._version, versions, pi[..., lk - stored.shape[2]:].detach())
+        pi_cache[layer] = (weakref.ref(stored), stored._version, versions, pi[..., lk - stored.shape[2]:].detach(),
+                           stored.detach()[..., :_FINGERPRINT])
     else:
         pi_cache.pop(layer, None)
 
 
 def cached_pi_bytes(gate: nn.Module) -> int:
-    """Memory of the key gates remembered for cached keys (the decode-time state, for benchmarks)."""
+    """Memory of the key gates remembered for cached keys (the decode-time state, for
+    benchmarks); the paper form's key fingerprints are views of the cache's keys and cost none."""
     state = layer_state(gate)
     if isinstance(gate, PaperGate):
         memos = state.pi_cache.values() if state.pi_cache is not None else ()
