@@ -238,11 +238,21 @@ def test_packed_sequences_equal_separate_ones():
         torch.testing.assert_close(out[:, 9:], model(b).logits, rtol=0, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gate_gradients():
+@pytest.mark.parametrize("form", ["invariant", "paper"])
+def test_gradient_checkpointing_gives_the_same_gate_gradients(form):
+    """Checkpointed layers recompute their forward in backward (the paper's capture hooks
+    fire again there): the gate gradients equal the plain backward's."""
+    from test_paper import paper_config, randomize
+
     ids = tokens(2, 16)
     grads = []
     for checkpointing in (False, True):
-        model = _gated()
+        if form == "paper":
+            model = make_model("llama")
+            gape.patch(model, paper_config())
+            randomize(model)
+        else:
+            model = _gated()
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable()

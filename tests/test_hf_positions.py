@@ -137,11 +137,14 @@ def _packed_batches(seqs, flash_kwargs):
     return packed, padded
 
 
+@pytest.mark.parametrize("form", ["invariant", "paper"])
 @pytest.mark.parametrize("flash_kwargs", [True, False], ids=["cu_seq_lens", "position_ids"])
-def test_packed_training_equals_unpacked(flash_kwargs, monkeypatch):
+def test_packed_training_equals_unpacked(flash_kwargs, form, monkeypatch):
     """A tiny Llama trained 3 steps on packed batches: same losses and gradients
     (every weight and gate) as on the same sequences right-padded, and the packed
-    steps run attention_varlen."""
+    steps run attention_varlen; both gate forms."""
+    from test_paper import paper_config, randomize
+
     lens = [5, 13, 1, 9, 4]
     gen = torch.Generator().manual_seed(4)
     seqs = [torch.randint(3, 96, (n,), generator=gen) for n in lens]
@@ -154,8 +157,8 @@ def test_packed_training_equals_unpacked(flash_kwargs, monkeypatch):
     runs = []
     for batch in (packed, padded):
         model = make_model("llama")
-        gape.patch(model, DEFAULT)
-        randomize_gates(model, scale=0.5)
+        gape.patch(model, paper_config() if form == "paper" else DEFAULT)
+        randomize(model) if form == "paper" else randomize_gates(model, scale=0.5)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         losses, grads = [], None
