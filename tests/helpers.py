@@ -143,3 +143,20 @@ def assert_matches_reference(
             f"{ref_err:.3e} + atol ({bound:.3e}); dtype {dtype}"
         )
     return errors
+
+
+def rewrite_safetensors(src, dst, tensors=None, metadata=None):
+    """Copy a safetensors file with some tensors / metadata entries replaced (a None value
+    drops the entry): the faulty gate files of the loading tests. Returns ``dst``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in (tensors or {}).items():
+        ts.pop(k) if v is None else ts.__setitem__(k, v)
+    for k, v in (metadata or {}).items():
+        meta.pop(k) if v is None else meta.__setitem__(k, v)
+    save_file(ts, str(dst), metadata=meta)
+    return dst

@@ -14,20 +14,9 @@ import gape
 from gape import hf
 from gape.patches import supported_model_types
 
-BASE = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from test_hf import SMALL
+
+BASE = dict(SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 HEAD16 = dict(BASE, head_dim=16)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 # model_type -> (config class, kwargs)

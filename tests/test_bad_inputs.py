@@ -20,12 +20,11 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import gape
 from gape import hf
 
+from helpers import rewrite_safetensors
 from test_hf import IDENTITY, make_model, randomize_gates
 
 # --------------------------------------------------------------------------- gape.attention
@@ -233,18 +232,6 @@ def gate_file(tmp_path_factory):
     return path
 
 
-def _variant(src, dst, tensors=None, metadata=None):
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-        ts = {k: f.get_tensor(k) for k in f.keys()}
-    for k, v in (tensors or {}).items():
-        ts.pop(k) if v is None else ts.__setitem__(k, v)
-    for k, v in (metadata or {}).items():
-        meta.pop(k) if v is None else meta.__setitem__(k, v)
-    save_file(ts, str(dst), metadata=meta)
-    return dst
-
-
 def _garbage(src, dst):
     dst.write_bytes(b"\xff" * 8 + b"not a header")
     return dst
@@ -256,22 +243,22 @@ def _config_json(**changes):
 
 GATE_FILES = {
     "corrupted-header": (_garbage, ValueError, "garbled.safetensors is not a readable safetensors file"),
-    "not-a-gate-file": (lambda s, d: _variant(s, d, metadata={"format": "other"}), ValueError, "is not a GAPE gate file"),
-    "missing-num_layers": (lambda s, d: _variant(s, d, metadata={"num_layers": None}), ValueError, "lacks metadata \\['num_layers'\\]"),
-    "missing-config": (lambda s, d: _variant(s, d, metadata={"config": None}), ValueError, "lacks metadata \\['config'\\]"),
-    "num_heads-not-int": (lambda s, d: _variant(s, d, metadata={"num_heads": "four"}), ValueError, "metadata num_heads='four'"),
-    "config-not-json": (lambda s, d: _variant(s, d, metadata={"config": "{oops"}), ValueError, "invalid GapeConfig"),
-    "config-bad-field": (lambda s, d: _variant(s, d, metadata={"config": _config_json(distance="cubic")}), ValueError, "invalid GapeConfig.*distance"),
-    "config-unknown-field": (lambda s, d: _variant(s, d, metadata={"config": _config_json(gamma=1)}), ValueError, "invalid GapeConfig.*unknown"),
-    "tensor-nan": (lambda s, d: _variant(s, d, tensors={"layers.0.w": torch.full((4, 8), float("nan"))}), ValueError, "layers.0.w has non-finite"),
-    "tensor-inf": (lambda s, d: _variant(s, d, tensors={"layers.1.alpha": torch.full((4,), float("inf"))}), ValueError, "layers.1.alpha has non-finite"),
-    "tensor-int": (lambda s, d: _variant(s, d, tensors={"layers.0.b": torch.zeros(4, dtype=torch.int32)}), ValueError, "layers.0.b has dtype torch.int32"),
-    "tensor-name": (lambda s, d: _variant(s, d, tensors={"gate.weights": torch.zeros(2)}), ValueError, "'gate.weights' is not named layers"),
-    "tensor-shape": (lambda s, d: _variant(s, d, tensors={"layers.1.u": torch.zeros(3, 8)}), ValueError, "layer 1: gate u has shape \\(3, 8\\)"),
-    "tensor-missing": (lambda s, d: _variant(s, d, tensors={"layers.0.c": None}), ValueError, "layer 0: the file holds"),
-    "extra-layer": (lambda s, d: _variant(s, d, tensors={"layers.7.c": torch.zeros(2)}), ValueError, "gates for layers \\[7\\]"),
-    "other-shape": (lambda s, d: _variant(s, d, metadata={"num_heads": "8"}), ValueError, "num_heads 8 \\(file\\) vs 4 \\(model\\)"),
-    "other-architecture": (lambda s, d: _variant(s, d, metadata={"model_type": "qwen3"}), ValueError, "saved from a qwen3 model"),
+    "not-a-gate-file": (lambda s, d: rewrite_safetensors(s, d, metadata={"format": "other"}), ValueError, "is not a GAPE gate file"),
+    "missing-num_layers": (lambda s, d: rewrite_safetensors(s, d, metadata={"num_layers": None}), ValueError, "lacks metadata \\['num_layers'\\]"),
+    "missing-config": (lambda s, d: rewrite_safetensors(s, d, metadata={"config": None}), ValueError, "lacks metadata \\['config'\\]"),
+    "num_heads-not-int": (lambda s, d: rewrite_safetensors(s, d, metadata={"num_heads": "four"}), ValueError, "metadata num_heads='four'"),
+    "config-not-json": (lambda s, d: rewrite_safetensors(s, d, metadata={"config": "{oops"}), ValueError, "invalid GapeConfig"),
+    "config-bad-field": (lambda s, d: rewrite_safetensors(s, d, metadata={"config": _config_json(distance="cubic")}), ValueError, "invalid GapeConfig.*distance"),
+    "config-unknown-field": (lambda s, d: rewrite_safetensors(s, d, metadata={"config": _config_json(gamma=1)}), ValueError, "invalid GapeConfig.*unknown"),
+    "tensor-nan": (lambda s, d: rewrite_safetensors(s, d, tensors={"layers.0.w": torch.full((4, 8), float("nan"))}), ValueError, "layers.0.w has non-finite"),
+    "tensor-inf": (lambda s, d: rewrite_safetensors(s, d, tensors={"layers.1.alpha": torch.full((4,), float("inf"))}), ValueError, "layers.1.alpha has non-finite"),
+    "tensor-int": (lambda s, d: rewrite_safetensors(s, d, tensors={"layers.0.b": torch.zeros(4, dtype=torch.int32)}), ValueError, "layers.0.b has dtype torch.int32"),
+    "tensor-name": (lambda s, d: rewrite_safetensors(s, d, tensors={"gate.weights": torch.zeros(2)}), ValueError, "'gate.weights' is not named layers"),
+    "tensor-shape": (lambda s, d: rewrite_safetensors(s, d, tensors={"layers.1.u": torch.zeros(3, 8)}), ValueError, "layer 1: gate u has shape \\(3, 8\\)"),
+    "tensor-missing": (lambda s, d: rewrite_safetensors(s, d, tensors={"layers.0.c": None}), ValueError, "layer 0: the file holds"),
+    "extra-layer": (lambda s, d: rewrite_safetensors(s, d, tensors={"layers.7.c": torch.zeros(2)}), ValueError, "gates for layers \\[7\\]"),
+    "other-shape": (lambda s, d: rewrite_safetensors(s, d, metadata={"num_heads": "8"}), ValueError, "num_heads 8 \\(file\\) vs 4 \\(model\\)"),
+    "other-architecture": (lambda s, d: rewrite_safetensors(s, d, metadata={"model_type": "qwen3"}), ValueError, "saved from a qwen3 model"),
 }
 
 

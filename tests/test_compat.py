@@ -186,10 +186,17 @@ def test_paper_gates_read_the_lora_adapted_query_and_key(wrap_first):
 # --------------------------------------------------------------------------- generate modes, training features
 
 
-def _gated(arch="llama"):
+def _gated(arch="llama", form="invariant"):
+    """A model with non-trivial gates of either form."""
+    from test_paper import paper_config, randomize
+
     model = make_model(arch)
-    gape.patch(model, gape.GapeConfig(backend="reference"))
-    randomize_gates(model)
+    if form == "paper":
+        gape.patch(model, paper_config())
+        randomize(model)
+    else:
+        gape.patch(model, gape.GapeConfig(backend="reference"))
+        randomize_gates(model)
     return model
 
 
@@ -198,14 +205,7 @@ def test_beam_search_sampling_and_prompt_lookup_match_uncached(form):
     """Beam search reorders the cache, prompt lookup (assisted decoding) crops it, sampling
     draws from the logits: each equals the same generation without a cache (the paper's
     form carries the key gates it remembered through the reorder and the crop)."""
-    if form == "paper":
-        from test_paper import paper_config, randomize
-
-        model = make_model("llama")
-        gape.patch(model, paper_config())
-        randomize(model)
-    else:
-        model = _gated()
+    model = _gated(form=form)
     prompt = torch.cat([tokens(1, 8), tokens(1, 8)], dim=1)  # a repeat, so prompt lookup proposes
     base = dict(max_new_tokens=10, pad_token_id=0)
     modes = {
@@ -242,17 +242,10 @@ def test_packed_sequences_equal_separate_ones():
 def test_gradient_checkpointing_gives_the_same_gate_gradients(form):
     """Checkpointed layers recompute their forward in backward (the paper's capture hooks
     fire again there): the gate gradients equal the plain backward's."""
-    from test_paper import paper_config, randomize
-
     ids = tokens(2, 16)
     grads = []
     for checkpointing in (False, True):
-        if form == "paper":
-            model = make_model("llama")
-            gape.patch(model, paper_config())
-            randomize(model)
-        else:
-            model = _gated()
+        model = _gated(form=form)
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable()

@@ -9,12 +9,11 @@ import logging
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import gape
 from gape import hf
 
+from helpers import rewrite_safetensors
 from test_hf import IDENTITY, make_model, randomize_gates, tokens
 
 
@@ -33,22 +32,9 @@ def _saved(tmp_path, arch="llama", config=IDENTITY):
     return model, path
 
 
-def _rewrite(path, out, *, tensors=None, metadata=None):
-    """Copy a gate file with some tensors / metadata entries replaced (None value: dropped)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        ts = {k: f.get_tensor(k) for k in f.keys()}
-    for k, v in (tensors or {}).items():
-        ts.pop(k) if v is None else ts.__setitem__(k, v)
-    for k, v in (metadata or {}).items():
-        meta.pop(k) if v is None else meta.__setitem__(k, v)
-    save_file(ts, str(out), metadata=meta)
-    return out
-
-
 def test_nan_gate_weights_are_refused_and_the_model_is_untouched(tmp_path):
     _, path = _saved(tmp_path)
-    bad = _rewrite(path, tmp_path / "nan.safetensors", tensors={"layers.1.u": torch.full((2, 8), float("nan"))})
+    bad = rewrite_safetensors(path, tmp_path / "nan.safetensors", tensors={"layers.1.u": torch.full((2, 8), float("nan"))})
     model = make_model("llama")
     with pytest.raises(ValueError, match=r"nan\.safetensors.*layers\.1\.u.*non-finite"):
         gape.load_gates(model, bad)
@@ -57,14 +43,14 @@ def test_nan_gate_weights_are_refused_and_the_model_is_untouched(tmp_path):
 
 def test_negative_fixed_lambda_is_refused(tmp_path):
     _, path = _saved(tmp_path, config=gape.GapeConfig(backend="reference", fixed_lambda=0.2))
-    bad = _rewrite(path, tmp_path / "neg.safetensors", tensors={"layers.0.fixed_lambda": torch.full((4,), -0.5)})
+    bad = rewrite_safetensors(path, tmp_path / "neg.safetensors", tensors={"layers.0.fixed_lambda": torch.full((4,), -0.5)})
     with pytest.raises(ValueError, match=r"layers\.0\.fixed_lambda.*must lie in \[0\.0, inf\]"):
         gape.load_gates(make_model("llama"), bad)
     cfg = gape.GapeConfig(backend="reference", fixed_lambda=0.2).to_dict()
     cfg["fixed_lambda"] = -1.0
     import json
 
-    bad_cfg = _rewrite(path, tmp_path / "negcfg.safetensors", metadata={"config": json.dumps(cfg)})
+    bad_cfg = rewrite_safetensors(path, tmp_path / "negcfg.safetensors", metadata={"config": json.dumps(cfg)})
     with pytest.raises(ValueError, match=r"negcfg\.safetensors holds an invalid GapeConfig.*fixed_lambda"):
         gape.load_gates(make_model("llama"), bad_cfg)
 
@@ -82,7 +68,7 @@ def test_a_file_from_another_architecture_is_refused_unless_not_strict(tmp_path,
 
 def test_a_load_that_fails_at_layer_one_leaves_layer_zero_as_it_was(tmp_path):
     _, path = _saved(tmp_path)
-    bad = _rewrite(path, tmp_path / "short.safetensors", tensors={"layers.1.w": torch.zeros(4, 3)})
+    bad = rewrite_safetensors(path, tmp_path / "short.safetensors", tensors={"layers.1.w": torch.zeros(4, 3)})
     model = make_model("llama")
     gape.patch(model, IDENTITY)
     randomize_gates(model, seed=9)
@@ -91,7 +77,7 @@ def test_a_load_that_fails_at_layer_one_leaves_layer_zero_as_it_was(tmp_path):
         gape.load_gates(model, bad)
     after = _state_of(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    missing = _rewrite(path, tmp_path / "missing.safetensors", tensors={"layers.1.c": None})
+    missing = rewrite_safetensors(path, tmp_path / "missing.safetensors", tensors={"layers.1.c": None})
     with pytest.raises(ValueError, match="layer 1: the file holds"):
         gape.load_gates(model, missing)
     after = _state_of(model)
