@@ -241,7 +241,8 @@ class PaperGate(nn.Module):
     The attention interface of transformers sees post-RoPE tensors only, so ``gape.hf``
     captures the pre-RoPE ones with forward hooks on the modules that produce them (the
     architecture spec's ``query_pre_rope`` / ``key_pre_rope``: ``q_proj`` / ``k_proj``,
-    or ``q_norm`` / ``k_norm`` for Qwen3): exact, whatever the positions, and
+    or the q/k norm applied before RoPE on Qwen3, OLMo 2, Gemma 3, and Cohere and StableLM
+    when theirs is on): exact, whatever the positions, and
     differentiable into the projections. The key gate of a key is computed once, when the
     key enters the KV cache, and remembered per cache layer (one float per key and kv
     head) -- it cannot be recomputed from the cached rotated keys.
@@ -320,9 +321,3 @@ class PaperGate(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.query_gate(query), self.key_gate(key)
-
-    # ---- a projection's output as heads (for gape.hf's capture hooks)
-
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        # q_proj output [B, L, H*D] or q_norm output [B, L, H, D] -> [B, L, H, D]
-        return x.reshape(x.shape[0], x.shape[1], heads, self.head_dim)

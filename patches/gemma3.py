@@ -3,4 +3,7 @@ sliding window on local layers; soft-capping is off by default (refused if set).
 
 from .spec import ArchSpec
 
-SPEC = ArchSpec(model_types=("gemma3_text",), sliding_window="sliding_window", qk_norm=True, softcap="attn_logit_softcapping")
+SPEC = ArchSpec(
+    model_types=("gemma3_text",), sliding_window="sliding_window", qk_norm=True, softcap="attn_logit_softcapping",
+    query_pre_rope="q_norm", key_pre_rope="k_norm", pre_rope_heads_first=True,
+)

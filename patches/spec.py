@@ -25,9 +25,13 @@ class ArchSpec:
             logging and the tests.
         qk_norm: the model normalises q and k per head before RoPE (Qwen3).
             Pair norms stay rotation-invariant, so nothing changes for GAPE.
-        query_pre_rope, key_pre_rope: attributes of the attention module whose
-            outputs are the pre-RoPE query and key (``[B, L, H*D]`` or
-            ``[B, L, H, D]``), read by the paper's gate form (``gate="paper"``).
+        query_pre_rope, key_pre_rope: attribute of the attention module whose
+            output is the un-rotated query / key that RoPE is applied to (after
+            any q/k norm), read by the paper's gate form (``gate="paper"``); or a
+            tuple of candidates, the first one the module has (an optional norm,
+            then the projection). Outputs ``[B, L, H*D]`` or ``[B, L, H, D]``.
+        pre_rope_heads_first: the 4-d outputs of those modules are ``[B, H, L, D]``
+            (the norm runs after the heads are moved forward: Gemma 3, StableLM).
         partial_rotary: RoPE rotates only the first ``partial_rotary_factor``
             of each head's channels (``config.rope_parameters``); the gates then
             read pair norms of those and raw values of the rest (gape.gates).
@@ -45,7 +49,8 @@ class ArchSpec:
     rope_layout: str = "half"
     sliding_window: str | None = None
     qk_norm: bool = False
-    query_pre_rope: str = "q_proj"
-    key_pre_rope: str = "k_proj"
+    query_pre_rope: str | tuple[str, ...] = "q_proj"
+    key_pre_rope: str | tuple[str, ...] = "k_proj"
+    pre_rope_heads_first: bool = False
     partial_rotary: bool = False
     softcap: str | None = None

@@ -149,3 +149,52 @@ def test_cohere_uses_the_interleaved_layout():
     model = make("cohere")
     gape.patch(model, REFERENCE)
     assert all(g.layout == "interleaved" for _, g in hf.iter_gates(model))
+
+
+# fused q/k/v projection: no module outputs the pre-RoPE query or key alone
+PAPER_REFUSED = {"phi3", "gpt_neox"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
+    """gate='paper' reads the un-rotated query and key (after any q/k norm, GAPE.md): its
+    lambda and pi equal the paper's formulas on the tensors the model itself hands to
+    apply_rotary_pos_emb. Cohere and StableLM run with their optional q/k norms on."""
+    import sys
+
+    import torch.nn.functional as F
+
+    model = make(arch, **{"cohere": {"use_qk_norm": True}, "stablelm": {"qk_layernorm": True}}.get(arch, {}))
+    cfg = gape.GapeConfig(gate="paper", train_length=16, backend="reference")
+    if arch in PAPER_REFUSED:
+        with pytest.raises(ValueError, match="pre-RoPE query and key"):
+            gape.patch(model, cfg)
+        return
+    gape.patch(model, cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, gate in hf.iter_gates(model):
+            for name, p in gate.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name.startswith("w") else 1.0))
+    head_dim = hf.iter_gates(model)[0][1].head_dim
+    modeling = sys.modules[type(model).__module__]
+    rotate, seen = modeling.apply_rotary_pos_emb, []
+
+    def whole(t):  # partial rotary passes the rotated channels, a view of [B, H, L, D]
+        return torch.as_strided(t, (*t.shape[:-1], head_dim), t.stride(), t.storage_offset())
+
+    def spy(q, k, *args, **kwargs):
+        seen.append((whole(q).detach().double(), whole(k).detach().double()))  # [B, H, L, D]
+        return rotate(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", spy)
+    with torch.no_grad(), hf.record_gates(model) as rec:
+        model(ids(2, 12))
+    gates = hf.iter_gates(model)
+    assert len(seen) == len(gates)
+    for (i, gate), (q, k) in zip(gates, seen):
+        g = {n: p.detach().double() for n, p in gate.named_parameters()}
+        lam = F.softplus(g["gamma"])[:, None] * F.softplus(torch.einsum("bhld,hd->bhl", q, g["w_g"]) + g["b_g"][:, None]) / 16
+        pi = torch.sigmoid(torch.einsum("bhld,hd->bhl", k, g["w_l"]) + g["b_l"][:, None])
+        torch.testing.assert_close(rec[i]["lambda"].double(), lam, rtol=1e-4, atol=1e-6, msg=f"{arch} layer {i} lambda")
+        torch.testing.assert_close(rec[i]["pi"].double(), pi, rtol=1e-4, atol=1e-6, msg=f"{arch} layer {i} pi")

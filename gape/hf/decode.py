@@ -212,8 +212,8 @@ class PreRopeCapture:
     output is the query the attention really uses; the wrapped module's own output lacks
     the adapter's delta. ``remove()`` like a hook handle."""
 
-    def __init__(self, attn: nn.Module, name: str, kind: str):
-        self.attn, self.name, self.kind = attn, name, kind
+    def __init__(self, attn: nn.Module, name: str, kind: str, heads_first: bool = False):
+        self.attn, self.name, self.kind, self.heads_first = attn, name, kind, heads_first
         self.module = None
         self._attach()
 
@@ -251,18 +251,36 @@ class PreRopeCapture:
         gate = compat.active_gate(self.attn._modules.get(GATE_ATTR))
         if not isinstance(gate, PaperGate):
             return
+        heads = gate.num_heads if self.kind == "query" else gate.num_kv_heads
+        x = self._blhd(output, heads, gate.head_dim)
         if self.kind == "query":
-            layer_state(gate).lam = gate._lambda_blhd(gate._heads(output, gate.num_heads))
+            layer_state(gate).lam = gate._lambda_blhd(x)
         else:
-            layer_state(gate).pi_new = gate._pi_blhd(gate._heads(output, gate.num_kv_heads))
+            layer_state(gate).pi_new = gate._pi_blhd(x)
+
+    def _blhd(self, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+        """``[B, L, H, D]`` from the module's ``[B, L, H*D]``, ``[B, L, H, D]`` or (declared
+        by the spec) ``[B, H, L, D]`` output; any other shape is refused, not reshaped."""
+        if x.dim() == 4 and self.heads_first and x.shape[1] == heads and x.shape[3] == head_dim:
+            return x.transpose(1, 2)
+        if x.dim() == 4 and not self.heads_first and x.shape[2] == heads and x.shape[3] == head_dim:
+            return x
+        if x.dim() == 3 and x.shape[2] == heads * head_dim:
+            return x.unflatten(2, (heads, head_dim))
+        layout = "[B, H, L, D]" if self.heads_first else "[B, L, H, D] or [B, L, H*D]"
+        raise ValueError(
+            f"gate='paper': {type(self.attn).__name__}.{self.name} gave the pre-RoPE {self.kind} of shape "
+            f"{tuple(x.shape)}, expected {layout} with H = {heads}, D = {head_dim}; fix query_pre_rope/key_pre_rope "
+            "or pre_rope_heads_first in the architecture spec"
+        )
 
 
 _CAPTURES_ATTR = "_gape_pre_rope_captures"
 
 
-def add_captures(attn: nn.Module, query_name: str, key_name: str) -> tuple[PreRopeCapture, PreRopeCapture]:
+def add_captures(attn: nn.Module, query_name: str, key_name: str, heads_first: bool = False):
     """Hook the paper's gate of ``attn`` onto the modules computing its pre-RoPE query and key."""
-    captures = (PreRopeCapture(attn, query_name, "query"), PreRopeCapture(attn, key_name, "key"))
+    captures = (PreRopeCapture(attn, query_name, "query", heads_first), PreRopeCapture(attn, key_name, "key", heads_first))
     attn.__dict__[_CAPTURES_ATTR] = captures
     return captures
 

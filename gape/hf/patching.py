@@ -187,13 +187,8 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             layer_state(gate)  # created now, so a traced forward only reads it
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
             if isinstance(gate, PaperGate):
-                for name in (spec.query_pre_rope, spec.key_pre_rope):
-                    if not isinstance(getattr(attn, name, None), nn.Module):
-                        raise ValueError(
-                            f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{name}, which "
-                            f"this model does not have; fix query_pre_rope/key_pre_rope in the {spec.model_types[0]} spec"
-                        )
-                handles += add_captures(attn, spec.query_pre_rope, spec.key_pre_rope)
+                names = [_pre_rope_module(attn, spec, which) for which in ("query_pre_rope", "key_pre_rope")]
+                handles += add_captures(attn, *names, heads_first=spec.pre_rope_heads_first)
             handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
             for compiling in (False, True):  # filled now, so a traced forward only looks them up
                 _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
@@ -216,6 +211,21 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         f", sliding window {window}" if window else "", original,
     )
     return model
+
+
+def _pre_rope_module(attn: nn.Module, spec, which: str) -> str:
+    """The name of the module of ``attn`` whose output is the un-rotated query or key
+    (``which``: the spec field): the first of the spec's candidates ``attn`` has."""
+    candidates = getattr(spec, which)
+    candidates = (candidates,) if isinstance(candidates, str) else tuple(candidates)
+    for name in candidates:
+        if isinstance(getattr(attn, name, None), nn.Module):
+            return name
+    raise ValueError(
+        f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{' or .'.join(candidates)}, "
+        f"which this model does not have (a fused q/k/v projection has no module for the query alone); "
+        f"fix {which} in the {spec.model_types[0]} spec, or use the invariant form (gate='invariant')"
+    )
 
 
 def has_alibi(model: nn.Module) -> bool:
