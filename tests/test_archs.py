@@ -198,3 +198,29 @@ def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
         pi = torch.sigmoid(torch.einsum("bhld,hd->bhl", k, g["w_l"]) + g["b_l"][:, None])
         torch.testing.assert_close(rec[i]["lambda"].double(), lam, rtol=1e-4, atol=1e-6, msg=f"{arch} layer {i} lambda")
         torch.testing.assert_close(rec[i]["pi"].double(), pi, rtol=1e-4, atol=1e-6, msg=f"{arch} layer {i} pi")
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in PAPER_REFUSED])
+def test_paper_decode_equals_full(arch):
+    """gate='paper' on every architecture that has it: prefill then step-by-step decoding
+    of a left-padded batch gives the full forward's logits on the real tokens."""
+    model = make(arch)
+    gape.patch(model, gape.GapeConfig(gate="paper", train_length=16))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, gate in hf.iter_gates(model):
+            for name, p in gate.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name.startswith("w") else 1.0))
+    x = ids(2, 14)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        out = model(x[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        cache, steps = hf.output_cache(out), [out.logits]
+        for t in range(6, 14):
+            out = model(x[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True, **{hf.cache_kwarg(): cache})
+            steps.append(out.logits)
+    got = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], full[real], rtol=1e-4, atol=2e-5)
