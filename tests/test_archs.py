@@ -15,6 +15,7 @@ from gape import hf
 from gape.patches import supported_model_types
 
 from test_hf import SMALL
+from test_paper import randomize as randomize_paper
 
 BASE = dict(SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 HEAD16 = dict(BASE, head_dim=16)
@@ -171,11 +172,7 @@ def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
             gape.patch(model, cfg)
         return
     gape.patch(model, cfg)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, gate in hf.iter_gates(model):
-            for name, p in gate.named_parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name.startswith("w") else 1.0))
+    randomize_paper(model, seed=3)
     head_dim = hf.iter_gates(model)[0][1].head_dim
     modeling = sys.modules[type(model).__module__]
     rotate, seen = modeling.apply_rotary_pos_emb, []
@@ -206,11 +203,7 @@ def test_paper_decode_equals_full(arch):
     of a left-padded batch gives the full forward's logits on the real tokens."""
     model = make(arch)
     gape.patch(model, gape.GapeConfig(gate="paper", train_length=16))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, gate in hf.iter_gates(model):
-            for name, p in gate.named_parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name.startswith("w") else 1.0))
+    randomize_paper(model, seed=5)
     x = ids(2, 14)
     mask = torch.ones_like(x)
     mask[1, :3] = 0

@@ -35,13 +35,15 @@ class LayerState:
     prev_version: int | None = None
     query_offset: torch.Tensor | None = None
     cache_layer: object = None
-    # invariant gate: (weakref to the keys tensor, its _version, key-gate parameters, pi)
+    # invariant gate: (weakref to the keys tensor, its _version, _snapshot of the key-gate
+    # parameters, pi)
     pi_memo: tuple | None = None
     # paper gate: the gates of the tokens the capture hooks just saw
     lam: torch.Tensor | None = None
     pi_new: torch.Tensor | None = None
-    # paper gate: cache layer -> (weakref to the keys it holds, their _version,
-    # key-gate parameter versions, pi of those keys); created at first use
+    # paper gate: cache layer -> (weakref to the keys it holds, their _version, _snapshot
+    # of the key-gate parameters, pi of those keys, the keys' first components or None);
+    # created at first use
     pi_cache: weakref.WeakKeyDictionary | None = None
 
 
@@ -163,19 +165,18 @@ def _paper_cache_layer(layers: list, idx: int):
     return layer if type(layer) in _cache_layer_types() else None
 
 
-def _key_gate_params(gate: GapeGate) -> tuple:
-    """What the memo of pi depends on: the key-gate parameters' storage, version
-    counters and a copy of their values (a ``.data`` replaced, an in-place edit and
-    an in-place edit through ``.data``, which bumps no version counter, all show)."""
-    params = (gate.u, gate.c)
+def _snapshot(params) -> tuple:
+    """What a memo of pi depends on (both gate forms): the key-gate parameters' storage,
+    version counters and a copy of their values (a ``.data`` replaced, an in-place edit
+    and an in-place edit through ``.data``, which bumps no version counter, all show)."""
     return tuple((p.data_ptr(), p._version, p.detach().clone()) for p in params)
 
 
-def _same_key_gate_params(saved: tuple, gate: GapeGate) -> bool:
-    for (ptr, version, values), p in zip(saved, (gate.u, gate.c)):
-        if p.data_ptr() != ptr or p._version != version or p.shape != values.shape or not torch.equal(p.detach(), values):
-            return False
-    return True
+def _same_snapshot(saved: tuple, now: tuple) -> bool:
+    return len(saved) == len(now) and all(
+        a[0] == b[0] and a[1] == b[1] and a[2].shape == b[2].shape and torch.equal(a[2], b[2])
+        for a, b in zip(saved, now)
+    )
 
 
 def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -183,12 +184,13 @@ def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.
         return gate.key_gate(key)
     state = layer_state(gate)
     prev, memo, pi = state.prev_keys, state.pi_memo, None
+    params = _snapshot((gate.u, gate.c))
     if prev is not None and memo is not None:
-        ref, keys_version, params, old_pi = memo
+        ref, keys_version, saved, old_pi = memo
         if (
             ref() is prev
             and prev._version == keys_version
-            and _same_key_gate_params(params, gate)
+            and _same_snapshot(saved, params)
             and key.shape[0] == prev.shape[0]
             and key.shape[2] == prev.shape[2] + q_len
             and old_pi.shape[-1] == prev.shape[2]
@@ -196,7 +198,7 @@ def _key_gate_at_decode(gate: GapeGate, key: torch.Tensor, q_len: int) -> torch.
             pi = torch.cat([old_pi, gate.key_gate(key[:, :, -q_len:])], dim=-1)
     if pi is None:
         pi = gate.key_gate(key)
-    state.pi_memo = (weakref.ref(key), key._version, _key_gate_params(gate), pi)
+    state.pi_memo = (weakref.ref(key), key._version, params, pi)
     return pi
 
 
@@ -278,31 +280,17 @@ class PreRopeCapture:
 _CAPTURES_ATTR = "_gape_pre_rope_captures"
 
 
-def add_captures(attn: nn.Module, query_name: str, key_name: str, heads_first: bool = False):
-    """Hook the paper's gate of ``attn`` onto the modules computing its pre-RoPE query and key."""
-    captures = (PreRopeCapture(attn, query_name, "query", heads_first), PreRopeCapture(attn, key_name, "key", heads_first))
-    attn.__dict__[_CAPTURES_ATTR] = captures
-    return captures
+def add_captures(attn: nn.Module, query_name: str, key_name: str, heads_first: bool = False) -> None:
+    """Hook the paper's gate of ``attn`` onto the modules computing its pre-RoPE query and
+    key (undone by :func:`remove_captures`)."""
+    attn.__dict__[_CAPTURES_ATTR] = (
+        PreRopeCapture(attn, query_name, "query", heads_first), PreRopeCapture(attn, key_name, "key", heads_first)
+    )
 
 
 def remove_captures(attn: nn.Module) -> None:
     for capture in attn.__dict__.pop(_CAPTURES_ATTR, ()):
         capture.remove()
-
-
-def _paper_key_versions(gate: PaperGate) -> tuple:
-    # Storage, version counter and a copy of the values: a replaced ``.data`` and an
-    # in-place edit through ``.data`` (which bumps no version counter) both show.
-    if not gate.config.learned_pi:
-        return ()
-    return tuple((p.data_ptr(), p._version, p.detach().clone()) for p in (gate.w_l, gate.b_l))
-
-
-def _same_versions(saved: tuple, now: tuple) -> bool:
-    return len(saved) == len(now) and all(
-        a[0] == b[0] and a[1] == b[1] and a[2].shape == b[2].shape and torch.equal(a[2], b[2])
-        for a, b in zip(saved, now)
-    )
 
 
 def paper_gates(gate: PaperGate, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +324,7 @@ def _paper_pi_with_cache(gate: PaperGate, state: LayerState, find_layer, prev: t
     cache layer (or None); ``prev``: the keys tensor that layer held before this step's
     update and (static buffer) its version then."""
     layer = find_layer() if find_layer is not None else None
-    versions = _paper_key_versions(gate)
+    versions = _snapshot((gate.w_l, gate.b_l) if gate.config.learned_pi else ())
     if state.pi_cache is None:
         state.pi_cache = weakref.WeakKeyDictionary()
     if state.query_offset is not None:
@@ -359,17 +347,18 @@ def _paper_pi_with_cache(gate: PaperGate, state: LayerState, find_layer, prev: t
 _FINGERPRINT = 4
 
 
-def _held_pi(memo, held, versions: tuple):
-    """pi of ``held`` (the keys the cache layer holds before this step) from the memo of
-    the keys it held after the last step, or None. Either the same tensor, unchanged; or
+def _held_pi(memo, held, versions: tuple, held_version: int | None = None):
+    """pi of ``held`` (the keys the cache layer holds before this step; ``held_version``:
+    its version then, if this step has written into it since) from the memo of the keys
+    it held after the last step, or None. Either the same tensor, unchanged; or
     a new one that transformers' cache ops made from it bit for bit: rows reordered or
     selected (beam search: ``reorder_cache``; contrastive search), a prefix kept (``crop``:
     assisted decoding), recognised row by row from each key's first components."""
-    if memo is None or held is None or not _same_versions(memo[2], versions):
+    if memo is None or held is None or not _same_snapshot(memo[2], versions):
         return None
     ref, version, _, pi, fingerprint = memo
     if ref() is held:
-        return pi if held._version == version else None
+        return pi if (held._version if held_version is None else held_version) == version else None
     n = held.shape[2]
     if fingerprint is None or held.dim() != 4 or held.shape[1] != fingerprint.shape[1] or n > fingerprint.shape[2]:
         return None
@@ -381,9 +370,9 @@ def _held_pi(memo, held, versions: tuple):
     return pi[match.int().argmax(1), :, :n]
 
 
-def _unseen_keys(gate: PaperGate, held) -> ValueError:
+def _unseen_keys(gate: PaperGate, count: int) -> ValueError:
     return ValueError(
-        f"gate='paper' (layer {gate.layer_idx}): the KV cache holds {held} keys whose key gates this "
+        f"gate='paper' (layer {gate.layer_idx}): the KV cache holds {count} keys whose key gates this "
         "model did not compute when they were cached (the cache was filled before patching, by another "
         "model or by a forward under torch.compile, its keys were edited, or the key-gate parameters "
         "changed since). The paper's key gate reads the pre-RoPE key, which a cache does not keep: start from "
@@ -403,12 +392,10 @@ def _static_paper_pi(gate: PaperGate, state: LayerState, layer, prev: tuple, pi_
         held = pi_new.new_zeros(b, gate.num_kv_heads, lk)
     else:
         memo = state.pi_cache.get(layer) if layer is not None else None
-        if (
-            memo is None or prev[0] is None or memo[0]() is not prev[0] or prev[1] != memo[1]
-            or not _same_versions(memo[2], versions) or tuple(memo[3].shape) != (b, gate.num_kv_heads, lk)
-        ):
+        held = _held_pi(memo, prev[0], versions, held_version=prev[1])
+        if held is None or tuple(held.shape) != (b, gate.num_kv_heads, lk):
             raise _unseen_keys(gate, offset)
-        held = memo[3].to(pi_new.dtype)
+        held = held.to(pi_new.dtype)
     pi = torch.cat([held[..., :offset], pi_new, held[..., offset + new:]], dim=-1)
     if layer is not None and isinstance(getattr(layer, "keys", None), torch.Tensor):
         state.pi_cache[layer] = (weakref.ref(layer.keys), layer.keys._version, versions, pi.detach(), None)

@@ -188,7 +188,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
             if isinstance(gate, PaperGate):
                 names = [_pre_rope_module(attn, spec, which) for which in ("query_pre_rope", "key_pre_rope")]
-                handles += add_captures(attn, *names, heads_first=spec.pre_rope_heads_first)
+                add_captures(attn, *names, heads_first=spec.pre_rope_heads_first)  # removed by _remove_gates
             handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
             for compiling in (False, True):  # filled now, so a traced forward only looks them up
                 _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
@@ -262,10 +262,10 @@ def _remove_gates(layers, spec, handles) -> None:
         h.remove()
     for layer in layers:
         attn = getattr(layer, spec.attention, None)
-        if attn is not None:
-            remove_captures(attn)
-        if attn is not None and GATE_ATTR in attn._modules:
-            del attn._modules[GATE_ATTR]
+        if attn is None:
+            continue
+        remove_captures(attn)
+        attn._modules.pop(GATE_ATTR, None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
