@@ -63,31 +63,21 @@ CHECK_FIELDS = ["stage", "name", "status", "seconds", "message", "errors"]
 # Importing gape from the checkout without installing it
 # ---------------------------------------------------------------------------
 
-# pyproject.toml's [tool.setuptools.package-dir], for Pythons without tomllib
+# gape and the folders pyproject.toml's package-dir installs under it
 PACKAGE_DIRS = {"gape": "gape", "gape.kernels": "kernels", "gape.patches": "patches"}
 
 
-def package_dirs(root: str = ROOT) -> dict[str, str]:
-    try:
-        import tomllib
-
-        with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-            return dict(tomllib.load(f)["tool"]["setuptools"]["package-dir"])
-    except (ImportError, OSError, KeyError):
-        return dict(PACKAGE_DIRS)
-
-
 class _CheckoutFinder(importlib.abc.MetaPathFinder):
-    """Finds the mapped packages in the checkout, as an editable install would."""
+    """Finds ``gape`` in the checkout ahead of any installed copy; ``gape`` itself
+    then maps gape.kernels and gape.patches to the folders beside it (gape/_checkout.py)."""
 
-    def __init__(self, root: str, dirs: dict[str, str]):
-        self.root, self.dirs = root, dirs
+    def __init__(self, root: str):
+        self.root = root
 
     def find_spec(self, fullname, path=None, target=None):
-        rel = self.dirs.get(fullname)
-        if rel is None:
+        if fullname != "gape":
             return None  # sub-modules are found through the package's __path__
-        where = os.path.join(self.root, rel)
+        where = os.path.join(self.root, "gape")
         return importlib.util.spec_from_file_location(fullname, os.path.join(where, "__init__.py"),
                                                       submodule_search_locations=[where])
 
@@ -95,17 +85,18 @@ class _CheckoutFinder(importlib.abc.MetaPathFinder):
 def use_checkout(root: str = ROOT) -> None:
     """Import gape (and its mapped sub-packages) from ``root``, ahead of any installed copy."""
     if not any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _CheckoutFinder(root, package_dirs(root)))
+        sys.meta_path.insert(0, _CheckoutFinder(root))
 
 
 def probe_import(root: str = ROOT) -> dict:
     """Where gape and its mapped packages import from, and whether that is ``root``."""
     found = {}
-    for name, rel in package_dirs(root).items():
+    for name, rel in PACKAGE_DIRS.items():
         mod = importlib.import_module(name)
-        found[name] = os.path.realpath(mod.__file__)
-        want = os.path.realpath(os.path.join(root, rel)) + os.sep
-        if not found[name].startswith(want):
+        # kernels/ and patches/ are namespace packages (no __init__.py): their folder is __path__
+        found[name] = os.path.realpath(mod.__file__ if getattr(mod, "__file__", None) else list(mod.__path__)[0])
+        want = os.path.realpath(os.path.join(root, rel))
+        if not (found[name] == want or found[name].startswith(want + os.sep)):
             raise ImportError(f"{name} imports from {found[name]}, not from this checkout ({want})")
     return found
 

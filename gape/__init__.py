@@ -18,6 +18,10 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import _checkout
+
+_checkout.install()  # before anything imports gape.kernels or gape.patches
+
 from .api import BACKENDS, attention, attention_varlen
 
 __version__ = "0.1.0"

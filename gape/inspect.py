@@ -89,7 +89,7 @@ def inspect_model(model, input_ids: torch.Tensor, *, layers: list[int] | None = 
 
 
 def _spec(model):
-    from .patches import get_spec
+    from .patches.registry import get_spec
 
     return get_spec(model.config.model_type)
 

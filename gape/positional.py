@@ -148,7 +148,7 @@ def with_positional(model: nn.Module, scheme: str, *, p: float | None = None, ba
         gape.with_positional(model, "prope", p=0.75)
         gape.patch(model, gape.GapeConfig(gate="paper", train_length=256))
     """
-    from .patches import get_spec
+    from .patches.registry import get_spec
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")

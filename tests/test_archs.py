@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import gape
 from gape import hf
-from gape.patches import supported_model_types
+from gape.patches.registry import supported_model_types
 
 from test_hf import SMALL
 from test_paper import randomize as randomize_paper

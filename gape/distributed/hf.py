@@ -156,7 +156,7 @@ def context_parallel(model, group=None, layout: str = "zigzag"):
     On exit the previous attention implementation is restored.
     """
     from ..hf import _find_layers
-    from ..patches import get_spec
+    from ..patches.registry import get_spec
 
     check_layout(layout)
     _group_rank_size(group)

@@ -88,7 +88,7 @@ def _select_layers(layers: list[int] | None, n: int) -> list[int]:
 
 def model_shape(model: nn.Module) -> dict:
     """Layer count, head counts and head dim as the spec reads them."""
-    from ..patches import get_spec
+    from ..patches.registry import get_spec
 
     model = compat.unwrap(model)
     config = model.config
@@ -142,7 +142,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         >>> out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=8)
         >>> gape.unpatch(model)
     """
-    from ..patches import get_spec
+    from ..patches.registry import get_spec
 
     model = compat.unwrap(model)  # a PEFT model: patch the transformers model inside
     if config is None:

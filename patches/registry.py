@@ -1,8 +1,11 @@
-"""Per-architecture specs read by the generic patcher in ``gape.hf``.
+"""The registry of per-architecture specs read by the generic patcher in ``gape.hf``.
 
-Adding an architecture: a module here with ``SPEC = ArchSpec(...)`` saying what
-differs from Llama, its name in ``_MODULES``, and a tiny-config test in
-tests/test_archs.py.
+Adding an architecture: a module in ``patches/`` with ``SPEC = ArchSpec(...)``
+saying what differs from Llama, its name in ``_MODULES``, and a tiny-config test
+in tests/test_archs.py. At run time, ``register(ArchSpec(...))`` adds one.
+
+``patches/`` has no ``__init__.py`` on purpose (see ``gape/_checkout.py``): it is
+``gape.patches``, never a top-level package of the clone root.
 """
 
 from __future__ import annotations
@@ -43,6 +46,6 @@ def get_spec(model_type: str) -> ArchSpec:
 
 
 for _name in _MODULES:
-    register(importlib.import_module(f".{_name}", __name__).SPEC)
+    register(importlib.import_module(f"gape.patches.{_name}").SPEC)
 
 __all__ = ["ArchSpec", "REGISTRY", "register", "get_spec", "supported_model_types"]
