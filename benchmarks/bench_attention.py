@@ -124,7 +124,7 @@ def _setup(provider: str, L: int, dtype, device: str, need_grad: bool):
     if provider == "sdpa":
         return leaves, lambda: gape.attention(q, k, v, lam, pi, distance="linear", backend="sdpa")
     if provider == "materialized":
-        from gape.reference import gape_bias
+        from gape.core.reference import gape_bias
 
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril_()
 

@@ -49,7 +49,7 @@ from gape import hf
 from gape._io import write_csv_atomic, write_json_atomic
 from gape._machine import machine_record
 from gape._threads import set_threads
-from gape.gates import inverse_softplus
+from gape.hf.gates import inverse_softplus
 
 MODES = ("sdpa", "gape-identity", "gape-identity-kernel", "gape-gates", "gape-paper")
 PAPER_T = 2048  # the paper form's training length in this benchmark (SmolLM2 was trained at 2k-8k)
@@ -132,7 +132,7 @@ def resolve_backend(requested: str) -> str:
     if requested != "auto":
         return requested
     try:
-        import gape.torch_backend  # noqa: F401
+        import gape.core.torch_backend  # noqa: F401
     except ImportError:
         return "reference"
     return "auto"

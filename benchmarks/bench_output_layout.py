@@ -12,7 +12,7 @@ import torch
 from gape._io import write_results_json
 from gape._threads import set_threads
 from gape.kernels import attention_cpu
-from gape.torch_backend import _kernel_args
+from gape.core.torch_backend import _kernel_args
 set_threads(1)
 assert attention_cpu.available(), attention_cpu.unavailable_reason()
 B, HQ, HKV, L, D = 1, 9, 3, 4096, 64

@@ -40,7 +40,7 @@ def window_attention(window: int, sinks: int):
     """An attention function for transformers' AttentionInterface: causal, keys within
     ``window`` of the query or among the first ``sinks`` positions (bottom-right aligned)."""
 
-    from gape.reference import signed_distance
+    from gape.core.reference import signed_distance
 
     @functools.lru_cache(maxsize=1)  # every layer of one forward shares the shape, hence the mask
     def mask(lq: int, lk: int, device: torch.device) -> torch.Tensor:
@@ -61,11 +61,11 @@ def main(argv=None) -> int:
 
     from gape._machine import cpu_model
     from gape._threads import set_threads
-    from gape.models import load_model
-    from gape.niah import results as res
-    from gape.prompts import build_sample
-    from gape.niah.runner import _generate
-    from gape.niah.scoring import string_match_all
+    from gape.hf.models import load_model
+    from gape.tasks.niah import results as res
+    from gape.tasks.prompts import build_sample
+    from gape.tasks.niah.runner import _generate
+    from gape.tasks.niah.scoring import string_match_all
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--window", type=int, nargs="+", default=[7000], help="keys farther than this are masked")

@@ -18,34 +18,38 @@ from __future__ import annotations
 import importlib
 import sys
 
-from . import _checkout
+from . import _checkout, _moved
 
 _checkout.install()  # before anything imports gape.kernels or gape.patches
+_moved.install()  # the earlier flat module paths (gape.models, gape.ops, ...) stay importable
 
-from .api import BACKENDS, attention, attention_varlen
+from .core.api import BACKENDS, attention, attention_varlen  # noqa: E402
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "GapeConfig": "gape.config",
+    "GapeConfig": "gape.hf.config",
     "patch": "gape.hf",
     "unpatch": "gape.hf",
     "save_gates": "gape.hf",
     "load_gates": "gape.hf",
-    "save_pretrained": "gape.pretrained",
-    "from_pretrained": "gape.pretrained",
-    "load_model": "gape.models",
-    "with_rope_scaling": "gape.models",
-    "with_positional": "gape.positional",
+    "save_pretrained": "gape.hf.pretrained",
+    "from_pretrained": "gape.hf.pretrained",
+    "load_model": "gape.hf.models",
+    "with_rope_scaling": "gape.hf.models",
+    "with_positional": "gape.hf.positional",
 }
+
+# public sub-modules reachable as attributes of `gape` without an import
+_SUBPACKAGES = {"distributed": "gape.distributed", "hf": "gape.hf", "ops": "gape.ops"}
 
 __all__ = ["attention", "attention_varlen", "BACKENDS", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name == "distributed":  # a subpackage; torch.distributed loads only when asked for
-        return importlib.import_module("gape.distributed")
+    if name in _SUBPACKAGES:  # torch.distributed and transformers load only when asked for
+        return importlib.import_module(_SUBPACKAGES[name])
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -14,7 +14,7 @@ import math
 import os
 
 # The longest prompt any command accepts (tokens); the memory check of the run
-# itself (gape.niah.runner) usually refuses far less.
+# itself (gape.tasks.niah.runner) usually refuses far less.
 MAX_TOKENS = 1 << 20
 
 

@@ -10,13 +10,13 @@ import sys
 
 # name -> (module, help)
 SUBCOMMANDS = {
-    "niah": ("gape.niah.cli", "needle-in-a-haystack benchmark (GAPE vs RoPE and RoPE scaling)"),
-    "eval": ("gape.lmeval.cli", "lm-evaluation-harness with the 'gape' model registered (args pass through)"),
+    "niah": ("gape.tasks.niah.cli", "needle-in-a-haystack benchmark (GAPE vs RoPE and RoPE scaling)"),
+    "eval": ("gape.tasks.lmeval.cli", "lm-evaluation-harness with the 'gape' model registered (args pass through)"),
     "audit-kernels": ("gape.kernels.audit", "compile every Triton kernel variant for sm_80/sm_90 and report registers, spills, shared memory"),
-    "synthetic": ("gape.synthetic", "train tiny models from scratch on synthetic retrieval; length extrapolation"),
-    "extrapolate": ("gape.extrapolate", "the paper's experiment at CPU scale: NoPE/RoPE/p-RoPE/ALiBi with and without GAPE, retrieval and LM"),
-    "calibrate": ("gape.calibrate", "train only the gates of a pretrained model"),
-    "inspect": ("gape.inspect", "plot attention mass against distance and the gate values"),
+    "synthetic": ("gape.experiments.synthetic", "train tiny models from scratch on synthetic retrieval; length extrapolation"),
+    "extrapolate": ("gape.experiments.extrapolate", "the paper's experiment at CPU scale: NoPE/RoPE/p-RoPE/ALiBi with and without GAPE, retrieval and LM"),
+    "calibrate": ("gape.experiments.calibrate", "train only the gates of a pretrained model"),
+    "inspect": ("gape.experiments.inspect", "plot attention mass against distance and the gate values"),
 }
 # subcommands whose remaining arguments belong to another program
 PASSTHROUGH = {"eval"}

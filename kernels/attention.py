@@ -643,7 +643,7 @@ _INT32_MAX = 2**31 - 1
 
 def _window_bounds(is_causal, window) -> tuple[int, int]:
     """The allowed ``pos_q - pos_k`` as int32 kernel arguments (unbounded = +-(2**31 - 1))."""
-    from gape.reference import delta_range
+    from gape.core.reference import delta_range
 
     lo, hi = delta_range(is_causal, window)
     return (-_INT32_MAX if lo is None else int(lo)), (_INT32_MAX if hi is None else int(hi))
@@ -820,7 +820,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
-        from gape.api import double_backward_error
+        from gape.core.api import double_backward_error
 
         raise RuntimeError(double_backward_error("triton"))
     saved = ctx.saved_tensors
@@ -861,7 +861,7 @@ gape_attention_fused = gape_attention_triton  # the old name
 
 
 def supports(call) -> str | None:
-    """Why ``backend="triton"`` cannot serve ``call`` (a :class:`gape.api.AttentionCall`), None when it can.
+    """Why ``backend="triton"`` cannot serve ``call`` (a :class:`gape.core.api.AttentionCall`), None when it can.
 
     The one place that knows what the kernel takes: CUDA (or the interpreter),
     float16/bfloat16/float32, head dims MIN_HEAD_DIM..MAX_HEAD_DIM, and masks
@@ -889,7 +889,7 @@ def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_caus
 
     A key-padding ``attn_mask`` (see :mod:`gape.kernels.key_ranges`) becomes
     per-batch key ranges; any other mask raises ValueError. ``key_ranges``
-    (from :func:`gape.api.select`) is the mask already analysed.
+    (from :func:`gape.core.api.select`) is the mask already analysed.
     """
     check_device(query)
     key_start = key_end = None
@@ -915,7 +915,7 @@ def triton_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_
 
 
 def block_forward(query, key, value, query_gate, key_gate, query_offset, window, is_causal, scale, distance):
-    """``(out, lse in base 2)`` of one block (for :mod:`gape.ops`), no autograd."""
+    """``(out, lse in base 2)`` of one block (for :mod:`gape.core.ops`), no autograd."""
     off = _offset_tensor(query_offset, query.shape[0], query.device)
     return _forward_impl(query, key, value, query_gate, key_gate, None, None, is_causal, scale, distance, True, off,
                          window)
@@ -923,7 +923,7 @@ def block_forward(query, key, value, query_gate, key_gate, query_offset, window,
 
 def block_backward(grad_out, query, key, value, query_gate, key_gate, out, lse2, query_offset, window, is_causal,
                    scale, distance):
-    """The five gradients of one block from the merged ``(out, lse in base 2)`` (for :mod:`gape.ops`)."""
+    """The five gradients of one block from the merged ``(out, lse in base 2)`` (for :mod:`gape.core.ops`)."""
     off = _offset_tensor(query_offset, query.shape[0], query.device)
     return _backward_impl(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse2, None, None,
                           is_causal, scale, distance, True, off, window)

@@ -184,7 +184,7 @@ def varlen_segments(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> t
 
 
 def delta_bounds(lo: int | None, hi: int | None) -> tuple[int, int]:
-    """``gape.reference.delta_range`` as the kernel's ints (unbounded = +-UNBOUNDED)."""
+    """``gape.core.reference.delta_range`` as the kernel's ints (unbounded = +-UNBOUNDED)."""
     return (-UNBOUNDED if lo is None else int(lo)), (UNBOUNDED if hi is None else int(hi))
 
 
@@ -206,7 +206,7 @@ def read_range(segments: torch.Tensor, dlo: int, dhi: int) -> tuple[int, int] | 
 
 def phi_table(dmin: int, dmax: int, distance: str, dtype) -> torch.Tensor:
     """``t[x] = phi(|dmax - x|)`` for ``x`` in ``[0, dmax - dmin]``, i.e. ``phi(delta) = t[dmax - delta]``."""
-    from gape.reference import phi
+    from gape.core.reference import phi
 
     delta = torch.arange(dmax, dmin - 1, -1, dtype=torch.int64).abs_()
     return phi(delta, distance, dtype)

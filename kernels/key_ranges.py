@@ -7,7 +7,7 @@ key padding (left or right), which is what the transformers integration
 needs. Any other mask is reported as unsupported so that ``backend="auto"``
 falls back to the tiled PyTorch backend.
 
-This module needs only torch, so ``gape.api`` can consult it without
+This module needs only torch, so ``gape.core.api`` can consult it without
 importing Triton.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gape.reference import allowed_mask
+from gape.core.reference import allowed_mask
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class KeyRanges:
 
 def _causal(lq: int, lk: int, device, query_offset=None, window=None, is_causal=True) -> torch.Tensor:
     """``[1 or B, lq, lk]``: the keys query row ``i`` (at ``i + query_offset``, None: ``lk - lq``)
-    may see under the causal rule (when ``is_causal``) and the window (gape.reference.allowed_mask)."""
+    may see under the causal rule (when ``is_causal``) and the window (gape.core.reference.allowed_mask)."""
     allowed = allowed_mask(lq, lk, is_causal, None, device, query_offset, window)
     if allowed is None:
         return torch.ones(1, lq, lk, dtype=torch.bool, device=device)
@@ -43,7 +43,7 @@ def analyse_mask(attn_mask: torch.Tensor, lq: int, lk: int | None, is_causal: bo
              window=None) -> KeyRanges | str:
     """Key ranges equivalent to ``attn_mask`` (AND the causal rule and window), or the
     reason string when the mask is another pattern. Reads the mask's values (a device
-    sync on CUDA): analyse once per call (``gape.api.AttentionCall.key_ranges``)."""
+    sync on CUDA): analyse once per call (``gape.core.api.AttentionCall.key_ranges``)."""
     if attn_mask.dtype != torch.bool:
         return f"attn_mask must be bool, got {attn_mask.dtype}"
     m = attn_mask

@@ -34,7 +34,7 @@ class ArchSpec:
             (the norm runs after the heads are moved forward: Gemma 3, StableLM).
         partial_rotary: RoPE rotates only the first ``partial_rotary_factor``
             of each head's channels (``config.rope_parameters``); the gates then
-            read pair norms of those and raw values of the rest (gape.gates).
+            read pair norms of those and raw values of the rest (gape.hf.gates).
         softcap: config attribute of an attention logit soft-cap
             (``cap * tanh(s / cap)``, Gemma 2). GAPE's kernels do not implement
             it, so a model with it set is refused rather than run without it.

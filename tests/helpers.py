@@ -4,7 +4,7 @@ A backend is any callable with the backend signature
 
     fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
 
-(see ``gape/api.py``). :func:`assert_matches_reference` runs it forward and
+(see ``gape/core/api.py``). :func:`assert_matches_reference` runs it forward and
 backward in a given dtype, runs the reference in float64 (the truth) and in
 the same dtype (whose own error sets the tolerance, as in flash-attention's
 tests), and asserts that the output and all five gradients are within
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gape.reference import reference_attention
+from gape.core.reference import reference_attention
 
 GRAD_NAMES = ("query", "key", "value", "query_gate", "key_gate")
 

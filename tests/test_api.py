@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gape
-from gape import api
+from gape.core import api
 
 from helpers import Case, make_inputs
 

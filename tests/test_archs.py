@@ -131,7 +131,7 @@ def test_partial_rotary_gates_read_both_channel_kinds(arch):
     a, b = x[..., :half].clone(), x[..., half:r].clone()
     turned = x.clone()
     turned[..., :half], turned[..., half:r] = a * 0.6 - b * 0.8, a * 0.8 + b * 0.6
-    from gape.gates import pair_features
+    from gape.hf.gates import pair_features
 
     torch.testing.assert_close(pair_features(turned, "half", r), pair_features(x, "half", r), rtol=0, atol=1e-6)
     moved = x.clone()

@@ -406,7 +406,7 @@ def _row(**kw):
 
 
 def test_corrupted_and_duplicated_rows_are_skipped_and_counted_once(tmp_path):
-    from gape.niah import results as res
+    from gape.tasks.niah import results as res
 
     lines = [json.dumps(_row()), json.dumps(_row()), "{not json", json.dumps({"method": "rope"}), "[1, 2]",
              json.dumps(_row(length="600")), json.dumps(_row(sample=1, score=0.0, correct=False)), '{"method": "rope", "ta']
@@ -420,7 +420,7 @@ def test_corrupted_and_duplicated_rows_are_skipped_and_counted_once(tmp_path):
 
 
 def test_repeated_lengths_and_depths_are_one_cell():
-    from gape.niah.runner import BenchmarkConfig
+    from gape.tasks.niah.runner import BenchmarkConfig
 
     cfg = BenchmarkConfig(lengths=[600, 600, 700], depths=[0.5, 0.5, 0.50000001, 1])
     cfg.validate()
@@ -430,7 +430,7 @@ def test_repeated_lengths_and_depths_are_one_cell():
 
 
 def _tiny_niah(tmp_path, **kw):
-    from gape.niah.runner import BenchmarkConfig
+    from gape.tasks.niah.runner import BenchmarkConfig
 
     from tiny_models import tiny_tokenizer
 
@@ -440,8 +440,8 @@ def _tiny_niah(tmp_path, **kw):
 
 
 def test_garbled_run_json_is_reported_not_crashed(tmp_path):
-    from gape.niah import results as res
-    from gape.niah.runner import RUN_FILE, RunMismatchError, run_benchmark
+    from gape.tasks.niah import results as res
+    from gape.tasks.niah.runner import RUN_FILE, RunMismatchError, run_benchmark
 
     cfg, model, tok = _tiny_niah(tmp_path)
     os.makedirs(cfg.out)
@@ -457,7 +457,7 @@ def test_garbled_run_json_is_reported_not_crashed(tmp_path):
 def test_a_length_beyond_memory_is_refused_with_the_limit(tmp_path, monkeypatch):
     from gape import _machine
     from gape._args import UsageError
-    from gape.niah.runner import run_benchmark
+    from gape.tasks.niah.runner import run_benchmark
 
     cfg, model, tok = _tiny_niah(tmp_path)
     monkeypatch.setattr(_machine, "available_memory", lambda: 1 << 20)  # 1 MiB
@@ -467,8 +467,8 @@ def test_a_length_beyond_memory_is_refused_with_the_limit(tmp_path, monkeypatch)
 
 
 def test_synthetic_and_calibrate_report_garbled_state_files(tmp_path):
-    from gape import calibrate as cal
-    from gape import synthetic as syn
+    from gape.experiments import calibrate as cal
+    from gape.experiments import synthetic as syn
     from gape._args import UsageError
 
     (tmp_path / "results.json").write_text("{torn")
@@ -517,8 +517,8 @@ def test_more_entry_point_errors(tmp_path, capsys):
 
 def test_niah_refuses_a_too_short_length_and_a_bad_gate_file_before_running(tmp_path, gate_file):
     from gape._args import UsageError
-    from gape.methods import MethodOptions
-    from gape.niah.runner import run_benchmark
+    from gape.tasks.methods import MethodOptions
+    from gape.tasks.niah.runner import run_benchmark
 
     cfg, model, tok = _tiny_niah(tmp_path)
     cfg.lengths = [20]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gape
-from gape import calibrate as cal
+from gape.experiments import calibrate as cal
 from gape import hf
-from gape.training_free import apply_training_free
+from gape.experiments.training_free import apply_training_free
 from tiny_models import tiny_llama_config, tiny_tokenizer
 
 TASKS = ("passkey", "single")
@@ -90,7 +90,7 @@ def test_training_free_gates_in_range(tok):
     summary = apply_training_free(model, tok, lam=lam, length=200)
     assert hf.is_patched(model) and sorted(summary) == [0, 1]
     ids = torch.randint(0, 256, (1, 120))
-    from gape.attention_probe import capture_attention
+    from gape.hf.attention_probe import capture_attention
 
     with torch.no_grad(), capture_attention(model, rows=[119]) as rec:
         model(input_ids=ids)

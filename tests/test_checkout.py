@@ -123,7 +123,7 @@ def test_wheel_installs_kernels_and_patches_under_gape(tmp_path):
         names = set(z.namelist())
         z.extractall(site)
     assert {"gape/kernels/attention_cpu.cpp", "gape/kernels/attention.py", "gape/patches/registry.py",
-            "gape/patches/llama.py", "gape/niah/data/essay.txt"} <= names
+            "gape/patches/llama.py", "gape/tasks/niah/data/essay.txt"} <= names
     assert not any(n.split("/")[0] in OWN_FOLDERS for n in names), sorted(names)[:20]
     out = _python(
         "import gape, gape._checkout as c, gape.kernels.attention_cpu as k, gape.patches.registry as r\n"

@@ -8,7 +8,7 @@ from test_hf import IDENTITY, make_model, randomize_gates, tokens
 
 import gape
 from gape import hf
-from gape.attention_probe import capture_attention
+from gape.hf.attention_probe import capture_attention
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gape.config import GapeConfig
+from gape.hf.config import GapeConfig
 
 
 def test_defaults_are_identity_and_learned():

@@ -20,8 +20,8 @@ import time
 import pytest
 import torch
 
-from gape import extrapolate as ex
-from gape.extrapolate import corpus, report, runner, tasks
+from gape.experiments import extrapolate as ex
+from gape.experiments.extrapolate import corpus, report, runner, tasks
 
 WORDS = "the king and queen of france shall speak to thee my lord good night sweet prince what say you".split()
 
@@ -89,7 +89,7 @@ def test_normalised_entropy_bounds():
 
 def test_gate_magnitude_and_mask_strength_match_the_gates():
     from gape import hf
-    from gape.extrapolate.models import Arch, build
+    from gape.experiments.extrapolate.models import Arch, build
 
     model = build(Arch(layers=2, hidden=16, heads=2, ffn=32), 64, "rope", "invariant", "default", 1e4, 16, 64, seed=0)
     for _, g in hf.iter_gates(model):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gape.config import GapeConfig
-from gape.gates import GapeGate, inverse_softplus, pair_features
+from gape.hf.config import GapeConfig
+from gape.hf.gates import GapeGate, inverse_softplus, pair_features
 
 HQ, HKV, D = 4, 2, 16
 

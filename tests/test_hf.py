@@ -382,7 +382,7 @@ def test_auto_backend_on_cuda_route_follows_the_selection_table(monkeypatch, cas
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     import gape.kernels.attention as kattn
-    import gape.torch_backend
+    import gape.core.torch_backend
 
     ids = tokens(1, 12)  # window 8 < 12
     model = make_model("mistral") if case == "sliding-window" else make_model("llama", head_dim=8)
@@ -395,10 +395,10 @@ def test_auto_backend_on_cuda_route_follows_the_selection_table(monkeypatch, cas
     randomize_gates(model)
 
     ran = []
-    real_torch, real_triton = gape.torch_backend.torch_attention, kattn.triton_attention
-    monkeypatch.setattr(gape.api, "_on_gpu", lambda query: True)
+    real_torch, real_triton = gape.core.torch_backend.torch_attention, kattn.triton_attention
+    monkeypatch.setattr(gape.core.api, "_on_gpu", lambda query: True)
     monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
-    monkeypatch.setattr(gape.torch_backend, "torch_attention", lambda *a, **k: ran.append("torch") or real_torch(*a, **k))
+    monkeypatch.setattr(gape.core.torch_backend, "torch_attention", lambda *a, **k: ran.append("torch") or real_torch(*a, **k))
     monkeypatch.setattr(kattn, "triton_attention", lambda *a, **k: ran.append("triton") or real_triton(*a, **k))
     with torch.no_grad():
         out = model(ids).logits

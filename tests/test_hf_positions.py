@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gape
-from gape import hf, torch_backend
+from gape import hf; from gape.core import torch_backend
 
 from test_hf import make_model, randomize_gates, tokens
 
@@ -206,7 +206,7 @@ def test_sliding_window_layers_run_without_a_mask(monkeypatch):
 
     monkeypatch.setattr(torch_backend, "torch_attention", spy)
     monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
-    monkeypatch.setattr(gape.api, "_LOADED", {})  # loaded backend functions are cached too
+    monkeypatch.setattr(gape.core.api, "_LOADED", {})  # loaded backend functions are cached too
     with torch.no_grad():
         ref = model(ids).logits
         gape.patch(model, gape.GapeConfig(backend="torch", identity_shortcut=False))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gape import hf
-from gape import inspect as gi
+from gape.experiments import inspect as gi
 from tiny_models import save_tiny_hf, tiny_llama_config
 
 

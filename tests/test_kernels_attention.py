@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import gape
-from gape.api import unsupported_reason
+from gape.core.api import unsupported_reason
 from gape.kernels import attention as kattn
 from gape.kernels.key_ranges import mask_to_key_ranges
-from gape.reference import reference_attention
+from gape.core.reference import reference_attention
 
 import helpers
 

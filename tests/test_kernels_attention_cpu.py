@@ -15,10 +15,10 @@ import textwrap
 import pytest
 import torch
 
-from gape import torch_backend
+from gape.core import torch_backend
 from gape.kernels import attention_cpu
-from gape.reference import phi, reference_attention
-from gape.torch_backend import torch_attention
+from gape.core.reference import phi, reference_attention
+from gape.core.torch_backend import torch_attention
 
 from helpers import Case, assert_matches_reference, make_inputs
 
@@ -114,7 +114,7 @@ _FALLBACK_SCRIPT = textwrap.dedent(
     """
     import warnings, torch, gape
     from gape.kernels import attention_cpu
-    from gape import torch_backend
+    from gape.core import torch_backend
     {setup}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

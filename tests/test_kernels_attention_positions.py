@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gape
-from gape import ops
+from gape.core import ops
 from gape.kernels import attention as kattn
-from gape.reference import reference_attention, reference_attention_varlen
+from gape.core.reference import reference_attention, reference_attention_varlen
 
 from helpers import Case, assert_matches_reference, make_inputs
 from test_varlen import packed_inputs, check_varlen

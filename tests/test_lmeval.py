@@ -1,4 +1,4 @@
-"""gape.lmeval: the registered lm-eval model ``gape``, the offline gape tasks, lm-eval's RULER
+"""gape.tasks.lmeval: the registered lm-eval model ``gape``, the offline gape tasks, lm-eval's RULER
 niah_single_1 with a local tokenizer folder, and ``gape eval`` passing lm-eval's CLI through."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from gape.lmeval import TASKS_DIR, register, task_manager  # noqa: E402
+from gape.tasks.lmeval import TASKS_DIR, register, task_manager  # noqa: E402
 from tiny_models import save_tiny_hf  # noqa: E402
 
 # small prompts for the byte-level tiny tokenizer (one token per character)
@@ -27,7 +27,7 @@ def test_model_is_registered_and_applies_the_method(tiny_folder):
     from lm_eval.api.registry import get_model
 
     import gape
-    from gape.lmeval.model import GapeLM, resolve_method
+    from gape.tasks.lmeval.model import GapeLM, resolve_method
 
     register()
     assert get_model("gape") is GapeLM
@@ -88,7 +88,7 @@ def index_only_ruler_defaults(monkeypatch):
 
 
 def test_drop_unrun_lengths():
-    from gape.lmeval.cli import drop_unrun_lengths
+    from gape.tasks.lmeval.cli import drop_unrun_lengths
 
     results = {"results": {"t": {"acc,none": 0.5, "1024,none": 0.5, "1024_stderr,none": 0.1,
                                  "2048,none": -1, "2048_stderr,none": "N/A", "alias": "t"}}}

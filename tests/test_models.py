@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gape
-from gape.models import ROPE_TYPES, resolve_model_path
+from gape.hf.models import ROPE_TYPES, resolve_model_path
 from tiny_models import save_tiny_hf, tiny_llama_config, write_tiny_gguf
 
 

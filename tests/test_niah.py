@@ -1,4 +1,4 @@
-"""gape.niah: prompt generator, scoring, result files and resume, the CLI end to end."""
+"""gape.tasks.niah: prompt generator, scoring, result files and resume, the CLI end to end."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from gape.niah import results as res
-from gape.prompts import HAYSTACKS, TASKS, build_sample, haystack_sentences
-from gape.methods import METHODS, MethodOptions, apply_method, parse_methods
-from gape.niah.scoring import string_match_all, string_match_part
+from gape.tasks.niah import results as res
+from gape.tasks.prompts import HAYSTACKS, TASKS, build_sample, haystack_sentences
+from gape.tasks.methods import METHODS, MethodOptions, apply_method, parse_methods
+from gape.tasks.niah.scoring import string_match_all, string_match_part
 from tiny_models import save_tiny_hf, tiny_tokenizer
 
 
@@ -260,7 +260,7 @@ def test_default_task_is_ruler_single_needle_and_passkey_stays():
     single needle); pass key is one flag away."""
     import argparse
 
-    from gape.niah.cli import add_arguments, config_from_args
+    from gape.tasks.niah.cli import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

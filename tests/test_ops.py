@@ -1,4 +1,4 @@
-"""gape.ops: attention blocks at a query offset, merged, with gradients from the
+"""gape.core.ops: attention blocks at a query offset, merged, with gradients from the
 merged (out, lse) — the pieces context parallelism combines. Checked against
 autograd through the float64 reference of the whole attention."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gape import ops
-from gape.reference import reference_attention
+from gape.core import ops
+from gape.core.reference import reference_attention
 
 from helpers import Case, make_inputs
 

@@ -21,7 +21,7 @@ def test_kernels_and_patches_live_under_gape():
 
 def test_data_files_are_package_resources():
     assert resources.files("gape.kernels").joinpath("attention_cpu.cpp").is_file()
-    assert resources.files("gape.niah.data").joinpath("essay.txt").read_text(encoding="utf-8").strip()
-    tasks = {p.name for p in resources.files("gape.lmeval.tasks").iterdir()}
+    assert resources.files("gape.tasks.niah.data").joinpath("essay.txt").read_text(encoding="utf-8").strip()
+    tasks = {p.name for p in resources.files("gape.tasks.lmeval.tasks").iterdir()}
     assert {"gape_passkey.yaml", "gape_niah_single.yaml", "gape_tasks.py"} <= tasks, tasks
     assert gape.__version__

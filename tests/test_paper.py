@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistra
 import gape
 from gape import hf
 from gape._threads import set_threads
-from gape.positional import alibi_slopes
+from gape.hf.positional import alibi_slopes
 from paper_reference import alibi_reference_slopes, reference_logits, weights
 
 set_threads(2)
@@ -327,11 +327,11 @@ def test_positional_scheme_equals_fp64_reference(scheme, p, gate):
 def test_alibi_runs_through_the_fused_kernel(monkeypatch):
     """ALiBi alone and with paper gates: the torch backend (fused C++ forward on the
     CPU), never the materializing reference backend."""
-    import gape.reference
-    import gape.torch_backend
+    import gape.core.reference
+    import gape.core.torch_backend
 
     calls = []
-    real = gape.torch_backend.torch_attention
+    real = gape.core.torch_backend.torch_attention
 
     def spy(query, key, value, lam, pi, *args):
         calls.append((tuple(lam.shape), float(pi.abs().max())))
@@ -340,10 +340,10 @@ def test_alibi_runs_through_the_fused_kernel(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the reference backend materializes the bias")
 
-    monkeypatch.setattr(gape.torch_backend, "torch_attention", spy)
-    monkeypatch.setattr(gape.reference, "reference_attention", forbidden)
+    monkeypatch.setattr(gape.core.torch_backend, "torch_attention", spy)
+    monkeypatch.setattr(gape.core.reference, "reference_attention", forbidden)
     # the backend table caches loaded functions (a dict lookup torch.compile traces)
-    monkeypatch.setattr(gape.api, "_LOADED", {})
+    monkeypatch.setattr(gape.core.api, "_LOADED", {})
     monkeypatch.setattr(hf.attention, "_BACKEND_FNS", {})
     model = make_model()
     gape.with_positional(model, "alibi")
@@ -394,7 +394,7 @@ def test_with_positional_is_reversible_and_composes_with_patch_either_order():
         gape.unpatch(model)
         gape.with_positional(model, "rope")
         assert torch.equal(model(ids).logits, rope)
-    assert gape.positional.positional_scheme(model) == {"scheme": "rope", "p": None}
+    assert gape.hf.positional.positional_scheme(model) == {"scheme": "rope", "p": None}
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -446,15 +446,15 @@ def test_readme_paper_example_trains():
     assert len(losses) >= 5 and losses[-1] < losses[0], losses
     model = scope["model"]
     assert hf.gape_config(model).gate == "paper"
-    assert gape.positional.positional_scheme(model)["scheme"] == "prope"
+    assert gape.hf.positional.positional_scheme(model)["scheme"] == "prope"
 
 
 @pytest.mark.parametrize("setup", ["paper", "alibi", "alibi+paper"])
 def test_attention_probe_sees_the_paper_gates_and_alibi(setup):
-    """gape.attention_probe (attention entropy, gate magnitudes) with the paper's form
+    """gape.hf.attention_probe (attention entropy, gate magnitudes) with the paper's form
     and ALiBi: the gates are computed once and handed to GAPE's attention, so the
     model's outputs under the probe are unchanged and the recorded lambda is right."""
-    from gape.attention_probe import capture_attention
+    from gape.hf.attention_probe import capture_attention
 
     model = make_model()
     if "alibi" in setup:
@@ -483,7 +483,7 @@ def test_attention_probe_sees_the_paper_gates_and_alibi(setup):
 def test_paper_decode_refuses_after_key_gate_data_replaced():
     """A key-gate parameter replaced through .data between decode steps: the stored pi of
     the cached keys is stale, and the paper form cannot recompute it (no pre-RoPE keys)."""
-    from gape.gates import PaperGate
+    from gape.hf.gates import PaperGate
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import gape
-from gape import torch_backend
+from gape.core import torch_backend
 from gape.kernels import attention_cpu
-from gape.reference import phi, reference_attention
-from gape.torch_backend import torch_attention
+from gape.core.reference import phi, reference_attention
+from gape.core.torch_backend import torch_attention
 
 from helpers import Case, assert_matches_reference, make_inputs
 
@@ -171,7 +171,7 @@ def test_rows_outside_every_window_are_zero_with_zero_gradients(strategy):
 
 def test_backend_sdpa_offsets_and_windows():
     inputs = make_inputs(Case(b=2, hq=4, hkv=2, lq=11, lk=20, d=16), lam_max=0.3)
-    from gape.sdpa_backend import sdpa_attention
+    from gape.core.sdpa_backend import sdpa_attention
 
     for positions in ({"query_offset": torch.tensor([-2, 25])}, {"query_offset": 4, "window": (3, -1)}):
         assert_matches_reference(sdpa_attention, inputs, dtype=torch.float64, is_causal=True, distance="linear",

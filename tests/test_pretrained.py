@@ -15,7 +15,7 @@ from test_hf import make_model, randomize_gates, tokens
 from tiny_models import tiny_tokenizer
 
 import gape
-from gape import hf, pretrained
+from gape import hf; from gape.hf import pretrained
 
 CFG = gape.GapeConfig(backend="reference", distance="linear", layers=[1])
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import gape
-from gape.reference import gape_bias, phi, reference_attention
-from gape.sdpa_backend import sdpa_attention
-from gape.torch_backend import torch_attention
+from gape.core.reference import gape_bias, phi, reference_attention
+from gape.core.sdpa_backend import sdpa_attention
+from gape.core.torch_backend import torch_attention
 
 from helpers import Case, assert_matches_reference, make_inputs
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gape
-from gape import torch_backend
+from gape.core import torch_backend
 
 B, HQ, HKV, L, D = 1, 4, 2, 40, 16
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from gape import synthetic as syn
-from gape.attention_probe import attention_rows, capture_attention, entropy
-from gape.reference import reference_attention
+from gape.experiments import synthetic as syn
+from gape.hf.attention_probe import attention_rows, capture_attention, entropy
+from gape.core.reference import reference_attention
 
 
 @pytest.mark.parametrize("length", [syn.MIN_LENGTH, 32, 257], ids=lambda L: f"L{L}")
@@ -112,8 +112,8 @@ def test_methods_differ_only_in_gates():
 
 def test_probe_rows_match_reference_attention():
     torch.manual_seed(0)
-    from gape.config import GapeConfig
-    from gape.gates import GapeGate
+    from gape.hf.config import GapeConfig
+    from gape.hf.gates import GapeGate
 
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
     gate = GapeGate(4, 2, 16, GapeConfig(alpha_init=0.7))

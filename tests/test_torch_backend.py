@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import gape
-from gape import torch_backend
-from gape.reference import reference_attention
-from gape.torch_backend import torch_attention
+from gape.core import torch_backend
+from gape.core.reference import reference_attention
+from gape.core.torch_backend import torch_attention
 
 from helpers import Case, assert_matches_reference, make_inputs
 
@@ -205,7 +205,7 @@ def test_decode_at_cache_position_one_million():
 
 
 def test_auto_uses_torch_on_cpu():
-    assert gape.api.resolve_backend("auto", torch.zeros(1, 1, 1, 4)) == "torch"
+    assert gape.core.api.resolve_backend("auto", torch.zeros(1, 1, 1, 4)) == "torch"
 
 
 def test_output_dtype_and_noncontiguous_inputs():

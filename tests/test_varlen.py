@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import gape
-from gape import torch_backend
+from gape.core import torch_backend
 from gape.kernels import attention_cpu
-from gape.reference import reference_attention
+from gape.core.reference import reference_attention
 
 GRADS = ("query", "key", "value", "query_gate", "key_gate")
 

@@ -28,16 +28,16 @@ from .reference import DISTANCES
 # serve is decided there and nowhere else. Imported lazily so that a missing
 # optional dependency only matters for the backend that needs it.
 _BACKENDS = {
-    "reference": ("gape.reference", "reference_attention", "materialized scores; any dtype; the test oracle"),
-    "torch": ("gape.torch_backend", "torch_attention", "fused C++ CPU forward (or PyTorch tiles), recomputing backward; CPU default"),
-    "sdpa": ("gape.sdpa_backend", "sdpa_attention", "augmented channels into F.scaled_dot_product_attention; linear distance"),
+    "reference": ("gape.core.reference", "reference_attention", "materialized scores; any dtype; the test oracle"),
+    "torch": ("gape.core.torch_backend", "torch_attention", "fused C++ CPU forward (or PyTorch tiles), recomputing backward; CPU default"),
+    "sdpa": ("gape.core.sdpa_backend", "sdpa_attention", "augmented channels into F.scaled_dot_product_attention; linear distance"),
     "triton": ("gape.kernels.attention", "triton_attention", "fused Triton kernel; CUDA (or TRITON_INTERPRET=1 on CPU)"),
 }
 BACKENDS = ("auto",) + tuple(_BACKENDS)
 # name -> (module, function) of the packed-sequence entry points
 _VARLEN = {
-    "reference": ("gape.reference", "reference_attention_varlen_backend"),
-    "torch": ("gape.torch_backend", "torch_attention_varlen"),
+    "reference": ("gape.core.reference", "reference_attention_varlen_backend"),
+    "torch": ("gape.core.torch_backend", "torch_attention_varlen"),
     "triton": ("gape.kernels.attention", "triton_attention_varlen"),
 }
 VARLEN_BACKENDS = ("auto",) + tuple(_VARLEN)

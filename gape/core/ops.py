@@ -38,7 +38,7 @@ _LN2 = math.log(2.0)
 
 def block_backend(backend: str, query, distance: str = "log") -> str:
     """The block kernel ``backend`` names for ``query``: ``"auto"`` is Triton where
-    :func:`gape.api.select` would pick it, else the fused C++ kernel."""
+    :func:`gape.core.api.select` would pick it, else the fused C++ kernel."""
     if backend != "auto":
         return backend
     return "triton" if api.resolve_backend("auto", query, distance) == "triton" else "torch"
@@ -57,7 +57,7 @@ def _prepare(query, key, value, query_gate, key_gate, is_causal, scale, distance
         if reason is not None:
             raise ValueError(f"backend='triton' cannot serve this block: {reason}")
     if backend == "torch":
-        from .kernels import attention_cpu
+        from gape.kernels import attention_cpu
 
         if not (attention_cpu.supports(query, key, value) and attention_cpu.available()):
             raise ValueError(
@@ -85,7 +85,7 @@ def block_forward(query, key, value, query_gate, key_gate, *, query_offset=None,
                                       pos)
         return out.to(query.dtype), lse
     if backend == "triton":
-        from .kernels import attention as kattn
+        from gape.kernels import attention as kattn
 
         out, lse2 = kattn.block_forward(query, key, value, query_gate, key_gate, offset, window, is_causal, scale,
                                         distance)
@@ -116,7 +116,7 @@ def block_backward(query, key, value, query_gate, key_gate, out, lse, grad_out, 
         grads = tb._kernel_backward(query, key, value, query_gate, key_gate, None, is_causal, scale, distance,
                                     out.to(cdt), lse.to(cdt), grad_out.to(cdt), pos)
     elif backend == "triton":
-        from .kernels import attention as kattn
+        from gape.kernels import attention as kattn
 
         grads = kattn.block_backward(grad_out, query, key, value, query_gate, key_gate, out,
                                      (lse.float() / _LN2).contiguous(), offset, window, is_causal, scale, distance)

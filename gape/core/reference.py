@@ -116,7 +116,7 @@ def gape_bias(
 
 
 def supports(call) -> str | None:
-    """The reference serves every validated call (see gape.api.select)."""
+    """The reference serves every validated call (see gape.core.api.select)."""
     return None
 
 

@@ -60,7 +60,7 @@ def augment(query, key, query_gate, key_gate, scale: float, center: int, query_o
 
 
 def supports(call) -> str | None:
-    """Why this backend cannot serve ``call`` (a :class:`gape.api.AttentionCall`), None when it can."""
+    """Why this backend cannot serve ``call`` (a :class:`gape.core.api.AttentionCall`), None when it can."""
     return _reason(call.distance, call.is_causal)
 
 

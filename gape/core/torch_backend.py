@@ -7,7 +7,7 @@ one place that picks among them is :func:`choose_strategy`):
   (BLAS blocks with the bias and an online softmax in registers), forward and
   backward; needs CPU tensors and a built extension.
 - ``"sdpa-tiles"`` and ``"gemm-tiles"``: the pure-PyTorch tiles of
-  :mod:`gape.torch_tiles` (bias tiles into PyTorch's own SDPA, or our own
+  :mod:`gape.core.torch_tiles` (bias tiles into PyTorch's own SDPA, or our own
   GEMMs), with a recomputing backward (FlashAttention-style: a custom
   ``autograd.Function`` saves the inputs and the output only). They also run
   on CUDA.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .api import double_backward_error
-from .kernels import attention_cpu
+from gape.kernels import attention_cpu
 from .reference import delta_range
 from .reference import phi as _phi
 from .torch_tiles import CHUNK_SIZE, TilePlan, compute_dtype, decode_forward, phi_reversed, tiles_backward, tiles_forward
@@ -172,7 +172,7 @@ def _uniform(query_offset):
 
 
 def supports(call) -> str | None:
-    """The torch backend serves every validated call, on any device (see gape.api.select)."""
+    """The torch backend serves every validated call, on any device (see gape.core.api.select)."""
     return None
 
 

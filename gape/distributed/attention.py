@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import api
-from ..reference import DISTANCES
+from gape.core import api
+from gape.core.reference import DISTANCES
 from . import blocks
 from .layout import LAYOUTS, check_layout, local_length_error, segments
 from .ring import Ring
@@ -138,7 +138,7 @@ class _Plan:
     is_causal: bool
     scale: float
     distance: str
-    kernel: str  # the block kernel (gape.ops backend)
+    kernel: str  # the block kernel (gape.core.ops backend)
 
     def pairs(self, src: int):
         """(query rows, key columns, query_offset) of every block that has an allowed key."""

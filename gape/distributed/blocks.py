@@ -1,4 +1,4 @@
-"""Per-block attention for the ring: :mod:`gape.ops` with the ring's conventions.
+"""Per-block attention for the ring: :mod:`gape.core.ops` with the ring's conventions.
 
 A block is one query segment against one key segment; ``query_offset`` is
 (global position of query row 0) minus (global position of key column 0).
@@ -7,7 +7,7 @@ no key of the block (so a running log-sum-exp starts at ``-inf``);
 :func:`backward` takes the *merged* ``(out, lse)`` of the rows and returns
 the block's five gradients.
 
-The block kernels are :func:`gape.ops.block_forward` / ``block_backward``:
+The block kernels are :func:`gape.core.ops.block_forward` / ``block_backward``:
 the fused C++ kernel on the CPU (``"torch"``), the Triton kernel on CUDA
 (``"triton"``) and the materialized oracle (``"reference"``, float64 too).
 This module only decides which of them may serve a ring, in one place.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from gape.core import ops
 
 WITHOUT_OFFSET = {
     "sdpa": "its two-extra-channel form gives no row log-sum-exp to merge blocks with",
@@ -64,7 +64,7 @@ def unsupported_reason(name: str, query: torch.Tensor) -> str | None:
         if reason is not None:
             return f"the fused C++ CPU kernel is unavailable ({reason}); use backend='reference' for small checks"
     if name == "triton":
-        from .. import api
+        from gape.core import api
 
         return api.unsupported_reason("triton", query, "log", None)
     return None

@@ -2,7 +2,7 @@
 
 For one prompt the model runs twice, as loaded (RoPE) and GAPE-patched (trained
 gates from ``--gates``, else the training-free setting of
-:mod:`gape.training_free`). For each chosen layer the plot shows the attention
+:mod:`gape.experiments.training_free`). For each chosen layer the plot shows the attention
 mass per distance bucket (``0, 1, 2-3, 4-7, ...``; averaged over heads and query
 rows) for both, and the gate values per token: ``lambda`` (mean over query
 heads) and ``pi`` (mean over key/value heads), which shows the tokens the key gate
@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from ._io import save_figure_atomic, write_json_atomic
-from ._threads import set_threads
+from gape._io import save_figure_atomic, write_json_atomic
+from gape._threads import set_threads
 
 
 def distance_profile(probs: torch.Tensor, skip: int = 0) -> list[float]:
@@ -40,7 +40,7 @@ def bucket_labels(n: int) -> list[str]:
 
 @torch.no_grad()
 def collect(model, input_ids: torch.Tensor, layers: list[int]) -> dict:
-    from .attention_probe import capture_attention, entropy
+    from gape.hf.attention_probe import capture_attention, entropy
 
     with capture_attention(model) as rec:
         model(input_ids=input_ids, use_cache=False)
@@ -62,7 +62,7 @@ def inspect_model(model, input_ids: torch.Tensor, *, layers: list[int] | None = 
 
     The model is unpatched on return.
     """
-    from . import hf
+    from gape import hf
 
     if hf.is_patched(model):
         raise ValueError("inspect_model needs an unpatched model (it compares RoPE with GAPE)")
@@ -89,7 +89,7 @@ def inspect_model(model, input_ids: torch.Tensor, *, layers: list[int] | None = 
 
 
 def _spec(model):
-    from .patches.registry import get_spec
+    from gape.patches.registry import get_spec
 
     return get_spec(model.config.model_type)
 
@@ -133,7 +133,7 @@ def plot(result: dict, path: str, title: str = "") -> None:
 
 
 def add_arguments(parser) -> None:
-    from . import _args as A
+    from gape import _args as A
 
     parser.add_argument("--model", type=A.model_path, default=None,
                         help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
@@ -151,7 +151,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from . import models
+    from gape.hf import models
 
     set_threads(args.threads)
     model, tok = models.load_model(args.model)
@@ -162,15 +162,15 @@ def run(args) -> int:
     elif args.prompt:
         ids = tok(args.prompt).input_ids
     else:
-        from .prompts import build_sample
+        from gape.tasks.prompts import build_sample
 
         ids = build_sample(tok, task="passkey", length=args.length, depth=0.25, seed=0).input_ids
     layers = args.layers
     if isinstance(layers, str):
         layers = [int(x) for x in layers.split(",")]
     if layers:
-        from . import hf
-        from ._args import UsageError
+        from gape import hf
+        from gape._args import UsageError
 
         n = len(hf._find_layers(model, _spec(model)))
         bad = [i for i in layers if not -n <= i < n]

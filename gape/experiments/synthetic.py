@@ -38,10 +38,10 @@ import time
 
 import torch
 
-from . import _args as A
-from ._io import lock_folder, save_figure_atomic, write_results_json
-from .api import BACKENDS
-from ._threads import set_threads
+from gape import _args as A
+from gape._io import lock_folder, save_figure_atomic, write_results_json
+from gape.core.api import BACKENDS
+from gape._threads import set_threads
 
 # vocabulary
 PAD, BOS, KEY, QUERY = 0, 1, 2, 3
@@ -112,7 +112,7 @@ def model_config(seq_len: int, layers: int = 2, hidden: int = 128, heads: int = 
 def gape_config_for(method: str, alpha: float = 1.0, fixed_lambda: float | None = None, backend: str = "torch",
                     key_bias: float = -3.0):
     """The GapeConfig of a method (None for ``rope``)."""
-    from .config import GapeConfig
+    from gape.hf.config import GapeConfig
 
     if method == "rope":
         return None
@@ -135,7 +135,7 @@ def build_model(method: str, seed: int, max_len: int, alpha: float = 1.0, fixed_
     model.set_attn_implementation("sdpa")
     cfg = gape_config_for(method, alpha, fixed_lambda, backend, key_bias)
     if cfg is not None:
-        from . import hf
+        from gape import hf
 
         hf.patch(model, cfg)
     return model
@@ -231,7 +231,7 @@ def evaluate(model, length: int, samples: int, seed: int, *, batch_tokens: int =
     Eval data depends only on ``(seed, length)``; depths are evenly spread over [0, 1]
     in a shuffled order so every depth band is covered.
     """
-    from .attention_probe import capture_attention, entropy
+    from gape.hf.attention_probe import capture_attention, entropy
 
     gen = torch.Generator().manual_seed(seed * 7919 + length)
     depths = (torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=gen, dtype=torch.float64)) / samples
@@ -522,6 +522,6 @@ def _gate_summary(model) -> dict:
 
 def _gates(model) -> list:
     """``hf.iter_gates`` of a patched model; none for the unpatched (RoPE) baseline."""
-    from . import hf
+    from gape import hf
 
     return hf.iter_gates(model) if hf.is_patched(model) else []

@@ -1,7 +1,7 @@
 """A training-free GAPE setting: gates set from statistics of the model itself.
 
 No parameter is learned. One forward pass over a calibration text (the essay
-that ships with ``gape.niah``) gives two statistics per attention layer:
+that ships with ``gape.tasks.niah``) gives two statistics per attention layer:
 
 - **Reach of each query head**: ``r_h = mean over rows m of E_p[log(1 + delta)] / log(1 + m)``,
   in [0, 1]: near 1 for a head that attends across the whole context, near 0
@@ -32,7 +32,7 @@ SHARPNESS = 4.0
 
 def calibration_ids(tokenizer, length: int = 512) -> list[int]:
     """``length`` tokens of the package's essay text (BOS first when the tokenizer has one)."""
-    from .prompts import haystack_sentences
+    from gape.tasks.prompts import haystack_sentences
 
     text = " ".join(haystack_sentences("essay"))
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -46,7 +46,7 @@ def calibration_ids(tokenizer, length: int = 512) -> list[int]:
 def head_statistics(model, input_ids: torch.Tensor, skip: int = 16) -> dict[int, dict]:
     """Per patched layer: ``reach [Hq]`` and key-feature statistics (``mean_dir [Hkv, P]``,
     ``mu [Hkv]``, ``sd [Hkv]``) from one forward pass over ``input_ids [1, L]``."""
-    from .attention_probe import capture_attention
+    from gape.hf.attention_probe import capture_attention
 
     with capture_attention(model, rows=None, keys=True) as rec:
         model(input_ids=input_ids, use_cache=False)
@@ -68,7 +68,7 @@ def head_statistics(model, input_ids: torch.Tensor, skip: int = 16) -> dict[int,
 
 
 def training_free_config(distance: str = "log", backend: str = "auto"):
-    from .config import GapeConfig
+    from gape.hf.config import GapeConfig
 
     return GapeConfig(distance=distance, backend=backend, learned_pi=True, trainable=False, identity_shortcut=False)
 
@@ -90,7 +90,7 @@ def apply_training_free(model, tokenizer=None, *, lam: float = DEFAULT_LAMBDA, p
 
     Returns a summary ``{layer: {"lambda": [...], "protected_fraction": [...]}}``.
     """
-    from . import hf
+    from gape import hf
 
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")

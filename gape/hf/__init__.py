@@ -1,6 +1,6 @@
 """Patch Hugging Face Llama-style models to GAPE through transformers' own extension points.
 
-``patch`` attaches a :class:`~gape.gates.GapeGate` to each selected attention
+``patch`` attaches a :class:`~gape.hf.gates.GapeGate` to each selected attention
 module (as the submodule ``gape_gate``) and switches the model to the
 attention implementation ``"gape"``, registered once with
 ``AttentionInterface`` and ``AttentionMaskInterface`` (the mask function is
@@ -28,7 +28,7 @@ keys are exactly those keys plus the new ones; anything else (a new cache,
 beam reordering, cropping, sliding-window layers, gate parameters changed in
 place) recomputes ``pi`` from all keys.
 
-The paper's gate form (``GapeConfig(gate="paper")``, :class:`~gape.gates.PaperGate`)
+The paper's gate form (``GapeConfig(gate="paper")``, :class:`~gape.hf.gates.PaperGate`)
 reads the pre-RoPE query and key: forward hooks on the modules that produce them
 (the spec's ``query_pre_rope``/``key_pre_rope``) hand them to the gate, which
 computes lambda and the new keys' pi there and remembers the pi of the keys a
@@ -38,7 +38,7 @@ a cache whose keys it did not see is refused (see :func:`gape.hf.decode.paper_ga
 
 ALiBi (``gape.with_positional(model, "alibi")``) reaches attention here too: a
 ``gape_alibi`` submodule of the attention layer adds its per-head slope to
-lambda (see gape.positional).
+lambda (see gape.hf.positional).
 """
 
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION

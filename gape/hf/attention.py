@@ -12,9 +12,10 @@ import math
 import torch
 from torch import nn
 
-from .. import api, compat, pretrained
-from ..gates import PaperGate
-from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
+from gape.core import api
+from . import compat
+from .gates import PaperGate
+from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION, check_gate_missing
 from .decode import _cache_layer_types, _key_gate_at_decode, layer_state, paper_gates
 
 # --------------------------------------------------------------------------- registration
@@ -133,12 +134,12 @@ def gape_attention_forward(
     Returns:
         ``([B, Q, Hq, D]`` contiguous, ``None)``, or with ``output_attentions=True``
         the attention probabilities ``[B, Hq, Q, K]`` instead of ``None``
-        (recomputed by the reference path, see :mod:`gape.compat`).
+        (recomputed by the reference path, see :mod:`gape.hf.compat`).
     """
     gate = compat.active_gate(module._modules.get(GATE_ATTR))
     want_probs = bool(kwargs.get("output_attentions", False))
     if gate is None and ALIBI_ATTR not in module._modules:
-        pretrained.check_gate_missing(module)
+        check_gate_missing(module)
         out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if want_probs:
             return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
@@ -153,7 +154,7 @@ def gape_attention_forward(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
             "set config.attention_dropout = 0 or call model.eval()"
         )
-    # gape.attention_probe computes the gates first and hands them over (the paper's
+    # gape.hf.attention_probe computes the gates first and hands them over (the paper's
     # form consumes what its hooks captured, so it cannot compute them twice).
     gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
     if gates is None:  # identity gates under the identity shortcut: exactly the unpatched layer
@@ -249,7 +250,7 @@ def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     if alibi is not None:
         if config.distance != "linear":
             raise ValueError(f"ALiBi needs GapeConfig.distance='linear' in the patched layers, got {config.distance!r}")
-        # The slope adds to the forgetting rate; the key gate protects from both (gape.positional).
+        # The slope adds to the forgetting rate; the key gate protects from both (gape.hf.positional).
         lam = lam + alibi.query_gate(query)
     if record is not None:
         record[gate.layer_idx] = {"lambda": lam.detach(), "pi": pi.detach()}

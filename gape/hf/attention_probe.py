@@ -15,8 +15,9 @@ import math
 
 import torch
 
-from .hf import GATE_ATTR, register_implementation
-from .reference import gape_bias, signed_distance
+from ._names import GATE_ATTR
+from .attention import register_implementation
+from gape.core.reference import gape_bias, signed_distance
 
 PROBE = "gape_probe"
 
@@ -28,7 +29,7 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
     """Attention probabilities ``[B, Hq, R, K]`` (float32) of query rows ``rows``.
 
     ``query [B, Hq, Q, D]`` and ``key [B, Hkv, K, D]`` are post-RoPE; rows sit at
-    cache slots ``K - Q + row``. ``gate`` is a :class:`gape.gates.GapeGate` or None
+    cache slots ``K - Q + row``. ``gate`` is a :class:`gape.hf.gates.GapeGate` or None
     (plain RoPE); or ``gates = (lambda [B, Hq, Q], pi [B, Hkv, K])`` already computed
     (any gate form, ALiBi). Also returns ``(lambda [B, Hq, R], pi [B, Hkv, K])`` or
     ``(None, None)``.
@@ -59,7 +60,8 @@ def attention_rows(query, key, attention_mask, scale, gate=None, rows=None, dist
 def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from .hf import IMPLEMENTATION, gape_attention_forward, layer_gates
+    from ._names import IMPLEMENTATION
+    from .attention import gape_attention_forward, layer_gates
 
     state = _ACTIVE[-1]
     gate = module._modules.get(GATE_ATTR)
@@ -103,7 +105,7 @@ def capture_attention(model, rows=None, keys=False):
         model: a transformers model (patched with GAPE or not).
         rows: query rows to keep: None (all), an int/list, or a callable ``Q -> rows``.
         keys: also keep the rotation-invariant key features ``[B, Hkv, K, D/2]``
-            (:func:`gape.gates.pair_features`) as ``"key_features"``.
+            (:func:`gape.hf.gates.pair_features`) as ``"key_features"``.
 
     Yields ``{layer_idx: {"probs": [B, Hq, R, K], "lambda": [B, Hq, R], "pi": [B, Hkv, K]}}``
     (gates only for GAPE layers; the last forward pass wins).

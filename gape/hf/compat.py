@@ -9,7 +9,7 @@
   act on the transformers model and on the gate of the active adapter.
 - ``output_attentions=True``: the fast backends never form the attention
   probabilities, so :func:`attention_with_probs` recomputes them in float32
-  through the reference path (:func:`gape.attention_probe.attention_rows`,
+  through the reference path (:func:`gape.hf.attention_probe.attention_rows`,
   GAPE bias included), only when asked.
 - ``model.set_attn_implementation("eager")`` on a patched model leaves the
   gates attached but unused; :func:`warn_if_bypassed` (a forward pre-hook on
@@ -45,7 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def active_gate(obj):
-    """The :class:`~gape.gates.GapeGate` in use: the gate itself, or for a PEFT
+    """The :class:`~gape.hf.gates.GapeGate` in use: the gate itself, or for a PEFT
     ``ModulesToSaveWrapper`` the copy of the active adapter (the original when
     adapters are disabled)."""
     original = getattr(obj, "original_module", None) if obj is not None else None
@@ -80,7 +80,7 @@ def gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, query_offs
     sequences). Recomputed in float32 by the reference formulas, without gradient."""
     import torch
 
-    from .reference import allowed_mask, gape_bias
+    from gape.core.reference import allowed_mask, gape_bias
 
     with torch.no_grad():
         b, hq, lq, _ = query.shape
@@ -114,7 +114,7 @@ def warn_if_bypassed(module, args, kwargs):
     logger.warning(
         "gape: the model is patched with GAPE but runs attn_implementation=%r, so its gates are ignored "
         "(GAPE is off). Call model.set_attn_implementation('gape') to turn it back on, gape.unpatch(model) to remove "
-        "it, or use gape.attention_probe.capture_attention / output_attentions=True for attention maps with GAPE",
+        "it, or use gape.hf.attention_probe.capture_attention / output_attentions=True for attention maps with GAPE",
         impl,
     )
     return None

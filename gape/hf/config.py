@@ -14,10 +14,10 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from .api import BACKENDS
-from .reference import DISTANCES
+from gape.core.api import BACKENDS
+from gape.core.reference import DISTANCES
 
-# The trainable parts of a gate module (see gape.gates.GapeGate):
+# The trainable parts of a gate module (see gape.hf.gates.GapeGate):
 #   "alpha" -> alpha (per query head scale of lambda)
 #   "query" -> w, b  (query gate weights and bias)
 #   "key"   -> u, c  (key gate weights and bias)

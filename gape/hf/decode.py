@@ -14,8 +14,8 @@ import weakref
 import torch
 from torch import nn
 
-from .. import compat
-from ..gates import GapeGate, PaperGate
+from . import compat
+from .gates import GapeGate, PaperGate
 from ._names import ALIBI_ATTR, GATE_ATTR
 
 _LAYER_STATE_ATTR = "_gape_layer_state"

@@ -10,9 +10,9 @@ import os
 import torch
 from torch import nn
 
-from .. import compat
+from . import compat
 from .._io import replace_atomic
-from ..config import GapeConfig
+from .config import GapeConfig
 from .patching import _state, gape_config, is_patched, iter_gates, model_shape, patch, unpatch
 
 logger = logging.getLogger("gape")

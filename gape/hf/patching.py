@@ -9,9 +9,9 @@ import logging
 
 from torch import nn
 
-from .. import compat, pretrained
-from ..config import GapeConfig
-from ..gates import GapeGate, PaperGate, set_trainable
+from . import compat, pretrained
+from .config import GapeConfig
+from .gates import GapeGate, PaperGate, set_trainable
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
 from .attention import _backend_fn, _register
 from .decode import _remember_cached_keys, add_captures, layer_state, remove_captures
@@ -123,7 +123,7 @@ def _refuse_unsupported(model: nn.Module, spec) -> None:
 def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Module:
     """Turn a Llama-style transformers model into a GAPE model, in place.
 
-    Attaches a ``gape_gate`` (:class:`~gape.gates.GapeGate`, in the model's
+    Attaches a ``gape_gate`` (:class:`~gape.hf.gates.GapeGate`, in the model's
     dtype and device) to the attention module of each layer in
     ``config.layers`` and selects ``attn_implementation="gape"``. With the
     default config (``alpha_init=0``) the model's outputs do not change.

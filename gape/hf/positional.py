@@ -35,7 +35,7 @@ import math
 import torch
 from torch import nn
 
-from . import hf
+from gape import hf
 
 SCHEMES = ("rope", "nope", "prope", "alibi")
 _STATE_ATTR = "_gape_positional"
@@ -67,7 +67,7 @@ class AlibiSlopes(nn.Module):
 
     def __init__(self, num_heads: int, backend: str = "auto") -> None:
         super().__init__()
-        from .api import BACKENDS
+        from gape.core.api import BACKENDS
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -148,7 +148,7 @@ def with_positional(model: nn.Module, scheme: str, *, p: float | None = None, ba
         gape.with_positional(model, "prope", p=0.75)
         gape.patch(model, gape.GapeConfig(gate="paper", train_length=256))
     """
-    from .patches.registry import get_spec
+    from gape.patches.registry import get_spec
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")

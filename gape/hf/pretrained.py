@@ -4,7 +4,7 @@ A patched model is self-describing: ``gape.patch`` writes two entries into
 ``model.config`` (and ``gape.unpatch`` removes them), so the model's own
 ``save_pretrained`` (and ``Trainer`` checkpoints, ``push_to_hub``...) write
 
-- ``config.json`` ``"gape"``: the :class:`~gape.config.GapeConfig`, the
+- ``config.json`` ``"gape"``: the :class:`~gape.hf.config.GapeConfig`, the
   patched layer indices and how to load the folder;
 - ``config.json`` ``"attn_implementation": "gape"``: plain transformers
   without GAPE registered refuses the folder loudly
@@ -31,12 +31,11 @@ import os
 import torch
 from torch import nn
 
+from ._names import CONFIG_KEY, LOAD_HINT, check_gate_missing  # noqa: F401 (check_gate_missing: old import path)
 from .config import GapeConfig
 
-CONFIG_KEY = "gape"
 FORMAT = "gape-model"
 FORMAT_VERSION = 1
-LOAD_HINT = "import gape; model = gape.from_pretrained(path)"
 GATE_MARK = ".gape_gate."
 
 
@@ -87,18 +86,6 @@ def read_description(config) -> dict | None:
     return entry
 
 
-def check_gate_missing(module: nn.Module) -> None:
-    """Raise when an attention layer without a gate belongs to a GAPE model whose
-    gates were not attached (loaded as a plain transformers model)."""
-    entry = getattr(getattr(module, "config", None), CONFIG_KEY, None)
-    if isinstance(entry, dict) and getattr(module, "layer_idx", None) in entry.get("layers", ()):
-        raise ValueError(
-            f"layer {module.layer_idx} of this GAPE model has no gate: the model was loaded without GAPE "
-            f"(e.g. AutoModelForCausalLM.from_pretrained with attn_implementation='gape'), which drops the saved gates. "
-            f"Load the folder with `{LOAD_HINT}` (or gape.load_model(path))"
-        )
-
-
 # --------------------------------------------------------------------------- save
 
 
@@ -120,7 +107,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, *
         >>> gape.save_pretrained(model, "my-gape-model", tokenizer=tok)
         >>> model = gape.from_pretrained("my-gape-model")
     """
-    from . import hf
+    from gape import hf
     from .compat import unwrap
 
     base = unwrap(model)
@@ -211,7 +198,7 @@ def _holding_load_report():
 
 def attach_saved_gates(model: nn.Module, folder: str | os.PathLike, entry: dict | None = None) -> nn.Module:
     """Patch a base model loaded from a GAPE folder and load its gates from the folder's weights."""
-    from . import hf
+    from gape import hf
 
     folder = os.fspath(folder)
     entry = entry if entry is not None else read_description(model.config)

@@ -49,7 +49,7 @@ def parse_methods(text: str | list[str]) -> list[str]:
 
 def default_gape_config(gape_lambda: float = DEFAULT_GAPE_LAMBDA, distance: str = "log"):
     """The training-free GAPE used when no gate file is given."""
-    from gape.config import GapeConfig
+    from gape.hf.config import GapeConfig
 
     return GapeConfig(distance=distance, fixed_lambda=float(gape_lambda), learned_pi=False, trainable=False)
 
@@ -67,7 +67,7 @@ def apply_gape(model, options: MethodOptions) -> Callable[[], None]:
 
 def apply_method(model, method: str, options: MethodOptions | None = None) -> Callable[[], None]:
     """Switch ``model`` to ``method`` in place; returns a function that switches it back."""
-    from gape.models import with_rope_scaling
+    from gape.hf.models import with_rope_scaling
 
     options = options or MethodOptions()
     if method not in METHODS:

@@ -92,7 +92,7 @@ class Sample:
 
 @lru_cache(maxsize=1)
 def essay_sentences() -> tuple[str, ...]:
-    text = resources.files("gape.niah").joinpath("data/essay.txt").read_text(encoding="utf-8")
+    text = resources.files("gape.tasks.niah").joinpath("data/essay.txt").read_text(encoding="utf-8")
     paragraphs = [p for p in text.split("\n\n")[1:] if p.strip()]  # first paragraph is the title
     words = " ".join(" ".join(paragraphs).split())
     return tuple(s for s in re.split(r"(?<=[.!?])\s+", words) if s)

@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     a("--tasks", default=",".join(TASKS), help=f"comma-separated from {TASKS}")
     a("--schemes", default=",".join(SCHEMES), help=f"comma-separated from {SCHEMES}")
     a("--gape", default=",".join(GAPE_FORMS), help=f"comma-separated from {GAPE_FORMS}; 'paper' runs each of --paper-starts")
-    a("--paper-starts", default=",".join(STARTS["paper"]), help=f"starts of the paper's gates, from {tuple(STARTS['paper'])} (gape/extrapolate/models.py)")
+    a("--paper-starts", default=",".join(STARTS["paper"]), help=f"starts of the paper's gates, from {tuple(STARTS['paper'])} (gape/experiments/extrapolate/models.py)")
     a("--bases", default=None, help="RoPE bases, the first being the main setting (default 1e4,1e6; 1e4 with --quick)")
     a("--train-len", type=int, default=None, help="training context T of both tasks (default: retrieval 32, lm 64; halved with --quick)")
     a("--steps", type=int, default=None, help="training steps of both tasks (default: retrieval 600, lm 300)")
@@ -128,7 +128,7 @@ def resolve(args) -> dict:
 
 
 def run(args) -> int:
-    from .._threads import set_threads
+    from gape._threads import set_threads
     from . import report, runner
 
     if getattr(args, "merge", None):

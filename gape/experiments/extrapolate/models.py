@@ -65,7 +65,7 @@ def llama_config(arch: Arch, vocab: int, scheme: str, base: float, max_len: int)
 
 def gape_config(gape: str, start: str, train_length: int, scheme: str = "rope"):
     """The GapeConfig of a (form, start), None for ``gape="none"``."""
-    from ..config import GapeConfig
+    from gape.hf.config import GapeConfig
 
     if gape == "none":
         return None

@@ -8,7 +8,7 @@ import math
 import os
 from collections import defaultdict
 
-from .._io import save_figure_atomic, write_atomic
+from gape._io import save_figure_atomic, write_atomic
 from .models import GAPE_FORMS, SCHEMES
 from .runner import CONFIG, read_rows
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import synthetic as syn
-from .._io import write_atomic, write_json_atomic
+from gape._io import write_atomic, write_json_atomic
 from . import corpus as corpus_mod
 from . import tasks
 from .models import ROTARY, Arch, build, variant_label

@@ -1,5 +1,5 @@
 """Positional scheme + GAPE patch of a freshly built model, through the package's API
-(:func:`gape.positional.with_positional`, :func:`gape.hf.patch`)."""
+(:func:`gape.hf.positional.with_positional`, :func:`gape.hf.patch`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ PROPE_P = 0.75
 
 
 def apply(model, scheme: str, config):
-    from .. import hf
-    from ..positional import with_positional
+    from gape import hf
+    from gape.hf.positional import with_positional
 
     if scheme == "prope":
         with_positional(model, "prope", p=PROPE_P)

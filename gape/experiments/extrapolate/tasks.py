@@ -1,6 +1,6 @@
 """The two tasks of ``gape extrapolate``: training at ``T`` and evaluation at multiples of it.
 
-- ``retrieval``: the pass-key task of :mod:`gape.synthetic` (``KEY d1..d4`` at a
+- ``retrieval``: the pass-key task of :mod:`gape.experiments.synthetic` (``KEY d1..d4`` at a
   random depth in filler, ``QUERY`` at the end; loss on the 4 answer digits;
   accuracy = greedy exact match), trained on lengths drawn from ``[16, T]``.
 - ``lm``: next-byte prediction on Shakespeare (:mod:`.corpus`), trained on
@@ -57,7 +57,7 @@ def train(model, task: str, *, data, steps: int, train_length: int, batch: int, 
     The data stream depends only on ``seed`` (the same for every scheme and form).
     ``track_gates`` records :func:`gate_magnitude` every ``gate_every`` steps.
     """
-    from .. import hf
+    from gape import hf
 
     gate_ids = {id(p) for _, g in _gates(model) for p in g.parameters()}
     base = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
@@ -88,7 +88,7 @@ def train(model, task: str, *, data, steps: int, train_length: int, batch: int, 
 
 
 def _gates(model) -> list:
-    from .. import hf
+    from gape import hf
 
     return hf.iter_gates(model) if hf.is_patched(model) else []
 
@@ -105,7 +105,7 @@ def _loss(model, task: str, tokens: torch.Tensor) -> torch.Tensor:
 
 def _normalised_entropy(rec: dict, rows: list[int]) -> torch.Tensor:
     """Per layer: sum over samples of the mean over heads and rows of H / log(visible keys)."""
-    from ..attention_probe import entropy
+    from gape.hf.attention_probe import entropy
 
     visible = torch.tensor([r + 1 for r in rows], dtype=torch.float32)
     norm = torch.log(visible).clamp_min(1e-9)
@@ -115,7 +115,7 @@ def _normalised_entropy(rec: dict, rows: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def eval_retrieval(model, length: int, samples: int, *, batch_tokens: int, entropy_samples: int, seed: int = 10_000) -> dict:
     """Exact-match accuracy and normalised entropy per layer at ``length`` (same data for every model)."""
-    from ..attention_probe import capture_attention
+    from gape.hf.attention_probe import capture_attention
 
     gen = torch.Generator().manual_seed(seed * 7919 + length)
     depths = (torch.arange(samples, dtype=torch.float64) + torch.rand(samples, generator=gen, dtype=torch.float64)) / samples
@@ -142,7 +142,7 @@ def eval_retrieval(model, length: int, samples: int, *, batch_tokens: int, entro
 def eval_lm(model, windows: torch.Tensor, train_length: int, *, batch_tokens: int, entropy_windows: int) -> dict:
     """Perplexity over every token and over the last ``train_length`` tokens of each window,
     and normalised entropy per layer of the last rows."""
-    from ..attention_probe import capture_attention
+    from gape.hf.attention_probe import capture_attention
 
     n, length = windows.shape[0], windows.shape[1] - 1
     bs = max(1, min(n, batch_tokens // length))
@@ -177,8 +177,8 @@ def mask_strength(model, tokens: torch.Tensor, stride: int = 1) -> dict:
 
     The bias is ``-lambda (1 - pi) phi(delta)``, the same quantity every backend adds to the logits.
     """
-    from .. import hf
-    from ..reference import phi
+    from gape import hf
+    from gape.core.reference import phi
 
     gates = dict(_gates(model))
     if not gates:

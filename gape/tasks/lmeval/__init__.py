@@ -1,12 +1,12 @@
 """lm-evaluation-harness integration: the registered model ``gape`` (an HFLM subclass, in
-``gape.lmeval.model``) and offline tasks (``gape_passkey``, ``gape_niah_single``) shipped in
+``gape.tasks.lmeval.model``) and offline tasks (``gape_passkey``, ``gape_niah_single``) shipped in
 ``tasks/``. ``gape eval ...`` runs lm-eval's own command line with both in place."""
 
 from __future__ import annotations
 
 from importlib import resources
 
-TASKS_DIR = str(resources.files("gape.lmeval").joinpath("tasks"))
+TASKS_DIR = str(resources.files("gape.tasks.lmeval").joinpath("tasks"))
 
 
 def register() -> None:

@@ -21,8 +21,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from gape.models import load_model
-from gape.methods import DEFAULT_GAPE_LAMBDA, MethodOptions, apply_method
+from gape.hf.models import load_model
+from gape.tasks.methods import DEFAULT_GAPE_LAMBDA, MethodOptions, apply_method
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
 

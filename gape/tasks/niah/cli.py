@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from .. import _args as A
+from gape import _args as A
 from ..prompts import HAYSTACKS, TASKS
 from ..methods import DEFAULT_GAPE_LAMBDA, METHODS, MethodOptions, parse_methods
 
@@ -89,8 +89,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._threads import set_threads
-    from .._io import FolderLockedError
+    from gape._threads import set_threads
+    from gape._io import FolderLockedError
     from .runner import RunMismatchError, run_benchmark
 
     try:

@@ -1,5 +1,5 @@
-"""Moved to :mod:`gape.prompts` (lmeval, calibrate, training_free and inspect use it too); kept for old imports."""
+"""Moved to :mod:`gape.tasks.prompts` (lmeval, calibrate, training_free and inspect use it too); kept for old imports."""
 
-from gape.prompts import HAYSTACKS, NOISE, TASKS, Sample, build_sample, essay_sentences, haystack_sentences
+from gape.tasks.prompts import HAYSTACKS, NOISE, TASKS, Sample, build_sample, essay_sentences, haystack_sentences
 
 __all__ = ["HAYSTACKS", "NOISE", "TASKS", "Sample", "build_sample", "essay_sentences", "haystack_sentences"]

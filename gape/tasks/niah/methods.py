@@ -1,6 +1,6 @@
-"""Moved to :mod:`gape.methods` (lmeval uses it too); kept for old imports."""
+"""Moved to :mod:`gape.tasks.methods` (lmeval uses it too); kept for old imports."""
 
-from gape.methods import (
+from gape.tasks.methods import (
     DEFAULT_GAPE_LAMBDA,
     METHODS,
     MethodOptions,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from .._io import save_figure_atomic
+from gape._io import save_figure_atomic
 from .results import by_length
 
 

@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable
 
-from .._io import write_csv_atomic
+from gape._io import write_csv_atomic
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.csv"

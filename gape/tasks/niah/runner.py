@@ -16,8 +16,8 @@ from itertools import groupby
 
 import torch
 
-from .._args import UsageError
-from .._io import lock_folder, write_atomic
+from gape._args import UsageError
+from gape._io import lock_folder, write_atomic
 from . import results as res
 from ..prompts import HAYSTACKS, TASKS, build_sample
 from ..methods import MethodOptions, apply_method, parse_methods
@@ -69,7 +69,7 @@ class BenchmarkConfig:
 
     def model_label(self) -> str:
         if self.model is None:
-            from gape.models import EMBEDDED_GGUF
+            from gape.hf.models import EMBEDDED_GGUF
 
             return f"embedded:{self.gguf_file or EMBEDDED_GGUF}"
         return os.path.abspath(self.model) + (f"::{self.gguf_file}" if self.gguf_file else "")
@@ -154,7 +154,7 @@ def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress:
         lock = None if procs.world_size == 1 else f".gape.rank{procs.rank}.lock"
         with lock_folder(cfg.out, "gape niah", name=lock):
             if cfg.options.gates and any(m.startswith("gape") for m in cfg.methods):
-                from ..hf import read_gates
+                from gape.hf import read_gates
 
                 try:  # a bad gate file fails now, before the model is loaded
                     read_gates(cfg.options.gates)
@@ -172,7 +172,7 @@ def run_benchmark(cfg: BenchmarkConfig, model=None, tokenizer=None, *, progress:
 def max_tokens_in_memory(model, available: int | None = None) -> int:
     """The longest prompt whose KV cache and prefill activations fit in the memory
     available now (float32 estimate: 2 K/V per layer, hidden and MLP activations)."""
-    from .._machine import available_memory
+    from gape._machine import available_memory
 
     c = model.config
     layers, hidden = int(c.num_hidden_layers), int(c.hidden_size)
@@ -219,7 +219,7 @@ def _run_share(cfg: BenchmarkConfig, model, tokenizer, procs, *, progress: bool,
     todo = [p for p in plan if key(*p) not in done]
     results_file = res.rank_results(procs.rank, procs.world_size)
     if todo and model is None:
-        from gape.models import load_model
+        from gape.hf.models import load_model
 
         echo(f"{tag}loading {cfg.model_label()} ...")
         model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file)

@@ -1,4 +1,4 @@
-"""Datasets and scoring for the gape lm-eval tasks, generated offline by ``gape.niah``.
+"""Datasets and scoring for the gape lm-eval tasks, generated offline by ``gape.tasks.niah``.
 
 Task metadata (``--metadata '{...}'``, merged with model_args by lm-eval):
     max_seq_lengths  prompt lengths in tokens (default [4096])
@@ -20,7 +20,7 @@ LENGTH_METRICS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 @lru_cache(maxsize=4)
 def _tokenizer(name: str | None, gguf_file: str | None):
-    from gape.models import load_tokenizer
+    from gape.hf.models import load_tokenizer
 
     return load_tokenizer(name, gguf_file=gguf_file)
 
@@ -28,7 +28,7 @@ def _tokenizer(name: str | None, gguf_file: str | None):
 def _dataset(task: str, **metadata):
     import datasets
 
-    from gape.prompts import build_sample
+    from gape.tasks.prompts import build_sample
 
     name = metadata.get("tokenizer") or metadata.get("pretrained")
     name = name if isinstance(name, str) and name else None
@@ -66,7 +66,7 @@ def niah_single_dataset(**metadata):
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    from gape.niah.scoring import string_match_all
+    from gape.tasks.niah.scoring import string_match_all
 
     score = string_match_all(results[0], list(doc["outputs"]))
     # lm-eval wants every metric on every doc: other lengths get -1 and are dropped by aggregate
