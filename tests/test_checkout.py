@@ -24,7 +24,7 @@ TINY_LLAMA = (
 )
 
 
-def _python(code: str, cwd: str = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def _python(code: str, cwd: str = ROOT, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     full.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
     res = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full, capture_output=True, text=True,
