@@ -315,7 +315,7 @@ def _run_locked(args) -> int:
     card = calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
                      max_len=args.max_len, lr=args.lr, text_fraction=args.text_fraction, seed=args.seed, init=args.init,
                      save_every=args.save_every, gape_config=cfg, model_name=args.model,
-                     log=lambda s: print(s, flush=True), started=started, progress=not args.no_progress,
+                     log=lambda s: print(s, flush=True), started=started, progress=not getattr(args, "no_progress", False),
                      tasks=tuple(args.tasks if isinstance(args.tasks, list) else [t for t in args.tasks.split(",") if t]))
     print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
           f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")

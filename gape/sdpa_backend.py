@@ -1,6 +1,6 @@
 """GAPE through ``F.scaled_dot_product_attention`` on augmented channels.
 
-GAPE.md property 4: with ``distance="linear"`` and causal masking the bias
+the SDPA identity, docs/maths.md: with ``distance="linear"`` and causal masking the bias
 
     b_mn = -lambda_m (1 - pi_n) (pos_q_m - pos_k_n)
          = (-lambda_m t_m) * (1 - pi_n)  +  lambda_m * (1 - pi_n) t'_n
@@ -66,11 +66,11 @@ def supports(call) -> str | None:
 
 def _reason(distance: str, is_causal: bool) -> str | None:
     if distance != "linear":
-        return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
+        return 'the "sdpa" backend is exact only for distance="linear" (the SDPA identity, docs/maths.md); use backend="torch" or "triton" for "log"'
     if not is_causal:
         return (
             'the "sdpa" backend needs is_causal=True: the non-causal distance |pos_q - pos_k| is not a bilinear '
-            'form (GAPE.md property 4); use backend="torch" or "triton"'
+            'form (the SDPA identity, docs/maths.md); use backend="torch" or "triton"'
         )
     return None
 

@@ -4,7 +4,7 @@ Tiny Llama models (random init) learn passkey retrieval at training length ``T``
 and are evaluated at ``T, 2T, 4T, 8T`` (``16T`` with ``--full``). Methods:
 
 - ``rope``: plain RoPE (SDPA).
-- ``gape``: RoPE + learned GAPE gates (query gate lambda, key gate pi; GAPE.md).
+- ``gape``: RoPE + learned GAPE gates (query gate lambda, key gate pi; docs/maths.md).
 - ``fixed``: RoPE + a constant forgetting rate lambda and no key gate (pi = 0):
   GAPE without its content-dependent parts.
 
@@ -479,7 +479,7 @@ def _run_locked(args) -> int:
     max_len = max(config["eval_lens"] + [config["train_len"]])
     pending = sum(f"{m}/seed{s}" not in results["runs"] for s in config["seeds"] for m in config["methods"])
     bar = tqdm(total=pending * config["steps"], desc="synthetic", unit="step", dynamic_ncols=True,
-               disable=args.no_progress)
+               disable=getattr(args, "no_progress", False))
     say = bar.write  # lines go above the bar
     for seed in config["seeds"]:
         for method in config["methods"]:

@@ -1,4 +1,4 @@
-"""Bad inputs and faults against every public entry point (issue 16): each one
+"""Bad inputs and faults against every public entry point: each one
 raises the expected exception type with a message that names the argument,
 never a wrong answer or an error a user cannot act on.
 
