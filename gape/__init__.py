@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from . import _checkout
 
@@ -41,6 +42,13 @@ _LAZY = {
 }
 
 __all__ = ["attention", "attention_varlen", "BACKENDS", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and the API reference (never run)
+    from .config import GapeConfig
+    from .hf import load_gates, patch, save_gates, unpatch
+    from .models import load_model, with_rope_scaling
+    from .positional import with_positional
+    from .pretrained import from_pretrained, save_pretrained
 
 
 def __getattr__(name: str):
