@@ -137,7 +137,7 @@ def add_arguments(parser) -> None:
 
     parser.add_argument("--model", type=A.model_path, default=None,
                         help="model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--prompt", default=None, help="prompt text (default: a pass-key prompt of --length tokens)")
+    parser.add_argument("--prompt", type=A.text, default=None, help="prompt text (default: a pass-key prompt of --length tokens)")
     parser.add_argument("--prompt-file", type=A.in_file, default=None, help="read the prompt from this file (default: none, see --prompt)")
     parser.add_argument("--length", type=A.integer(64, 1 << 16), default=512, help="length in tokens of the default pass-key prompt, 64..65536 (default 512)")
     parser.add_argument("--gates", type=A.in_file, default=None,
@@ -152,8 +152,6 @@ def add_arguments(parser) -> None:
 
 
 def check_arguments(parser, args) -> None:
-    if args.prompt is not None and not args.prompt.strip():
-        parser.error("argument --prompt: must be non-empty text, got ''")
     if args.prompt is not None and args.prompt_file is not None:
         parser.error("argument --prompt-file: not allowed with --prompt (give one prompt)")
 

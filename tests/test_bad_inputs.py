@@ -398,7 +398,7 @@ def test_niah_busy_out_folder_is_an_error_naming_it(tmp_path, capsys):
     out = str(tmp_path / "busy")
     with lock_folder(out):
         assert main(["niah", "--out", out, "--no-progress", "--lengths", "600", "--samples", "1"]) == 2
-    assert f"{out} is in use by another gape niah run" in capsys.readouterr().out
+    assert f"{out} is in use by another gape niah run" in capsys.readouterr().err
 
 
 def _row(**kw):
