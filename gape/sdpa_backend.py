@@ -20,7 +20,7 @@ tokens, so their rounding error is about ``eps * lambda * |t|`` instead of
 ``eps * lambda * delta``. Positions are centred on the newest token
 (``c = Lk - 1``), which leaves a decode step without cancellation (its query
 side is 0) and
-hurts the earliest rows of a long prefill most; the README ("The sdpa backend
+hurts the earliest rows of a long prefill most; docs/kernels.md ("The sdpa backend
 and its precision limit") has the errors measured against float64. Float16 and
 bfloat16 inputs are computed in float32 (rounded to half precision the
 channels themselves would dominate the error) and cast back, so the float32
