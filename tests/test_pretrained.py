@@ -195,9 +195,11 @@ def test_embedded_gguf_model_round_trips_with_its_gates(tmp_path):
 def test_a_quantized_model_is_refused_with_what_to_call_instead(tmp_path):
     """A model still marked quantized (GGUF loaded by transformers directly) is refused
     before anything is written, and the error names the calls that work."""
-    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
-    from transformers.utils.quantization_config import GgufConfig
-
+    try:
+        from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers load a GGUF without a quantizer: nothing to refuse
+        pytest.skip("this transformers has no GGUF quantizer")
     from gape.models import dense, quantization_method
 
     model = _patched()
