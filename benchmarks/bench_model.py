@@ -18,8 +18,8 @@ Modes:
     gape-paper      the paper's gate form (GapeConfig(gate="paper"), T = 2048) with
                     non-trivial gates: pre-RoPE hooks, linear distance, pi remembered per cached key
 
-Targets (issue 4): patched prefill <= 1.15x unpatched at 4k, decode <= 1.10x,
-KV cache (plus the decode-time pi memo) <= 1.01x. Paper form (issue 14): prefill
+What the results are read against: patched prefill <= 1.15x unpatched at 4k, decode
+<= 1.10x, KV cache (plus the decode-time pi memo) <= 1.01x; the paper form: prefill
 <= 1.05x, decode <= 1.10x:
 
     python benchmarks/bench_model.py --modes sdpa gape-paper --lengths 4096 --decode-context 4096 \

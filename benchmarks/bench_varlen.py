@@ -8,7 +8,7 @@ Packed: ``gape.attention_varlen`` (one C++ kernel call over every sequence, no
 padding). Padded: ``gape.attention`` on ``[8, H, max_len, D]`` with a key-padding
 mask, the layout a batch has without packing. Both causal, log distance,
 SmolLM2's attention shape (9 query / 3 kv heads, D = 64), float32, the
-``"torch"`` backend. Tokens/s counts real tokens only. Target (issue 18): packed
+``"torch"`` backend. Tokens/s counts real tokens only. Target: packed
 >= 1.5x padded. Rows go to ``benchmarks/results/bench_varlen.json`` (atomic
 writes, one row per seed, rerun skips rows already there).
 """

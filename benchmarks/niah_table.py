@@ -37,7 +37,7 @@ def _label(method: str, run: dict) -> str:
             label += " (calibrated)"
         else:
             linear = ", linear distance" if run.get("distance") == "linear" else ""
-            label += f" (training-free, lambda {run.get('gape_lambda')}{linear})"
+            label += f" (constant rate, lambda {run.get('gape_lambda')}{linear})"
     return label
 
 

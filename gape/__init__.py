@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from . import _checkout, _moved
 
 _checkout.install()  # before anything imports gape.kernels or gape.patches
-_moved.install()  # the earlier flat module paths (gape.models, gape.ops, ...) stay importable
+_moved.install()  # the earlier flat module paths (gape.hf.models, gape.core.ops, ...) stay importable
 
 from .core.api import BACKENDS, attention, attention_varlen  # noqa: E402
 
@@ -42,9 +43,16 @@ _LAZY = {
 }
 
 # public sub-modules reachable as attributes of `gape` without an import
-_SUBPACKAGES = {"distributed": "gape.distributed", "hf": "gape.hf", "ops": "gape.ops"}
+_SUBPACKAGES = {"distributed": "gape.distributed", "hf": "gape.hf", "ops": "gape.core.ops"}
 
 __all__ = ["attention", "attention_varlen", "BACKENDS", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and the API reference (never run)
+    from gape.hf.config import GapeConfig
+    from .hf import load_gates, patch, save_gates, unpatch
+    from gape.hf.models import load_model, with_rope_scaling
+    from gape.hf.positional import with_positional
+    from gape.hf.pretrained import from_pretrained, save_pretrained
 
 
 def __getattr__(name: str):

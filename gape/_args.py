@@ -106,6 +106,13 @@ def choice_list(choices):
     return parse
 
 
+def text(value: str) -> str:
+    """Non-empty text (a prompt)."""
+    if not value.strip():
+        raise _bad(f"must be non-empty text, got {value!r}")
+    return value
+
+
 def out_folder(text: str) -> str:
     """An output folder: new, or an existing folder (never an existing file)."""
     if not text:

@@ -22,6 +22,14 @@ SUBCOMMANDS = {
 PASSTHROUGH = {"eval"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: ``gape NAME: error: argument --flag: why``
+    (and where to read the flags), exit status 2, no usage block, no traceback."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="gape", description="GAPE: gated adaptive positional encoding")
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.run(argv[1:]) or 0)
         except SystemExit as exit_:  # the other program's argparse error (2)
             return int(exit_.code or 0) if isinstance(exit_.code, (int, type(None))) else 2
-    cmd = argparse.ArgumentParser(prog=f"gape {name}", description=SUBCOMMANDS[name][1])
+    cmd = Parser(prog=f"gape {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(cmd)
     try:
         args = cmd.parse_args(argv[1:])  # a bad flag value stops here, its flag named on stderr

@@ -1,6 +1,6 @@
 """Fused GAPE attention in Triton: forward and backward, FlashAttention-2 style.
 
-Computes, per head (GAPE.md),
+Computes, per head (docs/maths.md),
 
     O = softmax(scale * Q K^T - lambda_m (1 - pi_n) phi(delta_mn)) V
 

@@ -13,7 +13,7 @@
 // call allows the signed distances [dlo, dhi] (causal rule, local window), so key
 // blocks outside a block's window are never visited. Built at first use by
 // gape/kernels/attention_cpu.py;
-// the math is ../shared/GAPE.md and the oracle gape.reference.
+// the math is docs/maths.md and the oracle gape.reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

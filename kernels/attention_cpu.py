@@ -4,7 +4,7 @@ The kernel computes ``softmax(scale q k^T - lambda (1 - pi) phi(delta)) v``
 the FlashAttention way: BLAS for ``Q K^T`` and ``P V`` per block, the GAPE
 bias, masks and an online softmax in vector registers between them, so the
 bias never goes to memory (its speed against PyTorch's no-bias flash
-attention and the pure-PyTorch tiles is in the README's CPU benchmark).
+attention and the pure-PyTorch tiles is in docs/benchmarks.md, "Attention on the CPU").
 
 It is compiled at first use with :func:`torch.utils.cpp_extension.load` (needs
 a C++ compiler and ninja; about a minute, once per machine, torch version
@@ -38,7 +38,7 @@ ENV_CAPABILITY = "GAPE_CPU_CAPABILITY"  # force "AVX512", "AVX2" or "DEFAULT" (t
 # Query rows and keys per block; the score block (64 or 256 x 512 floats, 128 or
 # 512 KB) stays in L2 next to the K/V blocks. Long queries take 256 rows, so each
 # K/V block is read from memory 4x less often once K/V outgrow the cache (the
-# measurements behind these sizes: README, "The torch backend").
+# measurements behind these sizes: docs/kernels.md, "The torch backend").
 Q_BLOCK = 64
 Q_BLOCK_LONG = 256
 LONG_QUERY = 2048  # query rows from which Q_BLOCK_LONG is used
@@ -115,7 +115,7 @@ def _load() -> str | None:
         reason = f"{type(exc).__name__}: {lines[0]}" + (f" ... {first_error}" if first_error else "")
         warnings.warn(
             f"gape: the fused CPU attention kernel could not be built ({reason}); the torch backend falls back "
-            f"to its pure-PyTorch tiles (slower; README, CPU benchmark). Set {ENV_SWITCH}=0 to skip the build.",
+            f"to its pure-PyTorch tiles (slower; docs/benchmarks.md). Set {ENV_SWITCH}=0 to skip the build.",
             RuntimeWarning,
             stacklevel=3,
         )

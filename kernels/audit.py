@@ -42,21 +42,25 @@ POSITIONS = {"dense": (False, False), "window": (True, False), "varlen": (True, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from gape import _args as A
 
-    parser.add_argument("--out", type=A.out_file, required=True, help="JSON file for the rows (written atomically)")
+    parser.add_argument("--out", type=A.out_file, required=True, help="JSON file for the rows, written atomically (required)")
     parser.add_argument("--arch", type=int, nargs="+", default=sorted(ARCHS), choices=sorted(ARCHS),
                         help="compute capabilities to compile for (default: 80 90)")
     parser.add_argument("--head-dim", type=A.integer(16, 256), nargs="+", default=[64, 128],
                         help="head dims, 16..256 (default: 64 128)")
-    parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"])
-    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
-    parser.add_argument("--causal", nargs="+", default=["1", "0"], choices=["1", "0"], help="1 = causal, 0 = not")
-    parser.add_argument("--distance", nargs="+", default=["log", "linear"], choices=["log", "linear"])
+    parser.add_argument("--dtype", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"],
+                        help="input dtypes (default: fp16 bf16)")
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS,
+                        help=f"kernels to compile (default: all, {' '.join(KERNELS)})")
+    parser.add_argument("--causal", nargs="+", default=["1", "0"], choices=["1", "0"],
+                        help="1 = causal, 0 = not (default: 1 0)")
+    parser.add_argument("--distance", nargs="+", default=["log", "linear"], choices=["log", "linear"],
+                        help="distance transforms (default: log linear)")
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
                         help="position variants: dense (query offsets), window (local window), varlen (packed "
                              "sequences with a window); default all")
     parser.add_argument("--first-config-only", action="store_true",
-                        help="compile only the first surviving autotune config per variant (quick check)")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+                        help="compile only the first surviving autotune config per variant, a quick check (default: every config)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table (default: print it)")
 
 
 def _argv(args) -> list[str]:
@@ -197,14 +201,14 @@ def _source_hash(fn) -> str:
 
 def audit(args) -> list[dict]:
     import triton
+    from tqdm.auto import tqdm
 
     from . import attention as A
 
     jit = {"fwd": A._gape_fwd_kernel, "bwd_kv": A._gape_bwd_kv_kernel, "bwd_q": A._gape_bwd_q_kernel,
            "bwd_preprocess": A._gape_bwd_preprocess}
     elt = {"fp16": 2, "bf16": 2, "fp32": 4}
-    rows = []
-    previous = _previous(args.out)
+    jobs = []  # every variant first, so the bar knows the total
     for kernel in args.kernel:
         tuned = jit[kernel]
         fn = tuned.fn if isinstance(tuned, triton.runtime.Autotuner) else tuned
@@ -223,39 +227,42 @@ def audit(args) -> list[dict]:
                                                     ARCHS[cc], cc)]
                         if args.first_config_only:
                             configs = configs[:1]
-                    for causal, dist, pos in variants:
-                        for cfg in configs:
-                            const = dict(cfg.kwargs)
-                            if kernel == "bwd_preprocess":
-                                const["BLOCK_DV"] = block_d
-                            else:
-                                const.update(BLOCK_D=block_d, BLOCK_DV=block_d, IS_CAUSAL=causal == "1",
-                                             DISTANCE=A.DISTANCE_CODES[dist], HAS_KEY_RANGE=False, HAS_BIAS=True,
-                                             HAS_WINDOW=POSITIONS[pos][0], IS_VARLEN=POSITIONS[pos][1],
-                                             DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-                            sig, attrs = _signature(fn, dtype, const)
-                            row = {
-                                "kernel": kernel, "source": _source_hash(fn), "arch": ARCH_NAMES[cc], "head_dim": d,
-                                "dtype": dtype,
-                                "causal": None if causal is None else causal == "1", "distance": dist,
-                                "positions": pos,
-                                "block_m": cfg.kwargs.get("BLOCK_M"), "block_n": cfg.kwargs.get("BLOCK_N"),
-                                "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                            }
-                            old = previous.get(tuple(row.get(k) for k in _KEY))
-                            if old is not None and old.get("ok"):
-                                rows.append(old)
-                                continue
-                            row.update(_compile_one(fn, sig, attrs, const, cc, cfg.num_warps, cfg.num_stages))
-                            row["triton"] = triton.__version__
-                            row["meets_requirements"] = _meets(row, cc)
-                            rows.append(row)
-                            _write(args.out, rows)
-                            if not args.quiet:
-                                print(f"[{len(rows)}] {kernel} {ARCH_NAMES[cc]} D{d} {dtype} causal={causal} "
-                                      f"{dist} {pos} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: regs {row.get('regs')} "
-                                      f"spills {row.get('spills')} smem {row.get('shared_bytes')}", file=sys.stderr,
-                                      flush=True)
+                    jobs += [(kernel, fn, cc, d, block_d, dtype, causal, dist, pos, cfg)
+                             for causal, dist, pos in variants for cfg in configs]
+    rows = []
+    previous = _previous(args.out)
+    bar = tqdm(jobs, desc="audit-kernels", unit="variant", dynamic_ncols=True, file=sys.stderr)
+    for kernel, fn, cc, d, block_d, dtype, causal, dist, pos, cfg in bar:
+        const = dict(cfg.kwargs)
+        if kernel == "bwd_preprocess":
+            const["BLOCK_DV"] = block_d
+        else:
+            const.update(BLOCK_D=block_d, BLOCK_DV=block_d, IS_CAUSAL=causal == "1",
+                         DISTANCE=A.DISTANCE_CODES[dist], HAS_KEY_RANGE=False, HAS_BIAS=True,
+                         HAS_WINDOW=POSITIONS[pos][0], IS_VARLEN=POSITIONS[pos][1],
+                         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        sig, attrs = _signature(fn, dtype, const)
+        row = {
+            "kernel": kernel, "source": _source_hash(fn), "arch": ARCH_NAMES[cc], "head_dim": d,
+            "dtype": dtype,
+            "causal": None if causal is None else causal == "1", "distance": dist,
+            "positions": pos,
+            "block_m": cfg.kwargs.get("BLOCK_M"), "block_n": cfg.kwargs.get("BLOCK_N"),
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+        }
+        old = previous.get(tuple(row.get(k) for k in _KEY))
+        if old is not None and old.get("ok"):
+            rows.append(old)
+            continue
+        row.update(_compile_one(fn, sig, attrs, const, cc, cfg.num_warps, cfg.num_stages))
+        row["triton"] = triton.__version__
+        row["meets_requirements"] = _meets(row, cc)
+        rows.append(row)
+        _write(args.out, rows)
+        if not args.quiet:
+            bar.write(f"[{len(rows)}] {kernel} {ARCH_NAMES[cc]} D{d} {dtype} causal={causal} "
+                      f"{dist} {pos} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: regs {row.get('regs')} "
+                      f"spills {row.get('spills')} smem {row.get('shared_bytes')}", file=sys.stderr)
     _write(args.out, rows)
     return rows
 

@@ -1,6 +1,6 @@
 """An independent float64 Llama forward for the paper-form and positional-scheme tests.
 
-Written from GAPE.md and the papers, not from gape's code: embeddings, RMSNorm, the
+Written from docs/maths.md and the papers, not from gape's code: embeddings, RMSNorm, the
 q/k/v projections (the pre-RoPE query and key are read straight from them), RoPE from
 its own frequencies, explicit logits plus a materialized bias, explicit softmax, SiLU
 MLP. The paper's gates add its **un-shifted** mask

@@ -158,7 +158,7 @@ PAPER_REFUSED = {"phi3", "gpt_neox"}
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
-    """gate='paper' reads the un-rotated query and key (after any q/k norm, GAPE.md): its
+    """gate='paper' reads the un-rotated query and key (after any q/k norm, docs/maths.md): its
     lambda and pi equal the paper's formulas on the tensors the model itself hands to
     apply_rotary_pos_emb. Cohere and StableLM run with their optional q/k norms on."""
     import sys

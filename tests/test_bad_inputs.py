@@ -1,4 +1,4 @@
-"""Bad inputs and faults against every public entry point (issue 16): each one
+"""Bad inputs and faults against every public entry point: each one
 raises the expected exception type with a message that names the argument,
 never a wrong answer or an error a user cannot act on.
 
@@ -319,18 +319,20 @@ CLI = {
         ("--train-len", "8"), ("--eval-lens", "3"), ("--eval-lens", "64,x"), ("--steps", "0"), ("--samples", "0"),
         ("--seeds", "0"), ("--methods", "nope"), ("--alpha", "-1"), ("--fixed-lambda", "-0.5"), ("--key-bias", "inf"),
         ("--lr", "0"), ("--gate-lr", "-1"), ("--batch", "0"), ("--theta", "-1"), ("--backend", "gpu"), ("--threads", "-2"),
-        ("--out", "FILE"), ("--merge", "MISSING"),
+        ("--out", "FILE"), ("--merge", "MISSING"), ("--seed", "-3"),
     ],
     "calibrate": [
         ("--minutes", "0"), ("--max-steps", "0"), ("--min-len", "10"), ("--max-len", "100000"), ("--lr", "-1"),
         ("--text-fraction", "2"), ("--tasks", "passkey,nope"), ("--alpha-init", "-1"), ("--backend", "gpu"),
         ("--save-every", "0"), ("--out", "FILE"), ("--model", "MISSING"), ("--init", "random"), ("--seed", "x"),
+        ("--threads", "0"),
     ],
     "inspect": [
         ("--length", "0"), ("--lam", "-1"), ("--layers", "a,b"), ("--out", "MISSING/x.png"), ("--prompt-file", "MISSING"),
-        ("--gates", "MISSING"), ("--threads", "0"),
+        ("--gates", "MISSING"), ("--threads", "0"), ("--model", "MISSING"), ("--prompt", " "),
     ],
-    "audit-kernels": [("--head-dim", "8"), ("--out", "MISSING/rows.json"), ("--arch", "70")],
+    "audit-kernels": [("--head-dim", "8"), ("--out", "MISSING/rows.json"), ("--arch", "70"), ("--dtype", "fp8"),
+                      ("--kernel", "attn"), ("--causal", "yes"), ("--distance", "cubic"), ("--positions", "paged")],
 }
 CLI_CASES = [(cmd, flag, value) for cmd, cases in CLI.items() for flag, value in cases]
 
@@ -396,7 +398,7 @@ def test_niah_busy_out_folder_is_an_error_naming_it(tmp_path, capsys):
     out = str(tmp_path / "busy")
     with lock_folder(out):
         assert main(["niah", "--out", out, "--no-progress", "--lengths", "600", "--samples", "1"]) == 2
-    assert f"{out} is in use by another gape niah run" in capsys.readouterr().out
+    assert f"{out} is in use by another gape niah run" in capsys.readouterr().err
 
 
 def _row(**kw):

@@ -115,3 +115,17 @@ def test_training_free_with_zero_lambda_is_identity(tok):
         torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="lam"):
         apply_training_free(model, tok, lam=-1.0)
+
+
+def test_the_budget_counts_the_time_before_training(tok, tmp_path, one_thread):
+    """--minutes bounds the whole run: time already spent (loading, given as ``started``)
+    counts, so a budget used up before training takes no step, and the final evaluation
+    is not repeated on gates that did not move."""
+    import time
+
+    model = tiny_model()
+    card = cal.calibrate(model, tok, out=str(tmp_path / "cal"), minutes=0.05, started=time.perf_counter() - 10,
+                         min_len=400, max_len=460, eval_items=1, tasks=TASKS, log=lambda *a: None)
+    assert card["steps"] == 0
+    assert card["eval_loss_after"] == card["eval_loss_before"]
+    assert card["seconds"] >= 10

@@ -177,7 +177,7 @@ def test_one_rank_group_equals_gape_attention(tmp_path):
 
 @pytest.mark.slow
 def test_example_script_under_torchrun_matches_one_process():
-    """benchmarks/train_context_parallel.py, launched as the README says."""
+    """benchmarks/train_context_parallel.py, launched as docs/api.md says."""
     import re
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""GapeGate: the parameterisation of GAPE.md written out by hand, rotation
+"""GapeGate: the parameterisation of docs/maths.md written out by hand, rotation
 invariance, identity at initialisation with gradient flow, lambda >= 0."""
 
 import math

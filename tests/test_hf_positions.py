@@ -1,4 +1,4 @@
-"""transformers with positions as an input (issue 18): StaticCache decoding
+"""transformers with positions as an input: StaticCache decoding
 (query offsets from the cache), packed sequences from DataCollatorWithFlattening
 (the varlen path), sliding-window layers through the fused kernels, and a
 compiled static-cache decode step on the CPU."""

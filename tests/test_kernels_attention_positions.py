@@ -1,4 +1,4 @@
-"""The Triton kernels with positions as an input (issue 18), in Triton's
+"""The Triton kernels with positions as an input, in Triton's
 interpreter on CPU tensors: query offsets (negative, zero, beyond Lk, per batch),
 local windows, packed sequences; forward and all five gradients against the
 float64 reference. Every output buffer starts as NaN so an unwritten tile fails."""

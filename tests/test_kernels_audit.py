@@ -1,6 +1,6 @@
 """``gape audit-kernels`` on a subset (the full run is saved in
 benchmarks/results/kernel_audit.json): ahead-of-time compilation for sm_80 and
-sm_90 without a GPU, then the requirements of issue 3 on what ptxas reports."""
+sm_90 without a GPU, then the requirements on what ptxas reports."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def rows(tmp_path_factory):
 def test_every_kernel_and_arch_compiled(rows):
     seen = {(r["kernel"], r["arch"]) for r in rows}
     assert seen == {(k, a) for k in ("fwd", "bwd_preprocess", "bwd_kv", "bwd_q") for a in ("sm_80", "sm_90")}
-    # the dense kernels and the packed-sequence variant with a window (issue 18)
+    # the dense kernels and the packed-sequence variant with a window
     assert {r["positions"] for r in rows if r["kernel"] != "bwd_preprocess"} == {"dense", "varlen"}
     for r in rows:
         assert r["ok"], r.get("error")

@@ -191,7 +191,7 @@ def test_cli_refuses_changed_settings(tiny_folder, tmp_path, capsys):
             "--max-new-tokens", "2", "--no-progress"]
     assert _cli(base) == 0
     assert _cli([*base, "--rope-factor", "4"]) == 2
-    assert "rope_factor: 2.0 (saved) vs 4.0 (now)" in capsys.readouterr().out
+    assert "rope_factor: 2.0 (saved) vs 4.0 (now)" in capsys.readouterr().err
     assert len(res.read_rows(out)) == 1
 
 

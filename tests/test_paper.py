@@ -7,8 +7,6 @@ Mistral's sliding-window cache; save/load of both forms; bad input."""
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -430,23 +428,6 @@ def test_prope_edges_are_rope_and_nope():
 def test_positional_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call(make_model())
-
-
-# --------------------------------------------------------------------------- the README example
-
-
-def test_readme_paper_example_trains():
-    """The README's "GAPE as in the paper" example, run as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## GAPE as in the paper", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    losses = scope["losses"]
-    assert len(losses) >= 5 and losses[-1] < losses[0], losses
-    model = scope["model"]
-    assert hf.gape_config(model).gate == "paper"
-    assert gape.hf.positional.positional_scheme(model)["scheme"] == "prope"
 
 
 @pytest.mark.parametrize("setup", ["paper", "alibi", "alibi+paper"])

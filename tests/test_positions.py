@@ -1,6 +1,6 @@
-"""Positions as an input (issue 18): ``query_offset`` and ``window_size`` in every
+"""Positions as an input: ``query_offset`` and ``window_size`` in every
 backend against the float64 reference, forward and all five gradients; the
-reference itself against a brute-force loop over GAPE.md; validation."""
+reference itself against a brute-force loop over docs/maths.md; validation."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from helpers import Case, assert_matches_reference, make_inputs
 
 
 def brute_force(q, k, v, lam, pi, is_causal, scale, distance, offsets, window):
-    """GAPE.md one logit at a time: query i at i + offsets[b], key j at j."""
+    """docs/maths.md one logit at a time: query i at i + offsets[b], key j at j."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     left, right = window

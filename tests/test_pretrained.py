@@ -167,3 +167,52 @@ def test_from_pretrained_with_accelerate_device_map_and_dtype(saved):
     assert all(p.dtype == torch.bfloat16 for p in hf.gate_parameters(half))
     with torch.no_grad():
         assert (half(ids).logits.float() - want).abs().max() < 0.5
+
+
+@pytest.mark.model
+def test_embedded_gguf_model_round_trips_with_its_gates(tmp_path):
+    """The embedded SmolLM2 comes from a GGUF, which transformers marks as quantized and
+    refuses to save; gape.load_model hands back a dense model, so the whole GAPE model
+    saves and reloads with the same logits (non-trivial gates) and casts with .float()."""
+    from gape.hf.models import quantization_method
+
+    model, tok = gape.load_model()
+    assert quantization_method(model) is None
+    gape.patch(model, gape.GapeConfig())
+    randomize_gates(model, seed=3, scale=0.1)
+    ids = tok("The grass is green. The sky is blue.", return_tensors="pt")
+    with torch.no_grad():
+        want = model(**ids).logits
+    gape.save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    again, _ = gape.load_model(tmp_path / "m")
+    with torch.no_grad():
+        got = again(**ids).logits
+    assert hf.is_patched(again)
+    assert torch.equal(got, want)
+    assert again.float() is again
+
+
+def test_a_quantized_model_is_refused_with_what_to_call_instead(tmp_path):
+    """A model still marked quantized (GGUF loaded by transformers directly) is refused
+    before anything is written, and the error names the calls that work."""
+    try:
+        from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers load a GGUF without a quantizer: nothing to refuse
+        pytest.skip("this transformers has no GGUF quantizer")
+    from gape.hf.models import dense, quantization_method
+
+    model = _patched()
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig(dequantize=False))
+    assert quantization_method(model) == "gguf"
+    with pytest.raises(ValueError, match=r"gguf-quantized.*gape\.load_model.*gape\.models\.dense.*gape\.save_gates"):
+        gape.save_pretrained(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    ids = tokens(1, 8)
+    with torch.no_grad():
+        want = model(ids).logits
+    model = dense(model)
+    assert quantization_method(model) is None
+    gape.save_pretrained(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(gape.from_pretrained(tmp_path / "m")(ids).logits, want)

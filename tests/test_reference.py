@@ -1,4 +1,4 @@
-"""The properties of GAPE.md, each as its own test, on the reference and the
+"""The properties of docs/maths.md, each as its own test, on the reference and the
 backends that implement them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nothing silently wrong in gape.attention (issue 16), on every backend and path:
+"""Nothing silently wrong in gape.attention, on every backend and path:
 every tensor layout the API accepts (expanded, overlapping, unfolded, strided,
 zero-size, meta) computes what the reference computes; NaN in gives NaN out;
 double backward works or is refused loudly; the gate range holds under

@@ -1,4 +1,4 @@
-"""Nothing silently wrong on the transformers path (issue 16): gate files are
+"""Nothing silently wrong on the transformers path: gate files are
 validated and loaded all-or-nothing; float masks keep their meaning or are
 refused; switching the attention implementation away is noticed; the decode
 memo of pi follows every change of the key-gate parameters."""

@@ -414,7 +414,7 @@ def attention(
     """GAPE attention: scaled dot-product attention plus a gated distance bias.
 
     ``softmax(scale * q k^T - lambda_m (1 - pi_n) phi(delta_mn)) v`` per head,
-    as defined in GAPE.md. A drop-in for
+    as defined in docs/maths.md. A drop-in for
     :func:`torch.nn.functional.scaled_dot_product_attention` with two gates.
 
     Args:

@@ -1,6 +1,6 @@
 """Materialized GAPE attention: the oracle every backend is tested against.
 
-This is ``../shared/GAPE.md`` written as directly as possible. It builds the
+This is ``docs/maths.md`` written as directly as possible. It builds the
 full ``[B, Hq, Lq, Lk]`` score matrix, so it is only for tests, tiny shapes and
 float64 checks. Autograd gives every gradient (query, key, value, both gates).
 """

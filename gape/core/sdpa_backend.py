@@ -1,6 +1,6 @@
 """GAPE through ``F.scaled_dot_product_attention`` on augmented channels.
 
-GAPE.md property 4: with ``distance="linear"`` and causal masking the bias
+the SDPA identity, docs/maths.md: with ``distance="linear"`` and causal masking the bias
 
     b_mn = -lambda_m (1 - pi_n) (pos_q_m - pos_k_n)
          = (-lambda_m t_m) * (1 - pi_n)  +  lambda_m * (1 - pi_n) t'_n
@@ -20,7 +20,7 @@ tokens, so their rounding error is about ``eps * lambda * |t|`` instead of
 ``eps * lambda * delta``. Positions are centred on the newest token
 (``c = Lk - 1``), which leaves a decode step without cancellation (its query
 side is 0) and
-hurts the earliest rows of a long prefill most; the README ("The sdpa backend
+hurts the earliest rows of a long prefill most; docs/kernels.md ("The sdpa backend
 and its precision limit") has the errors measured against float64. Float16 and
 bfloat16 inputs are computed in float32 (rounded to half precision the
 channels themselves would dominate the error) and cast back, so the float32
@@ -66,11 +66,11 @@ def supports(call) -> str | None:
 
 def _reason(distance: str, is_causal: bool) -> str | None:
     if distance != "linear":
-        return 'the "sdpa" backend is exact only for distance="linear" (GAPE.md property 4); use backend="torch" or "triton" for "log"'
+        return 'the "sdpa" backend is exact only for distance="linear" (the SDPA identity, docs/maths.md); use backend="torch" or "triton" for "log"'
     if not is_causal:
         return (
             'the "sdpa" backend needs is_causal=True: the non-causal distance |pos_q - pos_k| is not a bilinear '
-            'form (GAPE.md property 4); use backend="torch" or "triton"'
+            'form (the SDPA identity, docs/maths.md); use backend="torch" or "triton"'
         )
     return None
 

@@ -16,7 +16,7 @@ one place that picks among them is :func:`choose_strategy`):
 ``"auto"`` takes ``"decode"`` for a one-row step without gradients, else
 ``"kernel"`` when it is built and takes the tensors, else ``"sdpa-tiles"`` on a
 multi-threaded CPU for at least :data:`SDPA_TILES_MIN_ROWS` query rows, else
-``"gemm-tiles"`` (the measurements behind the choice are in the README).
+``"gemm-tiles"`` (the measurements behind the choice are in docs/kernels.md).
 
 Float16 and bfloat16 inputs are computed in float32 and cast back.
 """

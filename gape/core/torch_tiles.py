@@ -38,7 +38,7 @@ from .reference import phi as _phi
 
 # Query rows per chunk. 64 keeps a [9 heads, 64, 4096] float32 bias tile close to
 # the caches while each fused-attention call still has enough (head, row block)
-# work items for every thread (32 and 128 were slower: README, "The torch backend").
+# work items for every thread (32 and 128 were slower: docs/kernels.md, "The torch backend").
 CHUNK_SIZE = 64
 
 _NEG_INF = float("-inf")

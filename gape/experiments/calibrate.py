@@ -116,14 +116,21 @@ def gate_summary(model) -> dict:
 def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: int | None = None, min_len: int = 256,
               max_len: int = 1024, lr: float = 1e-2, text_fraction: float = 0.5, seed: int = 0, eval_items: int = 4,
               save_every: int = 10, init: str = "identity", gape_config=None, log=print, model_name: str | None = None,
-              tasks=("passkey", "single", "multikey")) -> dict:
+              tasks=("passkey", "single", "multikey"), started: float | None = None, progress: bool = False) -> dict:
     """Train the gates of ``model`` (patched here unless already) and save gates + card under ``out``.
 
-    Returns the card.
+    ``minutes`` bounds the whole run from ``started`` (a ``time.perf_counter()`` value;
+    default: now), so loading the model before the call and both evaluations count:
+    training stops while there is still time for the final evaluation, measured on the
+    first. A resumed run gets what earlier runs of the folder left of the budget.
+    ``progress`` shows a tqdm bar with an ETA. Returns the card.
     """
+    from tqdm.auto import tqdm
+
     from gape import hf
     from gape.hf.config import GapeConfig
 
+    started = time.perf_counter() if started is None else started
     if max_len > 4096:
         raise ValueError(f"max_len must be <= 4096 (inside the model's window), got {max_len}")
     if init not in ("identity", "training-free"):
@@ -165,11 +172,18 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
                              tasks=tasks)
     eval_items_ = [eval_stream.next() for _ in range(eval_items)]
 
+    eval_seconds = [0.0]
+
     def eval_loss() -> float:
+        t0 = time.perf_counter()
         model.eval()
         with torch.no_grad():
-            return sum(float(lm_loss(model, x, y)) for x, y, _ in eval_items_) / max(1, len(eval_items_))
+            loss = sum(float(lm_loss(model, x, y)) for x, y, _ in eval_items_) / max(1, len(eval_items_))
+        eval_seconds[0] = max(eval_seconds[0], time.perf_counter() - t0)
+        return loss
 
+    secs0 = card["seconds"] if card is not None else 0.0
+    deadline = started + minutes * 60 - secs0
     if card is None:
         card = {
             "model": model_name or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF)",
@@ -185,17 +199,30 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
     stream = DataStream(tokenizer, min_len=min_len, max_len=max_len, text_fraction=text_fraction,
                         seed=seed + 1_000_003 * card["steps"], tasks=tasks)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    deadline = time.perf_counter() + minutes * 60 - card["seconds"]
-    t_start, secs0 = time.perf_counter(), card["seconds"]
+    if eval_seconds[0] == 0.0:  # resumed: time the final evaluation's share on one item
+        t0 = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            lm_loss(model, *eval_items_[0][:2])
+        eval_seconds[0] = (time.perf_counter() - t0) * len(eval_items_)
 
     def save() -> None:
-        card["seconds"] = round(secs0 + time.perf_counter() - t_start, 1)
+        card["seconds"] = round(secs0 + time.perf_counter() - started, 1)
         card["gates"] = gate_summary(model)
         hf.save_gates(model, gates_path)
         write_results_json(card_path, card)
 
+    def time_left() -> float:
+        return deadline - time.perf_counter() - eval_seconds[0]
+
+    # the bar counts seconds of the budget (or steps, when --max-steps ends the run first)
+    by_steps = max_steps is not None
+    total = max(0, max_steps - card["steps"]) if by_steps else max(0.0, round(time_left(), 1))
+    bar = tqdm(total=total, desc="calibrate", unit="step" if by_steps else "s", disable=not progress, dynamic_ncols=True)
     model.train()
-    while time.perf_counter() < deadline and (max_steps is None or card["steps"] < max_steps):
+    step_seconds = 0.0
+    while time_left() > step_seconds and (max_steps is None or card["steps"] < max_steps):
+        t_step = time.perf_counter()
         x, y, task = stream.next()
         loss = lm_loss(model, x, y)
         opt.zero_grad(set_to_none=True)
@@ -204,10 +231,18 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
         opt.step()
         card["steps"] += 1
         card["losses"].append([card["steps"], task, x.shape[1], round(loss.item(), 5)])
-        log(f"step {card['steps']:4d}  {task:9s} L={x.shape[1]:5d}  loss {loss.item():.4f}")
+        if progress:
+            bar.set_postfix(step=card["steps"], loss=f"{loss.item():.4f}", refresh=False)
+        else:
+            log(f"step {card['steps']:4d}  {task:9s} L={x.shape[1]:5d}  loss {loss.item():.4f}")
         if card["steps"] % save_every == 0:
             save()
-    card["eval_loss_after"] = eval_loss()
+        step_seconds = time.perf_counter() - t_step  # the next step is about as long as the last
+        bar.update(1 if by_steps else min(bar.total - bar.n, round(step_seconds, 1)))
+    bar.close()
+    # no step taken on fresh gates (the budget went on loading): the loss is the one measured
+    untouched = card["steps"] == 0
+    card["eval_loss_after"] = card["eval_loss_before"] if untouched else eval_loss()
     log(f"eval loss after: {card['eval_loss_after']:.4f}")
     after = weight_hashes(model, gate_ids)
     changed = sorted(k for k in before if before[k] != after.get(k))
@@ -224,25 +259,36 @@ def add_arguments(parser) -> None:
     from gape.tasks.prompts import TASKS
 
     parser.add_argument("--model", type=A.model_path, default=None,
-                        help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", type=A.out_folder, default="calibrated", help="output folder (gates.safetensors, card.json)")
-    parser.add_argument("--minutes", type=A.number(0.0, above=True), default=30.0, help="time budget (default 30)")
-    parser.add_argument("--max-steps", type=A.integer(1), default=None, help="stop after this many steps in total")
-    parser.add_argument("--min-len", type=A.integer(MIN_LEN, MAX_LEN), default=256)
+                        help="model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", type=A.out_folder, default="calibrated",
+                        help="output folder for gates.safetensors and card.json; a rerun resumes it (default calibrated)")
+    parser.add_argument("--minutes", type=A.number(0.0, above=True), default=30.0,
+                        help="time budget of the whole run, loading and both evaluations included, summed over "
+                             "resumed runs (default 30)")
+    parser.add_argument("--max-steps", type=A.integer(1), default=None,
+                        help="stop after this many steps in total (default: no limit, the budget ends the run)")
+    parser.add_argument("--min-len", type=A.integer(MIN_LEN, MAX_LEN), default=256,
+                        help=f"shortest training item in tokens, {MIN_LEN}..{MAX_LEN} (default 256)")
     parser.add_argument("--max-len", type=A.integer(MIN_LEN, MAX_LEN), default=1024,
-                        help=f"<= {MAX_LEN} (inside the model's training window)")
-    parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-2)
+                        help=f"longest training item in tokens, {MIN_LEN}..{MAX_LEN}, inside the model's training window "
+                             "(default 1024)")
+    parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-2, help="AdamW learning rate (default 0.01)")
     parser.add_argument("--text-fraction", type=A.number(0.0, 1.0), default=0.5,
-                        help="share of plain-text items (rest: retrieval)")
+                        help="share of plain-text items, the rest retrieval (default 0.5)")
     parser.add_argument("--tasks", type=A.choice_list(TASKS), default=["passkey", "single", "multikey"],
-                        help="retrieval tasks from gape.tasks.niah (comma-separated)")
+                        help=f"retrieval tasks, comma-separated from {','.join(TASKS)} (default passkey,single,multikey)")
     parser.add_argument("--init", choices=("identity", "training-free"), default="identity",
-                        help="start from identity gates (plain RoPE) or from the training-free setting")
-    parser.add_argument("--alpha-init", type=A.number(0.0), default=0.0, help="initial lambda scale for identity init")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="GAPE attention backend")
-    parser.add_argument("--seed", type=A.seed, default=0)
-    parser.add_argument("--threads", type=A.threads, default=1)
-    parser.add_argument("--save-every", type=A.integer(1), default=10)
+                        help="start from identity gates (plain RoPE) or from the training-free per-head setting "
+                             "(gape.experiments.training_free.apply_training_free) (default identity)")
+    parser.add_argument("--alpha-init", type=A.number(0.0), default=0.0,
+                        help="initial lambda scale alpha of the identity start (default 0: exactly RoPE)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="GAPE attention backend (default auto)")
+    parser.add_argument("--seed", type=A.seed, default=0, help="seed of the data stream and initialisation (default 0)")
+    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--save-every", type=A.integer(1), default=10,
+                        help="save gates and card.json every this many steps (default 10)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="print one line per step instead of a progress bar (default: a bar with an ETA)")
 
 
 def check_arguments(parser, args) -> None:
@@ -261,6 +307,7 @@ def _run_locked(args) -> int:
     from gape.hf import models
     from gape.hf.config import GapeConfig
 
+    started = time.perf_counter()  # the budget counts loading too
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = models.load_model(args.model)
@@ -268,7 +315,7 @@ def _run_locked(args) -> int:
     card = calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
                      max_len=args.max_len, lr=args.lr, text_fraction=args.text_fraction, seed=args.seed, init=args.init,
                      save_every=args.save_every, gape_config=cfg, model_name=args.model,
-                     log=lambda s: print(s, flush=True),
+                     log=lambda s: print(s, flush=True), started=started, progress=not getattr(args, "no_progress", False),
                      tasks=tuple(args.tasks if isinstance(args.tasks, list) else [t for t in args.tasks.split(",") if t]))
     print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
           f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")

@@ -136,18 +136,24 @@ def add_arguments(parser) -> None:
     from gape import _args as A
 
     parser.add_argument("--model", type=A.model_path, default=None,
-                        help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--prompt", default=None, help="prompt text (default: a passkey prompt of --length tokens)")
-    parser.add_argument("--prompt-file", type=A.in_file, default=None, help="read the prompt from this file")
-    parser.add_argument("--length", type=A.integer(64, 1 << 16), default=512, help="length of the default passkey prompt")
+                        help="model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompt", type=A.text, default=None, help="prompt text (default: a pass-key prompt of --length tokens)")
+    parser.add_argument("--prompt-file", type=A.in_file, default=None, help="read the prompt from this file (default: none, see --prompt)")
+    parser.add_argument("--length", type=A.integer(64, 1 << 16), default=512, help="length in tokens of the default pass-key prompt, 64..65536 (default 512)")
     parser.add_argument("--gates", type=A.in_file, default=None,
-                        help="trained gates (gape calibrate); default: training-free setting")
-    parser.add_argument("--lam", type=A.number(0.0), default=None, help="training-free largest lambda")
+                        help="trained gate file (from gape calibrate) (default: the training-free per-head setting, "
+                             "gape.experiments.training_free.apply_training_free)")
+    parser.add_argument("--lam", type=A.number(0.0), default=None, help="largest per-head lambda of the training-free setting (default 0.1)")
     parser.add_argument("--layers", type=A.int_list(), default=None,
-                        help="comma-separated layer indices (default: first, middle, last)")
+                        help="comma-separated layer indices, negative from the end (default: first, middle, last)")
     parser.add_argument("--out", type=A.out_file, default="inspect.png",
-                        help="PNG path (a .json with the numbers is written beside it)")
-    parser.add_argument("--threads", type=A.threads, default=1)
+                        help="PNG path; a .json with the numbers is written beside it (default inspect.png)")
+    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
+
+
+def check_arguments(parser, args) -> None:
+    if args.prompt is not None and args.prompt_file is not None:
+        parser.error("argument --prompt-file: not allowed with --prompt (give one prompt)")
 
 
 def run(args) -> int:

@@ -4,7 +4,7 @@ Tiny Llama models (random init) learn passkey retrieval at training length ``T``
 and are evaluated at ``T, 2T, 4T, 8T`` (``16T`` with ``--full``). Methods:
 
 - ``rope``: plain RoPE (SDPA).
-- ``gape``: RoPE + learned GAPE gates (query gate lambda, key gate pi; GAPE.md).
+- ``gape``: RoPE + learned GAPE gates (query gate lambda, key gate pi; docs/maths.md).
 - ``fixed``: RoPE + a constant forgetting rate lambda and no key gate (pi = 0):
   GAPE without its content-dependent parts.
 
@@ -194,10 +194,11 @@ class LossLog:
 
 
 def train(model, *, steps: int, train_len: int, seed: int, batch: int = 32, lr: float = 1e-3, gate_lr: float | None = None,
-          warmup: int = 50, min_len: int = 32, log_every: int = 100, log=print) -> list[list[float]]:
+          warmup: int = 50, min_len: int = 32, log_every: int = 100, log=print, on_step=None) -> list[list[float]]:
     """Train on passkey batches, one length per batch drawn uniformly from ``min_len..train_len``.
 
-    The data stream depends only on ``seed`` (the same for every method).
+    The data stream depends only on ``seed`` (the same for every method). ``on_step()``,
+    if given, is called after every step (a progress bar's update).
     Returns ``[[step, mean loss over the last log_every steps], ...]``.
     """
     gate_ids = {id(p) for _, g in _gates(model) for p in g.parameters()}
@@ -217,6 +218,8 @@ def train(model, *, steps: int, train_len: int, seed: int, batch: int = 32, lr: 
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup) * g["lr_scale"]
         losses.add(step, optimizer_step(model, opt, answer_loss(model, tokens)))
+        if on_step is not None:
+            on_step()
     model.eval()
     return losses.curve
 
@@ -326,32 +329,33 @@ DEFAULT = dict(train_len=256, steps=1500, samples=200)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small run (T=128, 600 steps, 100 samples): a few minutes")
-    parser.add_argument("--full", action="store_true", help="also evaluate at 16T")
+    parser.add_argument("--quick", action="store_true", help="small run (T=128, 600 steps, 100 samples): a few minutes (default: off)")
+    parser.add_argument("--full", action="store_true", help="also evaluate at 16T (default: off)")
     parser.add_argument("--train-len", type=A.integer(32, A.MAX_TOKENS), default=None, help="training length T (default 256; 128 with --quick)")
     parser.add_argument("--eval-lens", type=A.int_list(MIN_LENGTH, A.MAX_TOKENS), default=None, help="comma-separated evaluation lengths (default T,2T,4T,8T[,16T])")
     parser.add_argument("--steps", type=A.integer(1), default=None, help="training steps (default 1500; 600 with --quick)")
     parser.add_argument("--samples", type=A.integer(1), default=None, help="eval samples per length (default 200; 100 with --quick)")
-    parser.add_argument("--seed", type=A.seed, default=0, help="seed (data, init, eval)")
-    parser.add_argument("--seeds", type=A.integer(1, 1000), default=1, help="number of seeds: seed, seed+1, ...")
-    parser.add_argument("--methods", type=A.choice_list(METHODS), default=list(METHODS), help=f"comma-separated from {METHODS}")
-    parser.add_argument("--alpha", type=A.number(0.0), default=1.0, help="GAPE per-head lambda scale at init (README: the ablations)")
+    parser.add_argument("--seed", type=A.seed, default=0, help="first seed, of the data, initialisation and evaluation (default 0)")
+    parser.add_argument("--seeds", type=A.integer(1, 1000), default=1, help="number of seeds: seed, seed+1, ... (default 1)")
+    parser.add_argument("--methods", type=A.choice_list(METHODS), default=list(METHODS), help=f"comma-separated from {','.join(METHODS)} (default all)")
+    parser.add_argument("--alpha", type=A.number(0.0), default=1.0, help="GAPE per-head lambda scale alpha at init (default 1)")
     parser.add_argument("--fixed-lambda", type=A.number(0.0), default=None, help="lambda of 'fixed' (default: gape's initial lambda, alpha*ln 2)")
     parser.add_argument("--key-bias", type=A.number(), default=-3.0,
-                        help="GAPE key-gate bias at init, pi = sigmoid(key_bias) (README: the ablations)")
+                        help="GAPE key-gate bias at init, pi = sigmoid(key_bias) (default -3)")
     parser.add_argument("--gate-lr", type=A.number(0.0, above=True), default=None, help="learning rate of the gate parameters (default: --lr)")
-    parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-3)
-    parser.add_argument("--batch", type=A.integer(1, 65536), default=32)
+    parser.add_argument("--lr", type=A.number(0.0, above=True), default=1e-3, help="AdamW learning rate (default 0.001)")
+    parser.add_argument("--batch", type=A.integer(1, 65536), default=32, help="training batch size (default 32)")
     parser.add_argument("--theta", type=A.number(0.0, above=True), default=THETA,
                         help="RoPE theta (default 1e6, as in Qwen2/Llama-3-class models; GAPE extrapolated to 8T at 1e6, "
                         "not at 1e4; 100 broke both methods)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="GAPE attention backend for training/eval")
-    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (1 is fastest on a busy machine; README)")
-    parser.add_argument("--out", type=A.out_folder, default="benchmarks/results/synthetic", help="output folder (results.json, accuracy.png)")
-    parser.add_argument("--force", action="store_true", help="discard results in --out made with a different config")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="GAPE attention backend for training and evaluation (default torch)")
+    parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads; 1 is fastest on a busy machine (default 1)")
+    parser.add_argument("--out", type=A.out_folder, default="benchmarks/results/synthetic", help="output folder for results.json and accuracy.png (default benchmarks/results/synthetic)")
+    parser.add_argument("--force", action="store_true", help="discard results in --out made with a different config (default: refuse them)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None, type=A.in_folder_with("results.json"),
                         help="instead of training: merge the runs in DIR/results.json (same experiment, e.g. other "
-                        "seeds run as separate processes) into --out, then re-aggregate")
+                        "seeds run as separate processes) into --out, then re-aggregate (default: train)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
 
 
 def resolve(args) -> dict:
@@ -453,6 +457,8 @@ def run(args) -> int:
 
 
 def _run_locked(args) -> int:
+    from tqdm.auto import tqdm
+
     if args.merge:
         print(table(merge(args.out, args.merge)))
         return 0
@@ -471,22 +477,27 @@ def _run_locked(args) -> int:
     results["config"] = {**config, **_methods_and_seeds(results.get("config", {}), config)}
     results["threads"] = torch.get_num_threads()
     max_len = max(config["eval_lens"] + [config["train_len"]])
+    pending = sum(f"{m}/seed{s}" not in results["runs"] for s in config["seeds"] for m in config["methods"])
+    bar = tqdm(total=pending * config["steps"], desc="synthetic", unit="step", dynamic_ncols=True,
+               disable=getattr(args, "no_progress", False))
+    say = bar.write  # lines go above the bar
     for seed in config["seeds"]:
         for method in config["methods"]:
             key = f"{method}/seed{seed}"
             if key in results["runs"]:
-                print(f"{key}: done (in {path})")
+                say(f"{key}: done (in {path})")
                 continue
-            print(f"{key}: training {config['steps']} steps at T={config['train_len']}")
+            say(f"{key}: training {config['steps']} steps at T={config['train_len']}")
             model = build_model(method, seed, max_len, config["alpha"], config["fixed_lambda"], config["backend"], config["theta"], config.get("key_bias", 0.0))
             t0 = time.perf_counter()
             curve = train(model, steps=config["steps"], train_len=config["train_len"], seed=seed, batch=config["batch"],
-                          lr=config["lr"], gate_lr=config["gate_lr"], warmup=config["warmup"], min_len=config["min_train_len"])
+                          lr=config["lr"], gate_lr=config["gate_lr"], warmup=config["warmup"], min_len=config["min_train_len"],
+                          log=say, on_step=lambda: bar.update(1))
             t1 = time.perf_counter()
             acc, ent = {}, {}
             for L in config["eval_lens"]:
                 acc[str(L)], ent[str(L)] = evaluate(model, L, config["samples"], seed + 10_000)
-                print(f"  eval L={L:6d}: accuracy {acc[str(L)]:.3f}  entropy/layer {[round(e, 3) for e in ent[str(L)]]}")
+                say(f"  eval L={L:6d}: accuracy {acc[str(L)]:.3f}  entropy/layer {[round(e, 3) for e in ent[str(L)]]}")
             t2 = time.perf_counter()
             run_record = {"accuracy": acc, "entropy": ent, "loss_curve": curve, "train_s": t1 - t0, "eval_s": t2 - t1}
             gates = _gate_summary(model)
@@ -497,6 +508,7 @@ def _run_locked(args) -> int:
             aggregate(results)
             write_results_json(path, results)
             plot(results, os.path.join(args.out, "accuracy.png"))
+    bar.close()
     aggregate(results)
     write_results_json(path, results)
     if results["methods"]:

@@ -225,7 +225,7 @@ def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     if gate is None and alibi is None:
         return None
     if gate is None:
-        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (GAPE.md).
+        # ALiBi alone: lambda = the head's slope, pi = 0, linear distance (docs/maths.md).
         pi = key.new_zeros((key.shape[0], key.shape[1], key.shape[2]), dtype=torch.float32)
         return alibi.query_gate(query), pi, "linear", alibi.backend
     config = gate.config

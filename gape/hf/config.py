@@ -25,7 +25,7 @@ from gape.core.reference import DISTANCES
 GATE_PARTS = ("alpha", "query", "key")
 ROPE_LAYOUTS = ("half", "interleaved")
 # "invariant": the project's form (pair norms of post-RoPE q/k, alpha = 0 at start: identity);
-# "paper": the paper's form (pre-RoPE q/k, gamma/w_g/b_g/w_l/b_l; GAPE.md "The paper's form")
+# "paper": the paper's form (pre-RoPE q/k, gamma/w_g/b_g/w_l/b_l; docs/maths.md, "The paper's form")
 GATES = ("invariant", "paper")
 # The paper's plain start (gamma = b = w = 0): lambda = log(2)^2 / T, pi = 1/2 -- gated from step 0.
 PAPER_GAMMA_INIT = 0.0
@@ -41,7 +41,7 @@ class GapeConfig:
         gate: the gate form. ``"invariant"`` (default): the project's gates, read from
             rotation-invariant pair norms of the post-RoPE query and key, with ``alpha_h = 0``
             at start so a patched pretrained model is unchanged. ``"paper"``: the paper's
-            gates, exactly (GAPE.md "The paper's form"): ``lambda = softplus(gamma_h) *
+            gates, exactly (docs/maths.md, "The paper's form"): ``lambda = softplus(gamma_h) *
             softplus(w_g . q + b_g) / T`` and ``pi = sigmoid(w_l . k + b_l)`` from the
             pre-RoPE query and key; linear distance; needs ``train_length``.
         train_length: ``T`` of the paper's form (the training context length), an int > 0;

@@ -221,7 +221,7 @@ def _head_dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class PaperGate(nn.Module):
-    """The paper's gates of one attention layer (GAPE.md "The paper's form (exact)").
+    """The paper's gates of one attention layer (docs/maths.md, "The paper's form").
 
     From the **pre-RoPE** query ``q`` (query head ``h``) and key ``k`` (kv head ``g``),
     head dim ``D`` and training context length ``T``:

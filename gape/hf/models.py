@@ -137,8 +137,37 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str 
 
         return from_pretrained(folder, dtype=dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if gguf_file is not None:
+        model = dense(model)
     model.eval()
     return model, tokenizer
+
+
+def quantization_method(model: torch.nn.Module) -> str | None:
+    """The name of the transformers quantization a model was loaded with (``"gguf"``...), or None."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    method = getattr(quantizer.quantization_config, "quant_method", "unknown")
+    return str(getattr(method, "value", method))
+
+
+def dense(model: torch.nn.Module) -> torch.nn.Module:
+    """A GGUF-loaded model as a plain float model that ``save_pretrained`` and ``.float()`` accept.
+
+    transformers marks a model loaded from a ``.gguf`` as quantized even when it
+    dequantized every weight at load time, and then refuses to save it ("not
+    serializable") or cast it. Where the weights are already plain tensors only the
+    mark is dropped; where some stayed packed in GGUF blocks they are unpacked with
+    ``model.dequantize()``. Other quantizations are returned unchanged.
+    """
+    if quantization_method(model) != "gguf":
+        return model
+    quantizer = model.hf_quantizer
+    if getattr(quantizer, "packed_modules", None):
+        return model.dequantize()
+    quantizer.remove_quantization_config(model)
+    return model
 
 
 def _is_gape_folder(folder: str) -> bool:

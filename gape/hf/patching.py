@@ -323,7 +323,7 @@ def record_gates(model: nn.Module):
     (float32, detached; the last forward pass wins). While recording, the
     identity shortcut is off so the gates are always computed.
 
-    Example:
+    Examples:
         >>> with gape.hf.record_gates(model) as rec:
         ...     model(**batch)
         >>> rec[0]["lambda"].shape

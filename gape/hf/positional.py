@@ -12,7 +12,7 @@ reversibly) to the positional encoding the GAPE paper compares against:
   not rotated) and the others keep their values.
 - ``"alibi"``: ALiBi (Press et al. 2022) with its standard per-head slopes, on NoPE. ALiBi
   is GAPE with a constant per-head ``lambda`` (the slope), ``pi = 0`` and linear distance
-  (GAPE.md), so it runs through GAPE's fused kernels (no bias is materialized). With GAPE
+  (docs/maths.md), so it runs through GAPE's fused kernels (no bias is materialized). With GAPE
   gates on top (``gape.patch``, either gate form, ``distance="linear"``) the slope adds to
   the gate's forgetting rate: ``b = -(m_h + lambda) (1 - pi) delta`` -- the key gate
   protects a landmark from ALiBi's decay too. (The additive ``-m_h delta - lambda (1 - pi)

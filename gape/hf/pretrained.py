@@ -113,6 +113,16 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, *
     base = unwrap(model)
     if not hf.is_patched(base):
         raise ValueError("gape.save_pretrained needs a model patched with gape.patch (use model.save_pretrained otherwise)")
+    from .models import quantization_method
+
+    method = quantization_method(base)
+    if method is not None:
+        raise ValueError(
+            f"gape.save_pretrained cannot save a {method}-quantized model: transformers does not serialize it. "
+            "Load it dense instead (gape.load_model(path) unpacks GGUF weights; for a model from "
+            "AutoModelForCausalLM.from_pretrained(..., gguf_file=...) call model = gape.hf.models.dense(model) "
+            "before gape.patch), or save the gates alone with gape.save_gates(model, 'gates.safetensors')"
+        )
     state = hf._state(base)
     mark(base, state["config"], state["layers"])  # refresh: the config object may have been replaced
     if getattr(base.config, "_attn_implementation", None) != hf.IMPLEMENTATION:

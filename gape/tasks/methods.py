@@ -3,7 +3,8 @@
 ``rope`` is the model as loaded (unpatched SDPA). ``linear``, ``dynamic`` and ``yarn`` are
 transformers' RoPE scaling (see :func:`gape.with_rope_scaling`) with ``rope_factor``.
 ``gape`` patches the model with trained gates (``gates=PATH``, from ``gape calibrate``) or,
-without gates, the training-free default :func:`default_gape_config`: a constant forgetting
+without gates, the constant-rate default :func:`default_gape_config` (not the per-head
+training-free setting of :mod:`gape.experiments.training_free`): a constant forgetting
 rate ``lambda`` on every head, no protection (``pi = 0``), log distance -- a mild,
 content-independent recency bias. ``gape+yarn`` is GAPE on top of YaRN.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 METHODS = ("rope", "gape", "yarn", "dynamic", "linear", "gape+yarn")
 
-# training-free GAPE: bias -lambda * log(1 + distance); at 4k tokens that is about -0.4
+# constant-rate GAPE: bias -lambda * log(1 + distance); at 4k tokens that is about -0.4
 DEFAULT_GAPE_LAMBDA = 0.05
 
 
@@ -48,14 +49,14 @@ def parse_methods(text: str | list[str]) -> list[str]:
 
 
 def default_gape_config(gape_lambda: float = DEFAULT_GAPE_LAMBDA, distance: str = "log"):
-    """The training-free GAPE used when no gate file is given."""
+    """The constant-rate GAPE used when no gate file is given."""
     from gape.hf.config import GapeConfig
 
     return GapeConfig(distance=distance, fixed_lambda=float(gape_lambda), learned_pi=False, trainable=False)
 
 
 def apply_gape(model, options: MethodOptions) -> Callable[[], None]:
-    """Patch ``model`` to GAPE (trained gates or the training-free default); returns the undo."""
+    """Patch ``model`` to GAPE (trained gates or the constant-rate default); returns the undo."""
     import gape
 
     if options.gates is not None:

@@ -13,8 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from . import TASKS_DIR, register
+
+
+def _one_line_errors(parser) -> None:
+    """lm-eval's parse errors as one line naming the flag, like every gape command's."""
+
+    def error(message: str):
+        parser.exit(2, f"gape eval: error: {message} (see gape eval --help)\n")
+
+    parser.error = error
 
 
 def run(argv: list[str]) -> int:
@@ -23,7 +33,7 @@ def run(argv: list[str]) -> int:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        print("gape eval needs lm-evaluation-harness: pip install 'gape[eval]'")
+        print("gape eval: error: lm-evaluation-harness is not installed: pip install 'gape[eval]'", file=sys.stderr)
         return 2
     register()
     from lm_eval._cli import HarnessCLI
@@ -32,6 +42,8 @@ def run(argv: list[str]) -> int:
     argv = list(argv)
     cli = HarnessCLI()
     subcommands = cli._subparsers.choices
+    for parser in (cli._parser, *subcommands.values()):
+        _one_line_errors(parser)
     if not argv:
         cli._parser.print_help()
         print("\n(gape eval: the 'gape' model and the gape_* tasks are available; 'run' is implied)")

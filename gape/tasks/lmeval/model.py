@@ -5,9 +5,9 @@ model_args (``--model_args key=value,...``):
     pretrained   HF folder or .gguf path (default: the embedded SmolLM2-135M-Instruct)
     gguf_file    GGUF file inside ``pretrained``
     method       rope | gape | yarn | dynamic | linear | gape+yarn (default gape)
-    gates        trained gate file for gape (default: the training-free gape of gape niah)
-    gape_lambda  forgetting rate of the training-free gape (default 0.05)
-    distance     log | linear (training-free gape)
+    gates        trained gate file for gape (default: the constant-rate gape of gape niah)
+    gape_lambda  forgetting rate of the constant-rate gape (default 0.05)
+    distance     log | linear (constant-rate gape)
     rope_type    linear | dynamic | yarn: RoPE scaling on top of ``method`` (alias of the
                  method names; ``method=gape,rope_type=yarn`` equals ``method=gape+yarn``)
     rope_factor  RoPE scaling factor (default 2)

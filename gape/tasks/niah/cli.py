@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 from gape import _args as A
@@ -37,30 +38,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"context lengths in tokens, at most {A.MAX_TOKENS} (default {DEFAULTS['lengths']})")
     parser.add_argument("--depths", type=_depths, help=f"needle depths in [0,1] (default {DEFAULTS['depths']})")
     parser.add_argument("--samples", type=A.integer(1, 10_000), help=f"samples per cell (default {DEFAULTS['samples']})")
-    parser.add_argument("--task", choices=TASKS, help="a RULER needle task (default single: one key -> 7-digit number) or passkey (LongLoRA style)")
-    parser.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="repeated noise lines or the bundled essay")
-    parser.add_argument("--model", type=A.model_path, default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
-    parser.add_argument("--gates", type=A.in_file, default=None, help="trained gate file (safetensors from gape calibrate) for the gape methods")
+    parser.add_argument("--task", choices=TASKS, help="a RULER needle task (single: one key -> 7-digit number; multikey; multivalue) or passkey "
+                        "(LongLoRA style) (default single)")
+    parser.add_argument("--haystack", choices=HAYSTACKS, default="noise", help="repeated noise lines or the bundled essay (default noise)")
+    parser.add_argument("--model", type=A.model_path, default=None, help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (default: the folder's only .gguf)")
+    parser.add_argument("--gates", type=A.in_file, default=None, help="trained gate file (safetensors from gape calibrate) for the gape methods (default: none, "
+                        "the constant-rate gape of --gape-lambda)")
     parser.add_argument(
         "--gape-lambda",
         type=A.number(0.0, 100.0),
         default=DEFAULT_GAPE_LAMBDA,
-        help=f"training-free gape without --gates: constant forgetting rate lambda on every head (default {DEFAULT_GAPE_LAMBDA})",
+        help=f"constant-rate gape (no --gates): the forgetting rate lambda of every head, pi = 0 "
+        f"(default {DEFAULT_GAPE_LAMBDA})",
     )
-    parser.add_argument("--distance", choices=("log", "linear"), default="log", help="GAPE distance transform (training-free gape)")
+    parser.add_argument("--distance", choices=("log", "linear"), default="log", help="distance of the constant-rate gape: log(1 + d) or d (default log)")
     parser.add_argument("--rope-factor", type=A.number(1.0, 1024.0), default=2.0, help="factor for yarn/dynamic/linear and gape+yarn (default 2)")
     parser.add_argument("--out", type=A.out_folder, default=None, help="output folder (default niah_results, or niah_quick with --quick)")
-    parser.add_argument("--seed", type=A.seed, default=0)
+    parser.add_argument("--seed", type=A.seed, default=0, help="seed of the needles and haystacks (default 0)")
     parser.add_argument("--max-new-tokens", type=A.integer(1, 4096), help=f"greedy tokens per answer (default {DEFAULTS['max_new_tokens']})")
     parser.add_argument("--threads", type=A.threads, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even when the model has a chat template")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even when the model has a chat template (default: the template when there is one)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
     parser.add_argument(
         "--quick",
         action="store_true",
         help="a few-minute run on the embedded model: task single, rope,gape at 1024,2048 tokens, depths 0,0.5,1, 1 sample "
-        "(flags given explicitly still win)",
+        "(flags given explicitly still win) (default: off)",
     )
 
 
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         cfg.validate()
     except (ValueError, argparse.ArgumentTypeError) as err:
-        print(f"gape niah: error: {err}")
+        print(f"gape niah: error: {err}", file=sys.stderr)
         return 2
     set_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_benchmark(cfg, progress=not args.no_progress)
     except (RunMismatchError, A.UsageError, FolderLockedError) as err:
-        print(f"gape niah: error: {err}")
+        print(f"gape niah: error: {err}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"results in {os.path.abspath(cfg.out)} ({time.perf_counter() - start:.0f} s)")
