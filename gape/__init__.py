@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from . import _checkout, _moved
 
 _checkout.install()  # before anything imports gape.kernels or gape.patches
-_moved.install()  # the earlier flat module paths (gape.hf.models, gape.core.ops, ...) stay importable
+_moved.install()  # the earlier flat module paths (gape.models, gape.ops, ...) stay importable
 
 from .core.api import BACKENDS, attention, attention_varlen  # noqa: E402
 
