@@ -17,6 +17,16 @@ backend keeps its pure-PyTorch tiles.
 
 The backward (:func:`attention_backward`) is FlashAttention-2's with the same
 bias recomputed in registers, from the forward's output and log-sum-exp.
+
+bfloat16 and float16 inputs are read in place (no float32 copy of q/k/v) and
+computed in float32 (softmax, bias, gate reductions, accumulators, the output
+and the gradients). Their ``Q K^T`` and ``P V`` products (and the backward's
+four) either run on the half-precision operands with float32 accumulation
+(MKL's ``gemm_bf16bf16f32`` / ``gemm_f16f16f32``), where the CPU multiplies
+that type natively (:func:`native_half`: AVX512-BF16 or AMX for bfloat16,
+AVX512-FP16 or AMX-FP16 for float16), or widen each operand block to float32
+for SGEMM elsewhere, where half-precision products would be emulated and
+slower. :func:`half_dot` decides per call; ``GAPE_CPU_DOT`` overrides it.
 """
 
 from __future__ import annotations
@@ -50,6 +60,69 @@ _ISA_FLAGS = {
     "DEFAULT": [],
 }
 _INT32_MAX = 2**31 - 1
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+ENV_DOT = "GAPE_CPU_DOT"  # "auto" (default), "half" (half-precision products) or "float" (widen to float32)
+_DOT_CHOICES = ("auto", "half", "float")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernel's compute (and output, lse, gradient) dtype for inputs of ``dtype``."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+@functools.cache
+def _cpu_flags() -> frozenset:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bfloat16, float16) matrices in hardware:
+    AVX512-BF16 or AMX-BF16 for bfloat16, AVX512-FP16 or AMX-FP16 for float16."""
+    flags = _cpu_flags()
+    if dtype == torch.bfloat16:
+        return bool({"avx512_bf16", "amx_bf16"} & flags) or torch.cpu._is_avx512_bf16_supported()
+    if dtype == torch.float16:
+        return bool({"avx512_fp16", "amx_fp16"} & flags) or torch.cpu._is_amx_fp16_supported()
+    return False
+
+
+def half_gemm_linked(dtype: torch.dtype) -> bool:
+    """Whether torch's BLAS has the ``dtype x dtype -> float32`` GEMM (MKL does; needs the kernel loaded)."""
+    if dtype not in HALF_DTYPES or not available():
+        return False
+    bits = int(torch.ops.gape.cpu_attention_half_gemms())
+    return bool(bits & (1 if dtype == torch.bfloat16 else 2))
+
+
+def half_dot(dtype: torch.dtype, dot: bool | None = None) -> bool:
+    """Whether a call on ``dtype`` inputs takes half-precision products (True) or widens its
+    operand blocks to float32 (False). ``dot`` None: :data:`ENV_DOT` if set, else "auto"
+    (native hardware and a linked GEMM). True where impossible raises ValueError."""
+    if dtype not in HALF_DTYPES:
+        if dot:
+            raise ValueError(f"dot=True takes bfloat16 or float16 inputs, got {dtype}")
+        return False
+    if dot is None:
+        choice = os.environ.get(ENV_DOT, "auto").strip().lower() or "auto"
+        if choice not in _DOT_CHOICES:
+            raise ValueError(f"{ENV_DOT} must be one of {_DOT_CHOICES}, got {choice!r}")
+        if choice == "float":
+            return False
+        if choice == "auto":
+            return native_half(dtype) and half_gemm_linked(dtype)
+        dot = True
+    if dot and not half_gemm_linked(dtype):
+        raise ValueError(f"half-precision products for {dtype} need a BLAS with that GEMM (MKL); this torch has none")
+    return bool(dot)
 
 
 def capability() -> str:
@@ -133,8 +206,8 @@ def unavailable_reason() -> str | None:
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`attention_forward` can take these tensors once cast to
-    float32/float64: CPU tensors whose lengths and row strides fit BLAS's int32."""
+    """Whether :func:`attention_forward` can take these tensors (float32, float64,
+    bfloat16 or float16): CPU tensors whose lengths and row strides fit BLAS's int32."""
     if not (query.device.type == key.device.type == value.device.type == "cpu"):
         return False
     longest = max(query.shape[2], key.shape[2], query.stride(2), key.stride(2), value.stride(2))
@@ -216,7 +289,7 @@ def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_ca
              phi_zero):
     b, hq, lq, _ = query.shape
     lk = key.shape[2]
-    dt = query.dtype
+    dt = compute_dtype(query.dtype)
     query, key, value = (blas_rows(t) for t in (query, key, value))
     query_gate = query_gate.to(dt).contiguous()
     keep = keep.to(dt).contiguous()
@@ -261,6 +334,7 @@ def attention_forward(
     delta_lo: int | None = None,
     delta_hi: int | None = None,
     phi_zero: int | None = None,
+    dot: bool | None = None,
 ):
     """GAPE attention forward on validated CPU tensors of one floating dtype.
 
@@ -285,28 +359,32 @@ def attention_forward(
             (the bottom-right table ``phi(delta(i, j)) = phi_reversed[Lq - 1 - i + j]``).
         out: optional ``[B, Hq, Lq, Dv]`` buffer of the query dtype with a contiguous last
             dim, any other strides (e.g. a transposed ``[B, Lq, Hq, Dv]``): the kernel writes
-            there, so a caller that needs another layout pays no copy.
+            there, so a caller that needs another layout pays no copy. Of the compute dtype
+            (:func:`compute_dtype`: float32 for bfloat16/float16 inputs).
+        dot: half-precision products for bfloat16/float16 inputs (:func:`half_dot`; None: auto).
 
     Returns:
-        ``[B, Hq, Lq, Dv]`` (``out`` when given, else contiguous); rows with no allowed key are zeros. With
-        ``return_lse``, ``(out, lse)``.
+        ``[B, Hq, Lq, Dv]`` in the compute dtype (``out`` when given, else contiguous); rows with no
+        allowed key are zeros. With ``return_lse``, ``(out, lse)``.
     """
     b, hq, lq, _ = query.shape
     dv = value.shape[3]
     query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
+    cdt = compute_dtype(query.dtype)
     if out is None:
-        out = torch.empty(b, hq, lq, dv, dtype=query.dtype)
-    elif tuple(out.shape) != (b, hq, lq, dv) or out.dtype != query.dtype or out.stride(-1) != 1:
+        out = torch.empty(b, hq, lq, dv, dtype=cdt)
+    elif tuple(out.shape) != (b, hq, lq, dv) or out.dtype != cdt or out.stride(-1) != 1:
         raise ValueError(
-            f"out must be [B, Hq, Lq, Dv] = {(b, hq, lq, dv)} of {query.dtype} with a contiguous last dim, "
+            f"out must be [B, Hq, Lq, Dv] = {(b, hq, lq, dv)} of {cdt} with a contiguous last dim, "
             f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}"
         )
-    lse = torch.empty(b, hq, lq, dtype=query.dtype) if return_lse else None
+    lse = torch.empty(b, hq, lq, dtype=cdt) if return_lse else None
     torch.ops.gape.cpu_attention_fwd(
         query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, out, lse,
         float(scale), _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
+        half_dot(query.dtype, dot),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -329,6 +407,7 @@ def attention_backward(
     delta_lo: int | None = None,
     delta_hi: int | None = None,
     phi_zero: int | None = None,
+    dot: bool | None = None,
 ):
     """Gradients ``(d query, d key, d value, d query_gate, d pi)`` of :func:`attention_forward`
     (``d pi`` with respect to the key gate ``pi = 1 - keep``, what callers train).
@@ -337,16 +416,17 @@ def attention_backward(
     with the GAPE bias recomputed in registers: one pass per (batch, query head);
     ``d key``, ``d value`` and ``d pi`` are accumulated per query head and
     summed over each GQA group here. Positions as :func:`attention_forward`;
-    gradients of rows and keys outside every segment are zero.
+    gradients of rows and keys outside every segment are zero. The gradients are in the
+    compute dtype (float32 for bfloat16/float16 inputs; ``grad_out`` is read in the input dtype).
     """
     b, hq, lq, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
-    dt = query.dtype
+    dt = compute_dtype(query.dtype)
     query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
-    grad_out = blas_rows(grad_out.to(dt))
-    delta = (grad_out * out).sum(-1).contiguous()  # rowsum(dO * O)
+    grad_out = blas_rows(grad_out.to(query.dtype))
+    delta = (grad_out.to(dt) * out).sum(-1).contiguous()  # rowsum(dO * O)
     dq = torch.zeros(b, hq, lq, d, dtype=dt)
     dk_h = torch.zeros(b, hq, lk, d, dtype=dt)
     dv_h = torch.zeros(b, hq, lk, dv, dtype=dt)
@@ -355,7 +435,7 @@ def attention_backward(
     torch.ops.gape.cpu_attention_bwd(
         query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, grad_out,
         lse.contiguous(), delta, dq, dk_h, dv_h, dlam, dpi_h, float(scale),
-        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
+        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK, half_dot(query.dtype, dot),
     )  # fmt: skip
     rep = hq // hkv
     dk = dk_h.view(b, hkv, rep, lk, d).sum(2)
