@@ -203,7 +203,12 @@ def torch_attention(
     int64 ``[B]`` tensor) and ``window`` (``(left, right)`` or None) as in
     :func:`gape.attention`.
     """
-    if not torch.compiler.is_compiling():  # a traced decode step keeps its offset a tensor
+    if torch.compiler.is_compiling():
+        if strategy in ("auto", "kernel") and query.device.type == "cpu" and attention_cpu.compiled_kernel_ready():
+            # one opaque op with a fake implementation: the compiled graph calls the kernel
+            return attention_cpu.fused_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale,
+                                                 distance, query_offset=query_offset, window=window)
+    else:  # a traced decode step keeps its offset a tensor
         query_offset = _uniform(query_offset)
     if isinstance(query_offset, int) and query_offset == key.shape[2] - query.shape[2]:
         query_offset = None  # the bottom-right default: keep its fast paths

@@ -443,3 +443,98 @@ def attention_backward(
     # d pi_h holds sum_i dS lambda phi = d/d pi
     dpi = dpi_h.view(b, hkv, rep, lk).sum(2)
     return dq, dk, dvv, dlam, dpi
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the kernel as functional custom ops with fake (shape-only) implementations, so
+# a compiled graph calls the kernel itself (memory linear in L) instead of tracing a formulation
+# that materialises the [Lq, Lk] scores. The ops' bodies run eagerly (position tables, phi
+# table, the C++ call); autograd is registered on the forward op.
+
+
+def _offset_args(query_offset) -> tuple[int | None, torch.Tensor | None]:
+    if isinstance(query_offset, torch.Tensor):
+        return None, query_offset
+    return (None if query_offset is None else int(query_offset)), None
+
+
+def _positions(query, key, is_causal, offset_int, offset_tensor, window):
+    from gape.torch_backend import _kernel_positions
+
+    offset = offset_tensor if offset_tensor is not None else offset_int
+    return _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, offset,
+                             None if window is None else tuple(window))
+
+
+@torch.library.custom_op("gape::cpu_attention_fused", mutates_args=(), device_types="cpu")
+def _fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_gate: torch.Tensor,
+               key_gate: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, distance: str,
+               offset_int: int | None, offset_tensor: torch.Tensor | None,
+               window: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from gape.torch_backend import _kernel_forward
+
+    pos = _positions(query, key, is_causal, offset_int, offset_tensor, window)
+    return _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True, pos)
+
+
+@_fused_fwd.register_fake
+def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, offset_int, offset_tensor,
+      window):
+    b, hq, lq, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
+    cdt = compute_dtype(query.dtype)
+    # the same strides as the real output: [B, Lq, Hq, Dv] storage seen as [B, Hq, Lq, Dv]
+    out = query.new_empty(b, lq, hq, dv, dtype=cdt).transpose(1, 2)
+    return out, query.new_empty(b, hq, lq, dtype=cdt)
+
+
+@torch.library.custom_op("gape::cpu_attention_fused_bwd", mutates_args=(), device_types="cpu")
+def _fused_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_gate: torch.Tensor,
+               key_gate: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, distance: str,
+               offset_int: int | None, offset_tensor: torch.Tensor | None, window: list[int] | None,
+               out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    from gape.torch_backend import _kernel_backward
+
+    pos = _positions(query, key, is_causal, offset_int, offset_tensor, window)
+    grads = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, out, lse,
+                             grad_out, pos)
+    return [g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value, query_gate, key_gate))]
+
+
+@_fused_bwd.register_fake
+def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, offset_int, offset_tensor,
+      window, out, lse, grad_out):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (query, key, value, query_gate, key_gate)]
+
+
+def _fused_setup(ctx, inputs, output):
+    query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t, window = inputs
+    ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, off_t, *output)
+    ctx.args = (is_causal, scale, distance, off_i, window)
+
+
+def _fused_backward(ctx, grad_out, grad_lse):
+    query, key, value, query_gate, key_gate, attn_mask, off_t, out, lse = ctx.saved_tensors
+    is_causal, scale, distance, off_i, window = ctx.args
+    grads = _fused_bwd(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t,
+                       window, out, lse, grad_out.to(query.dtype))
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+@torch.compiler.assume_constant_result
+def compiled_kernel_ready() -> bool:
+    """:func:`available`, evaluated once while torch.compile traces (a constant of the graph)."""
+    return available()
+
+
+def fused_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, *,
+                    query_offset=None, window=None) -> torch.Tensor:
+    """The torch backend's kernel path as one opaque op (what a compiled graph calls):
+    arguments as :func:`gape.torch_backend.torch_attention`, output in the query dtype."""
+    off_i, off_t = _offset_args(query_offset)
+    out, _ = _fused_fwd(query, key, value, query_gate, key_gate, attn_mask, bool(is_causal), float(scale), distance,
+                        off_i, off_t, None if window is None else [int(w) for w in window])
+    return out.to(query.dtype)

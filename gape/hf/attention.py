@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import api, compat, pretrained
 from ..gates import PaperGate
+from ..kernels import attention_cpu
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION
 from .decode import _cache_layer_types, _key_gate_at_decode, layer_state, paper_gates
 
@@ -78,10 +79,10 @@ def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance
             fn = api.select(backend, q, q, v, is_causal=is_causal, distance=distance)
         except ValueError as e:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
-        if compiling and fn.name == "torch":
-            # The torch backend's C++ op has no fake kernel and its tiles write into
-            # preallocated buffers, which inductor cannot lower; the reference
-            # formulation (plain tensor ops, scores materialised) traces and fuses.
+        if compiling and fn.name == "torch" and not (device.type == "cpu" and attention_cpu.compiled_kernel_ready()):
+            # The torch backend's tiles write into preallocated buffers, which inductor
+            # cannot lower; without the C++ kernel (whose ops have fake implementations)
+            # the reference formulation (plain tensor ops, scores materialised) traces.
             fn = api.Selection("reference", api._load("reference"))
         _BACKEND_FNS[key] = fn
     return fn
