@@ -243,6 +243,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=A.seed, default=0)
     parser.add_argument("--threads", type=A.threads, default=1)
     parser.add_argument("--save-every", type=A.integer(1), default=10)
+    A.add_dtype(parser, "forward and backward computation (float32 master weights and gates; "
+                "bfloat16/float16 run under torch.autocast)")
 
 
 def check_arguments(parser, args) -> None:
@@ -258,6 +260,7 @@ def run(args) -> int:
 
 
 def _run_locked(args) -> int:
+    from . import _args as A
     from . import models
     from .config import GapeConfig
 
@@ -265,11 +268,19 @@ def _run_locked(args) -> int:
     torch.manual_seed(args.seed)
     model, tok = models.load_model(args.model)
     cfg = GapeConfig(alpha_init=args.alpha_init, backend=args.backend, identity_shortcut=False)
-    card = calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
+    # The weights and the trained gates stay float32 (the optimizer's master copy); a lower
+    # --dtype computes the matrix products under autocast, as a user's training would.
+    low = args.dtype != "float32"
+    with torch.autocast("cpu", dtype=A.torch_dtype(args.dtype), enabled=low):
+        card = _calibrate_from_args(model, tok, args, cfg)
+    print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
+          f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")
+    return 0
+
+
+def _calibrate_from_args(model, tok, args, cfg):
+    return calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
                      max_len=args.max_len, lr=args.lr, text_fraction=args.text_fraction, seed=args.seed, init=args.init,
                      save_every=args.save_every, gape_config=cfg, model_name=args.model,
                      log=lambda s: print(s, flush=True),
                      tasks=tuple(args.tasks if isinstance(args.tasks, list) else [t for t in args.tasks.split(",") if t]))
-    print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
-          f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")
-    return 0

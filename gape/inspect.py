@@ -148,13 +148,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=A.out_file, default="inspect.png",
                         help="PNG path (a .json with the numbers is written beside it)")
     parser.add_argument("--threads", type=A.threads, default=1)
+    A.add_dtype(parser)
 
 
 def run(args) -> int:
+    from . import _args as A
     from . import models
 
     set_threads(args.threads)
-    model, tok = models.load_model(args.model)
+    model, tok = models.load_model(args.model, dtype=A.torch_dtype(args.dtype))
     if args.prompt_file:
         with open(args.prompt_file) as f:
             text = f.read()
