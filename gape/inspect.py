@@ -156,7 +156,7 @@ def run(args) -> int:
     from . import models
 
     set_threads(args.threads)
-    model, tok = models.load_model(args.model, dtype=A.torch_dtype(args.dtype))
+    model, tok = models.load_model(args.model, dtype=A.torch_dtype(getattr(args, "dtype", "float32")))
     if args.prompt_file:
         with open(args.prompt_file) as f:
             text = f.read()

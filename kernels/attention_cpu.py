@@ -27,6 +27,12 @@ that type natively (:func:`native_half`: AVX512-BF16 or AMX for bfloat16,
 AVX512-FP16 or AMX-FP16 for float16), or widen each operand block to float32
 for SGEMM elsewhere, where half-precision products would be emulated and
 slower. :func:`half_dot` decides per call; ``GAPE_CPU_DOT`` overrides it.
+
+Under ``torch.compile`` the kernel runs as the functional custom ops
+``gape::cpu_attention_fused`` and ``gape::cpu_attention_fused_bwd`` (fake
+implementations give their shapes; autograd is registered on the first), so a
+compiled graph calls it as one opaque op and its memory stays linear in L
+(:func:`fused_attention`; docs/kernels.md).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model,
         gguf_file=args.gguf_file,
         chat_template=False if args.no_chat_template else None,
-        dtype=args.dtype,
+        dtype=getattr(args, "dtype", "float32"),
     )
 
 
