@@ -7,6 +7,10 @@ Providers (B=1, 9 query / 3 kv heads, D=64, causal by default):
                    when built, as ``auto`` runs it)
 - ``torch-tiles``  the same backend with the C++ kernel switched off: its
                    pure-PyTorch tiles (what runs without a compiler)
+- ``torch-half-dot`` / ``torch-float-dot``  bfloat16/float16 only: the C++ kernel
+                   with its products forced onto half-precision operands (MKL's
+                   ``gemm_bf16bf16f32``) or onto operands widened to float32
+                   (``torch`` takes whichever the CPU's arithmetic favours)
 - ``sdpa``         gape's sdpa backend (augmented channels), distance="linear"
 - ``materialized`` SDPA with a materialized float GAPE bias (built every call)
 - ``flex``         ``torch.compile(flex_attention)`` with a GAPE ``score_mod`` and a
@@ -15,6 +19,11 @@ Providers (B=1, 9 query / 3 kv heads, D=64, causal by default):
 ``ratio_to_floor`` divides a provider's median by the median of floor calls
 timed alternately with it in the same subprocess (``--no-interleave``: by the
 floor's own row), so a shared machine's load drifting between runs cancels.
+``gflops`` counts the causal matrix products (backward = 2.5x forward), and
+``gemm_peak_gflops`` is the best of ``torch.matmul`` on 1024^3 matrices of the
+row's dtype timed in the same subprocess before and after the provider;
+``fraction_of_gemm_peak`` is their ratio. ``kernel_products`` says which form the
+C++ kernel's products took (``float32``, ``half`` operands, or ``-``).
 
 Every (provider, pass, L) runs in its own subprocess, so peak memory is honest:
 the subprocess resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
@@ -22,7 +31,7 @@ just before the first measured call and reports ``VmHWM - VmRSS`` (extra
 resident memory at the peak) on the CPU, or ``torch.cuda.max_memory_allocated``
 growth on CUDA. Eager providers are measured on their first call; ``flex`` after
 its compile warm-up. Rows are appended to
-``benchmarks/results/bench_attention_<date>.csv`` one at a time (rewrite to a
+``benchmarks/results/bench_attention/<date>.csv`` one at a time (rewrite to a
 temporary file + ``os.replace``), so an interrupted run loses nothing, and a
 rerun skips rows already there unless ``--force``.
 
@@ -47,11 +56,12 @@ from pathlib import Path
 from gape._io import write_csv_atomic
 from gape._machine import cpu_model
 
-PROVIDERS = ("floor", "torch", "torch-tiles", "sdpa", "materialized", "flex")
+PROVIDERS = ("floor", "torch", "torch-tiles", "torch-half-dot", "torch-float-dot", "sdpa", "materialized", "flex")
 PASSES = ("fwd", "fwd+bwd")
 FIELDS = (
     "provider", "pass", "L", "dtype", "device", "threads", "median_s", "p20_s", "p80_s", "repeats",
-    "peak_mem_mb", "ratio_to_floor", "floor_median_same_process_s", "tflops", "distance", "omp_wait_policy", "load_avg_1m",
+    "peak_mem_mb", "ratio_to_floor", "floor_median_same_process_s", "tflops", "gflops", "gemm_peak_gflops",
+    "fraction_of_gemm_peak", "kernel_products", "distance", "omp_wait_policy", "load_avg_1m",
     "torch_version", "cpu_model", "date", "error",
 )  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -116,6 +126,11 @@ def _setup(provider: str, L: int, dtype, device: str, need_grad: bool):
         return leaves, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     if provider == "torch":
         return leaves, lambda: gape.attention(q, k, v, lam, pi, distance="log", backend="torch")
+    if provider in ("torch-half-dot", "torch-float-dot"):
+        from gape.kernels import attention_cpu
+
+        os.environ[attention_cpu.ENV_DOT] = provider.split("-")[1]  # this worker process only
+        return leaves, lambda: gape.attention(q, k, v, lam, pi, distance="log", backend="torch")
     if provider == "torch-tiles":
         from gape.kernels import attention_cpu
 
@@ -152,6 +167,30 @@ def _setup(provider: str, L: int, dtype, device: str, need_grad: bool):
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
+def gemm_peak_gflops(dtype, n: int = 1024, repeats: int = 3) -> float:
+    """The best GFLOP/s of ``torch.matmul`` on ``n x n`` matrices of ``dtype`` (CPU)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _kernel_products(provider: str, dtype) -> str:
+    if provider not in ("torch", "torch-half-dot", "torch-float-dot"):
+        return "-"
+    from gape.kernels import attention_cpu
+
+    if not attention_cpu.available():
+        return "-"
+    return "half" if attention_cpu.half_dot(dtype) else "float32"
+
+
 def worker(spec: dict) -> dict:
     import torch
 
@@ -177,6 +216,7 @@ def worker(spec: dict) -> dict:
         sync()
         return time.perf_counter() - t0
 
+    peaks = [gemm_peak_gflops(dtype)] if device == "cpu" else []
     if spec["provider"] == "flex":
         timed(fn, leaves)  # compile outside the measurement
     reset, read = _mem_probe(device)
@@ -197,7 +237,10 @@ def worker(spec: dict) -> dict:
         floor_times.append(timed(floor[1], floor[0]))
         floor_times = floor_times[1:]
     times = times[1:]
-    return {"times": times, "peak_mem_mb": peak, "floor_times": floor_times}
+    if device == "cpu":
+        peaks.append(gemm_peak_gflops(dtype))
+    return {"times": times, "peak_mem_mb": peak, "floor_times": floor_times, "gemm_peak_gflops": max(peaks, default=None),
+            "kernel_products": _kernel_products(spec["provider"], dtype)}
 
 
 # --------------------------------------------------------------------------- driver
@@ -286,7 +329,7 @@ def main(argv=None) -> int:
     import torch
 
     date = _dt.date.today().isoformat()
-    out = args.out or RESULTS / f"bench_attention_{date}.csv"
+    out = args.out or RESULTS / "bench_attention" / f"{date}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {} if args.force else _done(out)
     common = dict(
@@ -326,7 +369,11 @@ def main(argv=None) -> int:
                     row.update(
                         median_s=f"{med:.4f}", p20_s=f"{_quantile(ts, 0.2):.4f}", p80_s=f"{_quantile(ts, 0.8):.4f}",
                         repeats=len(ts), peak_mem_mb=f"{res['peak_mem_mb']:.1f}", tflops=f"{_flops(L, passes) / med / 1e12:.4f}",
+                        gflops=f"{_flops(L, passes) / med / 1e9:.1f}", kernel_products=res.get("kernel_products", "-"),
                     )  # fmt: skip
+                    if res.get("gemm_peak_gflops"):
+                        row["gemm_peak_gflops"] = f"{res['gemm_peak_gflops']:.1f}"
+                        row["fraction_of_gemm_peak"] = f"{_flops(L, passes) / med / 1e9 / res['gemm_peak_gflops']:.3f}"
                     if provider == "floor":
                         floor_median = med
                     if res.get("floor_times"):
@@ -344,11 +391,13 @@ def main(argv=None) -> int:
 
 
 def _print_table(rows) -> None:
-    print(f"\n{'provider':13s} {'pass':8s} {'L':>6s} {'median s':>9s} {'x floor':>8s} {'peak MB':>8s}  error")
+    print(f"\n{'provider':15s} {'pass':8s} {'L':>6s} {'dtype':>8s} {'median s':>9s} {'x floor':>8s} {'GFLOP/s':>8s} "
+          f"{'of GEMM':>8s} {'peak MB':>8s}  error")
     for r in rows:
         print(
-            f"{r['provider']:13s} {r['pass']:8s} {r['L']:>6s} {r.get('median_s', ''):>9s} "
-            f"{r.get('ratio_to_floor', ''):>8s} {r.get('peak_mem_mb', ''):>8s}  {r.get('error', '')[:60]}"
+            f"{r['provider']:15s} {r['pass']:8s} {r['L']:>6s} {r.get('dtype', ''):>8s} {r.get('median_s', ''):>9s} "
+            f"{r.get('ratio_to_floor', ''):>8s} {r.get('gflops', ''):>8s} {r.get('fraction_of_gemm_peak', ''):>8s} "
+            f"{r.get('peak_mem_mb', ''):>8s}  {r.get('error', '')[:60]}"
         )
 
 

@@ -161,3 +161,22 @@ def in_folder_with(name: str):
 
 threads = integer(1, 4096)
 seed = integer(0, 2**63 - 1)
+
+
+# The model dtypes the commands take (``--dtype``). float32 stays the default: bfloat16
+# runs at float32 speed or slower on a CPU without AVX512-BF16 / AMX (docs/kernels.md).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype(parser, what: str = "model parameters and activations") -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help=f"dtype of the {what} (default float32; bfloat16 is fast only where the CPU has "
+                             "AVX512-BF16 or AMX)")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)

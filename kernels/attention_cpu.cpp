@@ -13,7 +13,18 @@
 // call allows the signed distances [dlo, dhi] (causal rule, local window), so key
 // blocks outside a block's window are never visited. Built at first use by
 // gape/kernels/attention_cpu.py;
-// the math is docs/maths.md and the oracle gape.reference.
+// the math is docs/maths.md and the oracle gape.core.reference.
+//
+// Storage and compute types: float and double inputs are computed in their own type.
+// bfloat16 and float16 inputs are read in place and computed in float (softmax, bias,
+// gate reductions, accumulators); their two products per block take one of two forms,
+// chosen per call (the `dot` argument, see gape/kernels/attention_cpu.py):
+//  - dot = 1: the products run on the half-precision operands with float accumulation
+//    (MKL's gemm_bf16bf16f32 / gemm_f16f16f32: AVX512-BF16, AVX512-FP16 or AMX where
+//    the CPU has them); the probabilities P and dS are rounded to the input type first,
+//    as every flash attention does.
+//  - dot = 0: the operand blocks are widened to float and the products are SGEMMs, for
+//    CPUs without half-precision arithmetic (there MKL would widen them anyway, slower).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -21,7 +32,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // The Fortran BLAS that libtorch_cpu exports (MKL on x86 wheels).
@@ -30,6 +43,13 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*);
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*);
+// MKL's mixed-precision GEMMs (half-precision operands, float C); weak, so a BLAS
+// without them (an OpenBLAS build of torch) still loads the kernel: dot = 1 is then refused.
+void gemm_bf16bf16f32_(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                       const int*, const uint16_t*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void gemm_f16f16f32_(const char*, const char*, const int*, const int*, const int*, const float*, const uint16_t*,
+                     const int*, const uint16_t*, const int*, const float*, float*, const int*) __attribute__((weak));
 }
 
 namespace {
@@ -44,6 +64,52 @@ inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float
 inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
                  int ldb, double beta, double* c, int ldc) {
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const c10::BFloat16* a, int lda,
+                 const c10::BFloat16* b, int ldb, float beta, float* c, int ldc) {
+  gemm_bf16bf16f32_(&ta, &tb, &m, &n, &k, &alpha, reinterpret_cast<const uint16_t*>(a), &lda,
+                    reinterpret_cast<const uint16_t*>(b), &ldb, &beta, c, &ldc);
+}
+inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const c10::Half* a, int lda, const c10::Half* b,
+                 int ldb, float beta, float* c, int ldc) {
+  gemm_f16f16f32_(&ta, &tb, &m, &n, &k, &alpha, reinterpret_cast<const uint16_t*>(a), &lda,
+                  reinterpret_cast<const uint16_t*>(b), &ldb, &beta, c, &ldc);
+}
+
+// dst[0, n) = src[0, n) in another floating type.
+template <typename S, typename G>
+inline void convert_row(const S* src, G* dst, int64_t n) {
+  if constexpr (std::is_same_v<G, float> && (std::is_same_v<S, c10::BFloat16> || std::is_same_v<S, c10::Half>)) {
+    using VS = Vectorized<S>;
+    constexpr int64_t W = VS::size();
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      auto [lo, hi] = at::vec::convert_to_float<S>(VS::loadu(src + c));
+      lo.store(dst + c);
+      hi.store(dst + c + W / 2);
+    }
+    for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// A GEMM operand of type G: `rows` rows of `cols` entries at `src` (row stride ld) are used in
+// place when already of type G, else converted into `buf` (packed, row stride cols).
+template <typename G>
+struct Operand {
+  const G* p;
+  int64_t ld;
+};
+template <typename G, typename S>
+inline Operand<G> operand(const S* src, int64_t rows, int64_t cols, int64_t ld, std::vector<G>& buf) {
+  if constexpr (std::is_same_v<G, S>) {
+    return {src, ld};
+  } else {
+    if (static_cast<int64_t>(buf.size()) < rows * cols) buf.resize(rows * cols);
+    for (int64_t r = 0; r < rows; ++r) convert_row(src + r * ld, buf.data() + r * cols, cols);
+    return {buf.data(), cols};
+  }
 }
 
 // exp_u20 is PyTorch's own fast float exp (used by its CPU flash attention);
@@ -65,14 +131,15 @@ struct Segment {
   int64_t b, q0, nq, k0, nk, off;
 };
 
-// Everything about one call that the forward and the backward share.
-template <typename T>
+// Everything about one call that the forward and the backward share. In: the storage type
+// of query/key/value (and grad_out); T: the compute type of everything else.
+template <typename In, typename T>
 struct Problem {
   int64_t B, Hq, Hkv, Lq, Lk, D, Dv, rep;  // Lq, Lk: rows of the whole tensors
   Strides sq, sk, sv;
-  const T* q;
-  const T* k;
-  const T* v;
+  const In* q;
+  const In* k;
+  const In* v;
   const T* lam;      // [B, Hq, Lq] contiguous
   const T* keep;     // 1 - pi, [B, Hkv, Lk] contiguous
   const T* phi_rev;  // phi(delta) = phi_rev[phi_zero - delta] for every delta the call reads
@@ -88,8 +155,8 @@ struct Problem {
           const at::Tensor& seg_t, int64_t dlo_, int64_t dhi_, double scale_d)
       : B(query.size(0)), Hq(query.size(1)), Hkv(key.size(1)), Lq(query.size(2)), Lk(key.size(2)),
         D(query.size(3)), Dv(value.size(3)), rep(query.size(1) / key.size(1)), sq(strides_of(query)),
-        sk(strides_of(key)), sv(strides_of(value)), q(query.data_ptr<T>()), k(key.data_ptr<T>()),
-        v(value.data_ptr<T>()), lam(lam_t.data_ptr<T>()), keep(keep_t.data_ptr<T>()), phi_rev(phi_t.data_ptr<T>()),
+        sk(strides_of(key)), sv(strides_of(value)), q(query.data_ptr<In>()), k(key.data_ptr<In>()),
+        v(value.data_ptr<In>()), lam(lam_t.data_ptr<T>()), keep(keep_t.data_ptr<T>()), phi_rev(phi_t.data_ptr<T>()),
         phi_zero(phi_zero_), dlo(dlo_), dhi(dhi_), scale(static_cast<T>(scale_d)) {
     if (mask_t.has_value()) {
       mask = mask_t->data_ptr<bool>();
@@ -176,40 +243,44 @@ inline std::vector<std::pair<int64_t, int64_t>> query_blocks(const std::vector<S
   return units;
 }
 
-template <typename T>
-void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, int64_t KB) {
+// G: the type of the GEMM operands (In for dot = 1, else T: blocks of In are widened).
+template <typename In, typename T, typename G>
+void forward_impl(const Problem<In, T>& P, at::Tensor& out_t, T* lse, int64_t QB, int64_t KB) {
   const Strides so = strides_of(out_t);
   T* out = out_t.data_ptr<T>();
-  const int64_t Dv = P.Dv;
+  const int64_t D = P.D, Dv = P.Dv;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const auto units = query_blocks(P.segs, QB);
   const int64_t n_units = static_cast<int64_t>(units.size());
 
   at::parallel_for(0, n_units * P.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s_buf(QB * KB), o_buf(QB * Dv), m_buf(QB), l_buf(QB);
+    std::vector<G> q_cvt, k_cvt, v_cvt, p_cvt;  // operands converted to G (unused when In == G == T)
     T* S = s_buf.data();
     T* O = o_buf.data();
     for (int64_t item = begin; item < end; ++item) {
       // the query heads of a GQA group run one after the other on the same K/V blocks
       const int64_t h = item % P.Hq;
-      const Segment& G = P.segs[units[item / P.Hq].first];
-      const int64_t b = G.b, hk = h / P.rep, i0 = units[item / P.Hq].second * QB, rows = std::min(QB, G.nq - i0);
-      const T* qp = P.q + b * P.sq.b + h * P.sq.h + (G.q0 + i0) * P.sq.l;
-      const T* kp = P.k + b * P.sk.b + hk * P.sk.h + G.k0 * P.sk.l;
-      const T* vp = P.v + b * P.sv.b + hk * P.sv.h + G.k0 * P.sv.l;
+      const Segment& G_ = P.segs[units[item / P.Hq].first];
+      const int64_t b = G_.b, hk = h / P.rep, i0 = units[item / P.Hq].second * QB, rows = std::min(QB, G_.nq - i0);
+      const In* qp = P.q + b * P.sq.b + h * P.sq.h + (G_.q0 + i0) * P.sq.l;
+      const In* kp = P.k + b * P.sk.b + hk * P.sk.h + G_.k0 * P.sk.l;
+      const In* vp = P.v + b * P.sv.b + hk * P.sv.h + G_.k0 * P.sv.l;
+      const Operand<G> Q = operand<G>(qp, rows, D, P.sq.l, q_cvt);
       // window and causal rule: the block's rows see keys [kbeg, kend) at most
-      const int64_t kbeg = P.key_begin(G, i0), kend = P.key_end(G, i0 + rows - 1);
+      const int64_t kbeg = P.key_begin(G_, i0), kend = P.key_end(G_, i0 + rows - 1);
       std::fill(O, O + rows * Dv, T(0));
       std::fill(m_buf.begin(), m_buf.begin() + rows, neg_inf);
       std::fill(l_buf.begin(), l_buf.begin() + rows, T(0));
       for (int64_t j0 = kbeg; j0 < kend; j0 += KB) {
         const int64_t n = std::min(KB, kend - j0);
+        const Operand<G> K = operand<G>(kp + j0 * P.sk.l, n, D, P.sk.l, k_cvt);
         // S[rows x n] (row-major, ld KB) = Q K^T, i.e. column-major S^T = K Q^T
-        gemm('T', 'N', n, rows, P.D, T(1), kp + j0 * P.sk.l, P.sk.l, qp, P.sq.l, T(0), S, KB);
+        gemm('T', 'N', n, rows, D, T(1), K.p, K.ld, Q.p, Q.ld, T(0), S, KB);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = S + r * KB;
           int64_t c0;
-          const int64_t ncols = P.logits(s, G, h, i0 + r, j0, n, c0);
+          const int64_t ncols = P.logits(s, G_, h, i0 + r, j0, n, c0);
           const T rmax = ncols > c0 ? row_max(s + c0, ncols - c0) : neg_inf;
           if (rmax == neg_inf) {  // no allowed key for this row in this block
             std::fill(s, s + n, T(0));
@@ -228,17 +299,19 @@ void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, in
           }
         }
         // O[rows x Dv] += P[rows x n] V[n x Dv], i.e. column-major O^T += V^T P^T
-        gemm('N', 'N', Dv, rows, n, T(1), vp + j0 * P.sv.l, P.sv.l, S, KB, T(1), O, Dv);
+        const Operand<G> Pm = operand<G>(static_cast<const T*>(S), rows, n, KB, p_cvt);
+        const Operand<G> V = operand<G>(vp + j0 * P.sv.l, n, Dv, P.sv.l, v_cvt);
+        gemm('N', 'N', Dv, rows, n, T(1), V.p, V.ld, Pm.p, Pm.ld, T(1), O, Dv);
       }
       // A row that saw no key (all masked, outside the window or before the cache) is zeros, as
       // GAPE defines it; its log-sum-exp is +inf so that the backward's exp(s - lse) is 0 there.
-      T* op = out + b * so.b + h * so.h + (G.q0 + i0) * so.l;
+      T* op = out + b * so.b + h * so.h + (G_.q0 + i0) * so.l;
       for (int64_t r = 0; r < rows; ++r) {
         const T l = l_buf[r];
         const T inv = l > T(0) ? T(1) / l : T(0);
         for (int64_t d = 0; d < Dv; ++d) op[r * so.l + d] = O[r * Dv + d] * inv;
         if (lse != nullptr)
-          lse[(b * P.Hq + h) * P.Lq + G.q0 + i0 + r] =
+          lse[(b * P.Hq + h) * P.Lq + G_.q0 + i0 + r] =
               l > T(0) ? m_buf[r] + std::log(l) : std::numeric_limits<T>::infinity();
       }
     }
@@ -251,52 +324,57 @@ void forward_impl(const Problem<T>& P, at::Tensor& out_t, T* lse, int64_t QB, in
 // dK += scale dS^T Q, d lambda_i = -sum_j dS_ij (1 - pi_j) phi_ij (rows) and
 // d pi_j = sum_i dS_ij lambda_i phi_ij (columns). dK, dV and d pi are written per
 // query head (no two threads share a row) and summed over each GQA group by the caller.
-template <typename T>
-void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse, const T* delta, T* dq, T* dk_h,
+template <typename In, typename T, typename G>
+void backward_impl(const Problem<In, T>& P, const In* dout, Strides sdo, const T* lse, const T* delta, T* dq, T* dk_h,
                    T* dv_h, T* dlam, T* dpi_h, int64_t QB, int64_t KB) {
   const int64_t D = P.D, Dv = P.Dv, n_segs = static_cast<int64_t>(P.segs.size());
   // Items are (segment, query head). Segments of one batch element hold disjoint keys, so no
   // two threads write the same row of the per-head dK, dV and d pi.
   at::parallel_for(0, n_segs * P.Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> p_buf(QB * KB), ds_buf(QB * KB), dq_buf(QB * D);
+    std::vector<G> q_cvt, do_cvt, k_cvt, v_cvt, p_cvt, ds_cvt;  // operands converted to G
     T* Pm = p_buf.data();
     T* dS = ds_buf.data();
     T* dQ = dq_buf.data();
     for (int64_t item = begin; item < end; ++item) {
-      const Segment& G = P.segs[item / P.Hq];
-      const int64_t h = item % P.Hq, b = G.b, hk = h / P.rep, bh = b * P.Hq + h;
-      const T* kp = P.k + b * P.sk.b + hk * P.sk.h + G.k0 * P.sk.l;
-      const T* vp = P.v + b * P.sv.b + hk * P.sv.h + G.k0 * P.sv.l;
-      const T* keepp = P.keep + (b * P.Hkv + hk) * P.Lk + G.k0;
-      T* dkp = dk_h + (bh * P.Lk + G.k0) * D;
-      T* dvp = dv_h + (bh * P.Lk + G.k0) * Dv;
-      T* dpip = dpi_h + bh * P.Lk + G.k0;
-      const int64_t nqb = (G.nq + QB - 1) / QB;
+      const Segment& G_ = P.segs[item / P.Hq];
+      const int64_t h = item % P.Hq, b = G_.b, hk = h / P.rep, bh = b * P.Hq + h;
+      const In* kp = P.k + b * P.sk.b + hk * P.sk.h + G_.k0 * P.sk.l;
+      const In* vp = P.v + b * P.sv.b + hk * P.sv.h + G_.k0 * P.sv.l;
+      const T* keepp = P.keep + (b * P.Hkv + hk) * P.Lk + G_.k0;
+      T* dkp = dk_h + (bh * P.Lk + G_.k0) * D;
+      T* dvp = dv_h + (bh * P.Lk + G_.k0) * Dv;
+      T* dpip = dpi_h + bh * P.Lk + G_.k0;
+      const int64_t nqb = (G_.nq + QB - 1) / QB;
       for (int64_t qb = 0; qb < nqb; ++qb) {
-        const int64_t i0 = qb * QB, rows = std::min(QB, G.nq - i0), row0 = bh * P.Lq + G.q0 + i0;
-        const T* qp = P.q + b * P.sq.b + h * P.sq.h + (G.q0 + i0) * P.sq.l;
-        const T* dop = dout + b * sdo.b + h * sdo.h + (G.q0 + i0) * sdo.l;
+        const int64_t i0 = qb * QB, rows = std::min(QB, G_.nq - i0), row0 = bh * P.Lq + G_.q0 + i0;
+        const In* qp = P.q + b * P.sq.b + h * P.sq.h + (G_.q0 + i0) * P.sq.l;
+        const In* dop = dout + b * sdo.b + h * sdo.h + (G_.q0 + i0) * sdo.l;
+        const Operand<G> Q = operand<G>(qp, rows, D, P.sq.l, q_cvt);
+        const Operand<G> dO = operand<G>(dop, rows, Dv, sdo.l, do_cvt);
         const T* lsep = lse + row0;
         const T* dlt = delta + row0;
         const T* lamp = P.lam + row0;
         T* dlamp = dlam + row0;
         std::fill(dQ, dQ + rows * D, T(0));
-        const int64_t kbeg = P.key_begin(G, i0), kend = P.key_end(G, i0 + rows - 1);
+        const int64_t kbeg = P.key_begin(G_, i0), kend = P.key_end(G_, i0 + rows - 1);
         for (int64_t j0 = kbeg; j0 < kend; j0 += KB) {
           const int64_t n = std::min(KB, kend - j0);
-          gemm('T', 'N', n, rows, D, T(1), kp + j0 * P.sk.l, P.sk.l, qp, P.sq.l, T(0), Pm, KB);
+          const Operand<G> K = operand<G>(kp + j0 * P.sk.l, n, D, P.sk.l, k_cvt);
+          const Operand<G> V = operand<G>(vp + j0 * P.sv.l, n, Dv, P.sv.l, v_cvt);
+          gemm('T', 'N', n, rows, D, T(1), K.p, K.ld, Q.p, Q.ld, T(0), Pm, KB);
           // dP[rows x n] = dO V^T
-          gemm('T', 'N', n, rows, Dv, T(1), vp + j0 * P.sv.l, P.sv.l, dop, sdo.l, T(0), dS, KB);
+          gemm('T', 'N', n, rows, Dv, T(1), V.p, V.ld, dO.p, dO.ld, T(0), dS, KB);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
             T* p = Pm + r * KB;
             T* ds = dS + r * KB;
             int64_t c0;
-            const int64_t ncols = P.logits(p, G, h, i, j0, n, c0);
+            const int64_t ncols = P.logits(p, G_, h, i, j0, n, c0);
             std::fill(p, p + c0, T(0));
             if (ncols > c0) exp_shifted(p + c0, ncols - c0, lsep[r]);
             std::fill(p + ncols, p + n, T(0));
-            const T* ph = P.phi_rev + (P.phi_zero - (i + G.off) + j0);
+            const T* ph = P.phi_rev + (P.phi_zero - (i + G_.off) + j0);
             const T li = lamp[r];
             T dl = T(0);
             std::fill(ds, ds + c0, T(0));
@@ -310,12 +388,14 @@ void backward_impl(const Problem<T>& P, const T* dout, Strides sdo, const T* lse
             std::fill(ds + ncols, ds + n, T(0));
             dlamp[r] += dl;
           }
+          const Operand<G> Pg = operand<G>(static_cast<const T*>(Pm), rows, n, KB, p_cvt);
+          const Operand<G> dSg = operand<G>(static_cast<const T*>(dS), rows, n, KB, ds_cvt);
           // dV[n x Dv] += P^T dO, i.e. column-major dV^T += dO^T P
-          gemm('N', 'T', Dv, n, rows, T(1), dop, sdo.l, Pm, KB, T(1), dvp + j0 * Dv, Dv);
+          gemm('N', 'T', Dv, n, rows, T(1), dO.p, dO.ld, Pg.p, Pg.ld, T(1), dvp + j0 * Dv, Dv);
           // dK[n x D] += scale dS^T Q
-          gemm('N', 'T', D, n, rows, P.scale, qp, P.sq.l, dS, KB, T(1), dkp + j0 * D, D);
+          gemm('N', 'T', D, n, rows, P.scale, Q.p, Q.ld, dSg.p, dSg.ld, T(1), dkp + j0 * D, D);
           // dQ[rows x D] += scale dS K
-          gemm('N', 'N', D, rows, n, P.scale, kp + j0 * P.sk.l, P.sk.l, dS, KB, T(1), dQ, D);
+          gemm('N', 'N', D, rows, n, P.scale, K.p, K.ld, dSg.p, dSg.ld, T(1), dQ, D);
         }
         std::copy(dQ, dQ + rows * D, dq + row0 * D);
       }
@@ -340,17 +420,57 @@ void check_common(const at::Tensor& query, const at::Tensor& key, const at::Tens
   TORCH_CHECK(q_block > 0 && k_block > 0, "gape: block sizes must be positive");
 }
 
+// Calls f with a value of each of (In, T, G) as in forward_impl for the query dtype and `dot`.
+template <typename F>
+void dispatch_types(at::ScalarType st, bool dot, F&& f) {
+  switch (st) {
+    case at::kFloat: return f(float(), float(), float());
+    case at::kDouble: return f(double(), double(), double());
+    case at::kBFloat16:
+      if (dot) return f(c10::BFloat16(), float(), c10::BFloat16());
+      return f(c10::BFloat16(), float(), float());
+    case at::kHalf:
+      if (dot) return f(c10::Half(), float(), c10::Half());
+      return f(c10::Half(), float(), float());
+    default: TORCH_CHECK(false, "gape: query/key/value must be float32, float64, bfloat16 or float16, got ", st);
+  }
+}
+
+void check_types(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& query_gate,
+                 const at::Tensor& keep, const at::Tensor& phi_rev, bool dot,
+                 std::initializer_list<const at::Tensor*> compute) {
+  const at::ScalarType st = query.scalar_type();
+  const bool half = st == at::kBFloat16 || st == at::kHalf;
+  const at::ScalarType ct = half ? at::kFloat : st;
+  TORCH_CHECK(key.scalar_type() == st && value.scalar_type() == st, "gape: query/key/value must share one dtype");
+  TORCH_CHECK(query_gate.scalar_type() == ct && keep.scalar_type() == ct && phi_rev.scalar_type() == ct,
+              "gape: gates and phi table must be ", ct, " for ", st, " inputs");
+  for (const at::Tensor* t : compute)
+    TORCH_CHECK(t->scalar_type() == ct, "gape: out, lse, delta and gradient buffers must be ", ct, " for ", st,
+                " inputs");
+  if (dot) {
+    TORCH_CHECK(half, "gape: dot=True is for bfloat16/float16 inputs, got ", st);
+    TORCH_CHECK(st == at::kBFloat16 ? gemm_bf16bf16f32_ != nullptr : gemm_f16f16f32_ != nullptr,
+                "gape: this BLAS has no ", st, " x ", st, " -> float GEMM; call with dot=False");
+  }
+}
+
 void attention_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                        const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
                        int64_t phi_zero, const c10::optional<at::Tensor>& mask, const at::Tensor& segments,
                        int64_t dlo, int64_t dhi, at::Tensor& out, const c10::optional<at::Tensor>& lse, double scale,
-                       int64_t q_block, int64_t k_block) {
+                       int64_t q_block, int64_t k_block, bool dot) {
   check_common(query, key, value, query_gate, keep, phi_rev, mask, segments, q_block, k_block);
   TORCH_CHECK(out.dim() == 4 && out.stride(3) == 1, "gape: out needs a contiguous last dim");
   TORCH_CHECK(!lse.has_value() || lse->is_contiguous(), "gape: lse must be contiguous");
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "gape_cpu_attention_fwd", [&] {
-    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
-    forward_impl<scalar_t>(P, out, lse.has_value() ? lse->data_ptr<scalar_t>() : nullptr, q_block, k_block);
+  if (lse.has_value()) check_types(query, key, value, query_gate, keep, phi_rev, dot, {&out, &*lse});
+  else check_types(query, key, value, query_gate, keep, phi_rev, dot, {&out});
+  dispatch_types(query.scalar_type(), dot, [&](auto in, auto t, auto g) {
+    using In = decltype(in);
+    using T = decltype(t);
+    using G = decltype(g);
+    Problem<In, T> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
+    forward_impl<In, T, G>(P, out, lse.has_value() ? lse->data_ptr<T>() : nullptr, q_block, k_block);
   });
 }
 
@@ -359,19 +479,26 @@ void attention_backward(const at::Tensor& query, const at::Tensor& key, const at
                         int64_t phi_zero, const c10::optional<at::Tensor>& mask, const at::Tensor& segments,
                         int64_t dlo, int64_t dhi, const at::Tensor& grad_out, const at::Tensor& lse,
                         const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk_h, at::Tensor& dv_h, at::Tensor& dlam,
-                        at::Tensor& dpi_h, double scale, int64_t q_block, int64_t k_block) {
+                        at::Tensor& dpi_h, double scale, int64_t q_block, int64_t k_block, bool dot) {
   check_common(query, key, value, query_gate, keep, phi_rev, mask, segments, q_block, k_block);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.stride(3) == 1, "gape: grad_out needs a contiguous last dim");
+  TORCH_CHECK(grad_out.scalar_type() == query.scalar_type(), "gape: grad_out must have the query dtype");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lse, &delta, &dq, &dk_h, &dv_h, &dlam, &dpi_h})
     TORCH_CHECK(t->is_contiguous(), "gape: lse, delta and the gradient buffers must be contiguous");
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "gape_cpu_attention_bwd", [&] {
-    Problem<scalar_t> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
-    backward_impl<scalar_t>(P, grad_out.data_ptr<scalar_t>(), strides_of(grad_out), lse.data_ptr<scalar_t>(),
-                            delta.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk_h.data_ptr<scalar_t>(),
-                            dv_h.data_ptr<scalar_t>(), dlam.data_ptr<scalar_t>(), dpi_h.data_ptr<scalar_t>(), q_block,
-                            k_block);
+  check_types(query, key, value, query_gate, keep, phi_rev, dot, {&lse, &delta, &dq, &dk_h, &dv_h, &dlam, &dpi_h});
+  dispatch_types(query.scalar_type(), dot, [&](auto in, auto t, auto g) {
+    using In = decltype(in);
+    using T = decltype(t);
+    using G = decltype(g);
+    Problem<In, T> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
+    backward_impl<In, T, G>(P, grad_out.data_ptr<In>(), strides_of(grad_out), lse.data_ptr<T>(), delta.data_ptr<T>(),
+                            dq.data_ptr<T>(), dk_h.data_ptr<T>(), dv_h.data_ptr<T>(), dlam.data_ptr<T>(),
+                            dpi_h.data_ptr<T>(), q_block, k_block);
   });
 }
+
+// Bit 0: a bfloat16 x bfloat16 -> float GEMM is linked; bit 1: the float16 one.
+int64_t half_gemms() { return (gemm_bf16bf16f32_ != nullptr ? 1 : 0) | (gemm_f16f16f32_ != nullptr ? 2 : 0); }
 
 }  // namespace
 
@@ -379,12 +506,13 @@ TORCH_LIBRARY_FRAGMENT(gape, m) {
   m.def(
       "cpu_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
       "int phi_zero, Tensor? mask, Tensor segments, int dlo, int dhi, Tensor(a!) out, Tensor(b!)? lse, float scale, "
-      "int q_block, int k_block) -> ()");
+      "int q_block, int k_block, bool dot=False) -> ()");
   m.def(
       "cpu_attention_bwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
       "int phi_zero, Tensor? mask, Tensor segments, int dlo, int dhi, Tensor grad_out, Tensor lse, Tensor delta, "
       "Tensor(a!) dq, Tensor(b!) dk_h, Tensor(c!) dv_h, Tensor(d!) dlam, Tensor(e!) dpi_h, float scale, int q_block, "
-      "int k_block) -> ()");
+      "int k_block, bool dot=False) -> ()");
+  m.def("cpu_attention_half_gemms() -> int", &half_gemms);
 }
 
 TORCH_LIBRARY_IMPL(gape, CPU, m) {

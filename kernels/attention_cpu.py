@@ -17,6 +17,22 @@ backend keeps its pure-PyTorch tiles.
 
 The backward (:func:`attention_backward`) is FlashAttention-2's with the same
 bias recomputed in registers, from the forward's output and log-sum-exp.
+
+bfloat16 and float16 inputs are read in place (no float32 copy of q/k/v) and
+computed in float32 (softmax, bias, gate reductions, accumulators, the output
+and the gradients). Their ``Q K^T`` and ``P V`` products (and the backward's
+four) either run on the half-precision operands with float32 accumulation
+(MKL's ``gemm_bf16bf16f32`` / ``gemm_f16f16f32``), where the CPU multiplies
+that type natively (:func:`native_half`: AVX512-BF16 or AMX for bfloat16,
+AVX512-FP16 or AMX-FP16 for float16), or widen each operand block to float32
+for SGEMM elsewhere, where half-precision products would be emulated and
+slower. :func:`half_dot` decides per call; ``GAPE_CPU_DOT`` overrides it.
+
+Under ``torch.compile`` the kernel runs as the functional custom ops
+``gape::cpu_attention_fused`` and ``gape::cpu_attention_fused_bwd`` (fake
+implementations give their shapes; autograd is registered on the first), so a
+compiled graph calls it as one opaque op and its memory stays linear in L
+(:func:`fused_attention`; docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -50,6 +66,69 @@ _ISA_FLAGS = {
     "DEFAULT": [],
 }
 _INT32_MAX = 2**31 - 1
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+ENV_DOT = "GAPE_CPU_DOT"  # "auto" (default), "half" (half-precision products) or "float" (widen to float32)
+_DOT_CHOICES = ("auto", "half", "float")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernel's compute (and output, lse, gradient) dtype for inputs of ``dtype``."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+@functools.cache
+def _cpu_flags() -> frozenset:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bfloat16, float16) matrices in hardware:
+    AVX512-BF16 or AMX-BF16 for bfloat16, AVX512-FP16 or AMX-FP16 for float16."""
+    flags = _cpu_flags()
+    if dtype == torch.bfloat16:
+        return bool({"avx512_bf16", "amx_bf16"} & flags) or torch.cpu._is_avx512_bf16_supported()
+    if dtype == torch.float16:
+        return bool({"avx512_fp16", "amx_fp16"} & flags) or torch.cpu._is_amx_fp16_supported()
+    return False
+
+
+def half_gemm_linked(dtype: torch.dtype) -> bool:
+    """Whether torch's BLAS has the ``dtype x dtype -> float32`` GEMM (MKL does; needs the kernel loaded)."""
+    if dtype not in HALF_DTYPES or not available():
+        return False
+    bits = int(torch.ops.gape.cpu_attention_half_gemms())
+    return bool(bits & (1 if dtype == torch.bfloat16 else 2))
+
+
+def half_dot(dtype: torch.dtype, dot: bool | None = None) -> bool:
+    """Whether a call on ``dtype`` inputs takes half-precision products (True) or widens its
+    operand blocks to float32 (False). ``dot`` None: :data:`ENV_DOT` if set, else "auto"
+    (native hardware and a linked GEMM). True where impossible raises ValueError."""
+    if dtype not in HALF_DTYPES:
+        if dot:
+            raise ValueError(f"dot=True takes bfloat16 or float16 inputs, got {dtype}")
+        return False
+    if dot is None:
+        choice = os.environ.get(ENV_DOT, "auto").strip().lower() or "auto"
+        if choice not in _DOT_CHOICES:
+            raise ValueError(f"{ENV_DOT} must be one of {_DOT_CHOICES}, got {choice!r}")
+        if choice == "float":
+            return False
+        if choice == "auto":
+            return native_half(dtype) and half_gemm_linked(dtype)
+        dot = True
+    if dot and not half_gemm_linked(dtype):
+        raise ValueError(f"half-precision products for {dtype} need a BLAS with that GEMM (MKL); this torch has none")
+    return bool(dot)
 
 
 def capability() -> str:
@@ -133,8 +212,8 @@ def unavailable_reason() -> str | None:
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether :func:`attention_forward` can take these tensors once cast to
-    float32/float64: CPU tensors whose lengths and row strides fit BLAS's int32."""
+    """Whether :func:`attention_forward` can take these tensors (float32, float64,
+    bfloat16 or float16): CPU tensors whose lengths and row strides fit BLAS's int32."""
     if not (query.device.type == key.device.type == value.device.type == "cpu"):
         return False
     longest = max(query.shape[2], key.shape[2], query.stride(2), key.stride(2), value.stride(2))
@@ -216,7 +295,7 @@ def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_ca
              phi_zero):
     b, hq, lq, _ = query.shape
     lk = key.shape[2]
-    dt = query.dtype
+    dt = compute_dtype(query.dtype)
     query, key, value = (blas_rows(t) for t in (query, key, value))
     query_gate = query_gate.to(dt).contiguous()
     keep = keep.to(dt).contiguous()
@@ -261,6 +340,7 @@ def attention_forward(
     delta_lo: int | None = None,
     delta_hi: int | None = None,
     phi_zero: int | None = None,
+    dot: bool | None = None,
 ):
     """GAPE attention forward on validated CPU tensors of one floating dtype.
 
@@ -285,28 +365,32 @@ def attention_forward(
             (the bottom-right table ``phi(delta(i, j)) = phi_reversed[Lq - 1 - i + j]``).
         out: optional ``[B, Hq, Lq, Dv]`` buffer of the query dtype with a contiguous last
             dim, any other strides (e.g. a transposed ``[B, Lq, Hq, Dv]``): the kernel writes
-            there, so a caller that needs another layout pays no copy.
+            there, so a caller that needs another layout pays no copy. Of the compute dtype
+            (:func:`compute_dtype`: float32 for bfloat16/float16 inputs).
+        dot: half-precision products for bfloat16/float16 inputs (:func:`half_dot`; None: auto).
 
     Returns:
-        ``[B, Hq, Lq, Dv]`` (``out`` when given, else contiguous); rows with no allowed key are zeros. With
-        ``return_lse``, ``(out, lse)``.
+        ``[B, Hq, Lq, Dv]`` in the compute dtype (``out`` when given, else contiguous); rows with no
+        allowed key are zeros. With ``return_lse``, ``(out, lse)``.
     """
     b, hq, lq, _ = query.shape
     dv = value.shape[3]
     query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
+    cdt = compute_dtype(query.dtype)
     if out is None:
-        out = torch.empty(b, hq, lq, dv, dtype=query.dtype)
-    elif tuple(out.shape) != (b, hq, lq, dv) or out.dtype != query.dtype or out.stride(-1) != 1:
+        out = torch.empty(b, hq, lq, dv, dtype=cdt)
+    elif tuple(out.shape) != (b, hq, lq, dv) or out.dtype != cdt or out.stride(-1) != 1:
         raise ValueError(
-            f"out must be [B, Hq, Lq, Dv] = {(b, hq, lq, dv)} of {query.dtype} with a contiguous last dim, "
+            f"out must be [B, Hq, Lq, Dv] = {(b, hq, lq, dv)} of {cdt} with a contiguous last dim, "
             f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}"
         )
-    lse = torch.empty(b, hq, lq, dtype=query.dtype) if return_lse else None
+    lse = torch.empty(b, hq, lq, dtype=cdt) if return_lse else None
     torch.ops.gape.cpu_attention_fwd(
         query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, out, lse,
         float(scale), _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
+        half_dot(query.dtype, dot),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -329,6 +413,7 @@ def attention_backward(
     delta_lo: int | None = None,
     delta_hi: int | None = None,
     phi_zero: int | None = None,
+    dot: bool | None = None,
 ):
     """Gradients ``(d query, d key, d value, d query_gate, d pi)`` of :func:`attention_forward`
     (``d pi`` with respect to the key gate ``pi = 1 - keep``, what callers train).
@@ -337,16 +422,17 @@ def attention_backward(
     with the GAPE bias recomputed in registers: one pass per (batch, query head);
     ``d key``, ``d value`` and ``d pi`` are accumulated per query head and
     summed over each GQA group here. Positions as :func:`attention_forward`;
-    gradients of rows and keys outside every segment are zero.
+    gradients of rows and keys outside every segment are zero. The gradients are in the
+    compute dtype (float32 for bfloat16/float16 inputs; ``grad_out`` is read in the input dtype).
     """
     b, hq, lq, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
-    dt = query.dtype
+    dt = compute_dtype(query.dtype)
     query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
-    grad_out = blas_rows(grad_out.to(dt))
-    delta = (grad_out * out).sum(-1).contiguous()  # rowsum(dO * O)
+    grad_out = blas_rows(grad_out.to(query.dtype))
+    delta = (grad_out.to(dt) * out).sum(-1).contiguous()  # rowsum(dO * O)
     dq = torch.zeros(b, hq, lq, d, dtype=dt)
     dk_h = torch.zeros(b, hq, lk, d, dtype=dt)
     dv_h = torch.zeros(b, hq, lk, dv, dtype=dt)
@@ -355,7 +441,7 @@ def attention_backward(
     torch.ops.gape.cpu_attention_bwd(
         query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, grad_out,
         lse.contiguous(), delta, dq, dk_h, dv_h, dlam, dpi_h, float(scale),
-        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
+        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK, half_dot(query.dtype, dot),
     )  # fmt: skip
     rep = hq // hkv
     dk = dk_h.view(b, hkv, rep, lk, d).sum(2)
@@ -363,3 +449,98 @@ def attention_backward(
     # d pi_h holds sum_i dS lambda phi = d/d pi
     dpi = dpi_h.view(b, hkv, rep, lk).sum(2)
     return dq, dk, dvv, dlam, dpi
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the kernel as functional custom ops with fake (shape-only) implementations, so
+# a compiled graph calls the kernel itself (memory linear in L) instead of tracing a formulation
+# that materialises the [Lq, Lk] scores. The ops' bodies run eagerly (position tables, phi
+# table, the C++ call); autograd is registered on the forward op.
+
+
+def _offset_args(query_offset) -> tuple[int | None, torch.Tensor | None]:
+    if isinstance(query_offset, torch.Tensor):
+        return None, query_offset
+    return (None if query_offset is None else int(query_offset)), None
+
+
+def _positions(query, key, is_causal, offset_int, offset_tensor, window):
+    from gape.core.torch_backend import _kernel_positions
+
+    offset = offset_tensor if offset_tensor is not None else offset_int
+    return _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, offset,
+                             None if window is None else tuple(window))
+
+
+@torch.library.custom_op("gape::cpu_attention_fused", mutates_args=(), device_types="cpu")
+def _fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_gate: torch.Tensor,
+               key_gate: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, distance: str,
+               offset_int: int | None, offset_tensor: torch.Tensor | None,
+               window: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from gape.core.torch_backend import _kernel_forward
+
+    pos = _positions(query, key, is_causal, offset_int, offset_tensor, window)
+    return _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True, pos)
+
+
+@_fused_fwd.register_fake
+def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, offset_int, offset_tensor,
+      window):
+    b, hq, lq, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
+    cdt = compute_dtype(query.dtype)
+    # the same strides as the real output: [B, Lq, Hq, Dv] storage seen as [B, Hq, Lq, Dv]
+    out = query.new_empty(b, lq, hq, dv, dtype=cdt).transpose(1, 2)
+    return out, query.new_empty(b, hq, lq, dtype=cdt)
+
+
+@torch.library.custom_op("gape::cpu_attention_fused_bwd", mutates_args=(), device_types="cpu")
+def _fused_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_gate: torch.Tensor,
+               key_gate: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, distance: str,
+               offset_int: int | None, offset_tensor: torch.Tensor | None, window: list[int] | None,
+               out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    from gape.core.torch_backend import _kernel_backward
+
+    pos = _positions(query, key, is_causal, offset_int, offset_tensor, window)
+    grads = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, out, lse,
+                             grad_out, pos)
+    return [g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value, query_gate, key_gate))]
+
+
+@_fused_bwd.register_fake
+def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, offset_int, offset_tensor,
+      window, out, lse, grad_out):
+    return [torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in (query, key, value, query_gate, key_gate)]
+
+
+def _fused_setup(ctx, inputs, output):
+    query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t, window = inputs
+    ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, off_t, *output)
+    ctx.args = (is_causal, scale, distance, off_i, window)
+
+
+def _fused_backward(ctx, grad_out, grad_lse):
+    query, key, value, query_gate, key_gate, attn_mask, off_t, out, lse = ctx.saved_tensors
+    is_causal, scale, distance, off_i, window = ctx.args
+    grads = _fused_bwd(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t,
+                       window, out, lse, grad_out.to(query.dtype))
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+@torch.compiler.assume_constant_result
+def compiled_kernel_ready() -> bool:
+    """:func:`available`, evaluated once while torch.compile traces (a constant of the graph)."""
+    return available()
+
+
+def fused_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, *,
+                    query_offset=None, window=None) -> torch.Tensor:
+    """The torch backend's kernel path as one opaque op (what a compiled graph calls):
+    arguments as :func:`gape.core.torch_backend.torch_attention`, output in the query dtype."""
+    off_i, off_t = _offset_args(query_offset)
+    out, _ = _fused_fwd(query, key, value, query_gate, key_gate, attn_mask, bool(is_causal), float(scale), distance,
+                        off_i, off_t, None if window is None else [int(w) for w in window])
+    return out.to(query.dtype)

@@ -18,7 +18,8 @@ one place that picks among them is :func:`choose_strategy`):
 multi-threaded CPU for at least :data:`SDPA_TILES_MIN_ROWS` query rows, else
 ``"gemm-tiles"`` (the measurements behind the choice are in docs/kernels.md).
 
-Float16 and bfloat16 inputs are computed in float32 and cast back.
+Float16 and bfloat16 inputs are computed in float32 and cast back; the kernel
+reads them in place (its half-precision products: gape.kernels.attention_cpu).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _kernel_positions(b, lq, lk, is_causal, query_offset=None, window=None, segm
 
 
 def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions=None):
-    """The C++ kernel's inputs in the compute dtype (float32 for half inputs), and its position arguments."""
+    """The C++ kernel's inputs (q/k/v as they are, the rest in the compute dtype: float32 for
+    half inputs), and its position arguments."""
     cdt = compute_dtype(query.dtype)
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     positions = dict(_kernel_positions(b, lq, lk, is_causal) if positions is None else positions)
@@ -93,7 +95,7 @@ def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, 
     else:
         phi_rev, zero = attention_cpu.phi_table(rng[0], rng[1], distance, cdt), rng[1]
     positions["phi_zero"] = zero
-    args = (query.to(cdt), key.to(cdt), value.to(cdt), query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask)
+    args = (query, key, value, query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask)
     return args, positions
 
 
@@ -201,7 +203,12 @@ def torch_attention(
     int64 ``[B]`` tensor) and ``window`` (``(left, right)`` or None) as in
     :func:`gape.attention`.
     """
-    if not torch.compiler.is_compiling():  # a traced decode step keeps its offset a tensor
+    if torch.compiler.is_compiling():
+        if strategy in ("auto", "kernel") and query.device.type == "cpu" and attention_cpu.compiled_kernel_ready():
+            # one opaque op with a fake implementation: the compiled graph calls the kernel
+            return attention_cpu.fused_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale,
+                                                 distance, query_offset=query_offset, window=window)
+    else:  # a traced decode step keeps its offset a tensor
         query_offset = _uniform(query_offset)
     if isinstance(query_offset, int) and query_offset == key.shape[2] - query.shape[2]:
         query_offset = None  # the bottom-right default: keep its fast paths

@@ -287,6 +287,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--save-every", type=A.integer(1), default=10,
                         help="save gates and card.json every this many steps (default 10)")
+    A.add_dtype(parser, "forward and backward computation (float32 master weights and gates; "
+                "bfloat16/float16 run under torch.autocast)")
     parser.add_argument("--no-progress", action="store_true",
                         help="print one line per step instead of a progress bar (default: a bar with an ETA)")
 
@@ -304,6 +306,7 @@ def run(args) -> int:
 
 
 def _run_locked(args) -> int:
+    from gape import _args as A
     from gape.hf import models
     from gape.hf.config import GapeConfig
 
@@ -312,11 +315,19 @@ def _run_locked(args) -> int:
     torch.manual_seed(args.seed)
     model, tok = models.load_model(args.model)
     cfg = GapeConfig(alpha_init=args.alpha_init, backend=args.backend, identity_shortcut=False)
-    card = calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
+    # The weights and the trained gates stay float32 (the optimizer's master copy); a lower
+    # --dtype computes the matrix products under autocast, as a user's training would.
+    dtype = getattr(args, "dtype", "float32")  # a Namespace built by hand may not have it
+    with torch.autocast("cpu", dtype=A.torch_dtype(dtype), enabled=dtype != "float32"):
+        card = _calibrate_from_args(model, tok, args, cfg)
+    print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
+          f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")
+    return 0
+
+
+def _calibrate_from_args(model, tok, args, cfg):
+    return calibrate(model, tok, out=args.out, minutes=args.minutes, max_steps=args.max_steps, min_len=args.min_len,
                      max_len=args.max_len, lr=args.lr, text_fraction=args.text_fraction, seed=args.seed, init=args.init,
                      save_every=args.save_every, gape_config=cfg, model_name=args.model,
                      log=lambda s: print(s, flush=True), started=started, progress=not getattr(args, "no_progress", False),
                      tasks=tuple(args.tasks if isinstance(args.tasks, list) else [t for t in args.tasks.split(",") if t]))
-    print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
-          f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")
-    return 0

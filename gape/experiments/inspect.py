@@ -149,6 +149,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=A.out_file, default="inspect.png",
                         help="PNG path; a .json with the numbers is written beside it (default inspect.png)")
     parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
+    A.add_dtype(parser)
 
 
 def check_arguments(parser, args) -> None:
@@ -157,10 +158,11 @@ def check_arguments(parser, args) -> None:
 
 
 def run(args) -> int:
+    from gape import _args as A
     from gape.hf import models
 
     set_threads(args.threads)
-    model, tok = models.load_model(args.model)
+    model, tok = models.load_model(args.model, dtype=A.torch_dtype(getattr(args, "dtype", "float32")))
     if args.prompt_file:
         with open(args.prompt_file) as f:
             text = f.read()

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from gape.core import api
+from gape.kernels import attention_cpu
+
 from . import compat
 from .gates import PaperGate
 from ._names import ALIBI_ATTR, GATE_ATTR, IMPLEMENTATION, check_gate_missing
@@ -79,10 +81,10 @@ def _backend_fn(backend: str, device: torch.device, dtype: torch.dtype, distance
             fn = api.select(backend, q, q, v, is_causal=is_causal, distance=distance)
         except ValueError as e:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
-        if compiling and fn.name == "torch":
-            # The torch backend's C++ op has no fake kernel and its tiles write into
-            # preallocated buffers, which inductor cannot lower; the reference
-            # formulation (plain tensor ops, scores materialised) traces and fuses.
+        if compiling and fn.name == "torch" and not (device.type == "cpu" and attention_cpu.compiled_kernel_ready()):
+            # The torch backend's tiles write into preallocated buffers, which inductor
+            # cannot lower; without the C++ kernel (whose ops have fake implementations)
+            # the reference formulation (plain tensor ops, scores materialised) traces.
             fn = api.Selection("reference", api._load("reference"))
         _BACKEND_FNS[key] = fn
     return fn

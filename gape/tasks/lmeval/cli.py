@@ -6,7 +6,8 @@ gape task folder on the include path (so ``--tasks gape_passkey`` needs no --inc
         --metadata '{"tokenizer": "TOKENIZER_DIR", "max_seq_lengths": [4096]}'
 
 Every argument is lm-eval's (``lm-eval run --help``); ``run`` is implied when no lm-eval
-subcommand (run, ls, validate) is given.
+subcommand (run, ls, validate) is given. One is gape's: ``--dtype float32|bfloat16|float16``,
+short for ``dtype=...`` in ``--model_args``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def run(argv: list[str]) -> int:
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
-    argv = list(argv)
+    try:
+        argv = with_dtype(list(argv))
+    except ValueError as err:
+        print(f"gape eval: error: {err}")
+        return 2
     cli = HarnessCLI()
     subcommands = cli._subparsers.choices
     for parser in (cli._parser, *subcommands.values()):
@@ -58,6 +63,30 @@ def run(argv: list[str]) -> int:
     with _without_unrun_lengths():
         cli.execute(args)
     return 0
+
+
+def with_dtype(argv: list[str]) -> list[str]:
+    """``argv`` with gape's ``--dtype X`` moved into ``--model_args`` as ``dtype=X``."""
+    from gape._args import DTYPES
+
+    out, dtype = [], None
+    it = iter(argv)
+    for a in it:
+        if a == "--dtype" or a.startswith("--dtype="):
+            dtype = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if dtype not in DTYPES:
+                raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+        else:
+            out.append(a)
+    if dtype is None:
+        return out
+    for i, a in enumerate(out):
+        if a in ("--model_args", "--model-args") and i + 1 < len(out):
+            if out[i + 1].lstrip().startswith("{") or "dtype=" in out[i + 1]:
+                raise ValueError("--dtype with --model_args that is JSON or names dtype itself: give dtype in one place")
+            out[i + 1] = f"{out[i + 1]},dtype={dtype}" if out[i + 1] else f"dtype={dtype}"
+            return out
+    return out + ["--model_args", f"dtype={dtype}"]
 
 
 def drop_unrun_lengths(results: dict) -> dict:

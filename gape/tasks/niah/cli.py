@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=A.seed, default=0, help="seed of the needles and haystacks (default 0)")
     parser.add_argument("--max-new-tokens", type=A.integer(1, 4096), help=f"greedy tokens per answer (default {DEFAULTS['max_new_tokens']})")
     parser.add_argument("--threads", type=A.threads, default=None, help="torch CPU threads (default: torch's choice)")
+    A.add_dtype(parser)
     parser.add_argument("--no-chat-template", action="store_true", help="plain prompt even when the model has a chat template (default: the template when there is one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
     parser.add_argument(
@@ -89,6 +90,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model,
         gguf_file=args.gguf_file,
         chat_template=False if args.no_chat_template else None,
+        dtype=getattr(args, "dtype", "float32"),
     )
 
 

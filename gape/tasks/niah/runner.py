@@ -16,6 +16,7 @@ from itertools import groupby
 
 import torch
 
+from gape import _args as A
 from gape._args import UsageError
 from gape._io import lock_folder, write_atomic
 from . import results as res
@@ -46,6 +47,7 @@ class BenchmarkConfig:
     model: str | None = None  # None: the embedded SmolLM2
     gguf_file: str | None = None
     chat_template: bool | None = None  # None: use it when the tokenizer has one
+    dtype: str = "float32"  # the model's dtype: float32, bfloat16 or float16
 
     def validate(self) -> None:
         self.methods = parse_methods(self.methods)
@@ -66,6 +68,8 @@ class BenchmarkConfig:
             raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.dtype not in A.DTYPES:
+            raise ValueError(f"dtype must be one of {A.DTYPES}, got {self.dtype!r}")
 
     def model_label(self) -> str:
         if self.model is None:
@@ -85,6 +89,8 @@ class BenchmarkConfig:
             "gates": os.path.abspath(o.gates) if o.gates else None,
             "gape_lambda": o.gape_lambda,
             "distance": o.distance,
+            # only when not float32, so folders written before the field existed still resume
+            **({"dtype": self.dtype} if self.dtype != "float32" else {}),
         }
 
 
@@ -222,7 +228,7 @@ def _run_share(cfg: BenchmarkConfig, model, tokenizer, procs, *, progress: bool,
         from gape.hf.models import load_model
 
         echo(f"{tag}loading {cfg.model_label()} ...")
-        model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file)
+        model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=A.torch_dtype(cfg.dtype))
     if todo:
         _check_lengths_fit(model, sorted({n for _, n, _, _ in todo}))
     if len(todo) < len(plan):

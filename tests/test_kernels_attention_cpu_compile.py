@@ -1,0 +1,104 @@
+"""torch.compile keeps the fused C++ CPU kernel: its ops have fake implementations, so a
+compiled GAPE-patched model (and a compiled gape.attention) calls the kernel as one opaque op
+instead of a formulation that materialises the [Lq, Lk] scores; outputs and gradients equal
+eager's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_hf import make_model, randomize_gates, tokens
+
+import gape
+from gape.kernels import attention_cpu
+
+pytestmark = pytest.mark.skipif(not attention_cpu.available(), reason="the fused CPU kernel is not built here")
+
+FUSED = "gape.cpu_attention_fused"
+
+
+class Capture:
+    """A torch.compile backend that records the ops of the graphs dynamo hands it and runs them as captured."""
+
+    def __init__(self):
+        self.targets = []
+
+    def __call__(self, gm, example_inputs):
+        self.targets += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        return gm.forward
+
+
+def _uses_fused(targets) -> bool:
+    return any(FUSED in t for t in targets)
+
+
+@pytest.mark.slow  # about a minute: dynamo traces a whole model
+def test_compiled_patched_model_calls_the_fused_op():
+    torch._dynamo.reset()
+    model = make_model("qwen3")
+    gape.patch(model, gape.GapeConfig())
+    randomize_gates(model)
+    ids = tokens(2, 14)
+    cap = Capture()
+    compiled = torch.compile(model, fullgraph=True, backend=cap)
+    with torch.no_grad():
+        want = model(ids).logits
+        got = compiled(ids).logits
+    assert _uses_fused(cap.targets), "the compiled graph does not call the fused kernel"
+    # the reference formulation's softmax over materialised scores is not in the graph
+    assert not any("softmax" in t for t in cap.targets), [t for t in cap.targets if "softmax" in t]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # about a minute
+def test_compiled_patched_model_trains_through_the_fused_op():
+    torch._dynamo.reset()
+    model = make_model("llama")
+    gape.patch(model, gape.GapeConfig())
+    randomize_gates(model)
+    ids = tokens(1, 20)
+    model(ids).logits.square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(ids).logits.square().mean().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any("gape" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("positions", [{}, dict(query_offset=3, window_size=(5, 0)), "per-batch"],
+                         ids=["dense", "offset-window", "per-batch-offset"])
+def test_compiled_attention_equals_eager(dtype, positions):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 9, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 21, 16, generator=g).to(dtype) for _ in range(2))
+    lam, pi = torch.rand(2, 4, 9, generator=g), torch.rand(2, 2, 21, generator=g)
+    if positions == "per-batch":
+        positions = dict(query_offset=torch.tensor([12, 4]))
+    leaves = [t.requires_grad_() for t in (q, k, v, lam, pi)]
+
+    def fn(*xs):
+        return gape.attention(*xs, backend="torch", **positions)
+
+    want = fn(*leaves)
+    want_grads = torch.autograd.grad(want.float().square().sum(), leaves)
+    cap = Capture()
+    got = torch.compile(fn, fullgraph=True, backend=cap)(*leaves)
+    got_grads = torch.autograd.grad(got.float().square().sum(), leaves)
+    assert _uses_fused(cap.targets)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fake_implementation_matches_the_kernel():
+    q = torch.randn(1, 4, 7, 8, dtype=torch.bfloat16)
+    k, v = torch.randn(1, 2, 7, 8, dtype=torch.bfloat16), torch.randn(1, 2, 7, 12, dtype=torch.bfloat16)
+    lam, pi = torch.rand(1, 4, 7), torch.rand(1, 2, 7)
+    args = (q, k, v, lam, pi, None, True, 0.3, "log", None, None, None)
+    torch.library.opcheck(torch.ops.gape.cpu_attention_fused.default, args)
