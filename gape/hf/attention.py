@@ -128,15 +128,20 @@ def gape_attention_forward(
         scaling: logit scale (default ``1/sqrt(D)``).
         kwargs: ``sliding_window`` (the layer's window, passed to the kernels),
             ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``position_ids`` (packed
-            sequences, run as varlen); the rest are ignored.
+            sequences, run as varlen), ``is_causal``, ``output_attentions``; and
+            the bookkeeping keywords transformers hands every layer
+            (:data:`PASSIVE_KWARGS`). Any other keyword is refused
+            (:func:`_check_kwargs`): a term of the attention this function does
+            not know would otherwise be dropped silently.
 
     Returns:
         ``([B, Q, Hq, D]`` contiguous, ``None)``, or with ``output_attentions=True``
         the attention probabilities ``[B, Hq, Q, K]`` instead of ``None``
         (recomputed by the reference path, see :mod:`gape.compat`).
     """
+    _check_kwargs(module, kwargs)
     gate = compat.active_gate(module._modules.get(GATE_ATTR))
-    want_probs = bool(kwargs.get("output_attentions", False))
+    want_probs = _wants_probs(module, kwargs)
     if gate is None and ALIBI_ATTR not in module._modules:
         pretrained.check_gate_missing(module)
         out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -213,6 +218,52 @@ def gape_attention_forward(
     if want_probs:
         return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window)
     return out, None
+
+
+# Keywords the attention function reads (the rest of its contract).
+HONOURED_KWARGS = frozenset({
+    "sliding_window", "is_causal", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids",
+    "output_attentions", "gape_gates",
+})
+# Keywords transformers passes attention calls that carry no term of the attention itself:
+# loss, cache and output bookkeeping (the cache reaches the function as key/value), and
+# seq_idx (the packed layout's sequence index, which the mask or position_ids express).
+PASSIVE_KWARGS = frozenset({
+    "num_items_in_batch", "output_hidden_states", "output_router_logits", "seq_idx", "use_cache", "cache_position",
+    "return_dict",
+})
+
+
+def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
+    """Refuse any keyword the attention function would otherwise drop: a model that hands
+    its attention a new term (learned sinks, a soft-cap, a position bias) must not run
+    without it."""
+    unknown = [k for k in kwargs if k not in HONOURED_KWARGS and k not in PASSIVE_KWARGS]
+    if unknown:
+        raise ValueError(
+            f"GAPE attention got keyword argument(s) {', '.join(repr(k) for k in sorted(unknown))} from "
+            f"{type(module).__name__}, which it does not implement; running without them would change the model. "
+            f"It takes {', '.join(sorted(HONOURED_KWARGS - {'gape_gates'}))} (plus transformers' bookkeeping "
+            f"keywords {', '.join(sorted(PASSIVE_KWARGS))}); unpatch the model (gape.unpatch) to run it as it is"
+        )
+
+
+def _wants_probs(module: nn.Module, kwargs: dict) -> bool:
+    """Whether this call must return the attention probabilities: the ``output_attentions``
+    keyword when given, else what transformers' output capture collects for this forward
+    (it reads ``config.output_attentions`` when the keyword is absent), else the config."""
+    flag = kwargs.get("output_attentions")
+    if flag is not None:
+        return bool(flag)
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without output capture: its config decides
+        _active_collector = None
+    if _active_collector is not None:
+        collected = _active_collector.get()  # compile-safe (a global while dynamo traces)
+        if collected is not None:
+            return "attentions" in collected
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
