@@ -223,7 +223,7 @@ def gape_attention_forward(
 # Keywords the attention function reads (the rest of its contract).
 HONOURED_KWARGS = frozenset({
     "sliding_window", "is_causal", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids",
-    "output_attentions", "gape_gates",
+    "output_attentions", "gape_gates", "softcap",
 })
 # Keywords transformers passes attention calls that carry no term of the attention itself:
 # loss, cache and output bookkeeping (the cache reaches the function as key/value), and
