@@ -28,7 +28,8 @@ CONFIGS = {
     "qwen2": ("Qwen2Config", BASE),
     "qwen3": ("Qwen3Config", HEAD16),
     "gemma": ("GemmaConfig", HEAD16),
-    "gemma2": ("Gemma2Config", dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=None)),
+    # a cap of 1.0 bites on the tiny model's logits (the released 50.0 would hardly show)
+    "gemma2": ("Gemma2Config", dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=1.0)),
     "gemma3_text": (
         "Gemma3TextConfig",
         dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"]),
@@ -75,6 +76,7 @@ CONFIGS = {
     "afmoe": (None, dict(HEAD16, **MOE)),
     "solar_open": (None, dict(HEAD16, **MOE)),
     "falcon_h1": (None, HEAD16),
+    "gpt_oss": (None, dict(HEAD16, **MOE, sliding_window=8)),
 }
 ARCHS = list(CONFIGS)
 # The architectures people use most run in the default suite; the rest (same checks)
@@ -89,7 +91,7 @@ SLOW = pytest.mark.slow
 def arch_params(archs):
     return [a if a in COMMON else pytest.param(a, marks=SLOW) for a in archs]
 # transformers gives Gemma 2 no SDPA path (soft-capping); eager is its baseline
-BASELINE = {"gemma2": "eager"}
+BASELINE = {"gemma2": "eager", "gpt_oss": "eager"}
 REFERENCE = gape.GapeConfig(backend="reference", identity_shortcut=False)
 
 
@@ -99,7 +101,12 @@ def make(arch: str, **overrides):
     config = transformers.AutoConfig.for_model(arch, **kwargs) if cls is None else getattr(transformers, cls)(**kwargs)
     config = copy.deepcopy(config)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=BASELINE.get(arch, "sdpa")).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=BASELINE.get(arch, "sdpa")).eval()
+    with torch.no_grad():  # sinks of the order of the logits, so that dropping them would show
+        for name, p in model.named_parameters():
+            if name.endswith("self_attn.sinks"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 2)
+    return model
 
 
 def randomize(model, seed=1):
@@ -187,11 +194,39 @@ def test_partial_rotary_gates_read_both_channel_kinds(arch):
     assert (pair_features(moved, "half", r) - pair_features(x, "half", r)).abs().max() > 0.1
 
 
-def test_gemma2_soft_capping_is_refused():
-    model = make("gemma2", attn_logit_softcapping=50.0)
-    with pytest.raises(ValueError, match="soft-capping.*attn_logit_softcapping=50.0"):
-        gape.patch(model)
-    assert not hf.is_patched(model) and model.config._attn_implementation == "eager"
+@pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig()], ids=["reference", "default"])
+@pytest.mark.parametrize("arch,term", [("gpt_oss", "sinks"), ("gemma2", "softcap")])
+def test_sinks_and_softcap_models_equal_unpatched(arch, term, config):
+    """gpt-oss's learned sinks and Gemma's soft-cap reach GAPE's kernels: identity gates equal
+    the unpatched eager model to 1e-5 in float32 (with the identity shortcut too, whose
+    plain-SDPA path would drop them); the term is big enough that dropping it would show."""
+    model = make(arch)
+    model.set_attn_implementation("eager")
+    x = ids(2, 20)
+    with torch.no_grad():
+        ref = model(x).logits
+        if term == "sinks":
+            for m in model.modules():
+                if hasattr(m, "sinks"):
+                    m.sinks.fill_(-1e4)
+        else:
+            model.config.attn_logit_softcapping = None
+            for m in model.modules():
+                if hasattr(m, "attn_logit_softcapping"):
+                    m.attn_logit_softcapping = None
+        without = model(x).logits
+        model = make(arch)
+        model.set_attn_implementation("eager")
+        assert (without - ref).abs().max() > 1e-3, f"the {term} do not matter in this model: the check proves nothing"
+        gape.patch(model, config)
+        torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=1e-5)
+        # decoding with the cache honours them too
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        randomize(model)
+        cached = model.generate(x[:1, :9], **kw)
+        full = model.generate(x[:1, :9], use_cache=False, **kw)
+        torch.testing.assert_close(torch.stack(cached.logits), torch.stack(full.logits), rtol=0, atol=2e-5)
+
 
 
 def test_cohere_uses_the_interleaved_layout():
@@ -279,3 +314,31 @@ def test_paper_decode_equals_full(arch):
     got = torch.cat(steps, dim=1)
     real = mask.bool()
     torch.testing.assert_close(got[real], full[real], rtol=1e-4, atol=2e-5)
+
+
+HEADS = ["AutoModelForSequenceClassification", "AutoModelForQuestionAnswering", "AutoModelForTokenClassification"]
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.removeprefix("AutoModelFor"))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt_neox"])
+def test_heads_beyond_causal_lm_patch_where_the_decoder_lives(arch, head):
+    """Classification and question-answering heads keep the decoder under .model or
+    .transformer (its base_model): patched there, identity gates equal the head unpatched,
+    and gates on change its outputs."""
+    cls, kwargs = CONFIGS[arch]
+    config = transformers.AutoConfig.for_model(arch, **kwargs) if cls is None else getattr(transformers, cls)(**kwargs)
+    torch.manual_seed(0)
+    model = getattr(transformers, head).from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    x = ids(2, 12)
+    with torch.no_grad():
+        ref = model(x)
+        gape.patch(model, REFERENCE)
+        assert len(hf.iter_gates(model)) == config.num_hidden_layers
+        same = model(x)
+        randomize(model)
+        gated = model(x)
+    keys = [k for k in ref.keys() if k.endswith("logits")]
+    assert keys
+    for k in keys:
+        torch.testing.assert_close(same[k], ref[k], rtol=0, atol=2e-5)
+    assert max(float((gated[k] - ref[k]).abs().max()) for k in keys) > 1e-3
