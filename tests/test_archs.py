@@ -342,3 +342,43 @@ def test_heads_beyond_causal_lm_patch_where_the_decoder_lives(arch, head):
     for k in keys:
         torch.testing.assert_close(same[k], ref[k], rtol=0, atol=2e-5)
     assert max(float((gated[k] - ref[k]).abs().max()) for k in keys) > 1e-3
+
+
+@pytest.mark.parametrize("gate", ["invariant", "paper"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3_text"])
+def test_static_sliding_window_cache_equals_dynamic(arch, gate):
+    """generate(cache_implementation="static") on sliding-window models builds
+    StaticSlidingWindowLayers: before the window is reached they are written in place
+    (queries at the written slots), from then on they hold the last keys in order. Greedy
+    generation equals the dynamic cache's, past the window too (window 8, 10 + 6 tokens).
+    The paper's form keeps the key gates of the keys it saw, which a rolled buffer drops:
+    served until the window is reached, refused after."""
+    over = {"qwen2": dict(use_sliding_window=True, max_window_layers=0, layer_types=["sliding_attention"] * 2,
+                          sliding_window=8)}.get(arch, {})
+    model = make(arch, **over)
+    if gate == "paper":
+        gape.patch(model, gape.GapeConfig(gate="paper", train_length=16, backend="reference"))
+        randomize_paper(model, seed=5)
+    else:
+        gape.patch(model, REFERENCE)
+        randomize(model)
+    kw = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    x = ids(1, 10)
+    with torch.no_grad():
+        short = dict(kw, max_new_tokens=3)
+        dynamic = model.generate(x[:, :4], **short)
+        static = model.generate(x[:, :4], cache_implementation="static", **short)
+        assert torch.equal(static.sequences, dynamic.sequences)
+        torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=2e-5)
+        long = dict(kw, max_new_tokens=6)
+        if gate == "paper":
+            with pytest.raises(ValueError, match="static sliding-window cache is served while the window"):
+                model.generate(x, cache_implementation="static", **long)
+            return
+        dynamic = model.generate(x, **long)
+        static = model.generate(x, cache_implementation="static", **long)
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in hf.output_cache(static).layers)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=2e-5)
