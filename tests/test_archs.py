@@ -382,3 +382,23 @@ def test_static_sliding_window_cache_equals_dynamic(arch, gate):
     assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in hf.output_cache(static).layers)
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=2e-5)
+
+
+def test_sink_models_attention_maps():
+    """output_attentions on gpt-oss gives the eager model's maps (rows sum to less than 1:
+    the sink's share); capture_attention, which recomputes maps without sinks, refuses."""
+    from gape.attention_probe import capture_attention
+
+    model = make("gpt_oss")
+    model.set_attn_implementation("eager")
+    x = ids(1, 10)
+    with torch.no_grad():
+        ref = model(x, output_attentions=True).attentions
+        gape.patch(model, REFERENCE)
+        got = model(x, output_attentions=True).attentions
+        assert float(ref[0].sum(-1).min()) < 0.9
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="capture_attention does not recompute attention with sinks"):
+            with capture_attention(model):
+                model(x)
