@@ -868,6 +868,8 @@ def supports(call) -> str | None:
     that are per-batch key ranges (key padding, with or without the causal rule).
     """
     query = call.query
+    if call.terms:
+        return f'the "triton" backend does not implement {call.terms} yet; use backend="torch" (or "auto")'
     # the interpreter must be on both when the kernels were decorated and now
     if query.device.type != "cuda" and not (_is_interpreted() and os.environ.get("TRITON_INTERPRET") == "1"):
         return (

@@ -1,7 +1,8 @@
-"""Cohere (Command R): RoPE on interleaved channel pairs (x_2i, x_2i+1); an optional
-per-head q/k LayerNorm before RoPE (use_qk_norm), which the paper's gates read when present."""
+"""Cohere (Command R) and Cohere 2 (sliding window on some layers): RoPE on interleaved
+channel pairs (x_2i, x_2i+1); Cohere's optional per-head q/k LayerNorm before RoPE
+(use_qk_norm), which the paper's gates read when present."""
 
 from .spec import ArchSpec
 
-SPEC = ArchSpec(model_types=("cohere",), rope_layout="interleaved", query_pre_rope=("q_norm", "q_proj"),
-                key_pre_rope=("k_norm", "k_proj"))
+SPEC = ArchSpec(model_types=("cohere", "cohere2"), rope_layout="interleaved", sliding_window="sliding_window",
+                query_pre_rope=("q_norm", "q_proj"), key_pre_rope=("k_norm", "k_proj"))

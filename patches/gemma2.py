@@ -1,8 +1,6 @@
-"""Gemma 2: sliding window on alternate layers and attention logit soft-capping.
-
-GAPE's kernels do not implement the soft-cap, so a config with
-``attn_logit_softcapping`` set (the released models) is refused; with it set to
-None the model is patched like Gemma."""
+"""Gemma 2: sliding window on alternate layers and attention logit soft-capping
+(``attn_logit_softcapping``), which the attention function receives as ``softcap=`` and
+GAPE's backends apply to the content logit before the bias (docs/maths.md)."""
 
 from .spec import ArchSpec
 

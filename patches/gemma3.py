@@ -1,5 +1,5 @@
 """Gemma 3 (text): per-head q/k RMSNorm, local/global layers with their own RoPE base,
-sliding window on local layers; soft-capping is off by default (refused if set)."""
+sliding window on local layers; soft-capping when set (off by default)."""
 
 from .spec import ArchSpec
 

@@ -1,5 +1,8 @@
-"""Llama (and SmolLM2, which is a Llama)."""
+"""Llama and the decoders that differ from it only outside attention (as far as GAPE sees):
+SmolLM2 and SmolLM3 (whose NoPE layers get the same gates: pair norms need no rotation),
+Arcee (ReLU^2 MLP), Seed-OSS, BitNet (ternary weights), InternLM3, Solar Open (MoE),
+Falcon-H1 (a Mamba mixer beside every attention)."""
 
 from .spec import ArchSpec
 
-SPEC = ArchSpec(model_types=("llama",))
+SPEC = ArchSpec(model_types=("llama", "smollm3", "arcee", "seed_oss", "bitnet", "internlm3", "solar_open", "falcon_h1"))

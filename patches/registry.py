@@ -16,7 +16,7 @@ from .spec import ArchSpec
 
 _MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite", "cohere",
-    "stablelm", "gpt_neox", "qwen2_moe", "mixtral",
+    "stablelm", "gpt_neox", "qwen2_moe", "mixtral", "interleaved", "glm", "partial_rotary", "exaone4", "phi", "gpt_oss",
 )
 
 REGISTRY: dict[str, ArchSpec] = {}

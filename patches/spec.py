@@ -36,8 +36,9 @@ class ArchSpec:
             of each head's channels (``config.rope_parameters``); the gates then
             read pair norms of those and raw values of the rest (gape.hf.gates).
         softcap: config attribute of an attention logit soft-cap
-            (``cap * tanh(s / cap)``, Gemma 2). GAPE's kernels do not implement
-            it, so a model with it set is refused rather than run without it.
+            (``cap * tanh(s / cap)``, Gemma 2), for the log and the tests: the
+            model hands the cap to the attention function (``softcap=``), which
+            passes it to a backend that implements it.
     """
 
     model_types: tuple[str, ...]

@@ -275,3 +275,38 @@ def test_trainer_trains_the_gates_and_checkpoints_are_gape_models(tmp_path):
     ids = tokens(1, 12)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_config_output_attentions_returns_the_maps():
+    """config.output_attentions=True without the keyword: the maps of the eager model, not ()."""
+    model = make_model("llama")
+    ids = tokens(1, 9)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        model.config.output_attentions = True
+        plain = model(ids).attentions
+        model.set_attn_implementation("sdpa")
+        gape.patch(model, gape.GapeConfig(backend="reference", layers=[1]))
+        got = model(ids).attentions
+        assert len(got) == len(plain) == 2
+        for a, b in zip(got, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        model.config.output_attentions = False
+        assert not model(ids).attentions
+        assert len(model(ids, output_attentions=True).attentions) == 2
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("kwarg", ["position_bias", "some_future_term"])
+def test_unknown_attention_keyword_is_refused(kwarg, gated):
+    """A keyword the attention function does not implement is an error naming it, on gated
+    layers and on layers left unpatched (which would otherwise drop it in SDPA)."""
+    model = make_model("llama")
+    gape.patch(model, gape.GapeConfig(backend="reference", layers=[0]))
+    attn = model.model.layers[0 if gated else 1].self_attn
+    q = torch.randn(1, 4, 5, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match=f"'{kwarg}'"):
+        hf.gape_attention_forward(attn, q, k, v, None, **{kwarg: torch.zeros(1)})
+    out, _ = hf.gape_attention_forward(attn, q, k, v, None, use_cache=True, num_items_in_batch=3)
+    assert out.shape == (1, 5, 4, 16)

@@ -3,13 +3,15 @@
 Every backend receives already-validated tensors and the same arguments:
 
     fn(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
-       *, query_offset=None, window=None)
+       *, query_offset=None, window=None, sinks=None, softcap=None)
 
 with ``attn_mask`` either None or a 4-D bool tensor broadcastable (not
 expanded) to ``[B, Hq, Lq, Lk]``, and ``scale`` a float. ``query_offset`` is
 None (bottom-right), an int or an int64 ``[B]`` tensor; ``window`` is None
-(unbounded) or ``(left, right)`` ints with ``-1`` = unbounded on that side. The
-keywords are only passed when they differ from their defaults.
+(unbounded) or ``(left, right)`` ints with ``-1`` = unbounded on that side;
+``sinks`` None or a ``[Hq]`` tensor of learned sink logits, ``softcap`` None or
+a positive float. The keywords are only passed when they differ from their
+defaults, and a backend whose ``supports`` does not refuse them implements them.
 """
 
 from __future__ import annotations
@@ -197,11 +199,18 @@ class AttentionCall:
     values, a host sync on CUDA), whoever asks first."""
 
     def __init__(self, query, key, value, attn_mask, is_causal: bool, distance: str, query_offset=None, window=None,
-                 varlen: bool = False):
+                 varlen: bool = False, sinks=None, softcap=None):
         self.query, self.key, self.value = query, key, value
         self.attn_mask, self.is_causal, self.distance = attn_mask, is_causal, distance
         self.query_offset, self.window, self.varlen = query_offset, window, varlen
+        self.sinks, self.softcap = sinks, softcap
         self._ranges = _UNSET
+
+    @property
+    def terms(self) -> str | None:
+        """The optional logit terms of the call, named as the API names them (None without)."""
+        names = [n for n, v in (("sinks", self.sinks), ("softcap", self.softcap)) if v is not None]
+        return " and ".join(names) or None
 
     @property
     def key_ranges(self):
@@ -295,13 +304,40 @@ def _check_window(window_size, is_causal: bool):
     return (left, right)
 
 
-def _position_kwargs(query_offset, window) -> dict:
+def _position_kwargs(query_offset, window, sinks=None, softcap=None) -> dict:
     kw = {}
     if query_offset is not None:
         kw["query_offset"] = query_offset
     if window is not None:
         kw["window"] = window
+    if sinks is not None:
+        kw["sinks"] = sinks
+    if softcap is not None:
+        kw["softcap"] = softcap
     return kw
+
+
+def _check_terms(sinks, softcap, query):
+    """``sinks``: None or a floating ``[Hq]`` tensor on the query's device (finite);
+    ``softcap``: None or a positive finite float. Returns ``(sinks, softcap)``."""
+    hq = query.shape[1]
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"sinks must be None or a floating tensor of shape [Hq={hq}], got "
+                            f"{sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+        if sinks.dim() != 1 or sinks.shape[0] != hq:
+            raise ValueError(f"sinks must have shape [Hq={hq}] (one logit per query head), got {tuple(sinks.shape)}")
+        if sinks.device != query.device:
+            raise ValueError(f"sinks is on {sinks.device} but query is on {query.device}")
+        if sinks.device.type != "meta" and not torch.compiler.is_compiling() and not bool(torch.isfinite(sinks).all()):
+            raise ValueError("sinks must be finite (a -inf sink is no sink: pass sinks=None)")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a positive float, got {type(softcap).__name__} {softcap!r}")
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a positive finite float (None: no soft-capping), got {softcap!r}")
+    return sinks, softcap
 
 
 def _load(name: str):
@@ -336,7 +372,8 @@ class Selection:
 
 
 def select(backend: str, query, key=None, value=None, *, attn_mask=None, is_causal: bool = True,
-           distance: str = "log", query_offset=None, window=None, varlen: bool = False) -> Selection:
+           distance: str = "log", query_offset=None, window=None, varlen: bool = False, sinks=None,
+           softcap=None) -> Selection:
     """The backend that serves this call, ready to run (the one place a backend is chosen).
 
     ``"auto"`` takes the first of :func:`auto_order` whose ``supports`` accepts
@@ -344,15 +381,18 @@ def select(backend: str, query, key=None, value=None, *, attn_mask=None, is_caus
     does not take falls back to the torch backend); a named backend that cannot
     serve the call raises ValueError with its reason. Inputs must be validated
     already (``attn_mask`` bool, broadcastable to ``[B, Hq, Lq, Lk]``;
-    ``query_offset``/``window`` as checked by :func:`attention`). ``varlen``:
-    the packed entry point of :func:`attention_varlen` (its own table).
+    ``query_offset``/``window``/``sinks``/``softcap`` as checked by
+    :func:`attention`; each backend's ``supports`` says whether it implements
+    sinks and soft-capping). ``varlen``: the packed entry point of
+    :func:`attention_varlen` (its own table).
     """
     table = VARLEN_BACKENDS if varlen else BACKENDS
     if backend not in table:
         raise ValueError(f"backend must be one of {table}, got {backend!r}")
     key = query if key is None else key
     value = key if value is None else value
-    call = AttentionCall(query, key, value, attn_mask, is_causal, distance, query_offset, window, varlen)
+    call = AttentionCall(query, key, value, attn_mask, is_causal, distance, query_offset, window, varlen, sinks,
+                         softcap)
     names = auto_order(query) if backend == "auto" else (backend,)
     for name in names:
         reason = _reason(name, call)
@@ -372,7 +412,7 @@ def _bind(name: str, call: AttentionCall):
     if call.varlen:
         return getattr(_module(name), _VARLEN[name][1])
     fn = _load(name)
-    kwargs = _position_kwargs(call.query_offset, call.window)
+    kwargs = _position_kwargs(call.query_offset, call.window, call.sinks, call.softcap)
     if name == "triton" and call.attn_mask is not None:
         # the mask was analysed by supports; the kernel takes the key ranges
         kwargs["key_ranges"] = call.key_ranges
@@ -410,6 +450,8 @@ def attention(
     backend: str = "auto",
     query_offset: int | torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """GAPE attention: scaled dot-product attention plus a gated distance bias.
 
@@ -445,6 +487,17 @@ def attention(
         window_size: ``(left, right)`` local window in FlashAttention's convention:
             query ``i`` sees keys at positions ``[pos_q - left, pos_q + right]``,
             ``-1`` = unbounded on that side (``right`` is moot when causal).
+        sinks: optional ``[Hq]`` learned attention sinks (gpt-oss): one extra
+            logit per query head in every row's softmax denominator, with no
+            value, so a row may give less than all its weight to the keys. Its
+            gradient flows (``sinks.requires_grad``). Finite.
+        softcap: optional logit soft-cap ``c > 0`` (Gemma 2): the content logit
+            becomes ``c * tanh(scale <q, k> / c)``; the GAPE bias is added after
+            the cap (docs/maths.md says why).
+
+    Sinks and soft-capping run on the ``"reference"`` and ``"torch"`` backends
+    (the torch backend's pure-PyTorch tiles); ``"sdpa"`` and ``"triton"``
+    refuse them, and ``"auto"`` takes the torch backend for them.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query dtype.
@@ -470,13 +523,14 @@ def attention(
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     query_offset = _check_query_offset(query_offset, b, lq, lk, query.device)
     window = _check_window(window_size, is_causal)
+    sinks, softcap = _check_terms(sinks, softcap, query)
     if query.device.type == "meta" or _is_empty(query, key, value):
         # Shapes only (meta) or nothing to compute: the reference handles both exactly,
         # with autograd, and no kernel sees a zero-size or data-less tensor.
         return _load("reference")(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
-                                  **_position_kwargs(query_offset, window))
+                                  **_position_kwargs(query_offset, window, sinks, softcap))
     chosen = select(backend, query, key, value, attn_mask=attn_mask, is_causal=is_causal, distance=distance,
-                    query_offset=query_offset, window=window)
+                    query_offset=query_offset, window=window, sinks=sinks, softcap=softcap)
     return chosen(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance)
 
 

@@ -133,9 +133,15 @@ def reference_attention(
     upcast: bool = False,
     query_offset=None,
     window=None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain GAPE attention. Shapes and ``query_offset`` as :func:`gape.attention`;
     ``window`` is its ``window_size`` (None = unbounded).
+
+    ``softcap``: the content logit is ``softcap * tanh(scale <q, k> / softcap)``
+    and the GAPE bias is added after the cap (docs/maths.md). ``sinks [Hq]``:
+    one learned logit per query head, in the softmax denominator only (no value).
 
     ``upcast=False`` computes scores and softmax in the input dtype (the
     "same-dtype PyTorch reference" whose own error sets kernel tolerances);
@@ -158,6 +164,8 @@ def reference_attention(
     pi = key_gate.repeat_interleave(rep, dim=1)
 
     scores = torch.matmul(query, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     bias = gape_bias(query_gate, pi, lq, lk, is_causal, distance, bias_dtype, query_offset)
     scores = (scores.to(bias_dtype) + bias).to(cdt)
     mask = allowed_mask(lq, lk, is_causal, attn_mask, query.device, query_offset, window)
@@ -167,7 +175,12 @@ def reference_attention(
         empty = ~mask.any(dim=-1, keepdim=True)
         # A row with no allowed key gives zeros (and zero gradients), not NaN.
         scores = scores.masked_fill(empty, 0.0)
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        # the sink is one more logit in each row's denominator; its column is dropped after
+        sink = sinks.to(cdt).reshape(1, hq, 1, 1).expand(b, hq, lq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :lk]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     if mask is not None:
         probs = probs.masked_fill(empty, 0.0)
     out = torch.matmul(probs, v)

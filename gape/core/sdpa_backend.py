@@ -61,6 +61,9 @@ def augment(query, key, query_gate, key_gate, scale: float, center: int, query_o
 
 def supports(call) -> str | None:
     """Why this backend cannot serve ``call`` (a :class:`gape.core.api.AttentionCall`), None when it can."""
+    if call.terms:
+        return (f'the "sdpa" backend does not implement {call.terms} (its bias enters '
+                'F.scaled_dot_product_attention as extra channels); use backend="torch" or "reference"')
     return _reason(call.distance, call.is_causal)
 
 

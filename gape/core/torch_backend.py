@@ -13,7 +13,10 @@ one place that picks among them is :func:`choose_strategy`):
   on CUDA.
 - ``"decode"``: one query row without autograd, a handful of ops.
 
-``"auto"`` takes ``"decode"`` for a one-row step without gradients, else
+Learned sinks and logit soft-capping (``sinks=``, ``softcap=``) run on the
+``"gemm-tiles"`` strategy only: the C++ kernel, PyTorch's SDPA and the decode
+step do not implement them, and naming one of those strategies for such a
+call is refused. Otherwise ``"auto"`` takes ``"decode"`` for a one-row step without gradients, else
 ``"kernel"`` when it is built and takes the tensors, else ``"sdpa-tiles"`` on a
 multi-threaded CPU for at least :data:`SDPA_TILES_MIN_ROWS` query rows, else
 ``"gemm-tiles"`` (the measurements behind the choice are in docs/kernels.md).
@@ -43,13 +46,21 @@ def _kernel_ok(query, key, value) -> bool:
     return attention_cpu.supports(query, key, value) and attention_cpu.available()
 
 
-def choose_strategy(strategy: str, query, key, value, needs_grad: bool = False) -> str:
-    """The concrete forward strategy for these tensors (see the module docstring).
+def choose_strategy(strategy: str, query, key, value, needs_grad: bool = False, terms: bool = False) -> str:
+    """The concrete forward strategy for these tensors (see the module docstring);
+    ``terms``: the call has learned sinks or a soft-cap.
 
     A named strategy that cannot serve the call raises ValueError saying why.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if terms:
+        if strategy not in ("auto", "gemm-tiles"):
+            raise ValueError(
+                f"strategy={strategy!r} does not implement learned sinks or logit soft-capping (sinks=, softcap=); "
+                "only 'gemm-tiles' does (strategy='auto' picks it)"
+            )
+        return "gemm-tiles"
     lq = query.shape[2]
     if strategy == "auto":
         if lq == 1 and not needs_grad:
@@ -120,7 +131,7 @@ def _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_caus
 class _GapeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
-                strategy, query_offset=None, window=None, segments=None):
+                strategy, query_offset=None, window=None, segments=None, sinks=None, softcap=None):
         lse = None
         positions = None
         if segments is not None or strategy == "kernel":
@@ -130,11 +141,12 @@ class _GapeAttention(torch.autograd.Function):
                                        True, positions)
         else:
             plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
-                            query_offset, window)
+                            query_offset, window, sinks, softcap)
             out = tiles_forward(plan, strategy)
         # lse (the kernel's row log-sum-exp) selects the kernel's backward
-        ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse)
+        ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, out, lse, sinks)
         ctx.args = (is_causal, scale, distance, chunk_size, query_offset, window)
+        ctx.softcap = softcap
         ctx.positions = positions
         return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 
@@ -145,22 +157,27 @@ class _GapeAttention(torch.autograd.Function):
         # second-order terms whenever grad_out does not require grad).
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             raise RuntimeError(double_backward_error("torch"))
-        query, key, value, query_gate, key_gate, attn_mask, out, lse = ctx.saved_tensors
+        query, key, value, query_gate, key_gate, attn_mask, out, lse, sinks = ctx.saved_tensors
         is_causal, scale, distance, chunk_size, query_offset, window = ctx.args
         needs = ctx.needs_input_grad[:5]
+        dsink = None
         if lse is not None:
             dq, dk, dv, dlam, dpi = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal,
                                                      scale, distance, out, lse, grad_out, ctx.positions)
         else:
-            plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args)
-            dq, dk, dv, dlam, dpi = tiles_backward(plan, out, grad_out, needs)
+            plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args, sinks, ctx.softcap)
+            dq, dk, dv, dlam, dpi, dsink = tiles_backward(plan, out, grad_out, needs)
+        if dsink is not None and ctx.needs_input_grad[14]:
+            dsink = dsink.sum(0).reshape(-1).to(sinks.dtype)
+        else:
+            dsink = None
         return (
             dq.view(query.shape).to(query.dtype) if needs[0] else None,
             dk.view(key.shape).to(key.dtype) if needs[1] else None,
             dv.view(value.shape).to(value.dtype) if needs[2] else None,
             dlam.view(query_gate.shape).to(query_gate.dtype) if needs[3] else None,
             dpi.view(key_gate.shape).to(key_gate.dtype) if needs[4] else None,
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, dsink, None,
         )
 
 
@@ -193,6 +210,8 @@ def torch_attention(
     *,
     query_offset=None,
     window=None,
+    sinks=None,
+    softcap=None,
 ) -> torch.Tensor:
     """GAPE attention on validated inputs (see :func:`gape.attention`).
 
@@ -201,7 +220,8 @@ def torch_attention(
     twice in the backward) for fewer, larger GEMMs. ``strategy``: one of
     :data:`STRATEGIES` (module docstring). ``query_offset`` (None, an int or an
     int64 ``[B]`` tensor) and ``window`` (``(left, right)`` or None) as in
-    :func:`gape.attention`.
+    :func:`gape.attention`; so are ``sinks`` (``[Hq]``) and ``softcap`` (a float),
+    which run on the tiles (module docstring).
     """
     if torch.compiler.is_compiling():
         if strategy in ("auto", "kernel") and query.device.type == "cpu" and attention_cpu.compiled_kernel_ready():
@@ -213,8 +233,9 @@ def torch_attention(
     if isinstance(query_offset, int) and query_offset == key.shape[2] - query.shape[2]:
         query_offset = None  # the bottom-right default: keep its fast paths
     tensors = (query, key, value, query_gate, key_gate)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    strategy = choose_strategy(strategy, query, key, value, grad)
+    grad = torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                        or (sinks is not None and sinks.requires_grad))
+    strategy = choose_strategy(strategy, query, key, value, grad, sinks is not None or softcap is not None)
     if strategy == "decode":
         return decode_forward(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal,
                               query_offset, window)
@@ -225,18 +246,18 @@ def torch_attention(
             m = None if attn_mask is None else attn_mask[i : i + 1] if attn_mask.shape[0] > 1 else attn_mask
             outs.append(torch_attention(*(t[i : i + 1] for t in tensors), m, is_causal, scale, distance, chunk_size,
                                         strategy, query_offset=int(query_offset.reshape(-1).expand(query.shape[0])[i]),
-                                        window=window))
+                                        window=window, sinks=sinks, softcap=softcap))
         return torch.cat(outs, dim=0)
     if grad:
         return _GapeAttention.apply(*tensors, attn_mask, is_causal, scale, distance, chunk_size, strategy,
-                                    query_offset, window)
+                                    query_offset, window, None, sinks, softcap)
     if strategy == "kernel":
         pos = _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, query_offset, window)
         out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
                               positions=pos)
         return out.to(query.dtype)
     plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
-                    query_offset, window)
+                    query_offset, window, sinks, softcap)
     out = tiles_forward(plan, strategy)
     return out.view(query.shape[0], query.shape[1], query.shape[2], value.shape[3]).to(query.dtype)
 

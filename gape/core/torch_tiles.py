@@ -62,7 +62,7 @@ class TilePlan:
     """Everything about one call that does not depend on the chunk."""
 
     def __init__(self, query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
-                 query_offset=None, window=None):
+                 query_offset=None, window=None, sinks=None, softcap=None):
         b, hq, lq, d = query.shape
         hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
         self.b, self.hq, self.hkv, self.rep = b, hq, hkv, hq // hkv
@@ -80,6 +80,11 @@ class TilePlan:
         self.neg_lam = self.lam.neg().unsqueeze(-1)
         self.keep = (1 - key_gate.to(cdt)).reshape(b, hkv, lk)
         self.mask = attn_mask
+        # learned sinks [Hq] (one logit per head in each row's denominator) as [B*Hkv, rep, 1, 1],
+        # and the logit soft-cap (applied to scale <q, k> before the bias is added)
+        self.sinks = None if sinks is None else sinks.to(cdt).reshape(1, hkv, self.rep, 1, 1).expand(
+            b, hkv, self.rep, 1, 1).reshape(self.g, self.rep, 1, 1)
+        self.softcap = None if softcap is None else float(softcap)
         # query row i sits at position i + qoff (one int here: per-batch offsets are split
         # by the caller); the allowed signed distances are [dlo, dhi] (None = unbounded)
         default = query_offset is None
@@ -169,25 +174,41 @@ class TilePlan:
     def probs(self, i0, i1, ks, ke):
         """Attention probabilities of one chunk as ``[B*Hkv, rep*cc, ke - ks]`` (our own GEMM and softmax).
 
-        Also returns the folded query chunk and ``phi``.
+        Also returns the folded query chunk, ``phi`` and, with a soft-cap, ``tanh(scale <q, k> / cap)``
+        of the chunk (its derivative is the cap's, for the backward), else None.
         """
         g, rows = self.g, self.rep * (i1 - i0)
         s, phi = self.bias(i0, i1, ks, ke)
         qc = self.query.view(self.b, self.hkv, self.rep, self.lq, self.d)[:, :, :, i0:i1].reshape(g, rows, self.d)
         k = self.key.view(g, self.lk, self.d)[:, ks:ke]
-        p = s.view(g, rows, ke - ks).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
+        t = None
+        if self.softcap is None:
+            p = s.view(g, rows, ke - ks).baddbmm_(qc, k.transpose(1, 2), alpha=self.scale)
+        else:
+            t = torch.bmm(qc, k.transpose(1, 2)).mul_(self.scale / self.softcap).tanh_()
+            p = s.view(g, rows, ke - ks).add_(t, alpha=self.softcap)
         if self.nonfinite:
             # -inf + NaN is NaN: mask again after the product, so a NaN key the row may not
             # see (or a NaN query row with no allowed key) stays out, as in the reference
             self._mask_(p.view(self.b, self.hkv, self.rep, i1 - i0, ke - ks), i0, i1, ks, ke)
-        _softmax_rows(p, self.may_have_empty_rows)
-        return p, qc, phi
+        sink = None
+        if self.sinks is not None:
+            sink = self.sinks.expand(g, self.rep, i1 - i0, 1).reshape(g, rows, 1)
+        _softmax_rows(p, self.may_have_empty_rows, sink)
+        return p, qc, phi, t
 
 
-def _softmax_rows(p: torch.Tensor, may_have_empty_rows: bool) -> None:
+def _softmax_rows(p: torch.Tensor, may_have_empty_rows: bool, sink: torch.Tensor | None = None) -> None:
     """In-place softmax over the last dim. A row whose logits are all ``-inf`` (no
     allowed key) becomes zeros, as GAPE defines it; a NaN logit (NaN in the query,
-    key or value) keeps its row NaN, as in the reference (not ``nan_to_num``)."""
+    key or value) keeps its row NaN, as in the reference (not ``nan_to_num``).
+    ``sink`` (``[..., 1]``, finite): one more logit per row in the denominator only."""
+    if sink is not None:
+        # the sink is finite, so the row maximum is too and a row with no key gives zeros
+        m = torch.maximum(p.amax(-1, keepdim=True), sink)
+        p.sub_(m).exp_()
+        p.div_(p.sum(-1, keepdim=True).add_((sink - m).exp_()))
+        return
     empty = p.amax(-1, keepdim=True) == _NEG_INF if may_have_empty_rows else None
     _softmax_out(p, -1, False, out=p)
     if empty is not None:
@@ -199,7 +220,7 @@ def tiles_forward(plan: TilePlan, strategy: str):
     b, hq, lq, dv = plan.b, plan.hq, plan.lq, plan.dv
     out = torch.empty(b, hq, lq, dv, device=plan.device, dtype=plan.cdt)
     # SDPA adds the -inf mask to a NaN logit: only our GEMM path masks after the product
-    fused = strategy == "sdpa-tiles" and not plan.nonfinite
+    fused = strategy == "sdpa-tiles" and not plan.nonfinite and plan.sinks is None and plan.softcap is None
     for i0, i1, ks, ke in plan.chunks():
         if ke <= ks:
             out[:, :, i0:i1] = 0  # no row of this chunk sees a key (before the cache, or outside the window)
@@ -216,7 +237,7 @@ def tiles_forward(plan: TilePlan, strategy: str):
                 enable_gqa=plan.rep > 1,
             )
         else:
-            p, _, _ = plan.probs(i0, i1, ks, ke)
+            p, _, _, _ = plan.probs(i0, i1, ks, ke)
             o = torch.bmm(p, plan.value.view(plan.g, plan.lk, dv)[:, ks:ke])
             out[:, :, i0:i1] = o.view(b, hq, i1 - i0, dv)
     return out
@@ -233,6 +254,8 @@ def tiles_backward(plan: TilePlan, out, grad_out, needs):
     dvv = torch.zeros(g, lk, dv, device=plan.device, dtype=plan.cdt)
     dlam = torch.zeros(b, hkv, rep, lq, device=plan.device, dtype=plan.cdt)
     dpi = torch.zeros(g, 1, lk, device=plan.device, dtype=plan.cdt)
+    # d sink = -sum over rows of p_sink * rowsum(dO * O), p_sink = 1 - sum_j p_j
+    dsink = torch.zeros(b, hkv, rep, device=plan.device, dtype=plan.cdt) if plan.sinks is not None else None
     keep = plan.keep.reshape(g, lk, 1)
     dbuf = None
     for i0, i1, ks, ke in plan.chunks():
@@ -240,18 +263,23 @@ def tiles_backward(plan: TilePlan, out, grad_out, needs):
             continue
         cc, kw = i1 - i0, ke - ks
         rows = rep * cc
-        p, qc, phi = plan.probs(i0, i1, ks, ke)
+        p, qc, phi, t = plan.probs(i0, i1, ks, ke)
         doc = do[:, :, :, i0:i1].reshape(g, rows, dv)
+        if dsink is not None:
+            p_sink = 1 - p.sum(-1).view(b, hkv, rep, cc)
+            dsink -= (p_sink * delta_row[:, :, :, i0:i1]).sum(-1)
         dvv[:, ks:ke].baddbmm_(p.transpose(1, 2), doc)
         n_s = g * rows * kw
         if dbuf is None or dbuf.numel() < n_s:
             dbuf = torch.empty(plan.buf.numel(), device=plan.device, dtype=plan.cdt)
         ds = torch.bmm(doc, v[:, ks:ke].transpose(1, 2), out=dbuf[:n_s].view(g, rows, kw))
         ds.sub_(delta_row[:, :, :, i0:i1].reshape(g, rows, 1)).mul_(p)
+        # the gates' bias is added after the cap: only the content logit goes through tanh
+        dqk = ds if t is None else t.mul_(t).neg_().add_(1).mul_(ds)
         if needs[0]:
-            dq[:, :, :, i0:i1] = torch.bmm(ds, k[:, ks:ke]).mul_(plan.scale).view(b, hkv, rep, cc, d)
+            dq[:, :, :, i0:i1] = torch.bmm(dqk, k[:, ks:ke]).mul_(plan.scale).view(b, hkv, rep, cc, d)
         if needs[1]:
-            dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), qc, alpha=plan.scale)
+            dk[:, ks:ke].baddbmm_(dqk.transpose(1, 2), qc, alpha=plan.scale)
         if needs[3] or needs[4]:
             # u = dS * phi; d lambda = -u @ (1 - pi) (rows), d pi = lambda^T u (columns)
             u = torch.mul(ds.view(b, hkv, rep, cc, kw), phi, out=p.view(b, hkv, rep, cc, kw))
@@ -260,7 +288,7 @@ def tiles_backward(plan: TilePlan, out, grad_out, needs):
                 dlam[:, :, :, i0:i1] = torch.bmm(u, keep[:, ks:ke]).neg_().view(b, hkv, rep, cc)
             if needs[4]:
                 dpi[:, :, ks:ke].baddbmm_(plan.lam[..., i0:i1].reshape(g, 1, rows), u)
-    return dq, dk, dvv, dlam, dpi
+    return dq, dk, dvv, dlam, dpi, dsink
 
 
 # distance -> (dtype, device) -> R with R[n - 1 - t] = phi(t) for t < n = len(R): the

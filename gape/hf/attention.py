@@ -131,26 +131,32 @@ def gape_attention_forward(
         scaling: logit scale (default ``1/sqrt(D)``).
         kwargs: ``sliding_window`` (the layer's window, passed to the kernels),
             ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``position_ids`` (packed
-            sequences, run as varlen); the rest are ignored.
+            sequences, run as varlen), ``is_causal``, ``output_attentions``,
+            ``s_aux``/``sinks`` (learned sinks, ``[Hq]``) and ``softcap`` (see
+            :func:`gape.attention`; sent to a backend that implements them); and
+            the bookkeeping keywords transformers hands every layer
+            (:data:`PASSIVE_KWARGS`). Any other keyword is refused
+            (:func:`_check_kwargs`): a term of the attention this function does
+            not know would otherwise be dropped silently.
 
     Returns:
         ``([B, Q, Hq, D]`` contiguous, ``None)``, or with ``output_attentions=True``
         the attention probabilities ``[B, Hq, Q, K]`` instead of ``None``
         (recomputed by the reference path, see :mod:`gape.hf.compat`).
     """
+    _check_kwargs(module, kwargs)
     gate = compat.active_gate(module._modules.get(GATE_ATTR))
-    want_probs = bool(kwargs.get("output_attentions", False))
+    want_probs = _wants_probs(module, kwargs)
+    terms = _logit_terms(kwargs)
     if gate is None and ALIBI_ATTR not in module._modules:
         check_gate_missing(module)
+        if terms:
+            return _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms, "auto",
+                                  want_probs)
         out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if want_probs:
             return compat.attention_with_probs(None, query, key, out, attention_mask, scaling, "log")
         return out, None
-    if kwargs.get("softcap") is not None:
-        raise ValueError(
-            f"GAPE attention does not implement attention logit soft-capping (softcap={kwargs['softcap']}); "
-            "set the model's attn_logit_softcapping to None or unpatch"
-        )
     if dropout:
         raise ValueError(
             f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
@@ -159,6 +165,9 @@ def gape_attention_forward(
     # gape.hf.attention_probe computes the gates first and hands them over (the paper's
     # form consumes what its hooks captured, so it cannot compute them twice).
     gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
+    if gates is None and terms:  # identity gates and a term SDPA lacks: GAPE's kernels at lambda = 0
+        return _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms,
+                              gate.config.backend, want_probs)
     if gates is None:  # identity gates under the identity shortcut: exactly the unpatched layer
         out, _ = _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if want_probs:
@@ -200,22 +209,121 @@ def gape_attention_forward(
     if window is not None:
         positions["window"] = window
         mask = _without_window(mask, query, key, is_causal, offset, window)
-    if mask is None or compiling:
+    if terms and packed is not None:
+        mask = _bool_mask(attention_mask)  # packed rows with sinks or a cap: the block-diagonal mask path
+    if (mask is None or compiling) and not terms:
         fn = _backend_fn(backend, query.device, query.dtype, distance, compiling, query.shape[-1], value.shape[-1],
                          is_causal)
+    elif compiling:
+        fn = api.Selection("reference", api._load("reference"))  # traces (see _backend_fn)
+        positions.update(terms)
     else:
         # The same selection as gape.attention, with this call's mask: on CUDA a mask
         # the Triton kernel cannot take (not key ranges) falls back to the torch backend.
         try:
             fn = api.select(backend, query, key, value, attn_mask=mask, is_causal=is_causal,
-                            distance=distance, **positions)
+                            distance=distance, **positions, **terms)
         except ValueError as e:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
         positions = {}  # bound into the selection
     out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2).contiguous()
     if want_probs:
-        return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window)
+        return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window, **terms)
     return out, None
+
+
+def _logit_terms(kwargs: dict) -> dict:
+    """The logit terms of the call GAPE's kernels implement besides the bias, as
+    :func:`gape.attention` keywords: learned sinks (``s_aux``: gpt-oss; ``sinks``) and
+    the soft-cap (``softcap``: Gemma 2)."""
+    terms = {}
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    if sinks is not None:
+        terms["sinks"] = sinks
+    if kwargs.get("softcap") is not None:
+        terms["softcap"] = float(kwargs["softcap"])
+    return terms
+
+
+def _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms, backend, want_probs):
+    """A layer without gates (or with identity gates) whose attention has sinks or a soft-cap,
+    which transformers' SDPA function would drop: GAPE's backends at lambda = 0 (the bias is
+    then exactly 0). The mask carries the causal rule, any window and a static cache's slots,
+    so no positions are passed."""
+    if dropout:
+        raise ValueError(
+            f"GAPE attention does not implement attention dropout (got dropout={dropout}); "
+            "set config.attention_dropout = 0 or call model.eval()"
+        )
+    b, hq, lq, _ = query.shape
+    lam = query.new_zeros((b, hq, lq), dtype=torch.float32)
+    pi = key.new_zeros((b, key.shape[1], key.shape[2]), dtype=torch.float32)
+    mask = _bool_mask(attention_mask)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", True))
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    if torch.compiler.is_compiling():
+        fn = api.Selection("reference", api._load("reference"))
+        out = fn(query, key, value, lam, pi, mask, is_causal, scale, "log", **terms)
+    else:
+        try:
+            fn = api.select(backend, query, key, value, attn_mask=mask, is_causal=is_causal, distance="log", **terms)
+        except ValueError as e:
+            raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
+        out = fn(query, key, value, lam, pi, mask, is_causal, scale, "log")
+    out = out.transpose(1, 2).contiguous()
+    if want_probs:
+        return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, "log", **terms)
+    return out, None
+
+
+# Keywords the attention function reads (the rest of its contract).
+HONOURED_KWARGS = frozenset({
+    "sliding_window", "is_causal", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids",
+    "output_attentions", "gape_gates", "softcap", "s_aux", "sinks",
+})
+# Keywords transformers passes attention calls that carry no term of the attention itself:
+# loss, cache and output bookkeeping (the cache reaches the function as key/value), and
+# seq_idx (the packed layout's sequence index, which the mask or position_ids express).
+PASSIVE_KWARGS = frozenset({
+    "num_items_in_batch", "output_hidden_states", "output_router_logits", "seq_idx", "use_cache", "cache_position",
+    "return_dict",
+})
+
+
+def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
+    """Refuse any keyword the attention function would otherwise drop: a model that hands
+    its attention a new term (learned sinks, a soft-cap, a position bias) must not run
+    without it."""
+    unknown = [k for k in kwargs if k not in HONOURED_KWARGS and k not in PASSIVE_KWARGS]
+    if unknown:
+        raise ValueError(
+            f"GAPE attention got keyword argument(s) {', '.join(repr(k) for k in sorted(unknown))} from "
+            f"{type(module).__name__}, which it does not implement; running without them would change the model. "
+            f"It takes {', '.join(sorted(HONOURED_KWARGS - {'gape_gates'}))} (plus transformers' bookkeeping "
+            f"keywords {', '.join(sorted(PASSIVE_KWARGS))}); unpatch the model (gape.unpatch) to run it as it is"
+        )
+
+
+def _wants_probs(module: nn.Module, kwargs: dict) -> bool:
+    """Whether this call must return the attention probabilities: the ``output_attentions``
+    keyword when given, else what transformers' output capture collects for this forward
+    (it reads ``config.output_attentions`` when the keyword is absent), else the config."""
+    flag = kwargs.get("output_attentions")
+    if flag is not None:
+        return bool(flag)
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without output capture: its config decides
+        _active_collector = None
+    if _active_collector is not None:
+        collected = _active_collector.get()  # compile-safe (a global while dynamo traces)
+        if collected is not None:
+            return "attentions" in collected
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
 def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):

@@ -63,6 +63,14 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
     from ._names import IMPLEMENTATION
     from .attention import gape_attention_forward, layer_gates
 
+    from gape.hf.attention import _logit_terms
+
+    terms = _logit_terms(kwargs)
+    if terms:  # the recomputed maps below have no sink column and no cap: refused, not wrong
+        raise ValueError(
+            f"capture_attention does not recompute attention with {' and '.join(terms)} (this model's attention "
+            "has them); use model(..., output_attentions=True), whose maps include them"
+        )
     state = _ACTIVE[-1]
     gate = module._modules.get(GATE_ATTR)
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])

@@ -72,12 +72,15 @@ def attention_with_probs(gate, query, key, out, attention_mask, scaling, distanc
     return out, probs.to(query.dtype)
 
 
-def gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, query_offset=None, window=None, packed=None):
+def gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, query_offset=None, window=None, packed=None,
+               sinks=None, softcap=None):
     """GAPE's attention probabilities ``[B, Hq, Q, K]`` (query dtype) for the gates
     ``lam [B, Hq, Q]``, ``pi [B, Hkv, K]`` the kernels just used, with the same
     positions (``query_offset``, ``window``; ``packed`` = the varlen
     ``(cu_seqlens_q, cu_seqlens_k, ...)`` of a packed row: no attention across
-    sequences). Recomputed in float32 by the reference formulas, without gradient."""
+    sequences; ``sinks``, ``softcap`` as :func:`gape.attention`: the sink's share is
+    not a key's, so a row may sum to less than 1). Recomputed in float32 by the
+    reference formulas, without gradient."""
     import torch
 
     from gape.core.reference import allowed_mask, gape_bias
@@ -88,6 +91,8 @@ def gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, query_offs
         rep = hq // hkv
         q, k = query.float(), key.float().repeat_interleave(rep, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores + gape_bias(lam, pi.repeat_interleave(rep, dim=1), lq, lk, is_causal, distance,
                                     torch.float32, query_offset)
         allowed = allowed_mask(lq, lk, is_causal, mask, query.device, query_offset, window)
@@ -99,7 +104,11 @@ def gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, query_offs
             allowed = same if allowed is None else allowed & same
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        if sinks is not None:
+            sink = sinks.float().reshape(1, hq, 1, 1).expand(b, hq, lq, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :lk]
+        else:
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return probs.to(query.dtype)
 
 

@@ -58,17 +58,36 @@ def layer_state(holder: nn.Module) -> LayerState:
 
 
 # The cache layer classes GAPE treats differently: (DynamicLayer, StaticLayer,
-# DynamicSlidingWindowLayer). Filled once, eagerly (by _register): a functools.cache
-# here would be traced through (with its import) by torch.compile at every layer.
+# DynamicSlidingWindowLayer, StaticSlidingWindowLayer). Filled once, eagerly (by
+# _register): a functools.cache here would be traced through (with its import) by
+# torch.compile at every layer.
 _CACHE_LAYER_TYPES: list = []
 
 
 def _cache_layer_types():
     if not _CACHE_LAYER_TYPES:
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+        from transformers.cache_utils import (
+            DynamicLayer,
+            DynamicSlidingWindowLayer,
+            StaticLayer,
+            StaticSlidingWindowLayer,
+        )
 
-        _CACHE_LAYER_TYPES[:] = [DynamicLayer, StaticLayer, DynamicSlidingWindowLayer]
+        _CACHE_LAYER_TYPES[:] = [DynamicLayer, StaticLayer, DynamicSlidingWindowLayer, StaticSlidingWindowLayer]
     return tuple(_CACHE_LAYER_TYPES)
+
+
+def _query_length(args, kwargs) -> int | None:
+    """The number of new tokens of an attention forward (its hidden states' length)."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    return hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
+
+
+def _sliding_static_fills(layer, q_len) -> bool:
+    """Whether this step's update of a StaticSlidingWindowLayer leaves its in-place buffer
+    path (the window is reached): from then on it returns the last keys in order, ending at
+    the newest, so slot distances are bottom-right as with a DynamicCache."""
+    return q_len is None or layer.cumulative_length_int + q_len > layer.max_cache_len
 
 
 def _remember_cached_keys(module, args, kwargs):
@@ -77,16 +96,24 @@ def _remember_cached_keys(module, args, kwargs):
     for capture in module.__dict__.get(_CAPTURES_ATTR, ()):
         capture.follow()
     layers, idx = _cache_layers(kwargs), getattr(module, "layer_idx", None)
+    q_len = _query_length(args, kwargs)
     gate = compat.active_gate(module._modules.get(GATE_ATTR))
     if gate is None:
         alibi = module._modules.get(ALIBI_ATTR)
         if alibi is not None:
-            layer_state(alibi).query_offset = _static_offset(layers, idx)
+            layer_state(alibi).query_offset = _static_offset(layers, idx, q_len)
         return None
     state = layer_state(gate)
     state.prev_keys = state.prev_version = None
     state.cache_layer = None
-    state.query_offset = _static_offset(layers, idx)
+    state.query_offset = _static_offset(layers, idx, q_len)
+    if isinstance(gate, PaperGate) and _is_type(layers, idx, 3) and _sliding_static_fills(layers[idx], q_len):
+        raise ValueError(
+            f"gate='paper' (layer {gate.layer_idx}) with a static sliding-window cache is served while the window "
+            f"({layers[idx].max_cache_len} tokens) is not reached; this step would roll it over, and the paper's "
+            "key gates of the rolled keys are not kept. Use a DynamicCache (cache_implementation='dynamic'), or "
+            "the invariant gate form, which reads the gates from the cached keys"
+        )
     if isinstance(gate, PaperGate):
         # Traced, a prefill into an empty dynamic cache gates its keys in the graph and
         # remembers nothing; any step reading cached keys goes through the eager helpers.
@@ -117,12 +144,13 @@ def _note_paper_cache(state: LayerState, layers, idx: int) -> None:
     finding the cache layer after the update (a DynamicCache() may create it then)."""
     if idx < len(layers):
         layer = layers[idx]
-        dynamic, static, sliding = _cache_layer_types()
+        dynamic, static, sliding, sliding_static = _cache_layer_types()
         keys = getattr(layer, "keys", None)
         if type(layer) in (dynamic, sliding):
             # both return cat(old keys, new keys); the sliding one keeps the last window - 1
             state.prev_keys = keys
-        elif type(layer) is static and isinstance(keys, torch.Tensor):
+        elif type(layer) in (static, sliding_static) and isinstance(keys, torch.Tensor):
+            # (the sliding one only before its window is reached: the pre-hook refuses the rest)
             state.prev_keys, state.prev_version = keys, keys._version
     if isinstance(layers, list):
         state.cache_layer = functools.partial(_paper_cache_layer, layers, idx)
@@ -137,20 +165,38 @@ def _cache_layers(kwargs):
     return getattr(cache, "layers", None)
 
 
-def _static_offset(layers, idx):
+def _is_type(layers, idx, which: int) -> bool:
+    return layers is not None and isinstance(idx, int) and idx < len(layers) and \
+        type(layers[idx]) is _cache_layer_types()[which]
+
+
+def _static_offset(layers, idx, q_len=None):
     """The queries' offset when layer ``idx`` of the cache ``layers`` (see
-    :func:`_cache_layers`) is a StaticCache layer (the slots [length, length + Q)
-    are written this step), else None."""
+    :func:`_cache_layers`) returns its static buffer this step (the slots
+    [length, length + Q) are written, the empty ones after are future keys), else None
+    (bottom-right: the keys end at the newest token).
+
+    A StaticSlidingWindowLayer returns its buffer until the window is reached; from the
+    step that reaches it, it returns the last keys in order (rolled left, or the held
+    keys and the new ones concatenated), so its slot distances are the true distances,
+    bottom-right aligned. Any other StaticLayer subclass is refused."""
     if layers is None or not isinstance(idx, int) or idx >= len(layers):
         return None
     layer = layers[idx]
-    static = _cache_layer_types()[1]
+    _, static, _, sliding_static = _cache_layer_types()
     if not isinstance(layer, static):
         return None
+    if type(layer) is sliding_static:
+        if q_len is None:
+            raise ValueError(
+                f"GAPE: the attention layer {idx} got no hidden_states of shape [B, Q, C], so it cannot tell whether "
+                "this step reaches the static sliding-window cache's window (use a DynamicCache)"
+            )
+        return None if _sliding_static_fills(layer, q_len) else layer.cumulative_length.clone()
     if type(layer) is not static:
         raise ValueError(
-            f"GAPE takes DynamicCache or StaticCache layers, got {type(layer).__name__}: GAPE's distances "
-            "are cache-slot distances, and a static sliding-window layer rolls over (use a DynamicCache)"
+            f"GAPE takes DynamicCache, StaticCache and their sliding-window layers, got {type(layer).__name__}: "
+            "GAPE's distances are cache-slot distances, which this layer's slot order may not keep (use a DynamicCache)"
         )
     return layer.cumulative_length.clone()
 

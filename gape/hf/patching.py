@@ -59,16 +59,26 @@ def _state(model: nn.Module) -> dict:
 
 
 def _find_layers(model: nn.Module, spec) -> nn.ModuleList:
-    for path in spec.layers:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
+    """The decoder layers: the spec's paths from the model, then from its decoder
+    (``model.base_model``, wherever a head keeps it: ``.model`` for causal LM and
+    classification heads, ``.transformer`` for question answering)."""
+    roots = [("", model)]
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        roots.append((f"{getattr(model, 'base_model_prefix', 'base_model')}.", base))
+    tried = []
+    for prefix, root in roots:
+        for path in spec.layers:
+            tried.append(prefix + path)
+            obj = root
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if isinstance(obj, nn.ModuleList):
+                return obj
     raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(spec.layers)}); "
+        f"cannot find the decoder layers of {type(model).__name__} (tried {', '.join(tried)}); "
         "the architecture spec under patches/ does not match this model"
     )
 
@@ -110,16 +120,6 @@ def rotary_dim(model: nn.Module, spec, head_dim: int) -> int | None:
     return None if dim == head_dim else dim
 
 
-def _refuse_unsupported(model: nn.Module, spec) -> None:
-    cap = getattr(model.config, spec.softcap, None) if spec.softcap else None
-    if cap is not None:
-        raise ValueError(
-            f"{model.config.model_type} uses attention logit soft-capping ({spec.softcap}={cap}), which GAPE's "
-            f"kernels do not implement; running without it would change the model. Set "
-            f"model.config.{spec.softcap} = None only if the model was trained without it"
-        )
-
-
 def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Module:
     """Turn a Llama-style transformers model into a GAPE model, in place.
 
@@ -159,7 +159,6 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         switched = _switched_away(model)
         raise ValueError(switched or "model is already patched with GAPE; call gape.unpatch(model) first")
     spec = get_spec(getattr(model.config, "model_type", None))
-    _refuse_unsupported(model, spec)
     if config.rope_layout is None:
         config = config.replace(rope_layout=spec.rope_layout)
     shape = model_shape(model)
