@@ -218,13 +218,16 @@ def audit(args) -> list[dict]:
                     else:
                         variants = [(c, dist, pos) for c in args.causal for dist in args.distance
                                     for pos in args.positions]
-                        configs = [c for c in tuned.configs
-                                   if A.config_fits(kernel, c, block_d, block_d, elt[dtype], AUDIT_LEN, AUDIT_LEN,
-                                                    ARCHS[cc], cc)]
-                        if args.first_config_only:
-                            configs = configs[:1]
                     for causal, dist, pos in variants:
-                        for cfg in configs:
+                        if kernel == "bwd_preprocess":
+                            kept = configs
+                        else:  # the filter of a real launch, which sees HAS_WINDOW
+                            kept = [c for c in tuned.configs
+                                    if A.config_fits(kernel, c, block_d, block_d, elt[dtype], AUDIT_LEN, AUDIT_LEN,
+                                                     ARCHS[cc], cc, windowed=POSITIONS[pos][0])]
+                            if args.first_config_only:
+                                kept = kept[:1]
+                        for cfg in kept:
                             const = dict(cfg.kwargs)
                             if kernel == "bwd_preprocess":
                                 const["BLOCK_DV"] = block_d
