@@ -186,7 +186,7 @@ def gape_attention_forward(
         if varlen is not None:
             out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
                          pi[0].t(), *packed, is_causal, scale, distance, window)
-            out = out.unsqueeze(0).contiguous()
+            out = _poison(out.unsqueeze(0), lam, pi).contiguous()
             if want_probs:
                 return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
                                               packed=packed)
@@ -209,10 +209,27 @@ def gape_attention_forward(
         except ValueError as e:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
         positions = {}  # bound into the selection
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2).contiguous()
+    out = _poison(fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2),
+                  lam, pi).contiguous()
     if want_probs:
         return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window)
     return out, None
+
+
+def _poison(out: torch.Tensor, lam: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """``out [B, Q, Hq, Dv]`` with NaN in the rows whose gates are not finite.
+
+    This path skips the API's gate range check (a host sync per layer), and a
+    kernel may treat a row whose logits are all NaN as a row without keys
+    (zeros): a NaN lambda (a NaN gate parameter) must give NaN, never a finite
+    output. ``0 * x`` is 0 for finite ``x`` and NaN otherwise: no sync, and
+    nothing changes for finite gates."""
+    b, q, hq, _ = out.shape
+    rows = lam.float().mul(0.0)  # [B, Hq, Q]
+    heads = pi.float().mul(0.0).sum(-1)  # [B, Hkv]: a non-finite pi reaches every query head of its group
+    heads = heads.repeat_interleave(hq // heads.shape[1], dim=1)
+    dirty = rows + heads[:, :, None]
+    return out + dirty.transpose(1, 2)[..., None].to(out.dtype)
 
 
 def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
