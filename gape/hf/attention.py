@@ -312,8 +312,22 @@ def _packed_sequences(query, key, mask, kwargs, window):
     if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    compiling = torch.compiler.is_compiling()
     if cu_q is not None and cu_k is not None:
         cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if compiling:
+            # No data-dependent int() while tracing: the lengths come from the collator's
+            # Python ints, and the totals are checked by a compiled assert.
+            max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+            if not all(isinstance(m, int) and not isinstance(m, bool) for m in (max_q, max_k)):
+                raise ValueError(
+                    "packed sequences under torch.compile need max_length_q and max_length_k as Python ints "
+                    f"beside cu_seq_lens_q/k (got {type(max_q).__name__} and {type(max_k).__name__}); "
+                    "DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes them"
+                )
+            torch._assert_async((cu_q[-1] == query.shape[2]) & (cu_k[-1] == key.shape[2]),
+                                "cu_seq_lens_q/k must end at the row's query/key count under torch.compile")
+            return cu_q, cu_k, max_q, max_k
         if int(cu_q[-1]) != query.shape[2] or int(cu_k[-1]) != key.shape[2]:
             return None  # not this layer's tokens (e.g. padded for a flash-attention kernel)
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -321,9 +335,18 @@ def _packed_sequences(query, key, mask, kwargs, window):
         max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         return cu_q, cu_k, max_q, max_k
     pos = kwargs.get("position_ids")
-    if pos is None or pos.numel() != query.shape[2] or torch.compiler.is_compiling():
-        return None  # compiled: restarting position ids keep their block-diagonal mask (exact, no host sync)
+    if pos is None or pos.numel() != query.shape[2]:
+        return None
     pos = pos.reshape(-1)
+    if compiling:
+        # Finding the sequences needs their count on the host. Compiled, transformers does
+        # not build the block-diagonal mask either, so attending over the whole row would
+        # mix sequences: restarting position ids are refused by a compiled assert (no sync).
+        torch._assert_async((pos[1:] - pos[:-1] == 1).all(),
+                            "GAPE under torch.compile: position_ids restart inside a row (packed sequences); "
+                            "pass cu_seq_lens_q/k and max_length_q/k (DataCollatorWithFlattening("
+                            "return_flash_attn_kwargs=True)) or run the packed batch eagerly")
+        return None
     starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
     if starts.numel() == 0:
         return None  # one sequence: the dense path
