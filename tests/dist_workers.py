@@ -278,7 +278,8 @@ def cp_refusals(rank, world):
         # the group is still usable: a good call matches the single-process logits
         with torch.no_grad():
             logits = model(**good).logits
-    full = model(input_ids=ids, position_ids=pos).logits
+    with torch.no_grad():
+        full = model(input_ids=ids, position_ids=pos).logits
     out["after_ok"] = float((logits - gd.shard(full, 1)).abs().max())
     return out
 

@@ -55,8 +55,10 @@ def test_matmuls_use_tensor_cores(rows):
 
 # Tiles that spill registers in the windowed / varlen variants (audit, triton 3.9.0) but
 # not in the dense ones: (kernel, arch family, head-dim class, BLOCK_M, BLOCK_N, warps).
-WINDOW_SPILLS = [("fwd", 80, 64, 128, 128, 8), ("bwd_kv", 80, 64, 16, 128, 8), ("bwd_kv", 90, 64, 64, 128, 8),
-                 ("bwd_kv", 90, 64, 64, 64, 8)]
+WINDOW_SPILLS = [("fwd", 80, 64, 128, 128, 8), ("bwd_kv", 80, 64, 16, 128, 8), ("bwd_kv", 90, 64, 64, 64, 8),
+                 ("bwd_kv", 90, 64, 16, 32, 4), ("bwd_q", 80, 128, 64, 32, 4)]
+# Tiles that spill in a dense variant too: not shipped for that class at all.
+SPILLS = [("bwd_kv", 90, 64, 64, 128, 8)]
 
 
 def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
@@ -84,5 +86,8 @@ def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
     for kernel, fam, d, bm, bn, warps in WINDOW_SPILLS:
         assert [bm, bn, warps] in kept[f"{kernel} {fam} {d} False"], (kernel, fam, d, bm, bn)  # dense keeps it
         assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} True"], (kernel, fam, d, bm, bn)
+    for kernel, fam, d, bm, bn, warps in SPILLS:
+        for windowed in (False, True):
+            assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} {windowed}"], (kernel, fam, d, bm, bn)
     for key, configs in kept.items():
         assert configs, f"no tile left for {key}"
