@@ -81,12 +81,16 @@ HW_LOG2 = tl.constexpr(not INTERPRET)
 ALL = (64, 128, 256)
 
 
-def _cfg(bm, bn, warps, stages, sm80=ALL, sm90=ALL):
+def _cfg(bm, bn, warps, stages, sm80=ALL, sm90=ALL, window80=None, window90=None):
     """A tile shipped for the head-dim classes (padded head dim <= 64, <= 128,
     <= 256) listed per architecture family: the classes where
-    ``gape audit-kernels`` measured zero spills and shared memory in bounds."""
+    ``gape audit-kernels`` measured zero spills and shared memory in bounds.
+    ``window80`` / ``window90``: the classes for the windowed and packed
+    (varlen) variants, whose extra bounds cost registers (default: the same)."""
     cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
     cfg.head_dims = {80: tuple(sm80), 90: tuple(sm90)}
+    cfg.window_head_dims = {80: tuple(sm80 if window80 is None else window80),
+                            90: tuple(sm90 if window90 is None else window90)}
     return cfg
 
 
@@ -98,21 +102,24 @@ if INTERPRET:
     BWD_Q_CONFIGS = [_cfg(16, 16, 1, 1)]
 else:
     D64, D128 = (64,), (64, 128)
+    # window80/window90 drop a tile from the windowed/varlen variants where it spills
+    # (audit, triton 3.9.0) and keep it for the dense ones, where it is the fastest.
     FWD_CONFIGS = [
-        _cfg(128, 64, 8, 3, D128, D128), _cfg(128, 128, 8, 2, D128, D64), _cfg(64, 128, 8, 2, D128, D128),
+        _cfg(128, 64, 8, 3, D128, D128), _cfg(128, 128, 8, 2, D128, D64, window80=()), _cfg(64, 128, 8, 2, D128, D128),
         _cfg(64, 64, 4, 3, (128,), D128), _cfg(128, 32, 8, 2, (128,), D128),
         _cfg(64, 32, 4, 2, (128, 256), ALL), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128),  # decode, D=256
     ]
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M queries stream.
     BWD_KV_CONFIGS = [
-        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64),
-        _cfg(16, 128, 8, 2, D64, D128), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, (), D64),
-        _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1, (128, 256), ALL),
+        # (64x128 w8 is gone: on sm_90 it spills at D64 in the causal linear dense variant too)
+        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64, window90=()),
+        _cfg(16, 128, 8, 2, D64, D128, window80=()), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, (), D64),
+        _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1, (128, 256), ALL, window90=(128, 256)),
     ]
     # dQ: BLOCK_M queries stay resident, BLOCK_N keys stream.
     BWD_Q_CONFIGS = [
         _cfg(128, 32, 8, 2, D64, D128), _cfg(128, 64, 8, 2, (), D128), _cfg(128, 32, 8, 1, D64, D128),
-        _cfg(64, 64, 8, 2, (128,), D128), _cfg(64, 64, 4, 2, (), D128), _cfg(64, 32, 4, 3, D128, D128),
+        _cfg(64, 64, 8, 2, (128,), D128), _cfg(64, 64, 4, 2, (), D128), _cfg(64, 32, 4, 3, D128, D128, window80=D64),
         _cfg(64, 32, 8, 2, D128, D128), _cfg(16, 32, 4, 2),
     ]
 
@@ -136,17 +143,18 @@ def head_dim_class(block_d: int) -> int:
 
 
 def config_fits(kernel: str, cfg: triton.Config, block_d: int, block_dv: int, elt: int, lq: int, lk: int,
-                smem_limit: int, family: int = 80) -> bool:
+                smem_limit: int, family: int = 80, windowed: bool = False) -> bool:
     """Whether ``cfg`` is worth trying for these sizes.
 
     Rules, each because it changes the outcome: the tile is shipped for this
     head-dim class on this architecture (``head_dims``, from the audit's
-    spill counts); blocks longer than the sequence only add masked work
+    spill counts; ``windowed``: the window/varlen variants, ``window_head_dims``); blocks longer than the sequence only add masked work
     (decode keeps ``BLOCK_M = 16``); fp32 inputs keep small tiles; the
     pipelined tiles fit shared memory.
     """
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    if head_dim_class(max(block_d, block_dv)) not in getattr(cfg, "head_dims", {}).get(family, ALL):
+    shipped = getattr(cfg, "window_head_dims" if windowed else "head_dims", {})
+    if head_dim_class(max(block_d, block_dv)) not in shipped.get(family, ALL):
         return False
     if bm > max(16, triton.next_power_of_2(lq)) or bn > max(16, triton.next_power_of_2(lk)):
         return False
@@ -171,7 +179,8 @@ def _pruner(kernel: str):
         family, limit = _device_limits()
         elt = args["Q"].element_size()
         kept = [c for c in configs
-                if config_fits(kernel, c, block_d, block_dv, elt, args["Lq"], args["Lk"], limit, family)]
+                if config_fits(kernel, c, block_d, block_dv, elt, args["Lq"], args["Lk"], limit, family,
+                               windowed=bool(args.get("HAS_WINDOW", False)))]
         # Never empty: the smallest tile compiles for every head dim we accept.
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 

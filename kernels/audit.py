@@ -222,13 +222,16 @@ def audit(args) -> list[dict]:
                     else:
                         variants = [(c, dist, pos) for c in args.causal for dist in args.distance
                                     for pos in args.positions]
-                        configs = [c for c in tuned.configs
-                                   if A.config_fits(kernel, c, block_d, block_d, elt[dtype], AUDIT_LEN, AUDIT_LEN,
-                                                    ARCHS[cc], cc)]
-                        if args.first_config_only:
-                            configs = configs[:1]
-                    jobs += [(kernel, fn, cc, d, block_d, dtype, causal, dist, pos, cfg)
-                             for causal, dist, pos in variants for cfg in configs]
+                        configs = None  # chosen per variant: the filter of a real launch sees HAS_WINDOW
+                    for causal, dist, pos in variants:
+                        kept = configs
+                        if kept is None:
+                            kept = [c for c in tuned.configs
+                                    if A.config_fits(kernel, c, block_d, block_d, elt[dtype], AUDIT_LEN, AUDIT_LEN,
+                                                     ARCHS[cc], cc, windowed=POSITIONS[pos][0])]
+                            if args.first_config_only:
+                                kept = kept[:1]
+                        jobs += [(kernel, fn, cc, d, block_d, dtype, causal, dist, pos, cfg) for cfg in kept]
     rows = []
     previous = _previous(args.out)
     bar = tqdm(jobs, desc="audit-kernels", unit="variant", dynamic_ncols=True, file=sys.stderr)

@@ -210,3 +210,95 @@ def subgroup_case(rank, world):
     got = [out] + [x.grad for x in xs]
     want = [ref] + [y.grad for y in ys]
     return max(_max_err(a, gd.shard_along(b, 2, n, sub_rank, "zigzag")) for a, b in zip(got, want))
+
+
+def _cache_with(model, n: int):
+    """A KV cache holding ``n`` earlier positions in every layer (as a generation step has)."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache()
+    for i in range(cfg.num_hidden_layers):
+        cache.update(torch.zeros(1, hkv, n, d), torch.zeros(1, hkv, n, d), i)
+    return cache
+
+
+# name -> what rank 0 alone does wrong in its model call; the other ranks call correctly
+CP_REFUSALS = ("padding_mask", "kv_cache", "labels", "attention_dropout",
+               "contiguous_positions", "length_mismatch", "batch_size", "grad_mode")
+
+
+def cp_refusals(rank, world):
+    """Each scenario: rank 0 calls the model wrongly, the others correctly. Every rank must
+    raise the same ValueError (none may wait in the ring); afterwards the group still works."""
+    from gape.distributed import context_parallel
+
+    model = _tiny_llama(True)
+    model.eval()
+    length = 8 * world
+    ids = torch.randint(0, 250, (1, length), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(length)[None]
+    good = {"input_ids": gd.shard(ids, 1), "position_ids": gd.shard(pos, 1)}
+    out = {}
+    with context_parallel(model, layout="zigzag", timeout=240):
+        for name in CP_REFUSALS:
+            call, target, bad = dict(good), model, rank == 0
+            if bad and name.startswith("padding_mask"):
+                mask = torch.ones_like(call["input_ids"])
+                mask[0, 0] = 0
+                call["attention_mask"] = mask
+            if bad and name == "kv_cache":
+                call["past_key_values"] = _cache_with(model, 4)
+            if bad and name == "labels":
+                call["labels"] = call["input_ids"]
+            if bad and name == "attention_dropout":
+                model.train()
+                model.config.attention_dropout = 0.5
+                for layer in model.model.layers:
+                    layer.self_attn.attention_dropout = 0.5
+            if bad and name == "contiguous_positions":
+                call["position_ids"] = gd.shard(pos, 1, layout="contiguous")
+            if bad and name == "length_mismatch":
+                call["input_ids"] = call["input_ids"][:, :-2]
+            if bad and name == "batch_size":
+                call = {k: v.expand(2, -1) for k, v in call.items()}
+            grad = not (bad and name == "grad_mode")
+            try:
+                with torch.set_grad_enabled(grad):
+                    target(**call)
+                out[name] = None
+            except ValueError as exc:
+                out[name] = str(exc)
+            finally:
+                model.eval()
+                model.config.attention_dropout = 0.0
+                for layer in model.model.layers:
+                    layer.self_attn.attention_dropout = 0.0
+        # the group is still usable: a good call matches the single-process logits
+        with torch.no_grad():
+            logits = model(**good).logits
+    with torch.no_grad():
+        full = model(input_ids=ids, position_ids=pos).logits
+    out["after_ok"] = float((logits - gd.shard(full, 1)).abs().max())
+    return out
+
+
+def dead_peer(rank, world):
+    """Rank 1 fails before the collective and never joins; rank 0 must raise within
+    the timeout instead of waiting (here 3 s; the test allows far less than the group's 60 s)."""
+    import time
+
+    case = {"b": 1, "hq": 2, "hkv": 1, "d": 8, "local": 8, "causal": True, "distance": "log"}
+    (q, k, v, lam, pi), _ = full_inputs(case, world, dtype=torch.float32)
+    local = [gd.shard(t, 2) for t in (q, k, v, lam, pi)]
+    if rank != 0:
+        time.sleep(20)  # busy elsewhere (or dead): never joins
+        return "away"
+    t0 = time.monotonic()
+    try:
+        gd.context_parallel_attention(*local, timeout=3)
+        result = None
+    except RuntimeError as exc:
+        result = str(exc)
+    return {"message": result, "seconds": time.monotonic() - t0}

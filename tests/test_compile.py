@@ -118,3 +118,25 @@ def test_paper_form_decode_under_compile():
                 got = compiled(nxt, past_key_values=cache, use_cache=True).logits
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_packed_position_ids_under_compile_are_refused_not_mixed():
+    """One row holding two sequences, marked only by restarting position_ids: compiled,
+    GAPE must not attend across them (eager splits them; compiled refuses)."""
+    from test_hf import make_model
+
+    import gape
+
+    model = make_model("llama")
+    gape.patch(model, gape.GapeConfig(backend="torch", distance="linear"))
+    model.eval()
+    ids = torch.randint(0, 90, (1, 12), generator=torch.Generator().manual_seed(0))
+    packed = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    plain = torch.arange(12)[None]
+    compiled = torch.compile(model, backend="eager", fullgraph=False)
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=plain, use_cache=False).logits
+        got = compiled(input_ids=ids, position_ids=plain, use_cache=False).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="position_ids restart inside a row"):
+            compiled(input_ids=ids, position_ids=packed, use_cache=False)

@@ -109,6 +109,57 @@ def test_a_subgroup_ring_uses_global_ranks():
     assert all(err < 1e-5 for err in results[1:]), results
 
 
+@pytest.fixture(scope="module")
+def cp_refusal_results():
+    # one spawn for every scenario; a rank left waiting in the ring would fail the
+    # whole run with "did not finish" (the hang these tests guard against)
+    return _ok(run_ranks(w.cp_refusals, 2, timeout=600))
+
+
+CP_EXPECT = {
+    "padding_mask": "does not support padding",
+    "kv_cache": "without a KV cache",
+    "labels": "causal_lm_loss",
+    "attention_dropout": "attention dropout",
+    "contiguous_positions": "not this rank's 'zigzag' shard",
+    "length_mismatch": "position_ids hold 8 positions but the input holds 6",
+    "batch_size": "disagree on the batch size",
+    "grad_mode": "disagree on the grad enabled",
+}
+
+
+@pytest.mark.parametrize("name", w.CP_REFUSALS)
+def test_a_refusal_on_one_rank_is_the_same_error_on_every_rank(cp_refusal_results, name):
+    """Rank 0 calls the model wrongly, rank 1 correctly: both raise, neither waits in the ring."""
+    messages = [res[name] for res in cp_refusal_results]
+    for rank, msg in enumerate(messages):
+        assert msg is not None, f"rank {rank} accepted {name}"
+        assert CP_EXPECT[name] in msg, f"rank {rank}: {name}: {msg}"
+    assert messages[0] == messages[1]  # the same agreed error, naming the rank that refused
+    if name not in ("batch_size", "grad_mode"):
+        assert "refused on 1 of 2 ranks (rank 0:" in messages[0]
+
+
+def test_the_group_works_after_the_refusals(cp_refusal_results):
+    for res in cp_refusal_results:
+        assert res["after_ok"] < 1e-4
+
+
+def test_a_peer_that_never_joins_is_an_error_after_the_timeout_not_a_wait():
+    results = _ok(run_ranks(w.dead_peer, 2, timeout=120))
+    assert results[1] == "away"
+    assert results[0]["message"] is not None and "did not join within 3 s" in results[0]["message"]
+    assert results[0]["seconds"] < 15  # the group's own timeout is 60 s
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), "10"])
+def test_timeout_is_checked(bad):
+    from gape.distributed.attention import as_timeout
+
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        as_timeout(bad)
+
+
 def test_a_hanging_rank_times_out_instead_of_blocking():
     with pytest.raises(TimeoutError, match="did not finish"):
         run_ranks(w.hang, 2, timeout=15)

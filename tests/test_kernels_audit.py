@@ -51,3 +51,43 @@ def test_matmuls_use_tensor_cores(rows):
         else:
             assert r["uses_mma"] or r["uses_wgmma"], r
         assert r["meets_requirements"], r
+
+
+# Tiles that spill registers in the windowed / varlen variants (audit, triton 3.9.0) but
+# not in the dense ones: (kernel, arch family, head-dim class, BLOCK_M, BLOCK_N, warps).
+WINDOW_SPILLS = [("fwd", 80, 64, 128, 128, 8), ("bwd_kv", 80, 64, 16, 128, 8), ("bwd_kv", 90, 64, 64, 64, 8),
+                 ("bwd_kv", 90, 64, 16, 32, 4), ("bwd_q", 80, 128, 64, 32, 4)]
+# Tiles that spill in a dense variant too: not shipped for that class at all.
+SPILLS = [("bwd_kv", 90, 64, 64, 128, 8)]
+
+
+def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
+    import os
+    import subprocess
+    import sys
+
+    # the shipped config lists (the interpreter, which conftest turns on, ships one tiny tile)
+    code = (
+        "import json; from gape.kernels import attention as A\n"
+        "lists = {'fwd': A.FWD_CONFIGS, 'bwd_kv': A.BWD_KV_CONFIGS, 'bwd_q': A.BWD_Q_CONFIGS}\n"
+        "out = {}\n"
+        "for k, cs in lists.items():\n"
+        "  for fam in (80, 90):\n"
+        "    for d in (64, 128):\n"
+        "      for w in (False, True):\n"
+        "        out[f'{k} {fam} {d} {w}'] = [[c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.num_warps] for c in cs\n"
+        "            if A.config_fits(k, c, d, d, 2, 4096, 4096, {80: 163 * 1024, 90: 227 * 1024}[fam], fam, windowed=w)]\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kept = json.loads(run.stdout.strip().splitlines()[-1])
+    for kernel, fam, d, bm, bn, warps in WINDOW_SPILLS:
+        assert [bm, bn, warps] in kept[f"{kernel} {fam} {d} False"], (kernel, fam, d, bm, bn)  # dense keeps it
+        assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} True"], (kernel, fam, d, bm, bn)
+    for kernel, fam, d, bm, bn, warps in SPILLS:
+        for windowed in (False, True):
+            assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} {windowed}"], (kernel, fam, d, bm, bn)
+    for key, configs in kept.items():
+        assert configs, f"no tile left for {key}"

@@ -80,3 +80,15 @@ def test_block_backward_checks_shapes():
     out, lse = ops.block_forward(q, k, v, lam, pi, backend="reference")
     with pytest.raises(ValueError, match="lse must be"):
         ops.block_backward(q, k, v, lam, pi, out, lse[..., :3], out, backend="reference")
+
+
+def test_merge_names_the_block_that_does_not_match():
+    o, l = torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5)
+    with pytest.raises(ValueError, match=r"outs\[1\] has shape \(1, 2, 3, 4\)"):
+        ops.merge([o, torch.zeros(1, 2, 3, 4)], [l, torch.zeros(1, 2, 3)])
+    with pytest.raises(ValueError, match=r"lses\[1\] its \[B, Hq, Lq\]"):
+        ops.merge([o, o], [l, torch.zeros(1, 2, 4)])
+    with pytest.raises(ValueError, match=r"outs\[0\] must be \[B, Hq, Lq, Dv\]"):
+        ops.merge([torch.zeros(2, 5, 4)], [torch.zeros(2, 5)])
+    with pytest.raises(TypeError, match=r"outs\[0\] and lses\[0\] must be tensors"):
+        ops.merge([[0.0]], [l])

@@ -216,3 +216,87 @@ def test_a_quantized_model_is_refused_with_what_to_call_instead(tmp_path):
     gape.save_pretrained(model, tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(gape.from_pretrained(tmp_path / "m")(ids).logits, want)
+def _copy_folder(folder, out, edit_weights=None, edit_config=None, raw_weights=None):
+    """A copy of the saved folder with its weights and/or config edited."""
+    out.mkdir()
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    if edit_config is not None:
+        edit_config(config)
+    (out / "config.json").write_text(json.dumps(config))
+    if raw_weights is not None:
+        (out / "model.safetensors").write_bytes(raw_weights)
+    else:
+        w = dict(load_file(os.path.join(folder, "model.safetensors")))
+        if edit_weights is not None:
+            edit_weights(w)
+        save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("field,value", [("b", float("nan")), ("w", float("inf")), ("alpha", float("nan")),
+                                         ("u", float("-inf"))])
+def test_a_non_finite_gate_in_a_saved_folder_is_refused(saved, tmp_path, field, value):
+    folder, *_ = saved
+    name = f"model.layers.1.self_attn.gape_gate.{field}"
+
+    def edit(w):
+        w[name] = w[name].clone()
+        w[name].view(-1)[0] = value
+
+    out = _copy_folder(folder, tmp_path / "m", edit_weights=edit)
+    with pytest.raises(ValueError, match="non-finite") as info:
+        gape.from_pretrained(out)
+    assert str(out / "model.safetensors") in str(info.value) and name in str(info.value)
+
+
+def test_a_folder_that_says_gape_without_its_entry_is_refused(saved, tmp_path):
+    folder, *_ = saved
+    out = _copy_folder(folder, tmp_path / "m", edit_config=lambda c: c.pop("gape"))
+    with pytest.raises(ValueError, match='"attn_implementation" is "gape" but the "gape" entry') as info:
+        gape.from_pretrained(out)
+    assert str(out / "config.json") in str(info.value)
+    # an invalid entry names the file and the field
+    bad = _copy_folder(folder, tmp_path / "bad", edit_config=lambda c: c["gape"].__setitem__("layers", "all"))
+    with pytest.raises(ValueError, match='invalid "layers"') as info:
+        gape.from_pretrained(bad)
+    assert str(bad / "config.json") in str(info.value)
+
+
+def test_a_truncated_weights_file_is_named(saved, tmp_path):
+    folder, *_ = saved
+    data = open(os.path.join(folder, "model.safetensors"), "rb").read()
+    for n in (4, 100, len(data) // 2):
+        out = _copy_folder(folder, tmp_path / f"t{n}", raw_weights=data[:n])
+        with pytest.raises(ValueError, match="not a readable safetensors file") as info:
+            gape.from_pretrained(out)
+        assert str(out / "model.safetensors") in str(info.value)
+
+
+def test_edited_head_counts_name_the_config_and_its_fields(saved, tmp_path):
+    folder, *_ = saved
+
+    def edit(c):
+        c["num_key_value_heads"] = c["num_key_value_heads"] * 2
+
+    out = _copy_folder(folder, tmp_path / "m", edit_config=edit)
+    with pytest.raises(ValueError, match="does not match the weights") as info:
+        gape.from_pretrained(out)
+    assert str(out / "config.json") in str(info.value) and "num_key_value_heads=" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "sdpa"])
+def test_nan_gates_give_nan_outputs_on_every_backend(backend):
+    """alpha = 0 is the identity shortcut (plain SDPA); a NaN elsewhere in the gate makes
+    lambda NaN, which must reach the logits, not be skipped as lambda == 0."""
+    model = _patched(config=gape.GapeConfig(backend=backend, distance="linear", layers=[1]))
+    gate = dict(hf.iter_gates(model))[1]
+    ids = tokens(1, 10)
+    with torch.no_grad():
+        gate.alpha.zero_()
+        assert torch.isfinite(model(ids).logits).all()  # the identity: exact, finite
+        gate.b[0] = float("nan")
+        assert torch.isnan(model(ids).logits).any()
+        gate.b[0] = 0.0
+        gate.alpha.fill_(0.5)
+        gate.w.view(-1)[0] = float("nan")
+        assert torch.isnan(model(ids).logits).any()

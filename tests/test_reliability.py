@@ -250,3 +250,48 @@ def test_sdpa_in_float16_at_2k_tokens_is_as_accurate_as_the_fused_backends():
         out = gape.attention(q.half(), k.half(), v.half(), lam, pi, distance="linear", backend=backend)
         errs[backend] = float((out.double() - truth).abs().max())
     assert errs["sdpa"] <= 2 * errs["torch"] + 1e-3, errs
+
+
+def _flash_cuda_mask(lq, lk, left, right, is_causal):
+    """The keys FlashAttention's CUDA kernel lets query i see, written from its C++
+    entry point: sides >= seqlen_k become -1, a causal right side 0, then a missing
+    side of a bounded window seqlen_k; the kernel keeps
+    i + lk - lq - left <= j <= i + lk - lq + right (a side of -1 unbounded)."""
+    if left >= lk:
+        left = -1
+    if right >= lk:
+        right = -1
+    if is_causal:
+        right = 0
+    if left < 0 and right >= 0:
+        left = lk
+    if left >= 0 and right < 0:
+        right = lk
+    i = torch.arange(lq)[:, None] + lk - lq
+    j = torch.arange(lk)[None, :]
+    ok = torch.ones(lq, lk, dtype=torch.bool)
+    if left >= 0:
+        ok &= j >= i - left
+    if right >= 0:
+        ok &= j <= i + right
+    return ok
+
+
+@pytest.mark.parametrize("lq,lk,window,is_causal", [
+    (12, 5, (2, -1), False), (12, 5, (-1, 1), False), (12, 5, (3, 0), True), (6, 9, (9, 2), False),
+    (6, 9, (1, 20), False), (9, 9, (4, 4), False), (16, 4, (1, 1), False),
+])
+def test_flash_cuda_window_reproduces_flash_attentions_cuda_window(lq, lk, window, is_causal):
+    from gape.core.api import flash_cuda_window
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, lq, 8, dtype=torch.float64), torch.randn(1, 1, lk, 8, dtype=torch.float64), \
+        torch.randn(1, 1, lk, 8, dtype=torch.float64)
+    lam, pi = torch.rand(1, 2, lq, dtype=torch.float64) * 0.3, torch.rand(1, 1, lk, dtype=torch.float64)
+    want = gape.attention(q, k, v, lam, pi, attn_mask=_flash_cuda_mask(lq, lk, *window, is_causal),
+                          is_causal=False, backend="reference")
+    got = gape.attention(q, k, v, lam, pi, window_size=flash_cuda_window(window, lq, lk, is_causal),
+                         is_causal=False, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="window_size"):
+        flash_cuda_window((1.0, 2), lq, lk)

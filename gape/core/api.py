@@ -304,6 +304,43 @@ def _check_window(window_size, is_causal: bool):
     return (left, right)
 
 
+def flash_cuda_window(window_size, seqlen_q: int, seqlen_k: int, is_causal: bool = False) -> tuple[int, int]:
+    """The ``window_size`` FlashAttention's CUDA entry point actually applies, in
+    this package's convention (pass the result as ``window_size``).
+
+    gape follows FlashAttention's docstring exactly: query ``i`` (at position
+    ``i + seqlen_k - seqlen_q`` by default) sees keys in ``[pos_q - left, pos_q + right]``,
+    ``-1`` unbounded. FlashAttention's C++ entry point (``mha_fwd`` /
+    ``mha_varlen_fwd``) first rewrites a side ``>= seqlen_k`` into ``-1``, then a
+    missing side of a bounded window into ``seqlen_k``, and a causal call's
+    right side into ``0``. When ``seqlen_q > seqlen_k`` (or with
+    ``left >= seqlen_k``) that is a different window than the docstring's. Users
+    who need FlashAttention's numbers bit for bit pass
+    ``window_size=flash_cuda_window(window_size, Lq, Lk, is_causal)``; for varlen
+    calls FlashAttention uses ``max_seqlen_k`` as ``seqlen_k``.
+    """
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 = unbounded, got {window_size!r}")
+    for name, n in (("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    if left >= seqlen_k:
+        left = -1
+    if right >= seqlen_k:
+        right = -1
+    if is_causal:
+        right = 0
+    if left < 0 and right >= 0:
+        left = seqlen_k
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    return (left, right)
+
+
 def _position_kwargs(query_offset, window, sinks=None, softcap=None) -> dict:
     kw = {}
     if query_offset is not None:
@@ -487,6 +524,12 @@ def attention(
         window_size: ``(left, right)`` local window in FlashAttention's convention:
             query ``i`` sees keys at positions ``[pos_q - left, pos_q + right]``,
             ``-1`` = unbounded on that side (``right`` is moot when causal).
+            This is FlashAttention's documented window, applied exactly for
+            every shape. FlashAttention's CUDA entry point rewrites the window
+            first (a side ``>= Lk`` becomes unbounded, an unbounded side of a
+            bounded window becomes ``Lk``), which differs when ``Lq > Lk``
+            or ``left >= Lk``; :func:`flash_cuda_window` gives the window it
+            applies, to reproduce its numbers.
         sinks: optional ``[Hq]`` learned attention sinks (gpt-oss): one extra
             logit per query head in every row's softmax denominator, with no
             value, so a row may give less than all its weight to the keys. Its

@@ -135,6 +135,21 @@ def merge(outs, lses):
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"merge needs as many outs as lses (at least one), got {len(outs)} and {len(lses)}")
+    for i, (o, x) in enumerate(zip(outs, lses)):
+        if not isinstance(o, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise TypeError(f"merge: outs[{i}] and lses[{i}] must be tensors, got {type(o).__name__} and {type(x).__name__}")
+        if o.dim() != 4 or tuple(x.shape) != tuple(o.shape[:3]):
+            raise ValueError(
+                f"merge: outs[{i}] must be [B, Hq, Lq, Dv] and lses[{i}] its [B, Hq, Lq], got {tuple(o.shape)} "
+                f"and {tuple(x.shape)}"
+            )
+        if o.shape != outs[0].shape:
+            raise ValueError(
+                f"merge combines blocks of the same query rows: outs[{i}] has shape {tuple(o.shape)} "
+                f"[B, Hq, Lq, Dv], outs[0] {tuple(outs[0].shape)}"
+            )
+        if o.device != outs[0].device or x.device != outs[0].device:
+            raise ValueError(f"merge: outs[{i}] / lses[{i}] are on {o.device} / {x.device}, outs[0] on {outs[0].device}")
     dt = torch.float64 if lses[0].dtype == torch.float64 else torch.float32
     ls = torch.stack([torch.where(torch.isinf(x) & (x > 0), float("-inf"), x.to(dt)) for x in lses])
     total = torch.logsumexp(ls, dim=0)

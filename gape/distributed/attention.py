@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,38 @@ from .ring import Ring
 # --------------------------------------------------------------------------- validation across ranks
 
 _MSG_BYTES = 400
+# How long a rank waits in one of this package's collectives (the agreement, a
+# ring shift) for its peers. A peer that died or left for other work makes the
+# waiting ranks raise after this long instead of waiting for the group's own
+# timeout (30 min for gloo) or forever. Every call takes ``timeout=`` to change it.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+def as_timeout(timeout) -> timedelta:
+    """``timeout`` (seconds, a timedelta, or None for :data:`DEFAULT_TIMEOUT`) as a positive timedelta."""
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"timeout must be seconds (a number) or a datetime.timedelta, got {type(timeout).__name__}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+    return timedelta(seconds=seconds)
+
+
+def wait(work, timeout: timedelta, what: str) -> None:
+    """Wait for a collective; a peer that never joins is a RuntimeError naming ``what``, not a hang."""
+    try:
+        work.wait(timeout=timeout)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{what}: a peer rank did not join within {timeout.total_seconds():g} s (it died, raised outside "
+            f"gape, or is busy elsewhere); the process group is no longer usable. Cause: {exc}"
+        ) from exc
+
 _FIELDS = (
     "batch size", "query heads", "key/value heads", "local length", "head dim", "value head dim", "dtype",
     "is_causal", "distance", "layout", "backend", "scale", "group size",
@@ -42,8 +75,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = api.BACKENDS
 
 
-def _local_description(query, key, value, query_gate, key_gate, is_causal, scale, distance, layout, backend, world):
-    """(error message or None, field values) of this rank's call."""
+def _local_description(query, key, value, query_gate, key_gate, is_causal, scale, distance, layout, backend, world,
+                       refusal=None):
+    """(error message or None, field values) of this rank's call; ``refusal`` is a
+    reason the caller found already (it is agreed on like any other)."""
+    if refusal is not None:
+        return f"ValueError: {refusal}", None
     try:
         _, scale = api._validate(query, key, value, query_gate, key_gate, None, is_causal, scale, distance, "reference")
         check_layout(layout)
@@ -88,11 +125,13 @@ def _describe(field: str, value: int):
     return value
 
 
-def agree(group, device, error: str | None, values=(), fields=_FIELDS, what="context_parallel_attention") -> None:
+def agree(group, device, error: str | None, values=(), fields=_FIELDS, what="context_parallel_attention",
+          timeout=None) -> None:
     """All-gather every rank's call description (``values``, one int per name
     in ``fields``); raise the same error on every rank when a rank refused its
     inputs (``error``) or the ranks disagree. One collective, so a bad input on
-    one rank never leaves the others waiting in the ring."""
+    one rank never leaves the others waiting in the ring; a rank that never
+    arrives is a RuntimeError after ``timeout``."""
     world = dist.get_world_size(group)
     n = len(fields)
     row = torch.zeros(2 + n + _MSG_BYTES, dtype=torch.int64)
@@ -105,7 +144,7 @@ def agree(group, device, error: str | None, values=(), fields=_FIELDS, what="con
         row[2 : 2 + n] = torch.tensor(values, dtype=torch.int64)
     row = row.to(device)
     rows = [torch.empty_like(row) for _ in range(world)]
-    dist.all_gather(rows, row, group=group)
+    wait(dist.all_gather(rows, row, group=group, async_op=True), as_timeout(timeout), what)
     table = torch.stack(rows).cpu().tolist()
     bad = [r for r in range(world) if table[r][0]]
     if bad:
@@ -139,6 +178,7 @@ class _Plan:
     scale: float
     distance: str
     kernel: str  # the block kernel (gape.core.ops backend)
+    timeout: timedelta = DEFAULT_TIMEOUT
 
     def pairs(self, src: int):
         """(query rows, key columns, query_offset) of every block that has an allowed key."""
@@ -177,7 +217,7 @@ def _ring_forward(plan: _Plan, q, k, v, qg, kg):
             )
             _merge(out, lse, rows, o, l)
         if pending is not None:
-            kv = pending.wait()
+            kv = pending.wait(plan.timeout)
     return out, lse
 
 
@@ -206,15 +246,15 @@ def _ring_backward(plan: _Plan, q, k, v, qg, kg, out, lse, dout):
         if grads is not None:
             # the running sum (owner first, then along the ring) plus this rank's part; a + m == m + a
             # exactly, so adding in place into the received buffers keeps the order
-            mine = tuple(a.add_(m) for a, m in zip(grads.wait(), mine))
+            mine = tuple(a.add_(m) for a, m in zip(grads.wait(plan.timeout), mine))
         if ring.world == 1:
             dkv = mine
             break
         grads = ring.shift(mine, tag=8)  # the last shift brings each block's sum home
         if pending is not None:
-            kv = pending.wait()
+            kv = pending.wait(plan.timeout)
     else:
-        dkv = grads.wait()
+        dkv = grads.wait(plan.timeout)
     return dq, dkv[0], dkv[1], dqg, dkv[2]
 
 
@@ -250,6 +290,7 @@ def context_parallel_attention(
     distance: str = "log",
     layout: str = "zigzag",
     backend: str = "auto",
+    timeout: float | timedelta | None = None,
 ) -> torch.Tensor:
     """GAPE attention over a sequence split across the ranks of ``group``.
 
@@ -272,6 +313,10 @@ def context_parallel_attention(
         backend: the block kernel: ``"auto"`` (the fused C++ kernel on the
             CPU, Triton on CUDA), ``"torch"``, ``"triton"`` or ``"reference"``
             (materialized, float64-capable; for checks). ``"sdpa"`` is refused.
+        timeout: seconds (or a ``timedelta``) a rank waits for its peers in
+            the agreement and in each ring shift before raising RuntimeError
+            (default :data:`DEFAULT_TIMEOUT`, 10 minutes): a dead peer is an
+            error, not a wait.
 
     Every rank checks its inputs and the ranks compare shapes, dtype and
     settings in one all-gather before the ring starts: an invalid input or a
@@ -288,6 +333,15 @@ def context_parallel_attention(
         >>> out_local = context_parallel_attention(q_local, k_local, v_local, lam_local, pi_local)
         >>> out = gape.distributed.unshard(out_local, dim=2)  # == gape.attention(q, k, v, lam, pi)
     """
+    return _context_parallel_attention(query, key, value, query_gate, key_gate, group=group, is_causal=is_causal,
+                                       scale=scale, distance=distance, layout=layout, backend=backend,
+                                       timeout=timeout)
+
+
+def _context_parallel_attention(query, key, value, query_gate, key_gate, *, group, is_causal, scale, distance, layout,
+                                backend, timeout, refusal=None):
+    """:func:`context_parallel_attention`; ``refusal``: a reason the caller found to
+    refuse this rank's call, raised on every rank through the agreement."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "context_parallel_attention needs torch.distributed: call torch.distributed.init_process_group "
@@ -297,16 +351,20 @@ def context_parallel_attention(
     if rank < 0:
         raise ValueError("context_parallel_attention: this process is not a member of the given group")
     world = dist.get_world_size(group)
+    try:
+        timeout = as_timeout(timeout)
+    except (TypeError, ValueError) as exc:  # refused on every rank through the agreement, not on this one alone
+        refusal, timeout = refusal or str(exc), DEFAULT_TIMEOUT
     error, values = _local_description(
-        query, key, value, query_gate, key_gate, is_causal, scale, distance, layout, backend, world
+        query, key, value, query_gate, key_gate, is_causal, scale, distance, layout, backend, world, refusal
     )
     device = query.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    agree(group, device, error, values)
+    agree(group, device, error, values, timeout=timeout)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     local = query.shape[2]
     plan = _Plan(
         ring=Ring(group),
         segs=tuple(segments(layout, world, r, local) for r in range(world)),
-        is_causal=is_causal, scale=scale, distance=distance, kernel=blocks.resolve(backend, query),
+        is_causal=is_causal, scale=scale, distance=distance, kernel=blocks.resolve(backend, query), timeout=timeout,
     )
     return _ContextParallelAttention.apply(query, key, value, query_gate, key_gate, plan)

@@ -6,8 +6,9 @@ transformers' ``AttentionInterface``; its mask function builds no mask,
 because the causal rule follows from global positions) and back on exit.
 Inside, every rank calls the model on its shard of the sequence, with the
 matching shard of ``position_ids`` (RoPE and GAPE's distances are global);
-a forward pre-hook checks on every rank that the ``position_ids`` are this
-rank's shard of ``0 .. L - 1`` in ``layout`` and refuses otherwise.
+a forward pre-hook checks that the ``position_ids`` are this rank's shard of
+``0 .. L - 1`` in ``layout``, and every other reason to refuse, and agrees on
+the outcome on all ranks before any rank enters the ring.
 
 Each attention layer's GAPE gates (``gape.patch``) are computed on the local
 shard; the key gate travels around the ring with the keys. A layer without a
@@ -30,7 +31,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .attention import agree, context_parallel_attention
+from .attention import _context_parallel_attention, agree, as_timeout
 from .layout import _group_rank_size, check_layout, global_positions, local_length_error
 
 logger = logging.getLogger("gape")
@@ -51,17 +52,44 @@ def _register() -> None:
 def _no_mask(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
              attention_mask=None, **kwargs):
     """The mask function of ``"gape_context_parallel"``: the ring applies the causal
-    rule from global positions, so no mask is built; a padding mask is refused."""
+    rule from global positions, so no mask is built. A padding mask is handed on
+    unchanged, and the attention layers refuse it through the all-ranks agreement
+    (raising here, on the ranks that have padding only, would leave the others
+    waiting in the ring)."""
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(
-            "context parallelism does not support padding: pass attention_mask=None (or all ones) "
-            "with unpadded sequences of a length divisible by 2 x world size"
+        return attention_mask
+    return None
+
+
+_PADDING = (
+    "context parallelism does not support padding: pass attention_mask=None (or all ones) "
+    "with unpadded sequences of a length divisible by 2 x world size"
+)
+
+
+def _layer_refusal(module, query, key, attention_mask, dropout) -> str | None:
+    """Why this rank cannot run this attention layer context-parallel (None when it can)."""
+    if attention_mask is not None:
+        return _PADDING
+    if dropout:
+        return (f"context-parallel attention does not implement attention dropout (got {dropout}); "
+                "call model.eval() or set attention_dropout=0")
+    if key.shape[2] != query.shape[2]:
+        return (
+            f"context parallelism runs self-attention over the shard (no KV cache): got {query.shape[2]} queries "
+            f"and {key.shape[2]} keys; pass use_cache=False and do not generate under context_parallel"
         )
     return None
 
 
 def context_parallel_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The ``"gape_context_parallel"`` attention implementation (transformers AttentionInterface contract)."""
+    """The ``"gape_context_parallel"`` attention implementation (transformers AttentionInterface contract).
+
+    Every reason to refuse (padding, dropout, a KV cache, a gate that cannot be
+    computed) is a field of the all-ranks agreement that
+    :func:`~gape.distributed.context_parallel_attention` runs before the ring,
+    so it raises the same ValueError on every rank.
+    """
     from ..hf import GATE_ATTR
 
     state = module.__dict__.get(_STATE_ATTR)
@@ -70,67 +98,101 @@ def context_parallel_attention_forward(module, query, key, value, attention_mask
             f"attn_implementation={IMPLEMENTATION!r} is set by gape.distributed.context_parallel(model, ...); "
             "use that context manager instead of selecting it by hand"
         )
-    if dropout:
-        raise ValueError(f"context-parallel attention does not implement attention dropout (got {dropout}); call model.eval() or set attention_dropout=0")
-    if key.shape[2] != query.shape[2]:
-        raise ValueError(
-            f"context parallelism runs self-attention over the shard (no KV cache): got {query.shape[2]} queries "
-            f"and {key.shape[2]} keys; pass use_cache=False and do not generate under context_parallel"
-        )
-    group, layout = state
+    group, layout, timeout = state
+    refusal = _layer_refusal(module, query, key, attention_mask, dropout)
     gate = module._modules.get(GATE_ATTR)
     b, hq, n, d = query.shape
-    if gate is None:
-        lam = query.new_zeros((b, hq, n), dtype=torch.float32)
-        pi = query.new_zeros((b, key.shape[1], n), dtype=torch.float32)
-        distance, backend = "log", "auto"
-    else:
-        lam, pi = gate.query_gate(query), gate.key_gate(key)
+    distance, backend = "log", "auto"
+    lam = query.new_zeros((b, hq, n), dtype=torch.float32)
+    pi = key.new_zeros((b, key.shape[1], key.shape[2]), dtype=torch.float32)
+    if gate is not None:
         distance, backend = gate.config.distance, gate.config.backend
+        if refusal is None:
+            try:
+                lam, pi = gate.query_gate(query), gate.key_gate(key)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                refusal = f"the GAPE gate failed on this rank: {type(exc).__name__}: {exc}"
+    if refusal is not None:
+        # the agreement reports the refusal itself, not a shape error the refusal explains
+        key = value = query
+        lam = pi = query.new_zeros((b, hq, n), dtype=torch.float32)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(d)
-    out = context_parallel_attention(
+    out = _context_parallel_attention(
         query, key, value, lam, pi, group=group, is_causal=is_causal, scale=scale, distance=distance,
-        layout=layout, backend=backend,
+        layout=layout, backend=backend, timeout=timeout, refusal=refusal,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _check_positions(group, layout, model, args, kwargs):
-    """Forward pre-hook: ``position_ids`` must be this rank's shard (checked on every rank at once)."""
+# The fields of the model-level agreement: every rank must call the model the same way.
+_CALL_FIELDS = ("batch size", "local length", "grad enabled", "training mode")
+
+
+def _call_refusal(model, layout, rank, world, bound) -> tuple[str | None, tuple]:
+    """(why this rank's model call cannot run context-parallel or None, the agreed fields)."""
+    pos = bound.get("position_ids")
+    ids = bound.get("input_ids")
+    if ids is None:
+        ids = bound.get("inputs_embeds")
+    local = pos.shape[-1] if pos is not None else -1
+    values = (-1 if ids is None else int(ids.shape[0]), local, int(torch.is_grad_enabled()), int(model.training))
+    if pos is None:
+        return (
+            "position_ids is required under context_parallel: pass position_ids=gape.distributed.shard("
+            f"torch.arange(L)[None], 1, group, layout={layout!r}) with the shard of the input"
+        ), values
+    ok_length = local_length_error(layout, local) is None
+    want = global_positions(layout, world, rank, local, device=pos.device) if ok_length else None
+    if want is None or not bool((pos == want).all()):
+        shown = pos.reshape(-1, local)[0, :6].tolist()
+        expect = want[:6].tolist() if want is not None else f"none: {local_length_error(layout, local)}"
+        return (
+            f"position_ids on rank {rank} are not this rank's {layout!r} shard of a {world}-rank group "
+            f"(first positions {shown}, expected {expect}); cut input_ids and position_ids with "
+            f"gape.distributed.shard(x, 1, group, layout={layout!r})"
+        ), values
+    if ids is not None and ids.shape[1] != local:
+        return f"position_ids hold {local} positions but the input holds {ids.shape[1]}", values
+    mask = bound.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or not bool(mask.all())):
+        return _PADDING, values
+    extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
+    if any(x is not None for x in (bound.get("cache"), bound.get("past_key_values"), extra.get("past_key_values"),
+                                    extra.get("cache"))):
+        return ("context parallelism runs without a KV cache: pass past_key_values=None "
+                "(generation under context_parallel is not supported)"), values
+    if bound.get("labels") is not None or extra.get("labels") is not None:
+        return ("labels=... makes the model shift the labels inside this rank's shard, which is wrong "
+                "for a sharded sequence: call the model without labels and use "
+                "gape.distributed.causal_lm_loss(logits, shard(shift_labels(full_ids), 1))"), values
+    dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    if model.training and dropout:
+        return (f"context-parallel attention does not implement attention dropout (attention_dropout={dropout}); "
+                "call model.eval() or set attention_dropout=0"), values
+    return None, values
+
+
+def _check_call(group, layout, timeout, model, args, kwargs):
+    """Forward pre-hook: every model-level reason to refuse (positions, padding, a
+    cache, labels, dropout) and the call's shape are agreed on all ranks at once,
+    before any rank reaches the ring, so a refusal is the same ValueError
+    everywhere and never a hang."""
     rank, world = _group_rank_size(group)
     try:
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     except TypeError:
         bound = kwargs
+    try:
+        error, values = _call_refusal(model, layout, rank, world, bound)
+    except Exception as exc:  # noqa: BLE001 - any failure of the checks is this rank's refusal
+        error, values = f"{type(exc).__name__}: {exc}", (0,) * len(_CALL_FIELDS)
     pos = bound.get("position_ids")
-    ids = bound.get("input_ids")
-    if ids is None:
-        ids = bound.get("inputs_embeds")
-    error = None
-    if pos is None:
-        error = (
-            "position_ids is required under context_parallel: pass position_ids=gape.distributed.shard("
-            f"torch.arange(L)[None], 1, group, layout={layout!r}) with the shard of the input"
-        )
-    else:
-        local = pos.shape[-1]
-        ok_length = local_length_error(layout, local) is None
-        want = global_positions(layout, world, rank, local, device=pos.device) if ok_length else None
-        if want is None or not bool((pos == want).all()):
-            shown = pos.reshape(-1, local)[0, :6].tolist()
-            expect = want[:6].tolist() if want is not None else f"none: {local_length_error(layout, local)}"
-            error = (
-                f"position_ids on rank {rank} are not this rank's {layout!r} shard of a {world}-rank group "
-                f"(first positions {shown}, expected {expect}); cut input_ids and position_ids with "
-                f"gape.distributed.shard(x, 1, group, layout={layout!r})"
-            )
-        elif ids is not None and ids.shape[1] != local:
-            error = f"position_ids hold {local} positions but the input holds {ids.shape[1]}"
     device = pos.device if pos is not None and dist.get_backend(group) == "nccl" else torch.device("cpu")
-    agree(group, device, error, fields=(), what="context_parallel")
+    agree(group, device, error, values, fields=_CALL_FIELDS, what="context_parallel",
+          timeout=timeout)
     kwargs = dict(kwargs)
     if "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
@@ -138,7 +200,7 @@ def _check_positions(group, layout, model, args, kwargs):
 
 
 @contextlib.contextmanager
-def context_parallel(model, group=None, layout: str = "zigzag"):
+def context_parallel(model, group=None, layout: str = "zigzag", timeout=None):
     """Run ``model`` (a Llama-style transformers model, GAPE-patched or not) with
     its sequence split across ``group``.
 
@@ -154,12 +216,22 @@ def context_parallel(model, group=None, layout: str = "zigzag"):
             all_reduce_grads(model)                                      # each rank saw a part of the sequence
 
     On exit the previous attention implementation is restored.
+
+    Before any rank enters the ring, the ranks agree in one all-gather on the
+    call (batch size, local length, grad mode, train mode) and on every reason
+    to refuse it (position_ids that are not this rank's shard, padding, a KV
+    cache, ``labels``, attention dropout); each attention layer agrees again on
+    its shapes, gates and settings. A refusal on any rank is the same
+    ValueError on every rank. ``timeout`` (seconds or a ``timedelta``, default
+    10 minutes) bounds every wait for a peer: a rank that died is a
+    RuntimeError on the others, not a hang.
     """
     from ..hf import _find_layers
     from ..patches.registry import get_spec
 
     check_layout(layout)
     _group_rank_size(group)
+    timeout = as_timeout(timeout)
     spec = get_spec(getattr(model.config, "model_type", None))
     layers = _find_layers(model, spec)
     attns = [getattr(layer, spec.attention) for layer in layers]
@@ -167,9 +239,9 @@ def context_parallel(model, group=None, layout: str = "zigzag"):
         raise ValueError("model is already inside gape.distributed.context_parallel")
     _register()
     original = model.config._attn_implementation
-    handle = model.register_forward_pre_hook(functools.partial(_check_positions, group, layout), with_kwargs=True)
+    handle = model.register_forward_pre_hook(functools.partial(_check_call, group, layout, timeout), with_kwargs=True)
     for a in attns:
-        a.__dict__[_STATE_ATTR] = (group, layout)
+        a.__dict__[_STATE_ATTR] = (group, layout, timeout)
     try:
         model.set_attn_implementation(IMPLEMENTATION)
         logger.info("gape: %s runs context-parallel (layout %s, %d ranks)", type(model).__name__, layout,

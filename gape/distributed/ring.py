@@ -32,9 +32,13 @@ class Pending:
     def __init__(self, works, received):
         self._works, self._received = works, received
 
-    def wait(self) -> tuple[torch.Tensor, ...]:
+    def wait(self, timeout=None) -> tuple[torch.Tensor, ...]:
+        """The received tensors; ``timeout`` (a timedelta): raise RuntimeError when a
+        peer has not sent by then (it died or left) instead of waiting forever."""
+        from .attention import DEFAULT_TIMEOUT, wait
+
         for w in self._works:
-            w.wait()
+            wait(w, timeout or DEFAULT_TIMEOUT, "context-parallel ring shift")
         self._works = []
         return self._received
 

@@ -198,7 +198,7 @@ def gape_attention_forward(
         if varlen is not None:
             out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
                          pi[0].t(), *packed, is_causal, scale, distance, window)
-            out = out.unsqueeze(0).contiguous()
+            out = _poison(out.unsqueeze(0), lam, pi).contiguous()
             if want_probs:
                 return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
                                               packed=packed)
@@ -226,7 +226,8 @@ def gape_attention_forward(
         except ValueError as e:
             raise ValueError(f"GapeConfig.backend={backend!r} cannot serve this model: {e}") from None
         positions = {}  # bound into the selection
-    out = fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2).contiguous()
+    out = _poison(fn(query, key, value, lam, pi, mask, is_causal, scale, distance, **positions).transpose(1, 2),
+                  lam, pi).contiguous()
     if want_probs:
         return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, offset, window, **terms)
     return out, None
@@ -326,6 +327,22 @@ def _wants_probs(module: nn.Module, kwargs: dict) -> bool:
     return bool(getattr(getattr(module, "config", None), "output_attentions", False))
 
 
+def _poison(out: torch.Tensor, lam: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """``out [B, Q, Hq, Dv]`` with NaN in the rows whose gates are not finite.
+
+    This path skips the API's gate range check (a host sync per layer), and a
+    kernel may treat a row whose logits are all NaN as a row without keys
+    (zeros): a NaN lambda (a NaN gate parameter) must give NaN, never a finite
+    output. ``0 * x`` is 0 for finite ``x`` and NaN otherwise: no sync, and
+    nothing changes for finite gates."""
+    b, q, hq, _ = out.shape
+    rows = lam.float().mul(0.0)  # [B, Hq, Q]
+    heads = pi.float().mul(0.0).sum(-1)  # [B, Hkv]: a non-finite pi reaches every query head of its group
+    heads = heads.repeat_interleave(hq // heads.shape[1], dim=1)
+    dirty = rows + heads[:, :, None]
+    return out + dirty.transpose(1, 2)[..., None].to(out.dtype)
+
+
 def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
     """``(lambda [B, Hq, Q], pi [B, Hkv, K], distance, backend)`` of one attention call
     (post-RoPE ``query``/``key``, cache included), or None when the layer runs plain
@@ -406,8 +423,22 @@ def _packed_sequences(query, key, mask, kwargs, window):
     if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    compiling = torch.compiler.is_compiling()
     if cu_q is not None and cu_k is not None:
         cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if compiling:
+            # No data-dependent int() while tracing: the lengths come from the collator's
+            # Python ints, and the totals are checked by a compiled assert.
+            max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+            if not all(isinstance(m, int) and not isinstance(m, bool) for m in (max_q, max_k)):
+                raise ValueError(
+                    "packed sequences under torch.compile need max_length_q and max_length_k as Python ints "
+                    f"beside cu_seq_lens_q/k (got {type(max_q).__name__} and {type(max_k).__name__}); "
+                    "DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes them"
+                )
+            torch._assert_async((cu_q[-1] == query.shape[2]) & (cu_k[-1] == key.shape[2]),
+                                "cu_seq_lens_q/k must end at the row's query/key count under torch.compile")
+            return cu_q, cu_k, max_q, max_k
         if int(cu_q[-1]) != query.shape[2] or int(cu_k[-1]) != key.shape[2]:
             return None  # not this layer's tokens (e.g. padded for a flash-attention kernel)
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
@@ -415,9 +446,18 @@ def _packed_sequences(query, key, mask, kwargs, window):
         max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         return cu_q, cu_k, max_q, max_k
     pos = kwargs.get("position_ids")
-    if pos is None or pos.numel() != query.shape[2] or torch.compiler.is_compiling():
-        return None  # compiled: restarting position ids keep their block-diagonal mask (exact, no host sync)
+    if pos is None or pos.numel() != query.shape[2]:
+        return None
     pos = pos.reshape(-1)
+    if compiling:
+        # Finding the sequences needs their count on the host. Compiled, transformers does
+        # not build the block-diagonal mask either, so attending over the whole row would
+        # mix sequences: restarting position ids are refused by a compiled assert (no sync).
+        torch._assert_async((pos[1:] - pos[:-1] == 1).all(),
+                            "GAPE under torch.compile: position_ids restart inside a row (packed sequences); "
+                            "pass cu_seq_lens_q/k and max_length_q/k (DataCollatorWithFlattening("
+                            "return_flash_attn_kwargs=True)) or run the packed batch eagerly")
+        return None
     starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
     if starts.numel() == 0:
         return None  # one sequence: the dense path

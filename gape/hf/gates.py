@@ -175,10 +175,15 @@ class GapeGate(nn.Module):
         )
 
     def is_identity(self) -> bool:
-        """True when lambda is exactly 0 for every input (alpha <= 0 or fixed 0)."""
+        """True when lambda is exactly 0 for every input (alpha <= 0 or fixed 0).
+
+        A non-finite parameter makes lambda NaN (``0 * softplus(nan)``), not 0: such
+        a gate is never the identity, so the NaN reaches the output instead of the
+        shortcut hiding it."""
         if self.config.fixed_lambda is not None:
             return not bool(self.fixed_lambda.any())
-        return bool((self.alpha <= 0).all())
+        finite = all(bool(torch.isfinite(p).all()) for p in (self.w, self.b, self.alpha))
+        return finite and bool((self.alpha <= 0).all())
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())

@@ -138,21 +138,37 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, *
 # --------------------------------------------------------------------------- load
 
 
+def _safetensors_keys(path: str) -> list[str]:
+    """The tensor names of a safetensors file; a damaged file is a ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types, without the path
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged?): {exc}") from None
+
+
 def _weight_files(folder: str) -> dict[str, str]:
-    """``{tensor name: file}`` of the safetensors weights in ``folder``."""
+    """``{tensor name: file}`` of the safetensors weights in ``folder`` (every file's header checked)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        try:
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index (JSON with a \"weight_map\" object): {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f'{index}: field "weight_map" must map tensor names to file names')
+        files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f'{index}: field "weight_map" names {os.path.basename(path)}, which is missing')
+            _safetensors_keys(path)
+        return files
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in _safetensors_keys(single)}
     raise FileNotFoundError(f"{folder} holds no model.safetensors(.index.json): GAPE gates are read from safetensors only")
 
 
@@ -174,9 +190,18 @@ def _gate_tensors(folder: str, names: list[str]) -> dict[str, torch.Tensor]:
     for n in names:
         by_file.setdefault(files[n], []).append(n)
     for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for k in keys:
-                out[k] = f.get_tensor(k)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k)
+        except Exception as exc:  # noqa: BLE001 - name the file (safetensors does not)
+            raise ValueError(f"{file}: cannot read gate tensors (truncated or damaged?): {exc}") from None
+    for k, t in out.items():
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{files[k]}: gate tensor {k} has dtype {t.dtype}, a floating-point dtype expected")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{files[k]}: gate tensor {k} holds {bad} non-finite value(s) (NaN or inf)")
     return out
 
 
@@ -229,12 +254,26 @@ def attach_saved_gates(model: nn.Module, folder: str | os.PathLike, entry: dict 
         with torch.no_grad():
             for name, t in saved.items():
                 if tuple(t.shape) != tuple(own[name].shape):
-                    raise ValueError(f"{folder}: gate {name} has shape {tuple(t.shape)} in the file, {tuple(own[name].shape)} in the model")
+                    raise ValueError(f"{_weight_files(folder)[name]}: gate {name} has shape {tuple(t.shape)} in the file, {tuple(own[name].shape)} in the model")
                 own[name].copy_(t.to(own[name].dtype))
     except Exception:
         hf.unpatch(model)
         raise
     return model
+
+
+_SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                 "vocab_size", "num_hidden_layers")
+
+
+def _shape_fields(raw: dict) -> str:
+    return ", ".join(f"{k}={raw[k]!r}" for k in _SHAPE_FIELDS if k in raw)
+
+
+def _first_mismatch(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    shown = next((ln for ln in lines if "shape" in ln.lower() or "size" in ln.lower()), lines[0] if lines else "")
+    return f"transformers: {shown[:400]}"
 
 
 def from_pretrained(path: str | os.PathLike, *, cls=None, **kwargs) -> nn.Module:
@@ -249,18 +288,49 @@ def from_pretrained(path: str | os.PathLike, *, cls=None, **kwargs) -> nn.Module
             use (default ``"sdpa"``).
 
     A folder without a ``"gape"`` entry loads as the plain model it is, with a
-    warning. Example: ``model = gape.from_pretrained("my-gape-model")``.
+    warning; one whose ``attn_implementation`` is ``"gape"`` without a valid
+    entry is refused. The saved gates are validated like a gate file (every
+    gate tensor present, finite, of the patched shape); errors name the file
+    and the field. Example: ``model = gape.from_pretrained("my-gape-model")``.
     """
     if cls is None:
         from transformers import AutoModelForCausalLM as cls
     folder = os.fspath(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a local model folder (gape.from_pretrained never downloads)")
-    with open(os.path.join(folder, "config.json")) as f:
-        entry = read_description(json.load(f))
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with open(config_path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path} is missing: {folder!r} is not a transformers model folder") from None
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: a JSON object expected, got {type(raw).__name__}")
+    try:
+        entry = read_description(raw)
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: {exc}") from None
+    if entry is None and raw.get("attn_implementation") == "gape":
+        # the gate tensors would be dropped and the plain model returned
+        raise ValueError(
+            f'{config_path}: field "attn_implementation" is "gape" but the "gape" entry (the GAPE config and '
+            "patched layers) is missing, so the saved gates cannot be attached. Restore the entry (save the "
+            "model again with gape.save_pretrained), or set attn_implementation to \"sdpa\" to load the plain model"
+        )
     kwargs.setdefault("attn_implementation", "sdpa")
+    _weight_files(folder)  # a truncated or damaged weights file is named before transformers reads it
     with _holding_load_report() as report:
-        model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+        try:
+            model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            if "mismatch" not in str(exc).lower() and "size" not in str(exc).lower():
+                raise
+            raise ValueError(
+                f"{config_path} does not match the weights in {folder}: the shapes the config's fields "
+                f"({_shape_fields(raw)}) give differ from the saved tensors. {_first_mismatch(exc)}"
+            ) from exc
     only_gates = not info.get("missing_keys") and not info.get("mismatched_keys") and all(
         GATE_MARK in k for k in info.get("unexpected_keys", ())
     )
