@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--lora-rank", type=A.integer(1, 4096), default=_DEFAULT.lora_rank, help="LoRA rank on q/k/v/o (default 8)")
     a("--lora-alpha", type=A.number(0.0, 1e6, above=True), default=_DEFAULT.lora_alpha, help="LoRA alpha (default 16)")
     a("--paper-gamma-init", type=A.number(-100.0, 100.0), default=_DEFAULT.paper_gamma_init,
-      help="initial gamma of the paper's gates (default -5: lambda about 0.005 log(2)/T, close to the loaded model)")
+      help="initial gamma of the paper's gates (default -5: softplus(-5) = 0.0067, lambda about 0.0047/T, close to the loaded model)")
     a("--lengths", type=A.int_list(16, A.MAX_TOKENS), default=_DEFAULT.lengths,
       help="evaluation lengths (default 4096,8192,16384,32768)")
     a("--samples", type=A.integer(1, 10_000), default=_DEFAULT.samples, help="retrieval samples per arm and length, depths spread (default 20)")

@@ -459,6 +459,8 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
 
             echo(f"loading {model_label(s.model)} ({s.dtype}) ...")
             model, _ = load_model(s.model, dtype=DTYPES[s.dtype])
+        if todo:
+            check_fits(model, [u.length for u in todo if u.kind != "train"])
         total = sum(u.tokens for u in units)
         bar = tqdm(total=total / 1000, initial=(total - sum(u.tokens for u in todo)) / 1000, unit="ktok", desc="longctx",
                    disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} ktok [{elapsed}<{remaining}] {postfix}")
@@ -563,13 +565,13 @@ def _niah(s: Settings, model, tok, length: int, index: int) -> dict:
             "score": score, "correct": score == 1.0, "new_tokens": new}
 
 
-def check_fits(model, s: Settings) -> None:
+def check_fits(model, lengths: list[int]) -> None:
     """Refuse lengths this machine cannot hold, before hours are spent on shorter ones."""
     from ...niah.runner import max_tokens_in_memory
 
     limit = max_tokens_in_memory(model)
-    if max(s.lengths) > limit:
-        raise UsageError(f"--lengths {max(s.lengths)}: the memory available now holds about {limit} tokens for this model")
+    if lengths and max(lengths) > limit:
+        raise UsageError(f"--lengths {max(lengths)}: the memory available now holds about {limit} tokens for this model")
 
 
 def pilot(s: Settings, arms: list[str], *, model=None, tokenizer=None, corpus=None, check_corpus=True, echo=print,
