@@ -519,6 +519,11 @@ def _run_units(s, out, base, tok, plays, schedule, windows, todo, bar, deadline)
         if u.kind == "train":
             # the row first: killed between the two, the step is redone and rewrites the same row
             save_state(_state_path(out, u.arm), model, opt, u.index + 1)
+        following = todo[ran + 1] if ran + 1 < len(todo) else None
+        if u.kind != "train" and (following is None or (following.arm, following.kind, following.length) != (u.arm, u.kind, u.length)):
+            from . import report
+
+            report.write(out, echo=lambda _: None)  # a finished cell shows in the summary and plots at once
         bar.update(u.tokens / 1000)
         bar.set_postfix_str(f"{u.arm} {u.kind} {u.length}")
     return len(todo)
