@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -624,12 +623,3 @@ def pilot(s: Settings, arms: list[str], *, model=None, tokenizer=None, corpus=No
                  f"(correct {r['correct']})")
     return out
 
-
-def budget(pilot_result: dict, s: Settings, windows_per_length: dict[int, int], arm: str) -> dict:
-    """Estimated seconds of each part of ``arm`` from a pilot (the path the arm uses)."""
-    a = ARMS[arm]
-    eval_arm = next(k for k in pilot_result["ppl"] if (ARMS[k].gate is None) == (a.gate is None))
-    train = s.steps * pilot_result["train_step"].get(arm, 0.0) if a.finetune else 0.0
-    ppl = sum(windows_per_length[n] * pilot_result["ppl"][eval_arm][n] for n in s.lengths)
-    niah = sum(s.samples * pilot_result["niah"][eval_arm][n] for n in s.lengths)
-    return {"train": train, "ppl": ppl, "niah": niah, "total": train + ppl + niah, "pieces_2h": math.ceil((train + ppl + niah) / 7200)}
