@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "extrapolate": ("gape.experiments.extrapolate", "the paper's experiment at CPU scale: NoPE/RoPE/p-RoPE/ALiBi with and without GAPE, retrieval and LM"),
     "calibrate": ("gape.experiments.calibrate", "train only the gates of a pretrained model"),
     "inspect": ("gape.experiments.inspect", "plot attention mass against distance and the gate values"),
+    "longctx": ("gape.experiments.longctx", "long-context fine-tuning study: YaRN with and without GAPE gates, resumable"),
 }
 # subcommands whose remaining arguments belong to another program
 PASSTHROUGH = {"eval"}

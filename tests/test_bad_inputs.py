@@ -309,6 +309,7 @@ def a_file(tmp_path_factory):
 
 CLI = {
     "niah": [
+        ("--dtype", "float64"),
         ("--lengths", "abc"), ("--lengths", "0"), ("--lengths", "1000000000"), ("--lengths", ","),
         ("--depths", "1.5"), ("--depths", "x"), ("--depths", "nan"), ("--samples", "0"), ("--samples", "two"),
         ("--methods", "rope,alibi"), ("--gape-lambda", "-1"), ("--gape-lambda", "nan"), ("--rope-factor", "0.5"),
@@ -322,12 +323,14 @@ CLI = {
         ("--out", "FILE"), ("--merge", "MISSING"), ("--seed", "-3"),
     ],
     "calibrate": [
+        ("--dtype", "float64"),
         ("--minutes", "0"), ("--max-steps", "0"), ("--min-len", "10"), ("--max-len", "100000"), ("--lr", "-1"),
         ("--text-fraction", "2"), ("--tasks", "passkey,nope"), ("--alpha-init", "-1"), ("--backend", "gpu"),
         ("--save-every", "0"), ("--out", "FILE"), ("--model", "MISSING"), ("--init", "random"), ("--seed", "x"),
         ("--threads", "0"),
     ],
     "inspect": [
+        ("--dtype", "float64"),
         ("--length", "0"), ("--lam", "-1"), ("--layers", "a,b"), ("--out", "MISSING/x.png"), ("--prompt-file", "MISSING"),
         ("--gates", "MISSING"), ("--threads", "0"), ("--model", "MISSING"), ("--prompt", " "),
     ],

