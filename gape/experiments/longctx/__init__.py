@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"comma-separated, from {','.join(ARMS)} (default {','.join(DEFAULT_ARMS)})")
     a("--out", type=A.out_folder, default="longctx_results", help="output folder (default longctx_results)")
     a("--model", type=A.model_path, default=None, help="HF model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    a("--dtype", choices=tuple(DTYPES), default=_DEFAULT.dtype, help="model weights and activations (adapters and gates train in float32)")
+    a("--dtype", choices=tuple(DTYPES), default=_DEFAULT.dtype, help=f"model weights and activations; adapters and gates train in float32 (default {_DEFAULT.dtype})")
     a("--train-length", type=A.integer(16, A.MAX_TOKENS), default=_DEFAULT.train_length, help="tokens per training window (default 4096)")
     a("--target-length", type=A.integer(16, A.MAX_TOKENS), default=_DEFAULT.target_length,
       help="the length YaRN is scaled for: factor = target / the model's window (default 32768)")
