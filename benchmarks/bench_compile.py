@@ -12,7 +12,7 @@ timed alone in the same way. The number of graphs dynamo built is recorded
 (prefill, first decode step, then one shape-dynamic decode graph: 3 means no
 recompile per step). Compiled and eager outputs must give the same tokens.
 
-Rows go to benchmarks/results/bench_compile.json as they are measured (atomic
+Rows go to benchmarks/results/bench_compile/bench_compile.json as they are measured (atomic
 writes); a rerun skips rows already there unless --fresh.
 """
 
@@ -37,7 +37,7 @@ from gape._io import write_json_atomic  # noqa: E402
 from gape._machine import machine_record  # noqa: E402
 from gape._threads import set_threads  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_compile"
 MODES = ("sdpa", "gape-gates")
 
 

@@ -19,7 +19,7 @@ forward+backward.
 
 Threads: the machine's cores are split between the ranks (at least one each),
 so a world size above the core count oversubscribes; the rows say so.
-Rows go to ``benchmarks/results/bench_context_parallel_<date>.json`` and ``.csv``.
+Rows go to ``benchmarks/results/bench_context_parallel/bench_context_parallel_<date>.json`` and ``.csv``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_context_parallel"
 
 
 def _status_kb(field: str) -> int:

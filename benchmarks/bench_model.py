@@ -5,7 +5,7 @@ unpatched SDPA vs GAPE-patched (identity gates and non-trivial gates).
     python benchmarks/bench_model.py --lengths 1024 4096   # a shorter run
     python benchmarks/bench_model.py --fresh               # ignore earlier rows
 
-Rows go to benchmarks/results/bench_model.json (and .csv) as they are
+Rows go to benchmarks/results/bench_model/bench_model.json (and .csv) as they are
 measured, written atomically; a rerun skips rows already there (same
 machine, modes and settings), so an interrupted run resumes.
 
@@ -23,7 +23,7 @@ What the results are read against: patched prefill <= 1.15x unpatched at 4k, dec
 <= 1.05x, decode <= 1.10x:
 
     python benchmarks/bench_model.py --modes sdpa gape-paper --lengths 4096 --decode-context 4096 \
-        --repeats 2 --out benchmarks/results/bench_model_paper_1thread.json
+        --repeats 2 --out benchmarks/results/bench_model/bench_model_paper_1thread.json
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from gape.hf.gates import inverse_softplus
 
 MODES = ("sdpa", "gape-identity", "gape-identity-kernel", "gape-gates", "gape-paper")
 PAPER_T = 2048  # the paper form's training length in this benchmark (SmolLM2 was trained at 2k-8k)
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_model"
 
 
 # --------------------------------------------------------------------------- measurement helpers

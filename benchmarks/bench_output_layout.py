@@ -35,5 +35,5 @@ row = dict(date=datetime.datetime.utcnow().isoformat(timespec="seconds"), machin
            threads=1, shape=f"B{B}-H{HQ}/{HKV}-L{L}-D{D}", before_median_s=statistics.median(tb), after_median_s=statistics.median(ta),
            ratio_after_to_before=statistics.median(ta) / statistics.median(tb), loadavg=open("/proc/loadavg").read().split()[0])
 print(json.dumps(row))
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_output_layout.json")
+out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_output_layout", "bench_output_layout.json")
 write_results_json(out, row)

@@ -15,7 +15,7 @@ tokens/s is one over the median step time after ``--warmup`` steps (compile
 time is reported apart, as the first step's time). Every mode must produce the
 same tokens as ``dynamic`` (recorded as ``same_tokens``). Gates are non-trivial
 (bench_model's ``set_nontrivial_gates``), identity shortcut off. Rows go to
-``benchmarks/results/bench_static_cache.json`` (atomic, one row per mode).
+``benchmarks/results/bench_static_cache/bench_static_cache.json`` (atomic, one row per mode).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from gape._threads import set_threads
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import set_nontrivial_gates  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_static_cache"
 MODES = ("dynamic", "static", "static-inductor", "static-aot_eager")
 
 

@@ -9,7 +9,7 @@ padding). Padded: ``gape.attention`` on ``[8, H, max_len, D]`` with a key-paddin
 mask, the layout a batch has without packing. Both causal, log distance,
 SmolLM2's attention shape (9 query / 3 kv heads, D = 64), float32, the
 ``"torch"`` backend. Tokens/s counts real tokens only. Target: packed
->= 1.5x padded. Rows go to ``benchmarks/results/bench_varlen.json`` (atomic
+>= 1.5x padded. Rows go to ``benchmarks/results/bench_varlen/bench_varlen.json`` (atomic
 writes, one row per seed, rerun skips rows already there).
 """
 
@@ -31,7 +31,7 @@ from gape._io import write_json_atomic
 from gape._machine import cpu_model
 from gape._threads import set_threads
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_varlen"
 
 
 def _time(fn, reps: int) -> list[float]:

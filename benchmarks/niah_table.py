@@ -7,7 +7,7 @@ labelled "calibrated"; a RoPE-scaling cell run with a factor other than 2 is
 marked with it ("3/3 (x3)"). An lm-eval
 output folder ``lmeval_ruler/<method>-<length>/`` contributes lm-eval's score
 for ``niah_single_1`` at that length. Writes ``niah_comparison.csv`` and
-``niah_comparison.png`` beside the folders and prints a markdown table.
+``niah_comparison.png`` in ``niah/`` and prints a markdown table.
 
 Example:
     python benchmarks/niah_table.py             # benchmarks/results
@@ -60,7 +60,7 @@ def _tally(cells: dict, key: tuple, length: int, correct: float, samples: int, f
 def niah_cells(results: Path) -> dict:
     """Every gape niah folder's summary.csv, tallied (see :func:`_new_cells`)."""
     cells = _new_cells()
-    for summary in sorted(results.glob("*/summary.csv")):
+    for summary in sorted(results.glob("niah/*/summary.csv")):
         run_file = summary.parent / "run.json"
         run = json.loads(run_file.read_text()) if run_file.exists() else {}
         with summary.open(newline="") as f:
@@ -123,9 +123,9 @@ def main(argv=None) -> int:
             else:
                 shown.append("")
         print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(shown) + " |")
-    out_csv = args.results / "niah_comparison.csv"
+    out_csv = args.results / "niah" / "niah_comparison.csv"
     write_csv_atomic(out_csv, list(rows[0]), rows)
-    _plot(cells, args.results / "niah_comparison.png")
+    _plot(cells, args.results / "niah" / "niah_comparison.png")
     print(f"wrote {out_csv} and niah_comparison.png")
     return 0
 
