@@ -1,5 +1,5 @@
 """``gape audit-kernels`` on a subset (the full run is saved in
-benchmarks/results/kernel_audit.json): ahead-of-time compilation for sm_80 and
+benchmarks/results/archive/audit_kernels/kernel_audit.json): ahead-of-time compilation for sm_80 and
 sm_90 without a GPU, then the requirements on what ptxas reports."""
 
 from __future__ import annotations
