@@ -205,11 +205,146 @@ def test_resume_after_kill_9(tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="--schemes"):
-        ex.resolve(_args("x", "y", schemes="rope,xpos"))
-    with pytest.raises(ValueError, match="--gape"):
-        ex.resolve(_args("x", "y", gape="paper,fancy"))
+    """The constraint between flags is resolve's (the parser checks each value alone)."""
     with pytest.raises(ValueError, match="--hidden"):
         ex.resolve(_args("x", "y", hidden=18, heads=4))
-    with pytest.raises(ValueError, match="--seeds"):
-        ex.resolve(_args("x", "y", seeds="0,-1"))
+    with pytest.raises(SystemExit):
+        _args("x", "y", seeds="0,-1")
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def test_verdict_pair_of_zeros_is_not_decided():
+    zeros = {0: 0.0, 1: 0.0, 2: 0.0}
+    # neither row learned: nothing is paired
+    v = report.verdict("retrieval", zeros, zeros, set(), set())
+    assert v["verdict"] == "not decided" and v["paired"] == 0 and "did not learn" in v["reason"]
+    # both learned at T but both 0 at this length: no difference to speak of
+    v = report.verdict("retrieval", zeros, zeros, {0, 1, 2}, {0, 1, 2})
+    assert v["verdict"] == "not decided" and v["seeds_for"] == 0 and v["paired"] == 3
+
+
+def test_verdict_difference_inside_the_spread_is_not_decided():
+    gape = {0: 0.60, 1: 0.20, 2: 0.90}
+    none = {0: 0.50, 1: 0.10, 2: 0.85}  # better on every seed, but by less than the seeds' spread
+    v = report.verdict("retrieval", gape, none, {0, 1, 2}, {0, 1, 2})
+    assert v["verdict"] == "not decided" and v["seeds_for"] == 0 and v["spread"] > 0.3
+    # one seed clearly better, one clearly worse
+    v = report.verdict("retrieval", {0: 0.9, 1: 0.1}, {0: 0.1, 1: 0.9}, {0, 1}, {0, 1})
+    assert v["verdict"] == "not decided" and (v["seeds_for"], v["seeds_against"]) == (1, 1)
+
+
+def test_verdict_clear_win_holds_and_loss_is_reversed():
+    gape = {0: 0.90, 1: 0.85, 2: 0.95}
+    none = {0: 0.10, 1: 0.05, 2: 0.12}
+    v = report.verdict("retrieval", gape, none, {0, 1, 2}, {0, 1, 2})
+    assert v["verdict"] == "holds" and v["seeds_for"] == 3 and v["paired"] == 3
+    assert report.verdict("retrieval", none, gape, {0, 1, 2}, {0, 1, 2})["verdict"] == "reversed"
+    # LM: lower perplexity is better, compared as log-ratios
+    v = report.verdict("lm", {0: 5.0, 1: 5.1, 2: 4.9}, {0: 9.0, 1: 8.5, 2: 9.6}, {0, 1, 2}, {0, 1, 2})
+    assert v["verdict"] == "holds" and v["mean_diff"] == pytest.approx(sum(math.log(a / b) for a, b in ((9, 5), (8.5, 5.1), (9.6, 4.9))) / 3)
+    # a seed where one row did not learn is left out of the pairing
+    v = report.verdict("retrieval", gape, none, {0, 1, 2}, {0, 1})
+    assert v["paired"] == 2 and v["verdict"] == "holds"
+    # a single paired seed decides nothing
+    assert report.verdict("retrieval", gape, none, {0}, {0, 1, 2})["verdict"] == "not decided"
+
+
+def test_summary_leaves_out_runs_that_did_not_learn(tmp_path):
+    out = tmp_path / "s"
+    config = ex.resolve(_args(out, "y", tasks="retrieval", gape="none,invariant"))
+    runner.prepare(str(out), config)
+    rows = []
+    for seed, (acc_none, acc_gape) in enumerate([(1.0, 1.0), (0.0, 1.0)]):
+        for gape, start, acc in (("none", "none", acc_none), ("invariant", "default", acc_gape)):
+            job = runner.Job("retrieval", "rope", gape, start, 1e4, seed)
+            for m in config["retrieval"]["multiples"]:
+                rows.append({"run": job.run_id, "task": "retrieval", "scheme": "rope", "gape": gape, "start": start, "variant": job.variant,
+                             "rope_base": 1e4, "seed": seed, "train_length": 16, "length": 16 * m, "multiple": m, "entropy": [0.5, 0.5],
+                             "entropy_mean": 0.5, "accuracy": acc if m == 1 else 0.0})
+    runner.write_rows(str(out), rows)
+    text = report.summary(str(out))
+    assert "4 run(s) finished, 3 learned" in text
+    assert "| rope | none | none | 1 | 1/2 | 1.00 |" in text  # the run at 0.00 is counted, not averaged
+    assert "| rope | invariant | default | 2 | 2/2 | 1.00 ± 0.00 |" in text
+    assert "n.d. (1 paired)" in text
+
+
+# --------------------------------------------------------------------------- the command's guarantees
+
+
+def test_folder_is_locked_for_run_and_merge(tmp_path, capsys):
+    """A second writer on --out, a run or a merge, is refused while the first holds the folder."""
+    from gape._io import FolderLockedError, lock_folder
+    from gape.cli import main
+
+    src = fake_sdist(tmp_path / corpus.SDIST)
+    out, other = tmp_path / "busy", tmp_path / "other"
+    ex.run(_args(other, src, tasks="retrieval", gape="none", seeds="1,", steps=2))
+    with lock_folder(str(out), "gape extrapolate"):
+        with pytest.raises(FolderLockedError, match="in use"):
+            ex.run(_args(out, src, tasks="retrieval", gape="none", steps=2))
+        assert not os.path.exists(out / "rows.jsonl")
+        runner.prepare(str(out), ex.resolve(_args(out, src, tasks="retrieval", gape="none", seeds="0,", steps=2)))
+        with pytest.raises(FolderLockedError):
+            runner.merge(str(out), [str(other)])
+        assert main(["extrapolate", "--out", str(out), "--merge", str(other)]) == 2
+        assert "in use" in capsys.readouterr().err
+        assert not runner.read_rows(str(out))
+    runner.merge(str(out), [str(other)])  # free again
+    assert {r["seed"] for r in runner.read_rows(str(out))} == {1}
+
+
+@pytest.mark.parametrize("flag,value", [("--seeds", "1,1"), ("--seeds", "0"), ("--seeds", "-2"), ("--seeds", "a,b"), ("--max-runs", "-1"),
+                                        ("--max-runs", "0"), ("--threads", "0"), ("--eval-tokens", "-5"), ("--samples", "0"),
+                                        ("--samples", "-3"), ("--train-len", "8"), ("--lr", "-1"), ("--lr", "nan"), ("--bases", "1"),
+                                        ("--bases", "x"), ("--hidden", "9"), ("--heads", "3"), ("--schemes", "xpos"), ("--tasks", "lm,qa"),
+                                        ("--gape", "fancy"), ("--paper-starts", "weak"), ("--steps", "0"), ("--layers", "0")])
+def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, value):
+    from gape.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["extrapolate", "--out", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    named = {"--hidden": ("--hidden", "--heads"), "--heads": ("--hidden", "--heads")}.get(flag, (flag,))
+    assert any(n in err for n in named), err
+    assert not os.path.exists(out)  # refused before anything was trained or written
+
+
+def test_merge_of_another_experiment_is_a_usage_error(tmp_path, capsys):
+    from gape.cli import main
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    runner.prepare(str(a), ex.resolve(_args(a, "y")))
+    runner.prepare(str(b), ex.resolve(_args(b, "y", lr=0.01)))
+    os.makedirs(c)
+    (c / "config.json").write_text('{"niah": true}')
+    for src in (b, c, tmp_path / "missing"):
+        assert main(["extrapolate", "--out", str(a), "--merge", str(src)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(src) in err
+
+
+def test_torn_and_foreign_rows_are_skipped_with_a_counted_warning(tmp_path, capsys):
+    src = fake_sdist(tmp_path / corpus.SDIST)
+    out = tmp_path / "torn"
+    flags = dict(tasks="retrieval", gape="none,invariant", seeds="1", steps=2)
+    ex.run(_args(out, src, **flags))
+    good = runner.read_rows(str(out))
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    foreign = dict(json.loads(lines[0]), train_length=999, length=999, run="other-run")
+    torn = lines[-1][: len(lines[-1]) // 2]  # the last run loses its last row, half written
+    (out / "rows.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(foreign), '{"niah": 1}', "[1, 2]", torn]) + "\n")
+    config = json.loads((out / "config.json").read_text())
+    warnings = []
+    rows = runner.read_rows(str(out), warnings.append, config)
+    assert len(warnings) == 1 and str(out / "rows.jsonl") in warnings[0]
+    assert "skipped 4 torn or foreign row(s)" in warnings[0] and "of 1 incomplete run(s)" in warnings[0]
+    assert {r["run"] for r in rows} == {r["run"] for r in good} - {json.loads(lines[-1])["run"]}
+    capsys.readouterr()
+    ex.run(_args(out, src, **flags))  # resumes: the incomplete run is trained again
+    assert "torn or foreign" in capsys.readouterr().out
+    assert _strip(runner.read_rows(str(out))) == _strip(good)
