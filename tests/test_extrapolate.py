@@ -123,14 +123,17 @@ def _strip(rows):
 
 
 def test_queue_order_is_balanced():
-    args = _args("x", "y", schemes="nope,rope,prope,alibi", gape="none,paper,invariant", seeds="3", bases="1e4,1e6")
+    args = _args("x", "y", schemes="nope,rope,prope,alibi", gape="none,paper,invariant", seeds="5", bases="1e4,1e6")
     jobs = runner.queue(ex.resolve(args))
-    assert len(jobs) == 2 * 3 * (4 + 2) * 4  # tasks x seeds x (schemes at 1e4 + rotary at 1e6) x forms
-    seeds = [j.seed for j in jobs if j.base == 1e4]
-    assert seeds == sorted(seeds)  # seed 0 of everything first
+    assert len(jobs) == 2 * 5 * (4 + 2) * 4  # tasks x seeds x (schemes at 1e4 + rotary at 1e6) x forms
+    assert len({j.run_id for j in jobs}) == len(jobs)
+    main = [j for j in jobs if j.base == 1e4]
+    block = main[: 2 * 4 * 4 * runner.SEED_BLOCK]
+    assert {j.seed for j in block} == {0, 1, 2}  # seeds 0-2 of every row before seeds 3-4
+    assert all(j.gape == "none" for j in block[: 2 * 4 * runner.SEED_BLOCK])  # the baselines before any GAPE row
+    assert [j.seed for j in block[:3]] == [0, 1, 2] and len({(j.task, j.scheme, j.gape) for j in block[:3]}) == 1
     first_1e6 = next(i for i, j in enumerate(jobs) if j.base == 1e6)
     assert all(j.base == 1e6 and j.scheme in ("rope", "prope") for j in jobs[first_1e6:])
-    assert len({j.run_id for j in jobs}) == len(jobs)
 
 
 def test_run_rows_summary_and_resume(tmp_path):

@@ -56,19 +56,28 @@ class Job:
         return f"{self.task}-{self.scheme}-{self.gape}-{self.start}-{base}-seed{self.seed}"
 
 
+# seeds run in blocks of this many, so that whatever finishes holds whole rows with enough
+# seeds for a paired verdict
+SEED_BLOCK = 3
+
+
 def queue(config: dict) -> list[Job]:
-    """Every job, balanced for partial results: seed by seed at the main base first, then
-    the second base (rotary schemes only, as NoPE and ALiBi have no base)."""
+    """Every job, ordered so that a partial folder holds whole rows: seeds in blocks of
+    ``SEED_BLOCK``; within a block, the rows in the order of ``forms`` (the baselines,
+    ``none``, first: the setting is judged on them before any GAPE row runs), each across
+    ``schemes`` in their order, each task over the block's seeds. The main base first, then
+    the further bases (rotary schemes only, as NoPE and ALiBi have no base)."""
     jobs = []
-    bases = config["bases"]
-    for bi, base in enumerate(bases):
-        for seed in config["seeds"]:
-            for scheme in config["schemes"]:
-                if bi > 0 and scheme not in ROTARY:
-                    continue
-                for gape, start in config["forms"]:
+    seeds = list(config["seeds"])
+    for bi, base in enumerate(config["bases"]):
+        for b0 in range(0, len(seeds), SEED_BLOCK):
+            block = seeds[b0 : b0 + SEED_BLOCK]
+            for gape, start in config["forms"]:
+                for scheme in config["schemes"]:
+                    if bi > 0 and scheme not in ROTARY:
+                        continue
                     for task in config["tasks"]:
-                        jobs.append(Job(task, scheme, gape, start, base, seed))
+                        jobs += [Job(task, scheme, gape, start, base, seed) for seed in block]
     return jobs
 
 
