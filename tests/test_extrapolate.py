@@ -130,8 +130,13 @@ def test_queue_order_is_balanced():
     main = [j for j in jobs if j.base == 1e4]
     block = main[: 2 * 4 * 4 * runner.SEED_BLOCK]
     assert {j.seed for j in block} == {0, 1, 2}  # seeds 0-2 of every row before seeds 3-4
-    assert all(j.gape == "none" for j in block[: 2 * 4 * runner.SEED_BLOCK])  # the baselines before any GAPE row
+    rows = list(dict.fromkeys((j.scheme, j.gape, j.start) for j in block))
+    # the lead pair (first scheme without and with the first GAPE form), every other baseline, the rest
+    assert rows[:2] == [("nope", "none", "none"), ("nope", "paper", "strong")]
+    assert [r[1] for r in rows[2:5]] == ["none"] * 3 and all(r[1] != "none" for r in rows[5:])
     assert [j.seed for j in block[:3]] == [0, 1, 2] and len({(j.task, j.scheme, j.gape) for j in block[:3]}) == 1
+    default = runner.queue(ex.resolve(_args("x", "y", schemes="rope,alibi,nope,prope", gape="none,paper", paper_starts="strong,plain")))
+    assert list(dict.fromkeys((j.scheme, j.gape, j.start) for j in default))[:3] == [("rope", "none", "none"), ("rope", "paper", "strong"), ("alibi", "none", "none")]
     first_1e6 = next(i for i, j in enumerate(jobs) if j.base == 1e6)
     assert all(j.base == 1e6 and j.scheme in ("rope", "prope") for j in jobs[first_1e6:])
 

@@ -62,22 +62,27 @@ SEED_BLOCK = 3
 
 
 def queue(config: dict) -> list[Job]:
-    """Every job, ordered so that a partial folder holds whole rows: seeds in blocks of
-    ``SEED_BLOCK``; within a block, the rows in the order of ``forms`` (the baselines,
-    ``none``, first: the setting is judged on them before any GAPE row runs), each across
-    ``schemes`` in their order, each task over the block's seeds. The main base first, then
-    the further bases (rotary schemes only, as NoPE and ALiBi have no base)."""
+    """Every job, ordered so that a partial folder holds whole rows and the first verdict
+    comes early: seeds in blocks of ``SEED_BLOCK``; within a block, first the lead pair
+    (the first scheme without GAPE, then with the first GAPE form: RoPE without and with
+    the paper's gates by default), then every other baseline (``none``), then the other GAPE
+    rows in the order of ``forms``, each across ``schemes`` in their order; within a row,
+    each task over the block's seeds. The main base first, then the further bases (rotary
+    schemes only, as NoPE and ALiBi have no base)."""
     jobs = []
     seeds = list(config["seeds"])
     for bi, base in enumerate(config["bases"]):
+        schemes = [s for s in config["schemes"] if bi == 0 or s in ROTARY]
+        rows = [(scheme, tuple(form)) for form in config["forms"] for scheme in schemes]
+        none = [r for r in rows if r[1][0] == "none"]
+        gated = [r for r in rows if r[1][0] != "none"]
+        lead = ([none[0]] if none else []) + [r for r in gated[:1] if not none or r[0] == none[0][0]]
+        rows = lead + [r for r in none + gated if r not in lead]
         for b0 in range(0, len(seeds), SEED_BLOCK):
             block = seeds[b0 : b0 + SEED_BLOCK]
-            for gape, start in config["forms"]:
-                for scheme in config["schemes"]:
-                    if bi > 0 and scheme not in ROTARY:
-                        continue
-                    for task in config["tasks"]:
-                        jobs += [Job(task, scheme, gape, start, base, seed) for seed in block]
+            for scheme, (gape, start) in rows:
+                for task in config["tasks"]:
+                    jobs += [Job(task, scheme, gape, start, base, seed) for seed in block]
     return jobs
 
 
