@@ -313,7 +313,10 @@ def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, valu
     from gape.cli import main
 
     out = tmp_path / "o"
-    rc = main(["extrapolate", "--out", str(out), flag, value])
+    # a tiny experiment, so that a value wrongly accepted costs seconds, not the default queue
+    tiny = ["--quick", "--tasks", "retrieval", "--schemes", "rope", "--gape", "none", "--seeds", "1", "--steps", "1", "--layers", "1",
+            "--hidden", "8", "--heads", "2", "--samples", "2", "--max-runs", "1"]
+    rc = main(["extrapolate", "--out", str(out), *tiny, flag, value])
     err = capsys.readouterr().err
     assert rc == 2
     assert "Traceback" not in err
