@@ -347,6 +347,7 @@ def plot_entropy(out: str, rows: list[dict], multiple: int = 4) -> list[str]:
             ax.set_title(scheme)
             ax.set_xlabel("layer")
             ax.set_ylim(0, 1)
+            ax.xaxis.get_major_locator().set_params(integer=True)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
         axes[0].set_ylabel(f"normalised entropy at {multiple}T")
