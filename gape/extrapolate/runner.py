@@ -315,8 +315,13 @@ def _run_locked(out: str, config: dict, *, corpus, check_corpus, force, max_runs
     log(f"{out}: {len(done)} run(s) done, {len(jobs)} to go")
     data = None
     if any(j.task == "lm" for j in jobs):
-        data = corpus_mod.load(corpus, check=check_corpus,
-                               min_doc_tokens=max(config["lm"]["multiples"]) * config["lm"]["train_length"] + 1)
+        import tarfile
+
+        need = max(config["lm"]["multiples"]) * config["lm"]["train_length"] + 1
+        try:
+            data = corpus_mod.load(corpus, check=check_corpus, min_doc_tokens=need)
+        except (ValueError, tarfile.TarError) as err:  # the user's --corpus or --train-len, not a bug: no traceback
+            raise UsageError(f"--corpus / --train-len: {err} (the LM needs held-out documents of {need} bytes)") from None
     if max_runs is not None:
         jobs = jobs[:max_runs]
     last_report = time.monotonic()
