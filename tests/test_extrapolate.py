@@ -360,12 +360,13 @@ def test_torn_and_foreign_rows_are_skipped_with_a_counted_warning(tmp_path, caps
     lines = (out / "rows.jsonl").read_text().splitlines()
     foreign = dict(json.loads(lines[0]), train_length=999, length=999, run="other-run")
     torn = lines[-1][: len(lines[-1]) // 2]  # the last run loses its last row, half written
-    (out / "rows.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(foreign), '{"niah": 1}', "[1, 2]", torn]) + "\n")
+    alien = dict(json.loads(lines[0]), scheme="xpos", run="xpos-run")
+    (out / "rows.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(foreign), json.dumps(alien), '{"niah": 1}', "[1, 2]", torn]) + "\n")
     config = json.loads((out / "config.json").read_text())
     warnings = []
     rows = runner.read_rows(str(out), warnings.append, config)
     assert len(warnings) == 1 and str(out / "rows.jsonl") in warnings[0]
-    assert "skipped 4 torn or foreign row(s)" in warnings[0] and "of 1 incomplete run(s)" in warnings[0]
+    assert "skipped 5 torn or foreign row(s)" in warnings[0] and "of 1 incomplete run(s)" in warnings[0]
     assert {r["run"] for r in rows} == {r["run"] for r in good} - {json.loads(lines[-1])["run"]}
     capsys.readouterr()
     ex.run(_args(out, src, **flags))  # resumes: the incomplete run is trained again

@@ -29,7 +29,7 @@ from .._args import UsageError
 from .._io import lock_folder, write_atomic, write_json_atomic
 from . import corpus as corpus_mod
 from . import tasks
-from .models import ROTARY, Arch, build, variant_label
+from .models import GAPE_FORMS, ROTARY, SCHEMES, Arch, build, variant_label
 
 ROWS = "rows.jsonl"
 CONFIG = "config.json"
@@ -97,6 +97,8 @@ METRIC_FIELD = {"retrieval": "accuracy", "lm": "perplexity"}
 def _valid_row(row, config: dict | None) -> bool:
     """A row of this command with every field it needs; of ``config``'s experiment when given."""
     if not isinstance(row, dict) or any(not isinstance(row.get(k), t) or isinstance(row.get(k), bool) for k, t in ROW_FIELDS.items()):
+        return False
+    if row["scheme"] not in SCHEMES or row["gape"] not in GAPE_FORMS or row["seed"] < 0:
         return False
     metric = row.get(METRIC_FIELD.get(row["task"], ""))
     if not isinstance(metric, (int, float)) or isinstance(metric, bool) or not math.isfinite(metric):
