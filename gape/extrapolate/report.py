@@ -224,9 +224,9 @@ def _count_learned(rows: list[dict], task: str, ok: set[str]) -> dict:
 
 
 def summary(out: str) -> str:
-    rows = read_rows(out)
     with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
         config = json.load(f)
+    rows = read_rows(out, None, config)
     runs = sorted({r["run"] for r in rows})
     ok = learned_runs(rows)
     desc = []
@@ -418,11 +418,14 @@ def plot_gates(out: str, scheme: str = "rope", seed: int = 0) -> list[str]:
 
 def write(out: str) -> list[str]:
     """Write ``summary.md`` and every plot; returns their paths."""
-    rows = read_rows(out)
+    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    rows = read_rows(out, None, config)
     path = os.path.join(out, "summary.md")
     write_atomic(path, summary(out) + "\n")
     if not rows:
         return [path]
-    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
-        config = json.load(f)
-    return [path] + plot_metric(out, rows, config) + plot_entropy(out, rows) + plot_gates(out)
+    # the plots, like the tables, show only the runs that learned
+    ok = learned_runs(rows)
+    kept = [r for r in rows if r["run"] in ok]
+    return [path] + plot_metric(out, kept, config) + plot_entropy(out, kept) + plot_gates(out)
