@@ -52,16 +52,16 @@ def _fmt(stat, metric):
 
 def _table(groups: dict, task: str, base: str, metric: str, T: int, extra: dict | None = None, extra_head: str = "") -> list[str]:
     """``extra``: ``{key: [cells]}`` put before the lengths, under ``extra_head`` (``| a | b``)."""
-    keys = sorted((k for k in groups if k[0] == task and k[1] == base), key=_order)
+    keys = sorted({k for k in list(groups) + list(extra or {}) if k[0] == task and k[1] == base}, key=_order)
     if not keys:
         return []
-    lengths = sorted({L for k in keys for L in groups[k]})
+    lengths = sorted({L for k in keys for L in groups.get(k, {})})
     n_extra = extra_head.count("|")
     lines = ["| scheme | GAPE | start | seeds" + (" " + extra_head if extra_head else "") + " | " + " | ".join(f"{L // T}T ({L})" for L in lengths) + " |",
              "|---|---|---|---|" + "---|" * (n_extra + len(lengths))]
-    for k in keys:
-        g = groups[k]
-        n = max(s[2] for s in g.values())
+    for k in keys:  # a row whose runs all failed to learn is listed, with empty cells
+        g = groups.get(k, {})
+        n = max((s[2] for s in g.values()), default=0)
         cells = ((extra or {}).get(k) or [""] * n_extra) + [(_fmt(g[L], metric) if L in g else "") for L in lengths]
         lines.append(f"| {k[2]} | {k[3]} | {k[4]} | {n} | " + " | ".join(cells) + " |")
     return lines
@@ -253,7 +253,7 @@ def summary(out: str) -> str:
         metrics = ((METRIC[task], METRIC[task]),) + ((("perplexity_last_t", "perplexity of the last T tokens only"),) if task == "lm" else ())
         for metric, title in metrics:
             groups = group(kept, metric)
-            for base in sorted({k[1] for k in groups}):
+            for base in sorted({k[1] for k in list(groups) + list(extra)}):
                 t = _table(groups, task, base, metric, T, extra, head)
                 if t:
                     lines += [f"## {task}: {title}, RoPE base {base}", ""] + t + [""]
