@@ -207,10 +207,14 @@ def test_resume_after_kill_9(tmp_path):
     argv = ["--quick", "--corpus", src, "--no-corpus-check", "--schemes", "rope", "--gape", "none,invariant", "--train-len", "16",
             "--layers", "2", "--hidden", "16", "--samples", "8", "--eval-tokens", "256"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "gape", "extrapolate", *argv, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "gape", "extrapolate", *argv, "--out", str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     while time.time() < deadline and not (os.path.exists(out / "rows.jsonl") and runner.read_rows(str(out))):
+        if proc.poll() is not None:  # died (at import, say) before its first run: fail now, with its stderr
+            pytest.fail(f"the run exited with {proc.returncode} before its first run:\n{err_path.read_text()[-3000:]}")
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
