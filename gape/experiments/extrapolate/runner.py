@@ -17,6 +17,7 @@ only on the seed, so the resumed folder holds the same numbers an uninterrupted 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import synthetic as syn
-from gape._io import write_atomic, write_json_atomic
+from gape._args import UsageError
+from gape._io import lock_folder, write_atomic, write_json_atomic
 from . import corpus as corpus_mod
 from . import tasks
-from .models import ROTARY, Arch, build, variant_label
+from .models import GAPE_FORMS, ROTARY, SCHEMES, Arch, build, variant_label
 
 ROWS = "rows.jsonl"
 CONFIG = "config.json"
@@ -54,31 +56,103 @@ class Job:
         return f"{self.task}-{self.scheme}-{self.gape}-{self.start}-{base}-seed{self.seed}"
 
 
+# seeds run in blocks of this many, so that whatever finishes holds whole rows with enough
+# seeds for a paired verdict
+SEED_BLOCK = 3
+
+
 def queue(config: dict) -> list[Job]:
-    """Every job, balanced for partial results: seed by seed at the main base first, then
-    the second base (rotary schemes only, as NoPE and ALiBi have no base)."""
+    """Every job, ordered so that a partial folder holds whole rows and the first verdict
+    comes early: seeds in blocks of ``SEED_BLOCK``; within a block, first the lead pair
+    (the first scheme without GAPE, then with the first GAPE form: RoPE without and with
+    the paper's gates by default), then every other baseline (``none``), then the other GAPE
+    rows in the order of ``forms``, each across ``schemes`` in their order; within a row,
+    each task over the block's seeds. The main base first, then the further bases (rotary
+    schemes only, as NoPE and ALiBi have no base)."""
     jobs = []
-    bases = config["bases"]
-    for bi, base in enumerate(bases):
-        for seed in config["seeds"]:
-            for scheme in config["schemes"]:
-                if bi > 0 and scheme not in ROTARY:
-                    continue
-                for gape, start in config["forms"]:
-                    for task in config["tasks"]:
-                        jobs.append(Job(task, scheme, gape, start, base, seed))
+    seeds = list(config["seeds"])
+    for bi, base in enumerate(config["bases"]):
+        schemes = [s for s in config["schemes"] if bi == 0 or s in ROTARY]
+        rows = [(scheme, tuple(form)) for form in config["forms"] for scheme in schemes]
+        none = [r for r in rows if r[1][0] == "none"]
+        gated = [r for r in rows if r[1][0] != "none"]
+        lead = ([none[0]] if none else []) + [r for r in gated[:1] if not none or r[0] == none[0][0]]
+        rows = lead + [r for r in none + gated if r not in lead]
+        for b0 in range(0, len(seeds), SEED_BLOCK):
+            block = seeds[b0 : b0 + SEED_BLOCK]
+            for scheme, (gape, start) in rows:
+                for task in config["tasks"]:
+                    jobs += [Job(task, scheme, gape, start, base, seed) for seed in block]
     return jobs
 
 
 # --------------------------------------------------------------------------- rows
 
 
-def read_rows(out: str) -> list[dict]:
+ROW_FIELDS = {"run": str, "task": str, "scheme": str, "gape": str, "start": str, "variant": str, "seed": int,
+              "train_length": int, "length": int, "multiple": int, "entropy": list}
+METRIC_FIELD = {"retrieval": "accuracy", "lm": "perplexity"}
+
+
+def _valid_row(row, config: dict | None) -> bool:
+    """A row of this command with every field it needs; of ``config``'s experiment when given."""
+    if not isinstance(row, dict) or any(not isinstance(row.get(k), t) or isinstance(row.get(k), bool) for k, t in ROW_FIELDS.items()):
+        return False
+    if row["scheme"] not in SCHEMES or row["gape"] not in GAPE_FORMS or row["seed"] < 0:
+        return False
+    metric = row.get(METRIC_FIELD.get(row["task"], ""))
+    if not isinstance(metric, (int, float)) or isinstance(metric, bool) or not math.isfinite(metric):
+        return False
+    if config is not None:
+        t = config.get(row["task"])
+        if not isinstance(t, dict) or row["train_length"] != t.get("train_length") or row["multiple"] not in t.get("multiples", ()):
+            return False
+    return row["length"] == row["multiple"] * row["train_length"]
+
+
+def read_rows(out: str, warn=None, config: dict | None = None) -> list[dict]:
+    """The valid rows of ``out/rows.jsonl``, each (run, length) once, complete runs only.
+
+    A line that is not JSON (torn by a crash or an editor), a row without the fields of
+    this command or of another experiment (``config``: its training lengths and
+    evaluation multiples), and every row of a run missing some of its lengths are
+    skipped; ``warn`` (a callable, e.g. ``print``) gets one message naming the file and
+    counting them. The skipped runs are simply trained again."""
     path = os.path.join(out, ROWS)
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows: dict[tuple, dict] = {}
+    bad = duplicates = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not _valid_row(row, config):
+                bad += 1
+                continue
+            key = (row["run"], row["length"])
+            duplicates += key in rows
+            rows[key] = row
+    lengths: dict[str, set] = {}
+    for run_id, length in rows:
+        lengths.setdefault(run_id, set()).add(length)
+    partial = set()
+    for run_id, have in lengths.items():
+        first = rows[(run_id, next(iter(have)))]
+        expected = (config or {}).get(first["task"], {}).get("multiples")
+        if expected is not None and have != {m * first["train_length"] for m in expected}:
+            partial.add(run_id)
+    incomplete = sum(1 for (run_id, _) in rows if run_id in partial)
+    if warn is not None and (bad or duplicates or incomplete):
+        parts = [f"skipped {bad} torn or foreign row(s)"] if bad else []
+        parts += [f"skipped {incomplete} row(s) of {len(partial)} incomplete run(s)"] if incomplete else []
+        parts += [f"counted {duplicates} duplicated row(s) once"] if duplicates else []
+        warn(f"warning: {path}: " + " and ".join(parts) + (" (those runs are trained again)" if bad or incomplete else ""))
+    return [r for (run_id, _), r in rows.items() if run_id not in partial]
 
 
 def write_rows(out: str, rows: list[dict]) -> None:
@@ -102,11 +176,10 @@ def prepare(out: str, config: dict, force: bool = False) -> dict:
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     path = os.path.join(out, CONFIG)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.loads(f.read())
+        old = _read_config(out)
         diff = _same_experiment(_plain(old), _plain(config))
         if diff and not force:
-            raise ValueError(f"{out} holds results of a different experiment (differs in {diff}); use another --out, or --force to discard them")
+            raise UsageError(f"{out} holds results of a different experiment (differs in {diff}); use another --out, or --force to discard them")
         if diff:
             write_rows(out, [])
             old = {}
@@ -127,11 +200,12 @@ def run_job(job: Job, config: dict, data, log=print) -> tuple[list[dict], dict]:
     t = config[job.task]
     T = t["train_length"]
     lengths = [m * T for m in t["multiples"]]
-    arch = Arch(**config["arch"])
+    arch = Arch(**task_arch(config, job.task))
     vocab = tasks.RETRIEVAL_VOCAB if job.task == "retrieval" else corpus_mod.VOCAB
     model = build(arch, vocab, job.scheme, job.gape, job.start, job.base, T, max(lengths), job.seed)
     t0 = time.perf_counter()
     trained = tasks.train(model, job.task, data=data, steps=t["steps"], train_length=T, batch=t["batch"], lr=t["lr"],
+                          min_length=t.get("min_length", tasks.RETRIEVAL_MIN_LEN),
                           warmup=config["warmup"], seed=job.seed, gate_every=config["gate_every"],
                           track_gates=job.gape != "none",
                           log_every=max(1, t["steps"] // 10), log=log)
@@ -172,36 +246,53 @@ def run_job(job: Job, config: dict, data, log=print) -> tuple[list[dict], dict]:
     return rows, record
 
 
+def task_arch(config: dict, task: str) -> dict:
+    """The model of ``task``: its own ``arch``, else the experiment's (folders of the first setting)."""
+    return config[task].get("arch") or config["arch"]
+
+
 def _show(row: dict) -> str:
     metric = f"acc {row['accuracy']:.3f}" if "accuracy" in row else f"ppl {row['perplexity']:.3f} (last T {row['perplexity_last_t']:.3f})"
     return f"  L={row['length']:6d} ({row['multiple']:2d}T): {metric}  entropy {row['entropy_mean']:.3f}"
 
 
-def merge(out: str, sources: list[str]) -> list[dict]:
+def merge(out: str, sources: list[str], warn=None) -> list[dict]:
     """Add to ``out`` the finished runs of other folders of the same experiment (for example
     other seeds run by a second process, each folder with its own single writer); runs
-    ``out`` already has are kept as they are. Returns every row of ``out``."""
-    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
-        config = json.load(f)
-    rows = read_rows(out)
-    have = {r["run"] for r in rows}
-    for src in sources:
-        with open(os.path.join(src, CONFIG), encoding="utf-8") as f:
-            other = json.load(f)
-        diff = _same_experiment(config, other)
-        if diff:
-            raise ValueError(f"{src} is a different experiment from {out} (differs in {diff}); cannot merge")
-        new = [r for r in read_rows(src) if r["run"] not in have]
-        for run_id in sorted({r["run"] for r in new}):
-            with open(os.path.join(src, "runs", run_id + ".json"), encoding="utf-8") as f:
-                record = json.load(f)
-            write_json_atomic(os.path.join(out, "runs", run_id + ".json"), record, sort_keys=True)
-        rows += new
-        have |= {r["run"] for r in new}
-        config = _merge_queue(config, other)
-    write_json_atomic(os.path.join(out, CONFIG), config, indent=1, sort_keys=True)
-    write_rows(out, rows)
+    ``out`` already has are kept as they are. ``out`` is locked meanwhile, as for a run, so
+    a merge never races a writer. Returns every row of ``out``."""
+    with lock_folder(out, "gape extrapolate"):
+        config = _read_config(out)
+        rows = read_rows(out, warn, config)
+        have = {r["run"] for r in rows}
+        for src in sources:
+            other = _read_config(src)
+            diff = _same_experiment(config, other)
+            if diff:
+                raise UsageError(f"{src} is a different experiment from {out} (differs in {diff}); cannot merge")
+            new = [r for r in read_rows(src, warn, other) if r["run"] not in have]
+            for run_id in sorted({r["run"] for r in new}):
+                with open(os.path.join(src, "runs", run_id + ".json"), encoding="utf-8") as f:
+                    record = json.load(f)
+                write_json_atomic(os.path.join(out, "runs", run_id + ".json"), record, sort_keys=True)
+            rows += new
+            have |= {r["run"] for r in new}
+            config = _merge_queue(config, other)
+        write_json_atomic(os.path.join(out, CONFIG), config, indent=1, sort_keys=True)
+        write_rows(out, rows)
     return rows
+
+
+def _read_config(folder: str) -> dict:
+    path = os.path.join(folder, CONFIG)
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path} is not valid JSON ({err}); not a gape extrapolate folder") from None
+    if not isinstance(config, dict) or not all(k in config for k in ("tasks", "seeds", "retrieval", "lm")):
+        raise UsageError(f"{path} is not the config of a gape extrapolate folder")
+    return config
 
 
 REPORT_EVERY_S = 300.0
@@ -213,15 +304,26 @@ def run(out: str, config: dict, *, corpus: str | None = None, check_corpus: bool
 
     ``report``: regenerate summary.md and the plots at the end and at most every
     ``REPORT_EVERY_S`` seconds in between (they cost a few seconds of CPU each time)."""
+    with lock_folder(out, "gape extrapolate"):
+        return _run_locked(out, config, corpus=corpus, check_corpus=check_corpus, force=force, max_runs=max_runs,
+                           report=report, log=log)
+
+
+def _run_locked(out: str, config: dict, *, corpus, check_corpus, force, max_runs, report, log) -> list[dict]:
     config = prepare(out, config, force)
-    rows = read_rows(out)
+    rows = read_rows(out, log, config)
     done = {r["run"] for r in rows}
     jobs = [j for j in queue(config) if j.run_id not in done]
     log(f"{out}: {len(done)} run(s) done, {len(jobs)} to go")
     data = None
     if any(j.task == "lm" for j in jobs):
-        data = corpus_mod.load(corpus, check=check_corpus,
-                               min_doc_tokens=max(config["lm"]["multiples"]) * config["lm"]["train_length"] + 1)
+        import tarfile
+
+        need = max(config["lm"]["multiples"]) * config["lm"]["train_length"] + 1
+        try:
+            data = corpus_mod.load(corpus, check=check_corpus, min_doc_tokens=need)
+        except (ValueError, tarfile.TarError) as err:  # the user's --corpus or --train-len, not a bug: no traceback
+            raise UsageError(f"--corpus / --train-len: {err} (the LM needs held-out documents of {need} bytes)") from None
     if max_runs is not None:
         jobs = jobs[:max_runs]
     last_report = time.monotonic()

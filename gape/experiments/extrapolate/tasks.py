@@ -51,11 +51,12 @@ def gate_magnitude(record: dict, train_length: int) -> dict:
 
 
 def train(model, task: str, *, data, steps: int, train_length: int, batch: int, lr: float, warmup: int, seed: int,
-          gate_every: int, track_gates: bool, log_every: int = 50, log=print) -> dict:
+          gate_every: int, track_gates: bool, min_length: int = RETRIEVAL_MIN_LEN, log_every: int = 50, log=print) -> dict:
     """Train in place; returns ``{"loss_curve": [[step, mean loss]], "gate_curve": [[step, {layer: [per head]}]]}``.
 
     The data stream depends only on ``seed`` (the same for every scheme and form).
-    ``track_gates`` records :func:`gate_magnitude` every ``gate_every`` steps.
+    ``track_gates`` records :func:`gate_magnitude` every ``gate_every`` steps. Retrieval
+    batches have one length each, drawn from ``[min_length, train_length]``.
     """
     from gape import hf
 
@@ -69,7 +70,7 @@ def train(model, task: str, *, data, steps: int, train_length: int, batch: int, 
     gate_curve, losses = [], syn.LossLog(steps, log_every, log, indent="    ")
     for step in range(steps):
         if task == "retrieval":
-            length = int(torch.randint(RETRIEVAL_MIN_LEN, train_length + 1, (1,), generator=gen))
+            length = int(torch.randint(min(min_length, train_length), train_length + 1, (1,), generator=gen))
             tokens, _, _ = syn.make_batch(gen, batch, length)
         else:
             tokens = corpus_mod.train_batch(data, gen, batch, train_length)
