@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from gape._io import save_figure_atomic, write_atomic
 from .models import GAPE_FORMS, SCHEMES
-from .runner import CONFIG, read_rows
+from .rows import CONFIG, read_rows
 
 METRIC = {"retrieval": "accuracy", "lm": "perplexity"}
 

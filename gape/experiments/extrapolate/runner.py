@@ -30,11 +30,18 @@ from gape._io import lock_folder, write_atomic, write_json_atomic
 from . import corpus as corpus_mod
 from . import tasks
 from .models import GAPE_FORMS, ROTARY, SCHEMES, Arch, build, variant_label
-
-ROWS = "rows.jsonl"
-CONFIG = "config.json"
-# config keys that may grow between invocations on one folder (the queue, not the numbers)
-QUEUE_KEYS = ("seeds", "schemes", "forms", "tasks", "bases")
+from .rows import (  # noqa: F401 (read_rows, write_rows and the file names are runner's API too)
+    CONFIG,
+    METRIC_FIELD,
+    QUEUE_KEYS,
+    ROW_FIELDS,
+    ROWS,
+    _merge_queue,
+    _same_experiment,
+    _valid_row,
+    read_rows,
+    write_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -87,88 +94,6 @@ def queue(config: dict) -> list[Job]:
 
 
 # --------------------------------------------------------------------------- rows
-
-
-ROW_FIELDS = {"run": str, "task": str, "scheme": str, "gape": str, "start": str, "variant": str, "seed": int,
-              "train_length": int, "length": int, "multiple": int, "entropy": list}
-METRIC_FIELD = {"retrieval": "accuracy", "lm": "perplexity"}
-
-
-def _valid_row(row, config: dict | None) -> bool:
-    """A row of this command with every field it needs; of ``config``'s experiment when given."""
-    if not isinstance(row, dict) or any(not isinstance(row.get(k), t) or isinstance(row.get(k), bool) for k, t in ROW_FIELDS.items()):
-        return False
-    if row["scheme"] not in SCHEMES or row["gape"] not in GAPE_FORMS or row["seed"] < 0:
-        return False
-    metric = row.get(METRIC_FIELD.get(row["task"], ""))
-    if not isinstance(metric, (int, float)) or isinstance(metric, bool) or not math.isfinite(metric):
-        return False
-    if config is not None:
-        t = config.get(row["task"])
-        if not isinstance(t, dict) or row["train_length"] != t.get("train_length") or row["multiple"] not in t.get("multiples", ()):
-            return False
-    return row["length"] == row["multiple"] * row["train_length"]
-
-
-def read_rows(out: str, warn=None, config: dict | None = None) -> list[dict]:
-    """The valid rows of ``out/rows.jsonl``, each (run, length) once, complete runs only.
-
-    A line that is not JSON (torn by a crash or an editor), a row without the fields of
-    this command or of another experiment (``config``: its training lengths and
-    evaluation multiples), and every row of a run missing some of its lengths are
-    skipped; ``warn`` (a callable, e.g. ``print``) gets one message naming the file and
-    counting them. The skipped runs are simply trained again."""
-    path = os.path.join(out, ROWS)
-    if not os.path.exists(path):
-        return []
-    rows: dict[tuple, dict] = {}
-    bad = duplicates = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not _valid_row(row, config):
-                bad += 1
-                continue
-            key = (row["run"], row["length"])
-            duplicates += key in rows
-            rows[key] = row
-    lengths: dict[str, set] = {}
-    for run_id, length in rows:
-        lengths.setdefault(run_id, set()).add(length)
-    partial = set()
-    for run_id, have in lengths.items():
-        first = rows[(run_id, next(iter(have)))]
-        expected = (config or {}).get(first["task"], {}).get("multiples")
-        if expected is not None and have != {m * first["train_length"] for m in expected}:
-            partial.add(run_id)
-    incomplete = sum(1 for (run_id, _) in rows if run_id in partial)
-    if warn is not None and (bad or duplicates or incomplete):
-        parts = [f"skipped {bad} torn or foreign row(s)"] if bad else []
-        parts += [f"skipped {incomplete} row(s) of {len(partial)} incomplete run(s)"] if incomplete else []
-        parts += [f"counted {duplicates} duplicated row(s) once"] if duplicates else []
-        warn(f"warning: {path}: " + " and ".join(parts) + (" (those runs are trained again)" if bad or incomplete else ""))
-    return [r for (run_id, _), r in rows.items() if run_id not in partial]
-
-
-def write_rows(out: str, rows: list[dict]) -> None:
-    write_atomic(os.path.join(out, ROWS), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
-def _same_experiment(a: dict, b: dict) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if k not in QUEUE_KEYS and a.get(k) != b.get(k))
-
-
-def _merge_queue(old: dict, new: dict) -> dict:
-    merged = dict(new)
-    for k in QUEUE_KEYS:
-        seen = list(old.get(k, []))
-        merged[k] = seen + [v for v in new[k] if v not in seen]
-    return merged
 
 
 def prepare(out: str, config: dict, force: bool = False) -> dict:
