@@ -10,6 +10,8 @@ import os
 
 from gape._io import write_atomic
 
+from .models import GAPE_FORMS, SCHEMES
+
 
 ROWS = "rows.jsonl"
 CONFIG = "config.json"
