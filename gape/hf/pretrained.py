@@ -120,7 +120,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer=None, *
         raise ValueError(
             f"gape.save_pretrained cannot save a {method}-quantized model: transformers does not serialize it. "
             "Load it dense instead (gape.load_model(path) unpacks GGUF weights; for a model from "
-            "AutoModelForCausalLM.from_pretrained(..., gguf_file=...) call model = gape.hf.models.dense(model) "
+            "AutoModelForCausalLM.from_pretrained(..., gguf_file=...) call model = gape.models.dense(model) "
             "before gape.patch), or save the gates alone with gape.save_gates(model, 'gates.safetensors')"
         )
     state = hf._state(base)
