@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -149,15 +150,20 @@ struct Problem {
   std::vector<Segment> segs;
   int64_t dlo, dhi;  // allowed signed distances pos_q - pos_k: [dlo, dhi] (causal, window)
   T scale;
+  const T* sinks = nullptr;  // [Hq] learned sink logits (one more term in each row's denominator), or none
+  T softcap = T(0);          // > 0: the content logit is softcap tanh(scale <q, k> / softcap)
 
   Problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& lam_t,
           const at::Tensor& keep_t, const at::Tensor& phi_t, int64_t phi_zero_, const c10::optional<at::Tensor>& mask_t,
-          const at::Tensor& seg_t, int64_t dlo_, int64_t dhi_, double scale_d)
+          const at::Tensor& seg_t, int64_t dlo_, int64_t dhi_, double scale_d,
+          const c10::optional<at::Tensor>& sinks_t = c10::nullopt, double softcap_d = 0.0)
       : B(query.size(0)), Hq(query.size(1)), Hkv(key.size(1)), Lq(query.size(2)), Lk(key.size(2)),
         D(query.size(3)), Dv(value.size(3)), rep(query.size(1) / key.size(1)), sq(strides_of(query)),
         sk(strides_of(key)), sv(strides_of(value)), q(query.data_ptr<In>()), k(key.data_ptr<In>()),
         v(value.data_ptr<In>()), lam(lam_t.data_ptr<T>()), keep(keep_t.data_ptr<T>()), phi_rev(phi_t.data_ptr<T>()),
-        phi_zero(phi_zero_), dlo(dlo_), dhi(dhi_), scale(static_cast<T>(scale_d)) {
+        phi_zero(phi_zero_), dlo(dlo_), dhi(dhi_), scale(static_cast<T>(scale_d)),
+        softcap(static_cast<T>(softcap_d)) {
+    if (sinks_t.has_value()) sinks = sinks_t->data_ptr<T>();
     if (mask_t.has_value()) {
       mask = mask_t->data_ptr<bool>();
       mb = mask_t->stride(0), mh = mask_t->stride(1), mq = mask_t->stride(2), mk = mask_t->stride(3);
@@ -173,7 +179,13 @@ struct Problem {
   // Row i (local) of a score block over the segment's keys [j0, j0 + n): s holds <q_i, k_j> on entry and
   // scale <q_i, k_j> - lambda_i (1 - pi_j) phi(delta_ij), or -inf where masked, on exit, for the columns
   // [c0, c1) the row may see; columns before c0 are -inf, those from c1 on are untouched. Returns c1.
-  int64_t logits(T* s, const Segment& S, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t& c0) const {
+  // CAP (softcap > 0; a template flag so the plain path keeps its loop): the content term is
+  // softcap tanh(scale <q_i, k_j> / softcap) and the bias is added after the cap (docs/maths.md);
+  // with dcap, dcap[c] = 1 - tanh^2 there, the cap's derivative that the backward applies to dS
+  // before it reaches q and k.
+  template <bool CAP>
+  int64_t logits(T* s, const Segment& S, int64_t h, int64_t i, int64_t j0, int64_t n, int64_t& c0,
+                 T* dcap = nullptr) const {
     using V = Vectorized<T>;
     constexpr int64_t W = V::size();
     c0 = std::clamp<int64_t>(key_begin(S, i) - j0, 0, n);
@@ -184,11 +196,26 @@ struct Problem {
     const T li = lam[(S.b * Hq + h) * Lq + S.q0 + i];
     const V vneg_l(-li), vscale(scale);
     int64_t c = c0;
-    for (; c + W <= c1; c += W) {
-      V x = at::vec::fmadd(vneg_l, V::loadu(kk + c) * V::loadu(ph + c), V::loadu(s + c) * vscale);
-      x.store(s + c);
+    if constexpr (CAP) {
+      const T inner = scale / softcap;
+      const V vinner(inner), vcap(softcap), vone(T(1));
+      for (; c + W <= c1; c += W) {
+        const V t = (V::loadu(s + c) * vinner).tanh();
+        if (dcap != nullptr) (vone - t * t).store(dcap + c);
+        at::vec::fmadd(vneg_l, V::loadu(kk + c) * V::loadu(ph + c), t * vcap).store(s + c);
+      }
+      for (; c < c1; ++c) {
+        const T t = std::tanh(s[c] * inner);
+        if (dcap != nullptr) dcap[c] = T(1) - t * t;
+        s[c] = softcap * t - li * (kk[c] * ph[c]);
+      }
+    } else {
+      for (; c + W <= c1; c += W) {
+        V x = at::vec::fmadd(vneg_l, V::loadu(kk + c) * V::loadu(ph + c), V::loadu(s + c) * vscale);
+        x.store(s + c);
+      }
+      for (; c < c1; ++c) s[c] = s[c] * scale - li * (kk[c] * ph[c]);
     }
-    for (; c < c1; ++c) s[c] = s[c] * scale - li * (kk[c] * ph[c]);
     if (mask != nullptr) {
       const bool* mr = mask + S.b * mb + h * mh + (S.q0 + i) * mq + (S.k0 + j0) * mk;
       for (int64_t x = c0; x < c1; ++x)
@@ -244,7 +271,8 @@ inline std::vector<std::pair<int64_t, int64_t>> query_blocks(const std::vector<S
 }
 
 // G: the type of the GEMM operands (In for dot = 1, else T: blocks of In are widened).
-template <typename In, typename T, typename G>
+// CAP: P.softcap > 0 (see Problem::logits).
+template <typename In, typename T, typename G, bool CAP>
 void forward_impl(const Problem<In, T>& P, at::Tensor& out_t, T* lse, int64_t QB, int64_t KB) {
   const Strides so = strides_of(out_t);
   T* out = out_t.data_ptr<T>();
@@ -280,7 +308,7 @@ void forward_impl(const Problem<In, T>& P, at::Tensor& out_t, T* lse, int64_t QB
         for (int64_t r = 0; r < rows; ++r) {
           T* s = S + r * KB;
           int64_t c0;
-          const int64_t ncols = P.logits(s, G_, h, i0 + r, j0, n, c0);
+          const int64_t ncols = P.template logits<CAP>(s, G_, h, i0 + r, j0, n, c0);
           const T rmax = ncols > c0 ? row_max(s + c0, ncols - c0) : neg_inf;
           if (rmax == neg_inf) {  // no allowed key for this row in this block
             std::fill(s, s + n, T(0));
@@ -305,14 +333,27 @@ void forward_impl(const Problem<In, T>& P, at::Tensor& out_t, T* lse, int64_t QB
       }
       // A row that saw no key (all masked, outside the window or before the cache) is zeros, as
       // GAPE defines it; its log-sum-exp is +inf so that the backward's exp(s - lse) is 0 there.
+      // A sink adds exp(sink_h) to the denominator of the other rows (no value: O is only rescaled),
+      // and to their lse, so the backward's exp(s - lse) is the probability with the sink and the
+      // sink's own share is exp(sink_h - lse). Both are formed at M = max(m, sink_h), finite, so a
+      // sink far above the row's logits neither overflows nor loses the keys' share.
       T* op = out + b * so.b + h * so.h + (G_.q0 + i0) * so.l;
+      const T* sink = P.sinks != nullptr ? P.sinks + h : nullptr;
       for (int64_t r = 0; r < rows; ++r) {
-        const T l = l_buf[r];
-        const T inv = l > T(0) ? T(1) / l : T(0);
+        const T l = l_buf[r], m = m_buf[r];
+        T inv = T(0), row_lse = std::numeric_limits<T>::infinity();
+        if (l > T(0)) {
+          if (sink != nullptr) {
+            const T M = std::max(m, *sink), a = std::exp(m - M), den = l * a + std::exp(*sink - M);
+            inv = a / den;
+            row_lse = M + std::log(den);
+          } else {
+            inv = T(1) / l;
+            row_lse = m + std::log(l);
+          }
+        }
         for (int64_t d = 0; d < Dv; ++d) op[r * so.l + d] = O[r * Dv + d] * inv;
-        if (lse != nullptr)
-          lse[(b * P.Hq + h) * P.Lq + G_.q0 + i0 + r] =
-              l > T(0) ? m_buf[r] + std::log(l) : std::numeric_limits<T>::infinity();
+        if (lse != nullptr) lse[(b * P.Hq + h) * P.Lq + G_.q0 + i0 + r] = row_lse;
       }
     }
   });
@@ -324,14 +365,18 @@ void forward_impl(const Problem<In, T>& P, at::Tensor& out_t, T* lse, int64_t QB
 // dK += scale dS^T Q, d lambda_i = -sum_j dS_ij (1 - pi_j) phi_ij (rows) and
 // d pi_j = sum_i dS_ij lambda_i phi_ij (columns). dK, dV and d pi are written per
 // query head (no two threads share a row) and summed over each GQA group by the caller.
-template <typename In, typename T, typename G>
+// A sink needs nothing here: the forward's lse includes it, so P is the probability with the sink,
+// and rowsum(dO O) = sum_j P_ij dP_ij still holds (the sink has no value); d sink = -sum_i
+// exp(sink - lse_i) rowsum(dO O)_i is a row reduction the caller forms from lse and delta.
+// CAP: the gates read dS (their bias is outside the cap); q and k read dS (1 - tanh^2).
+template <typename In, typename T, typename G, bool CAP>
 void backward_impl(const Problem<In, T>& P, const In* dout, Strides sdo, const T* lse, const T* delta, T* dq, T* dk_h,
                    T* dv_h, T* dlam, T* dpi_h, int64_t QB, int64_t KB) {
   const int64_t D = P.D, Dv = P.Dv, n_segs = static_cast<int64_t>(P.segs.size());
   // Items are (segment, query head). Segments of one batch element hold disjoint keys, so no
   // two threads write the same row of the per-head dK, dV and d pi.
   at::parallel_for(0, n_segs * P.Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p_buf(QB * KB), ds_buf(QB * KB), dq_buf(QB * D);
+    std::vector<T> p_buf(QB * KB), ds_buf(QB * KB), dq_buf(QB * D), dcap_buf(CAP ? KB : 0);
     std::vector<G> q_cvt, do_cvt, k_cvt, v_cvt, p_cvt, ds_cvt;  // operands converted to G
     T* Pm = p_buf.data();
     T* dS = ds_buf.data();
@@ -370,7 +415,7 @@ void backward_impl(const Problem<In, T>& P, const In* dout, Strides sdo, const T
             T* p = Pm + r * KB;
             T* ds = dS + r * KB;
             int64_t c0;
-            const int64_t ncols = P.logits(p, G_, h, i, j0, n, c0);
+            const int64_t ncols = P.template logits<CAP>(p, G_, h, i, j0, n, c0, dcap_buf.data());
             std::fill(p, p + c0, T(0));
             if (ncols > c0) exp_shifted(p + c0, ncols - c0, lsep[r]);
             std::fill(p + ncols, p + n, T(0));
@@ -380,10 +425,11 @@ void backward_impl(const Problem<In, T>& P, const In* dout, Strides sdo, const T
             std::fill(ds, ds + c0, T(0));
             for (int64_t c = c0; c < ncols; ++c) {
               const T g = p[c] * (ds[c] - dlt[r]);
-              ds[c] = g;
+              if constexpr (!CAP) ds[c] = g;
               const T gp = g * ph[c];
               dl -= gp * keepp[j0 + c];
               dpip[j0 + c] += gp * li;
+              if constexpr (CAP) ds[c] = g * dcap_buf[c];
             }
             std::fill(ds + ncols, ds + n, T(0));
             dlamp[r] += dl;
@@ -436,9 +482,16 @@ void dispatch_types(at::ScalarType st, bool dot, F&& f) {
   }
 }
 
+// Sinks and the soft-cap are validated in gape/kernels/attention_cpu.py; these guard the pointer math.
+void check_terms(const at::Tensor& query, const c10::optional<at::Tensor>& sinks, double softcap) {
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "gape: softcap must be finite and >= 0 (0: none)");
+  TORCH_CHECK(!sinks.has_value() || (sinks->dim() == 1 && sinks->size(0) == query.size(1) && sinks->is_contiguous()),
+              "gape: sinks must be a contiguous [Hq] tensor");
+}
+
 void check_types(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& query_gate,
                  const at::Tensor& keep, const at::Tensor& phi_rev, bool dot,
-                 std::initializer_list<const at::Tensor*> compute) {
+                 const std::vector<const at::Tensor*>& compute) {
   const at::ScalarType st = query.scalar_type();
   const bool half = st == at::kBFloat16 || st == at::kHalf;
   const at::ScalarType ct = half ? at::kFloat : st;
@@ -446,7 +499,7 @@ void check_types(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   TORCH_CHECK(query_gate.scalar_type() == ct && keep.scalar_type() == ct && phi_rev.scalar_type() == ct,
               "gape: gates and phi table must be ", ct, " for ", st, " inputs");
   for (const at::Tensor* t : compute)
-    TORCH_CHECK(t->scalar_type() == ct, "gape: out, lse, delta and gradient buffers must be ", ct, " for ", st,
+    TORCH_CHECK(t->scalar_type() == ct, "gape: out, lse, delta, sinks and gradient buffers must be ", ct, " for ", st,
                 " inputs");
   if (dot) {
     TORCH_CHECK(half, "gape: dot=True is for bfloat16/float16 inputs, got ", st);
@@ -459,18 +512,25 @@ void attention_forward(const at::Tensor& query, const at::Tensor& key, const at:
                        const at::Tensor& query_gate, const at::Tensor& keep, const at::Tensor& phi_rev,
                        int64_t phi_zero, const c10::optional<at::Tensor>& mask, const at::Tensor& segments,
                        int64_t dlo, int64_t dhi, at::Tensor& out, const c10::optional<at::Tensor>& lse, double scale,
-                       int64_t q_block, int64_t k_block, bool dot) {
+                       int64_t q_block, int64_t k_block, bool dot, const c10::optional<at::Tensor>& sinks,
+                       double softcap) {
   check_common(query, key, value, query_gate, keep, phi_rev, mask, segments, q_block, k_block);
+  check_terms(query, sinks, softcap);
   TORCH_CHECK(out.dim() == 4 && out.stride(3) == 1, "gape: out needs a contiguous last dim");
   TORCH_CHECK(!lse.has_value() || lse->is_contiguous(), "gape: lse must be contiguous");
-  if (lse.has_value()) check_types(query, key, value, query_gate, keep, phi_rev, dot, {&out, &*lse});
-  else check_types(query, key, value, query_gate, keep, phi_rev, dot, {&out});
+  std::vector<const at::Tensor*> compute{&out};
+  if (lse.has_value()) compute.push_back(&*lse);
+  if (sinks.has_value()) compute.push_back(&*sinks);
+  check_types(query, key, value, query_gate, keep, phi_rev, dot, compute);
   dispatch_types(query.scalar_type(), dot, [&](auto in, auto t, auto g) {
     using In = decltype(in);
     using T = decltype(t);
     using G = decltype(g);
-    Problem<In, T> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
-    forward_impl<In, T, G>(P, out, lse.has_value() ? lse->data_ptr<T>() : nullptr, q_block, k_block);
+    Problem<In, T> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale, sinks,
+                     softcap);
+    T* lse_p = lse.has_value() ? lse->data_ptr<T>() : nullptr;
+    if (softcap > 0) forward_impl<In, T, G, true>(P, out, lse_p, q_block, k_block);
+    else forward_impl<In, T, G, false>(P, out, lse_p, q_block, k_block);
   });
 }
 
@@ -479,8 +539,10 @@ void attention_backward(const at::Tensor& query, const at::Tensor& key, const at
                         int64_t phi_zero, const c10::optional<at::Tensor>& mask, const at::Tensor& segments,
                         int64_t dlo, int64_t dhi, const at::Tensor& grad_out, const at::Tensor& lse,
                         const at::Tensor& delta, at::Tensor& dq, at::Tensor& dk_h, at::Tensor& dv_h, at::Tensor& dlam,
-                        at::Tensor& dpi_h, double scale, int64_t q_block, int64_t k_block, bool dot) {
+                        at::Tensor& dpi_h, double scale, int64_t q_block, int64_t k_block, bool dot,
+                        double softcap) {
   check_common(query, key, value, query_gate, keep, phi_rev, mask, segments, q_block, k_block);
+  check_terms(query, c10::nullopt, softcap);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.stride(3) == 1, "gape: grad_out needs a contiguous last dim");
   TORCH_CHECK(grad_out.scalar_type() == query.scalar_type(), "gape: grad_out must have the query dtype");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lse, &delta, &dq, &dk_h, &dv_h, &dlam, &dpi_h})
@@ -490,10 +552,15 @@ void attention_backward(const at::Tensor& query, const at::Tensor& key, const at
     using In = decltype(in);
     using T = decltype(t);
     using G = decltype(g);
-    Problem<In, T> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale);
-    backward_impl<In, T, G>(P, grad_out.data_ptr<In>(), strides_of(grad_out), lse.data_ptr<T>(), delta.data_ptr<T>(),
-                            dq.data_ptr<T>(), dk_h.data_ptr<T>(), dv_h.data_ptr<T>(), dlam.data_ptr<T>(),
-                            dpi_h.data_ptr<T>(), q_block, k_block);
+    Problem<In, T> P(query, key, value, query_gate, keep, phi_rev, phi_zero, mask, segments, dlo, dhi, scale,
+                     c10::nullopt, softcap);
+    auto run = [&](auto cap) {
+      backward_impl<In, T, G, decltype(cap)::value>(
+          P, grad_out.data_ptr<In>(), strides_of(grad_out), lse.data_ptr<T>(), delta.data_ptr<T>(), dq.data_ptr<T>(),
+          dk_h.data_ptr<T>(), dv_h.data_ptr<T>(), dlam.data_ptr<T>(), dpi_h.data_ptr<T>(), q_block, k_block);
+    };
+    if (softcap > 0) run(std::true_type());
+    else run(std::false_type());
   });
 }
 
@@ -506,12 +573,12 @@ TORCH_LIBRARY_FRAGMENT(gape, m) {
   m.def(
       "cpu_attention_fwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
       "int phi_zero, Tensor? mask, Tensor segments, int dlo, int dhi, Tensor(a!) out, Tensor(b!)? lse, float scale, "
-      "int q_block, int k_block, bool dot=False) -> ()");
+      "int q_block, int k_block, bool dot=False, Tensor? sinks=None, float softcap=0.0) -> ()");
   m.def(
       "cpu_attention_bwd(Tensor query, Tensor key, Tensor value, Tensor query_gate, Tensor keep, Tensor phi_rev, "
       "int phi_zero, Tensor? mask, Tensor segments, int dlo, int dhi, Tensor grad_out, Tensor lse, Tensor delta, "
       "Tensor(a!) dq, Tensor(b!) dk_h, Tensor(c!) dv_h, Tensor(d!) dlam, Tensor(e!) dpi_h, float scale, int q_block, "
-      "int k_block, bool dot=False) -> ()");
+      "int k_block, bool dot=False, float softcap=0.0) -> ()");
   m.def("cpu_attention_half_gemms() -> int", &half_gemms);
 }
 

@@ -319,6 +319,22 @@ def _prepare(query, key, value, query_gate, keep, phi_reversed, attn_mask, is_ca
     return query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi
 
 
+def _terms(sinks, softcap, hq: int, dt) -> tuple[torch.Tensor | None, float]:
+    """``sinks`` as a contiguous ``[Hq]`` tensor of the compute dtype, and ``softcap`` as the
+    kernel's float (0.0: none); checked."""
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (hq,):
+            got = f"{tuple(sinks.shape)} {sinks.dtype}" if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+            raise ValueError(f"sinks must be a floating [Hq={hq}] tensor, got {got}")
+        sinks = sinks.detach().to(device="cpu", dtype=dt).contiguous()
+    if softcap is None:
+        return sinks, 0.0
+    cap = float(softcap)
+    if not (cap > 0 and cap < float("inf")):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    return sinks, cap
+
+
 def _q_block(lq: int) -> int:
     return Q_BLOCK_LONG if lq >= LONG_QUERY else Q_BLOCK
 
@@ -341,6 +357,8 @@ def attention_forward(
     delta_hi: int | None = None,
     phi_zero: int | None = None,
     dot: bool | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """GAPE attention forward on validated CPU tensors of one floating dtype.
 
@@ -368,10 +386,14 @@ def attention_forward(
             there, so a caller that needs another layout pays no copy. Of the compute dtype
             (:func:`compute_dtype`: float32 for bfloat16/float16 inputs).
         dot: half-precision products for bfloat16/float16 inputs (:func:`half_dot`; None: auto).
+        sinks: optional ``[Hq]`` learned sink logits: ``exp(sinks[h])`` joins every row's
+            softmax denominator (no value); the returned ``lse`` includes it.
+        softcap: optional positive cap: the content logit is ``softcap * tanh(scale <q, k> / softcap)``,
+            the GAPE bias added after it (docs/maths.md).
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the compute dtype (``out`` when given, else contiguous); rows with no
-        allowed key are zeros. With ``return_lse``, ``(out, lse)``.
+        allowed key are zeros (with or without sinks). With ``return_lse``, ``(out, lse)``.
     """
     b, hq, lq, _ = query.shape
     dv = value.shape[3]
@@ -379,6 +401,7 @@ def attention_forward(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
     cdt = compute_dtype(query.dtype)
+    sinks, cap = _terms(sinks, softcap, hq, cdt)
     if out is None:
         out = torch.empty(b, hq, lq, dv, dtype=cdt)
     elif tuple(out.shape) != (b, hq, lq, dv) or out.dtype != cdt or out.stride(-1) != 1:
@@ -386,11 +409,12 @@ def attention_forward(
             f"out must be [B, Hq, Lq, Dv] = {(b, hq, lq, dv)} of {cdt} with a contiguous last dim, "
             f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}"
         )
-    lse = torch.empty(b, hq, lq, dtype=cdt) if return_lse else None
+    # +inf (no key) for rows of no segment too, which the kernel leaves unwritten
+    lse = torch.full((b, hq, lq), float("inf"), dtype=cdt) if return_lse else None
     torch.ops.gape.cpu_attention_fwd(
         query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, out, lse,
         float(scale), _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK,
-        half_dot(query.dtype, dot),
+        half_dot(query.dtype, dot), sinks, cap,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -414,9 +438,12 @@ def attention_backward(
     delta_hi: int | None = None,
     phi_zero: int | None = None,
     dot: bool | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """Gradients ``(d query, d key, d value, d query_gate, d pi)`` of :func:`attention_forward`
-    (``d pi`` with respect to the key gate ``pi = 1 - keep``, what callers train).
+    (``d pi`` with respect to the key gate ``pi = 1 - keep``, what callers train), and
+    ``d sinks`` ``[Hq]`` after them when ``sinks`` is given.
 
     ``out`` and ``lse`` are the forward's outputs. FlashAttention-2's backward
     with the GAPE bias recomputed in registers: one pass per (batch, query head);
@@ -424,10 +451,15 @@ def attention_backward(
     summed over each GQA group here. Positions as :func:`attention_forward`;
     gradients of rows and keys outside every segment are zero. The gradients are in the
     compute dtype (float32 for bfloat16/float16 inputs; ``grad_out`` is read in the input dtype).
+
+    ``sinks`` and ``softcap`` must be the forward's. The sink needs nothing in the kernel (its
+    share is in ``lse``): ``d sinks[h] = -sum_{b, i} exp(sinks[h] - lse) * rowsum(dO * O)``,
+    formed here; a row with no key (``lse = +inf``) adds nothing.
     """
     b, hq, lq, d = query.shape
     hkv, lk, dv = key.shape[1], key.shape[2], value.shape[3]
     dt = compute_dtype(query.dtype)
+    sinks, cap = _terms(sinks, softcap, hq, dt)
     query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi = _prepare(
         query, key, value, query_gate, keep, phi_reversed, attn_mask, is_causal, segments, delta_lo, delta_hi, phi_zero
     )
@@ -441,14 +473,19 @@ def attention_backward(
     torch.ops.gape.cpu_attention_bwd(
         query, key, value, query_gate, keep, phi_reversed, zero, attn_mask, segments, dlo, dhi, grad_out,
         lse.contiguous(), delta, dq, dk_h, dv_h, dlam, dpi_h, float(scale),
-        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK, half_dot(query.dtype, dot),
+        _q_block(int(segments[:, 2].max()) if len(segments) else lq), K_BLOCK, half_dot(query.dtype, dot), cap,
     )  # fmt: skip
     rep = hq // hkv
     dk = dk_h.view(b, hkv, rep, lk, d).sum(2)
     dvv = dv_h.view(b, hkv, rep, lk, dv).sum(2)
     # d pi_h holds sum_i dS lambda phi = d/d pi
     dpi = dpi_h.view(b, hkv, rep, lk).sum(2)
-    return dq, dk, dvv, dlam, dpi
+    if sinks is None:
+        return dq, dk, dvv, dlam, dpi
+    p_sink = torch.exp(sinks.view(1, hq, 1) - lse.to(dt))
+    # where, not a product: a row of no segment (lse +inf, p_sink 0) may hold garbage in delta
+    dsinks = torch.where(p_sink > 0, p_sink * delta, 0).sum((0, 2)).neg_()
+    return dq, dk, dvv, dlam, dpi, dsinks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,17 +512,19 @@ def _positions(query, key, is_causal, offset_int, offset_tensor, window):
 @torch.library.custom_op("gape::cpu_attention_fused", mutates_args=(), device_types="cpu")
 def _fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_gate: torch.Tensor,
                key_gate: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, distance: str,
-               offset_int: int | None, offset_tensor: torch.Tensor | None,
-               window: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+               offset_int: int | None, offset_tensor: torch.Tensor | None, window: list[int] | None,
+               sinks: torch.Tensor | None = None,
+               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from gape.core.torch_backend import _kernel_forward
 
     pos = _positions(query, key, is_causal, offset_int, offset_tensor, window)
-    return _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True, pos)
+    return _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, True, pos,
+                           sinks, softcap)
 
 
 @_fused_fwd.register_fake
 def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, offset_int, offset_tensor,
-      window):
+      window, sinks=None, softcap=None):
     b, hq, lq, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
     cdt = compute_dtype(query.dtype)
     # the same strides as the real output: [B, Lq, Hq, Dv] storage seen as [B, Hq, Lq, Dv]
@@ -497,34 +536,39 @@ def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, dist
 def _fused_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_gate: torch.Tensor,
                key_gate: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, distance: str,
                offset_int: int | None, offset_tensor: torch.Tensor | None, window: list[int] | None,
-               out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+               out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, sinks: torch.Tensor | None = None,
+               softcap: float | None = None) -> list[torch.Tensor]:
     from gape.core.torch_backend import _kernel_backward
 
     pos = _positions(query, key, is_causal, offset_int, offset_tensor, window)
     grads = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, out, lse,
-                             grad_out, pos)
-    return [g.view(t.shape).to(t.dtype) for g, t in zip(grads, (query, key, value, query_gate, key_gate))]
+                             grad_out, pos, sinks, softcap)
+    like = (query, key, value, query_gate, key_gate) + (() if sinks is None else (sinks,))
+    return [g.view(t.shape).to(t.dtype) for g, t in zip(grads, like)]
 
 
 @_fused_bwd.register_fake
 def _(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, offset_int, offset_tensor,
-      window, out, lse, grad_out):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format)
-            for t in (query, key, value, query_gate, key_gate)]
+      window, out, lse, grad_out, sinks=None, softcap=None):
+    like = (query, key, value, query_gate, key_gate) + (() if sinks is None else (sinks,))
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
 
 
 def _fused_setup(ctx, inputs, output):
-    query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t, window = inputs
-    ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, off_t, *output)
+    (query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t, window, sinks,
+     softcap) = inputs
+    ctx.save_for_backward(query, key, value, query_gate, key_gate, attn_mask, off_t, sinks, *output)
     ctx.args = (is_causal, scale, distance, off_i, window)
+    ctx.softcap = softcap
 
 
 def _fused_backward(ctx, grad_out, grad_lse):
-    query, key, value, query_gate, key_gate, attn_mask, off_t, out, lse = ctx.saved_tensors
+    query, key, value, query_gate, key_gate, attn_mask, off_t, sinks, out, lse = ctx.saved_tensors
     is_causal, scale, distance, off_i, window = ctx.args
     grads = _fused_bwd(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, off_i, off_t,
-                       window, out, lse, grad_out.to(query.dtype))
-    return (*grads, None, None, None, None, None, None, None)
+                       window, out, lse, grad_out.to(query.dtype), sinks, ctx.softcap)
+    dsinks = grads[5] if sinks is not None else None
+    return (*grads[:5], None, None, None, None, None, None, None, dsinks, None)
 
 
 _fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -537,10 +581,11 @@ def compiled_kernel_ready() -> bool:
 
 
 def fused_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, *,
-                    query_offset=None, window=None) -> torch.Tensor:
+                    query_offset=None, window=None, sinks=None, softcap=None) -> torch.Tensor:
     """The torch backend's kernel path as one opaque op (what a compiled graph calls):
     arguments as :func:`gape.core.torch_backend.torch_attention`, output in the query dtype."""
     off_i, off_t = _offset_args(query_offset)
     out, _ = _fused_fwd(query, key, value, query_gate, key_gate, attn_mask, bool(is_causal), float(scale), distance,
-                        off_i, off_t, None if window is None else [int(w) for w in window])
+                        off_i, off_t, None if window is None else [int(w) for w in window], sinks,
+                        None if softcap is None else float(softcap))
     return out.to(query.dtype)

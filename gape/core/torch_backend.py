@@ -14,9 +14,10 @@ one place that picks among them is :func:`choose_strategy`):
 - ``"decode"``: one query row without autograd, a handful of ops.
 
 Learned sinks and logit soft-capping (``sinks=``, ``softcap=``) run on the
-``"gemm-tiles"`` strategy only: the C++ kernel, PyTorch's SDPA and the decode
-step do not implement them, and naming one of those strategies for such a
-call is refused. Otherwise ``"auto"`` takes ``"decode"`` for a one-row step without gradients, else
+``"kernel"`` and ``"gemm-tiles"`` strategies: ``"auto"`` takes the kernel when it
+can run, else the GEMM tiles; PyTorch's SDPA and the decode step do not implement
+them, and naming one of those strategies for such a call is refused.
+Otherwise ``"auto"`` takes ``"decode"`` for a one-row step without gradients, else
 ``"kernel"`` when it is built and takes the tensors, else ``"sdpa-tiles"`` on a
 multi-threaded CPU for at least :data:`SDPA_TILES_MIN_ROWS` query rows, else
 ``"gemm-tiles"`` (the measurements behind the choice are in docs/kernels.md).
@@ -55,12 +56,13 @@ def choose_strategy(strategy: str, query, key, value, needs_grad: bool = False, 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if terms:
-        if strategy not in ("auto", "gemm-tiles"):
+        if strategy not in ("auto", "kernel", "gemm-tiles"):
             raise ValueError(
                 f"strategy={strategy!r} does not implement learned sinks or logit soft-capping (sinks=, softcap=); "
-                "only 'gemm-tiles' does (strategy='auto' picks it)"
+                "'kernel' and 'gemm-tiles' do (strategy='auto' picks one)"
             )
-        return "gemm-tiles"
+        if strategy == "auto":
+            return "kernel" if _kernel_ok(query, key, value) else "gemm-tiles"
     lq = query.shape[2]
     if strategy == "auto":
         if lq == 1 and not needs_grad:
@@ -92,9 +94,10 @@ def _kernel_positions(b, lq, lk, is_causal, query_offset=None, window=None, segm
     return dict(segments=segments, delta_lo=dlo, delta_hi=dhi)
 
 
-def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions=None):
+def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions=None, sinks=None,
+                 softcap=None):
     """The C++ kernel's inputs (q/k/v as they are, the rest in the compute dtype: float32 for
-    half inputs), and its position arguments."""
+    half inputs), and its keyword arguments (positions, sinks, soft-cap)."""
     cdt = compute_dtype(query.dtype)
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     positions = dict(_kernel_positions(b, lq, lk, is_causal) if positions is None else positions)
@@ -106,25 +109,32 @@ def _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, 
     else:
         phi_rev, zero = attention_cpu.phi_table(rng[0], rng[1], distance, cdt), rng[1]
     positions["phi_zero"] = zero
+    if sinks is not None:
+        positions["sinks"] = sinks
+    if softcap is not None:
+        positions["softcap"] = softcap
     args = (query, key, value, query_gate, 1 - key_gate.to(cdt), phi_rev, attn_mask)
     return args, positions
 
 
 def _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, return_lse=False,
-                    positions=None):
+                    positions=None, sinks=None, softcap=None):
     """The fused C++ forward, in the compute dtype, written in ``[B, Lq, Hq, Dv]``
     storage (returned as a ``[B, Hq, Lq, Dv]`` view): the layout transformers
     wants, so its transpose back is free."""
     b, hq, lq, dv = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
     out = torch.empty(b, lq, hq, dv, dtype=compute_dtype(query.dtype)).transpose(1, 2)
-    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions)
-    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse, out=out, **pos)
+    args, kw = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions, sinks,
+                            softcap)
+    return attention_cpu.attention_forward(*args, is_causal, scale, return_lse=return_lse, out=out, **kw)
 
 
 def _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, out, lse,
-                     grad_out, positions=None):
-    """The fused C++ backward: ``(dq, dk, dv, d lambda, d pi)`` in the compute dtype."""
-    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions)
+                     grad_out, positions=None, sinks=None, softcap=None):
+    """The fused C++ backward: ``(dq, dk, dv, d lambda, d pi)`` in the compute dtype, and
+    ``d sinks`` after them with ``sinks``."""
+    args, pos = _kernel_args(query, key, value, query_gate, key_gate, attn_mask, is_causal, distance, positions, sinks,
+                             softcap)
     return attention_cpu.attention_backward(*args, is_causal, scale, out, lse, grad_out, **pos)
 
 
@@ -138,7 +148,7 @@ class _GapeAttention(torch.autograd.Function):
             b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
             positions = _kernel_positions(b, lq, lk, is_causal, query_offset, window, segments)
             out, lse = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
-                                       True, positions)
+                                       True, positions, sinks, softcap)
         else:
             plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
                             query_offset, window, sinks, softcap)
@@ -162,13 +172,17 @@ class _GapeAttention(torch.autograd.Function):
         needs = ctx.needs_input_grad[:5]
         dsink = None
         if lse is not None:
-            dq, dk, dv, dlam, dpi = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal,
-                                                     scale, distance, out, lse, grad_out, ctx.positions)
+            grads = _kernel_backward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+                                     out, lse, grad_out, ctx.positions, sinks, ctx.softcap)
+            dq, dk, dv, dlam, dpi = grads[:5]
+            if sinks is not None:
+                dsink = grads[5]
         else:
             plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args, sinks, ctx.softcap)
             dq, dk, dv, dlam, dpi, dsink = tiles_backward(plan, out, grad_out, needs)
         if dsink is not None and ctx.needs_input_grad[14]:
-            dsink = dsink.sum(0).reshape(-1).to(sinks.dtype)
+            # the tiles give it per (batch, head), the kernel per head
+            dsink = (dsink.sum(0) if dsink.dim() > 1 else dsink).reshape(-1).to(sinks.dtype)
         else:
             dsink = None
         return (
@@ -221,13 +235,14 @@ def torch_attention(
     :data:`STRATEGIES` (module docstring). ``query_offset`` (None, an int or an
     int64 ``[B]`` tensor) and ``window`` (``(left, right)`` or None) as in
     :func:`gape.attention`; so are ``sinks`` (``[Hq]``) and ``softcap`` (a float),
-    which run on the tiles (module docstring).
+    which run on the kernel or the GEMM tiles (module docstring).
     """
     if torch.compiler.is_compiling():
         if strategy in ("auto", "kernel") and query.device.type == "cpu" and attention_cpu.compiled_kernel_ready():
             # one opaque op with a fake implementation: the compiled graph calls the kernel
             return attention_cpu.fused_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale,
-                                                 distance, query_offset=query_offset, window=window)
+                                                 distance, query_offset=query_offset, window=window, sinks=sinks,
+                                                 softcap=softcap)
     else:  # a traced decode step keeps its offset a tensor
         query_offset = _uniform(query_offset)
     if isinstance(query_offset, int) and query_offset == key.shape[2] - query.shape[2]:
@@ -254,7 +269,7 @@ def torch_attention(
     if strategy == "kernel":
         pos = _kernel_positions(query.shape[0], query.shape[2], key.shape[2], is_causal, query_offset, window)
         out = _kernel_forward(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
-                              positions=pos)
+                              positions=pos, sinks=sinks, softcap=softcap)
         return out.to(query.dtype)
     plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, chunk_size,
                     query_offset, window, sinks, softcap)
