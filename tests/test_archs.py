@@ -194,12 +194,29 @@ def test_partial_rotary_gates_read_both_channel_kinds(arch):
     assert (pair_features(moved, "half", r) - pair_features(x, "half", r)).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig()], ids=["reference", "default"])
+CPU_KERNEL = gape.GapeConfig(backend="torch", identity_shortcut=False)
+
+
+@pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL], ids=["reference", "default", "cpu-kernel"])
 @pytest.mark.parametrize("arch,term", [("gpt_oss", "sinks"), ("gemma2", "softcap")])
-def test_sinks_and_softcap_models_equal_unpatched(arch, term, config):
+def test_sinks_and_softcap_models_equal_unpatched(arch, term, config, monkeypatch):
     """gpt-oss's learned sinks and Gemma's soft-cap reach GAPE's kernels: identity gates equal
     the unpatched eager model to 1e-5 in float32 (with the identity shortcut too, whose
-    plain-SDPA path would drop them); the term is big enough that dropping it would show."""
+    plain-SDPA path would drop them; and on the fused C++ CPU kernel, which is seen to run);
+    the term is big enough that dropping it would show."""
+    from gape.kernels import attention_cpu
+
+    calls = []
+    if config is CPU_KERNEL:
+        if not attention_cpu.available():
+            pytest.skip("the fused CPU kernel is not built here")
+        forward = attention_cpu.attention_forward
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs.get("sinks") is not None or kwargs.get("softcap") is not None)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(attention_cpu, "attention_forward", spy)
     model = make(arch)
     model.set_attn_implementation("eager")
     x = ids(2, 20)
@@ -220,6 +237,8 @@ def test_sinks_and_softcap_models_equal_unpatched(arch, term, config):
         assert (without - ref).abs().max() > 1e-3, f"the {term} do not matter in this model: the check proves nothing"
         gape.patch(model, config)
         torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=1e-5)
+        if config is CPU_KERNEL:
+            assert calls and all(calls), f"the kernel did not run with the {term}"
         # decoding with the cache honours them too
         kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
         randomize(model)

@@ -102,3 +102,38 @@ def test_fake_implementation_matches_the_kernel():
     lam, pi = torch.rand(1, 4, 7), torch.rand(1, 2, 7)
     args = (q, k, v, lam, pi, None, True, 0.3, "log", None, None, None)
     torch.library.opcheck(torch.ops.gape.cpu_attention_fused.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_compiled_attention_with_sinks_and_softcap_equals_eager(dtype):
+    """Learned sinks and the soft-cap go through the fused op too (the sinks' gradient included)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 21, 16, generator=g).to(dtype) for _ in range(2))
+    lam, pi = torch.rand(2, 4, 9, generator=g), torch.rand(2, 2, 21, generator=g)
+    sinks = torch.randn(4, generator=g) * 2
+    leaves = [t.requires_grad_() for t in (q, k, v, lam, pi, sinks)]
+
+    def fn(*xs):
+        return gape.attention(*xs[:5], backend="torch", sinks=xs[5], softcap=1.5, window_size=(6, 0))
+
+    want = fn(*leaves)
+    want_grads = torch.autograd.grad(want.float().square().sum(), leaves)
+    cap = Capture()
+    got = torch.compile(fn, fullgraph=True, backend=cap)(*leaves)
+    got_grads = torch.autograd.grad(got.float().square().sum(), leaves)
+    assert _uses_fused(cap.targets)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fake_implementation_with_sinks_and_softcap_matches_the_kernel():
+    q = torch.randn(1, 4, 7, 8)
+    k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 12)
+    lam, pi, sinks = torch.rand(1, 4, 7), torch.rand(1, 2, 7), torch.randn(4)
+    # requiring grad, so opcheck also traces the backward op (its fake gives the sinks' gradient)
+    args = (q, k, v, lam, pi, None, True, 0.3, "log", None, None, None, sinks.requires_grad_(), 2.0)
+    torch.library.opcheck(torch.ops.gape.cpu_attention_fused.default, args)

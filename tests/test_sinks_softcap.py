@@ -1,7 +1,8 @@
 """Learned attention sinks and logit soft-capping: the reference against the formulas
-written out, every backend that serves them against the float64 reference (forward and
-the gradients of query, key, value, both gates and the sinks), and clear refusals where
-a backend does not serve them."""
+written out, every backend that serves them (the torch backend's GEMM tiles and its fused
+C++ CPU kernel, float64, float32 and the kernel's bfloat16/float16 path) against the
+float64 reference (forward and the gradients of query, key, value, both gates and the
+sinks), and clear refusals where a backend does not serve them."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 import gape
-from gape.core import api
+from gape.core import api, torch_backend
 from gape.core.reference import reference_attention
 from gape.core.torch_backend import torch_attention
+from gape.kernels import attention_cpu
 
 from helpers import Case, make_inputs
 
@@ -51,12 +53,15 @@ def test_reference_is_the_formula():
 def _run(fn, inputs, sinks, grad_out, dtype, **kw):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (*inputs, sinks)]
     out = fn(*leaves[:5], sinks=leaves[5], **kw)
+    assert out.dtype == dtype
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    for name, leaf, g in zip(NAMES[1:], leaves, grads):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, f"d {name}: {g.dtype} {tuple(g.shape)}"
     return [out.detach().double()] + [g.double() for g in grads]
 
 
 def _check(fn, case, *, mask=None, causal=True, distance="log", cap=None, with_sinks=True, factor=2.0,
-           dtype=torch.float32, **positions):
+           dtype=torch.float32, atol=2e-6, **positions):
     inputs = make_inputs(case, lam_max=0.8)
     sinks = sinks_for(case.hq) if with_sinks else None
     scale = 1 / math.sqrt(case.d)
@@ -78,19 +83,21 @@ def _check(fn, case, *, mask=None, causal=True, distance="log", cap=None, with_s
     same = _run(ref_fn, inputs, sinks, grad_out, dtype, **kw)
     got = _run(fn, inputs, sinks, grad_out, dtype, **kw)
     for name, x, s, t in zip(NAMES, got, same, truth):
+        assert not x.isnan().any(), f"{name} has NaN"
         err, ref_err = float((x - t).abs().max()), float((s - t).abs().max())
-        bound = factor * ref_err + 2e-6 * max(1.0, float(t.abs().max()))
-        assert err <= bound, f"{name}: error {err:.2e} vs float64 exceeds {factor} x the fp32 reference's {ref_err:.2e}"
+        bound = factor * ref_err + atol * max(1.0, float(t.abs().max()))
+        assert err <= bound, (f"{name}: error {err:.2e} vs float64 exceeds {factor} x the {dtype} reference's "
+                              f"{ref_err:.2e} + atol")
     # the terms matter: without them the result is far off
     if with_sinks:
         plain = reference_attention(*inputs, mask, causal, scale, distance, softcap=cap, **positions)
         assert float((plain - truth[0]).abs().max()) > 1e-2
 
 
-def _torch(chunk_size):
+def _torch(chunk_size, strategy="gemm-tiles"):
     def fn(q, k, v, lam, pi, sinks=None, attn_mask=None, is_causal=True, scale=None, distance="log", softcap=None,
            **positions):
-        return torch_attention(q, k, v, lam, pi, attn_mask, is_causal, scale, distance, chunk_size, "auto",
+        return torch_attention(q, k, v, lam, pi, attn_mask, is_causal, scale, distance, chunk_size, strategy,
                                sinks=sinks, softcap=softcap, **positions)
     return fn
 
@@ -149,15 +156,12 @@ def test_backends_without_them_refuse_clearly():
         gape.attention(q, k, v, lam, pi, distance="linear", backend="sdpa", sinks=sinks)
     with pytest.raises(ValueError, match="does not implement softcap"):
         gape.attention(q, k, v, lam, pi, distance="linear", backend="sdpa", softcap=5.0)
-    reason = api.unsupported_reason("triton", q, "log", None)
     call = api.AttentionCall(q, k, v, None, True, "log", sinks=sinks, softcap=2.0)
     if not isinstance(api._module("triton"), str):
         assert "does not implement sinks and softcap" in api._module("triton").supports(call)
-    del reason
-    for strategy in ("kernel", "sdpa-tiles", "decode"):
+    for strategy in ("sdpa-tiles", "decode"):
         with pytest.raises(ValueError, match=f"strategy='{strategy}' does not implement"):
             torch_attention(q, k, v, lam, pi, None, True, 0.25, "log", strategy=strategy, sinks=sinks)
-    # selection: the CPU default takes the tiles, never the fused kernel
     assert api.select("auto", q, k, v, sinks=sinks).name == "torch"
 
 
@@ -182,3 +186,152 @@ def test_triton_refuses_them_and_auto_falls_back():
     q, k, v, lam, pi = (t.float() for t in make_inputs(Case(b=1, hq=2, hkv=1, lq=4, lk=4, d=16)))
     with pytest.raises(ValueError, match='"triton" backend does not implement sinks'):
         gape.attention(q, k, v, lam, pi, backend="triton", sinks=torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused C++ CPU kernel (strategy "kernel"): the sink joins each row's log-sum-exp, the cap is
+# a template flag of its logit loop; both cross its block edges here.
+
+kernel_only = pytest.mark.skipif(not attention_cpu.available(), reason="the fused CPU kernel is not built here")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    # 8 query rows (12 from 30 rows on) x 16 keys per block: small shapes cross many block edges
+    monkeypatch.setattr(attention_cpu, "Q_BLOCK", 8)
+    monkeypatch.setattr(attention_cpu, "Q_BLOCK_LONG", 12)
+    monkeypatch.setattr(attention_cpu, "LONG_QUERY", 30)
+    monkeypatch.setattr(attention_cpu, "K_BLOCK", 16)
+
+
+KERNEL = _torch(None, "kernel")
+KERNEL_CASES = [*CASES, Case(b=1, hq=2, hkv=1, lq=40, lk=23, d=16)]  # Lq > Lk: causal rows with no key
+TIGHT = {torch.float64: 1e-10, torch.float32: 2e-6}
+
+
+@kernel_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=Case.ident)
+@pytest.mark.parametrize("terms", TERMS, ids=lambda t: f"sinks{int(t['with_sinks'])}-cap{t['cap']}")
+@pytest.mark.parametrize("causal,distance", [(True, "log"), (False, "linear")])
+def test_kernel_matches_reference(small_blocks, case, terms, causal, distance, dtype):
+    _check(KERNEL, case, causal=causal, distance=distance, dtype=dtype, atol=TIGHT[dtype], **terms)
+
+
+@kernel_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_kernel_masks_windows_offsets_and_empty_rows(small_blocks, dtype):
+    tol = dict(dtype=dtype, atol=TIGHT[dtype])
+    case = Case(b=2, hq=4, hkv=2, lq=20, lk=30, d=16)
+    mask = torch.rand(2, 1, 20, 30, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[0, :, 3] = False  # a row with no key: zeros, and no gradient
+    head_mask = torch.rand(2, 4, 20, 30, generator=torch.Generator().manual_seed(2)) > 0.5
+    _check(KERNEL, case, mask=mask, cap=1.5, **tol)
+    _check(KERNEL, case, mask=head_mask, **tol)
+    _check(KERNEL, case, window=(5, -1), query_offset=torch.tensor([2, 12]), cap=3.0, **tol)
+    _check(KERNEL, case, causal=False, distance="linear", window=(4, 3), query_offset=-6, cap=0.9, **tol)
+    decode = Case(b=2, hq=6, hkv=2, lq=1, lk=41, d=24, dv=8)
+    _check(KERNEL, decode, query_offset=torch.tensor([40, 17]), cap=2.0, **tol)  # at the end, mid-cache
+    _check(KERNEL, decode, window=(9, -1), **tol)
+
+
+@kernel_only
+def test_kernel_rows_with_no_key_give_zeros_and_no_sink_gradient():
+    """A row with no allowed key is zeros with a sink as without: the sink has no value, so its
+    output is empty, and its gradients (the sink's included) are zero, never NaN. With every row
+    empty the sinks' gradient is exactly zero."""
+    q, k, v, lam, pi = make_inputs(Case(b=2, hq=4, hkv=2, lq=6, lk=9, d=8))
+    sinks = sinks_for(4)
+    mask = torch.ones(2, 1, 6, 9, dtype=torch.bool)
+    mask[1, :, 2] = False
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
+    out = torch_attention(*leaves[:5], mask, True, 0.3, "log", strategy="kernel", sinks=leaves[5], softcap=1.0)
+    assert float(out[1, :, 2].abs().max()) == 0.0
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert float(grads[0][1, :, 2].abs().max()) == 0.0 and float(grads[3][1, :, 2].abs().max()) == 0.0
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
+    ref = reference_attention(*ref_leaves[:5], mask, True, 0.3, "log", sinks=ref_leaves[5], softcap=1.0)
+    (want,) = torch.autograd.grad(ref, ref_leaves[5:], torch.ones_like(ref))
+    torch.testing.assert_close(grads[5], want, rtol=1e-10, atol=1e-12)
+    # no row sees a key: a query before the cache
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
+    out = torch_attention(*leaves[:5], None, True, 0.3, "log", strategy="kernel", sinks=leaves[5],
+                          query_offset=-20)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert float(out.abs().max()) == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+@kernel_only
+@pytest.mark.parametrize("q_dtype,sink_dtype", [(torch.float64, torch.float32), (torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)])
+def test_kernel_sink_gradient_in_the_sinks_dtype(q_dtype, sink_dtype):
+    q, k, v, lam, pi = (t.to(q_dtype) for t in make_inputs(Case(b=1, hq=4, hkv=2, lq=5, lk=7, d=8)))
+    sinks = sinks_for(4).to(sink_dtype).requires_grad_()
+    out = gape.attention(q, k, v, lam.float(), pi.float(), sinks=sinks, softcap=2.0)
+    (g,) = torch.autograd.grad(out.float().sum(), sinks)
+    assert g.dtype == sink_dtype and g.shape == (4,)
+    assert torch_backend.choose_strategy("auto", q, k, v, True, terms=True) == "kernel"
+
+
+@kernel_only
+@pytest.mark.parametrize("cap", [None, 1.3])
+def test_kernel_packed_sequences_with_sinks(small_blocks, cap):
+    """Packed sequences (the kernel's segments) with sinks: each sequence as its own reference call,
+    the sinks' gradient summed over all of them; a sequence with no keys adds nothing."""
+    cu_q, cu_k = torch.tensor([0, 5, 5, 17, 20]), torch.tensor([0, 9, 13, 26, 26])
+    tq, tk, hq, hkv, d = 20, 26, 4, 2, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, h, t, d, dtype=torch.float64, generator=g) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
+    lam = torch.rand(1, hq, tq, dtype=torch.float64, generator=g)
+    pi = torch.rand(1, hkv, tk, dtype=torch.float64, generator=g)
+    sinks = sinks_for(hq)
+    grad_out = torch.randn(1, hq, tq, d, dtype=torch.float64, generator=g)
+    seg = attention_cpu.varlen_segments(cu_q, cu_k)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
+    out = torch_backend._GapeAttention.apply(*leaves[:5], None, True, 0.3, "log", None, "kernel", None, None, seg,
+                                             leaves[5], cap)
+    got = [out] + list(torch.autograd.grad(out, leaves, grad_out))
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
+    outs = []
+    for s in range(4):
+        q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+        if k1 == k0:
+            outs.append(torch.zeros(1, hq, q1 - q0, d, dtype=torch.float64))
+            continue
+        q_, l_ = ref_leaves[0][:, :, q0:q1], ref_leaves[3][:, :, q0:q1]
+        k_, v_, p_ = ref_leaves[1][:, :, k0:k1], ref_leaves[2][:, :, k0:k1], ref_leaves[4][:, :, k0:k1]
+        outs.append(reference_attention(q_, k_, v_, l_, p_, None, True, 0.3, "log", sinks=ref_leaves[5], softcap=cap))
+    ref = torch.cat(outs, dim=2)
+    want = [ref] + list(torch.autograd.grad(ref, ref_leaves, grad_out))
+    for name, x, w in zip(NAMES, got, want):
+        torch.testing.assert_close(x, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@kernel_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("dot", ["half", "float"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], Case(b=1, hq=4, hkv=2, lq=33, lk=70, d=24, dv=40)],
+                         ids=Case.ident)
+def test_kernel_half_precision_matches_reference(small_blocks, monkeypatch, dtype, dot, case):
+    """bfloat16/float16 inputs (computed in float32 with either form of products) at most 2x the
+    error of the reference run in that dtype, half an ulp of slack."""
+    if dot == "half" and not attention_cpu.half_gemm_linked(dtype):
+        pytest.skip("this torch's BLAS has no half-precision GEMM")
+    monkeypatch.setenv(attention_cpu.ENV_DOT, dot)
+    atol = torch.finfo(dtype).eps / 2
+    for terms in TERMS:
+        _check(KERNEL, case, dtype=dtype, atol=atol, **terms)
+    _check(KERNEL, case, dtype=dtype, atol=atol, causal=False, distance="linear", window=(7, 2), cap=1.1)
+
+
+@kernel_only
+def test_kernel_sink_far_above_the_logits():
+    """A sink far above every logit takes (nearly) all the weight without overflowing."""
+    q, k, v, lam, pi = (t.float() for t in make_inputs(Case(b=1, hq=2, hkv=1, lq=7, lk=7, d=8)))
+    sinks = torch.tensor([200.0, -200.0])
+    got = torch_attention(q, k, v, lam, pi, None, True, 0.3, "log", strategy="kernel", sinks=sinks)
+    want = reference_attention(*(t.double() for t in (q, k, v, lam, pi)), None, True, 0.3, "log",
+                               sinks=sinks.double())
+    assert torch.isfinite(got).all() and float(got[0, 0].abs().max()) < 1e-30
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
