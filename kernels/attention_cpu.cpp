@@ -15,6 +15,12 @@
 // gape/kernels/attention_cpu.py;
 // the math is docs/maths.md and the oracle gape.core.reference.
 //
+// Optional logit terms (docs/kernels.md, "Learned sinks and the soft-cap in the CPU kernel"):
+// a soft-cap (the content logit becomes softcap tanh(scale <q, k> / softcap), the bias added
+// after it; a template flag, so the plain logit loop is unchanged) and learned sinks (one logit
+// per query head in each row's denominator, folded in when a row is finished, and into its lse,
+// so the backward needs no change for them).
+//
 // Storage and compute types: float and double inputs are computed in their own type.
 // bfloat16 and float16 inputs are read in place and computed in float (softmax, bias,
 // gate reductions, accumulators); their two products per block take one of two forms,

@@ -18,6 +18,10 @@ backend keeps its pure-PyTorch tiles.
 The backward (:func:`attention_backward`) is FlashAttention-2's with the same
 bias recomputed in registers, from the forward's output and log-sum-exp.
 
+Learned sinks and the logit soft-cap (``sinks=``, ``softcap=`` of both) are in the
+kernel too: the cap as a template flag of its logit loop, the sink folded into each
+row's denominator and log-sum-exp (docs/kernels.md).
+
 bfloat16 and float16 inputs are read in place (no float32 copy of q/k/v) and
 computed in float32 (softmax, bias, gate reductions, accumulators, the output
 and the gradients). Their ``Q K^T`` and ``P V`` products (and the backward's

@@ -539,8 +539,9 @@ def attention(
             the cap (docs/maths.md says why).
 
     Sinks and soft-capping run on the ``"reference"`` and ``"torch"`` backends
-    (the torch backend's pure-PyTorch tiles); ``"sdpa"`` and ``"triton"``
-    refuse them, and ``"auto"`` takes the torch backend for them.
+    (the torch backend's fused C++ CPU kernel, or its GEMM tiles where the kernel
+    cannot run); ``"sdpa"`` and ``"triton"`` refuse them, and ``"auto"`` takes the
+    torch backend for them.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query dtype.
