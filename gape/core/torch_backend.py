@@ -180,9 +180,10 @@ class _GapeAttention(torch.autograd.Function):
         else:
             plan = TilePlan(query, key, value, query_gate, key_gate, attn_mask, *ctx.args, sinks, ctx.softcap)
             dq, dk, dv, dlam, dpi, dsink = tiles_backward(plan, out, grad_out, needs)
+            if dsink is not None:  # per (batch, kv head, query head of the group): summed over the batch
+                dsink = dsink.sum(0).reshape(-1)
         if dsink is not None and ctx.needs_input_grad[14]:
-            # the tiles give it per (batch, head), the kernel per head
-            dsink = (dsink.sum(0) if dsink.dim() > 1 else dsink).reshape(-1).to(sinks.dtype)
+            dsink = dsink.to(sinks.dtype)
         else:
             dsink = None
         return (
