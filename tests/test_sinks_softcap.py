@@ -186,6 +186,20 @@ def test_triton_refuses_them_and_auto_falls_back():
     q, k, v, lam, pi = (t.float() for t in make_inputs(Case(b=1, hq=2, hkv=1, lq=4, lk=4, d=16)))
     with pytest.raises(ValueError, match='"triton" backend does not implement sinks'):
         gape.attention(q, k, v, lam, pi, backend="triton", sinks=torch.zeros(2))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match='"triton" backend does not implement softcap'):
+        gape.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), lam[0].t(),
+                              pi[0].t(), cu, cu, 4, 4, backend="triton", softcap=2.0)
+
+
+def test_packed_sequences_refuse_bad_terms():
+    q, k = torch.randn(6, 2, 8), torch.randn(6, 1, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    args = (q, k, k, torch.rand(6, 2), torch.rand(6, 1), cu, cu, 4, 4)
+    with pytest.raises(ValueError, match=r"sinks must have shape \[Hq=2\]"):
+        gape.attention_varlen(*args, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="softcap must be a positive finite float"):
+        gape.attention_varlen(*args, softcap=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,35 +291,37 @@ def test_kernel_sink_gradient_in_the_sinks_dtype(q_dtype, sink_dtype):
     assert torch_backend.choose_strategy("auto", q, k, v, True, terms=True) == "kernel"
 
 
-@kernel_only
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
 @pytest.mark.parametrize("cap", [None, 1.3])
-def test_kernel_packed_sequences_with_sinks(small_blocks, cap):
-    """Packed sequences (the kernel's segments) with sinks: each sequence as its own reference call,
-    the sinks' gradient summed over all of them; a sequence with no keys adds nothing."""
-    cu_q, cu_k = torch.tensor([0, 5, 5, 17, 20]), torch.tensor([0, 9, 13, 26, 26])
+def test_packed_sequences_with_sinks(small_blocks, backend, cap):
+    """gape.attention_varlen with sinks (on the CPU the C++ kernel walks the sequences as its
+    segments): each sequence as its own reference call, the sinks' gradient summed over all of
+    them; a sequence with no keys gives zeros and adds nothing."""
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in ([0, 5, 5, 17, 20], [0, 9, 13, 26, 26]))
     tq, tk, hq, hkv, d = 20, 26, 4, 2, 8
     g = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(1, h, t, d, dtype=torch.float64, generator=g) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
-    lam = torch.rand(1, hq, tq, dtype=torch.float64, generator=g)
-    pi = torch.rand(1, hkv, tk, dtype=torch.float64, generator=g)
+    q, k, v = (torch.randn(t, h, d, dtype=torch.float64, generator=g) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
+    lam = torch.rand(tq, hq, dtype=torch.float64, generator=g)
+    pi = torch.rand(tk, hkv, dtype=torch.float64, generator=g)
     sinks = sinks_for(hq)
-    grad_out = torch.randn(1, hq, tq, d, dtype=torch.float64, generator=g)
-    seg = attention_cpu.varlen_segments(cu_q, cu_k)
+    grad_out = torch.randn(tq, hq, d, dtype=torch.float64, generator=g)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
-    out = torch_backend._GapeAttention.apply(*leaves[:5], None, True, 0.3, "log", None, "kernel", None, None, seg,
-                                             leaves[5], cap)
+    out = gape.attention_varlen(*leaves[:5], cu_q, cu_k, 12, 13, scale=0.3, sinks=leaves[5], softcap=cap,
+                                backend=backend)
     got = [out] + list(torch.autograd.grad(out, leaves, grad_out))
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, lam, pi, sinks)]
     outs = []
     for s in range(4):
         q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
         if k1 == k0:
-            outs.append(torch.zeros(1, hq, q1 - q0, d, dtype=torch.float64))
+            outs.append(torch.zeros(q1 - q0, hq, d, dtype=torch.float64))
             continue
-        q_, l_ = ref_leaves[0][:, :, q0:q1], ref_leaves[3][:, :, q0:q1]
-        k_, v_, p_ = ref_leaves[1][:, :, k0:k1], ref_leaves[2][:, :, k0:k1], ref_leaves[4][:, :, k0:k1]
-        outs.append(reference_attention(q_, k_, v_, l_, p_, None, True, 0.3, "log", sinks=ref_leaves[5], softcap=cap))
-    ref = torch.cat(outs, dim=2)
+        q_, l_ = ref_leaves[0][q0:q1].transpose(0, 1)[None], ref_leaves[3][q0:q1].t()[None]
+        k_, v_ = ref_leaves[1][k0:k1].transpose(0, 1)[None], ref_leaves[2][k0:k1].transpose(0, 1)[None]
+        o = reference_attention(q_, k_, v_, l_, ref_leaves[4][k0:k1].t()[None], None, True, 0.3, "log",
+                                sinks=ref_leaves[5], softcap=cap)
+        outs.append(o[0].transpose(0, 1))
+    ref = torch.cat(outs, dim=0)
     want = [ref] + list(torch.autograd.grad(ref, ref_leaves, grad_out))
     for name, x, w in zip(NAMES, got, want):
         torch.testing.assert_close(x, w, rtol=1e-10, atol=1e-10, msg=name)

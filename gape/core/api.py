@@ -447,7 +447,9 @@ def _reason(name: str, call: AttentionCall) -> str | None:
 
 def _bind(name: str, call: AttentionCall):
     if call.varlen:
-        return getattr(_module(name), _VARLEN[name][1])
+        fn = getattr(_module(name), _VARLEN[name][1])
+        kwargs = _position_kwargs(None, None, call.sinks, call.softcap)
+        return functools.partial(fn, **kwargs) if kwargs else fn
     fn = _load(name)
     kwargs = _position_kwargs(call.query_offset, call.window, call.sinks, call.softcap)
     if name == "triton" and call.attn_mask is not None:
@@ -621,6 +623,8 @@ def attention_varlen(
     distance: str = "log",
     window_size: tuple[int, int] = (-1, -1),
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """GAPE attention over packed variable-length sequences (FlashAttention's varlen layout).
 
@@ -638,6 +642,8 @@ def attention_varlen(
         is_causal, scale, distance, window_size: as :func:`attention`.
         backend: ``"auto"``, ``"reference"``, ``"torch"`` (the C++ kernel walks the
             sequences natively) or ``"triton"``.
+        sinks, softcap: as :func:`gape.attention` (``sinks [Hq]``, shared by every
+            sequence); the ``"reference"`` and ``"torch"`` backends serve them.
 
     Returns:
         ``[Tq, Hq, Dv]`` in the query dtype.
@@ -678,6 +684,8 @@ def attention_varlen(
     if max(max_seqlen_q, max_seqlen_k) > MAX_POSITION:
         raise ValueError("max_seqlen_q and max_seqlen_k must be below 2**31")
     window = _check_window(window_size, is_causal)
-    fn = select(backend, query, key, value, is_causal=is_causal, distance=distance, window=window, varlen=True)
+    sinks, softcap = _check_terms(sinks, softcap, q4)
+    fn = select(backend, query, key, value, is_causal=is_causal, distance=distance, window=window, varlen=True,
+                sinks=sinks, softcap=softcap)
     return fn(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               is_causal, scale, distance, window)

@@ -190,6 +190,7 @@ def reference_attention(
 def reference_attention_varlen(
     query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
     is_causal: bool = True, scale: float | None = None, distance: str = "log", window=None, upcast: bool = False,
+    sinks=None, softcap=None,
 ) -> torch.Tensor:
     """Packed sequences (FlashAttention's varlen layout) one at a time: query
     ``[Tq, Hq, D]``, key/value ``[Tk, Hkv, D]``, gates ``[Tq, Hq]`` / ``[Tk, Hkv]``;
@@ -206,7 +207,7 @@ def reference_attention_varlen(
         o = reference_attention(
             query[q0:q1].transpose(0, 1)[None], key[k0:k1].transpose(0, 1)[None],
             value[k0:k1].transpose(0, 1)[None], query_gate[q0:q1].t()[None], key_gate[k0:k1].t()[None],
-            None, is_causal, scale, distance, upcast=upcast, window=window,
+            None, is_causal, scale, distance, upcast=upcast, window=window, sinks=sinks, softcap=softcap,
         )
         outs.append(o[0].transpose(0, 1))
     if not outs:
@@ -215,7 +216,8 @@ def reference_attention_varlen(
 
 
 def reference_attention_varlen_backend(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
-                                       max_seqlen_q, max_seqlen_k, is_causal, scale, distance, window):
+                                       max_seqlen_q, max_seqlen_k, is_causal, scale, distance, window, sinks=None,
+                                       softcap=None):
     """``backend="reference"`` of :func:`gape.attention_varlen`."""
     return reference_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
-                                      is_causal, scale, distance, window)
+                                      is_causal, scale, distance, window, sinks=sinks, softcap=softcap)

@@ -279,7 +279,7 @@ def torch_attention(
 
 
 def torch_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                           max_seqlen_k, is_causal, scale, distance, window=None):
+                           max_seqlen_k, is_causal, scale, distance, window=None, sinks=None, softcap=None):
     """``backend="torch"`` of :func:`gape.attention_varlen` (arguments validated there).
 
     The C++ kernel takes the packed tensors as one batch element of ``[1, H, T, D]``
@@ -290,12 +290,14 @@ def torch_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q
     lam, pi = query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0)
     if _kernel_ok(q4, k4, v4):
         seg = attention_cpu.varlen_segments(cu_seqlens_q, cu_seqlens_k)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, query_gate, key_gate)):
+        leaves = (query, key, value, query_gate, key_gate) + (() if sinks is None else (sinks,))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
             out = _GapeAttention.apply(q4, k4, v4, lam, pi, None, is_causal, scale, distance, None, "kernel", None,
-                                       window, seg)
+                                       window, seg, sinks, softcap)
         else:
             pos = _kernel_positions(1, q4.shape[2], k4.shape[2], is_causal, None, window, seg)
-            out = _kernel_forward(q4, k4, v4, lam, pi, None, is_causal, scale, distance, positions=pos)
+            out = _kernel_forward(q4, k4, v4, lam, pi, None, is_causal, scale, distance, positions=pos, sinks=sinks,
+                                  softcap=softcap)
             out = out.to(query.dtype)
         return out[0].transpose(0, 1)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -308,6 +310,6 @@ def torch_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q
             outs.append(query.new_zeros(q1 - q0, query.shape[1], value.shape[-1]))
             continue
         o = torch_attention(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], lam[:, :, q0:q1], pi[:, :, k0:k1],
-                            None, is_causal, scale, distance, window=window)
+                            None, is_causal, scale, distance, window=window, sinks=sinks, softcap=softcap)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs, dim=0) if outs else query.new_zeros(0, query.shape[1], value.shape[-1])
