@@ -197,7 +197,8 @@ def test_partial_rotary_gates_read_both_channel_kinds(arch):
 CPU_KERNEL = gape.GapeConfig(backend="torch", identity_shortcut=False)
 
 
-@pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL], ids=["reference", "default", "cpu-kernel"])
+@pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL],
+                         ids=["reference", "default", "cpu-kernel"])
 @pytest.mark.parametrize("arch,term", [("gpt_oss", "sinks"), ("gemma2", "softcap")])
 def test_sinks_and_softcap_models_equal_unpatched(arch, term, config, monkeypatch):
     """gpt-oss's learned sinks and Gemma's soft-cap reach GAPE's kernels: identity gates equal
