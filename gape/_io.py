@@ -1,7 +1,8 @@
 """Atomic file writes shared by every long run (niah, synthetic, calibrate,
 inspect, the kernel audit, the benchmarks, saved gates): write a temporary file
 beside the target, fsync, then ``os.replace``, so an interrupted run leaves
-either the old file or the new one, never half of one."""
+either the old file or the new one, never half of one. And the one reader of
+the append-only JSONL row files those runs resume from (:func:`read_jsonl_rows`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 
 def replace_atomic(path, write) -> None:
@@ -67,6 +70,43 @@ def save_figure_atomic(fig, path: str, **savefig_kwargs) -> str:
     fig.savefig(buf, format="png", **savefig_kwargs)
     write_atomic(path, buf.getvalue())
     return path
+
+
+class JsonlRows(NamedTuple):
+    """What :func:`read_jsonl_rows` found: the rows kept, and what it passed over."""
+
+    rows: list[dict]
+    bad: int  # lines that are not JSON or fail the validity check
+    duplicates: int  # valid rows whose key an earlier row already had
+
+
+def read_jsonl_rows(path, valid: Callable[[object], bool], key: Callable[[dict], Hashable]) -> JsonlRows:
+    """The valid rows of an append-only JSONL file, each ``key`` once.
+
+    A run killed mid-write leaves a torn last line, and an edited file may hold
+    anything: a line that is not JSON or for which ``valid(row)`` is false is
+    counted in ``bad`` and skipped, so the caller redoes its unit rather than
+    trusting half a row. A key seen again (a unit redone after a resume) keeps its
+    first place and its last row. Blank lines are ignored; the file must exist.
+    """
+    rows: dict = {}
+    bad = duplicates = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not valid(row):
+                bad += 1
+                continue
+            k = key(row)
+            duplicates += k in rows
+            rows[k] = row
+    return JsonlRows(list(rows.values()), bad, duplicates)
 
 
 LOCK_FILE = ".gape.lock"
