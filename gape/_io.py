@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import time
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
@@ -113,15 +114,22 @@ LOCK_FILE = ".gape.lock"
 
 
 class FolderLockedError(RuntimeError):
-    """Another process is writing to the output folder."""
+    """Another process is writing to the output folder.
+
+    ``path`` is the lock file, ``holder`` the pid it names ("unknown" when unreadable)."""
+
+    def __init__(self, message: str, path: str = "", holder: str = "unknown"):
+        super().__init__(message)
+        self.path, self.holder = path, holder
 
 
 @contextlib.contextmanager
-def lock_folder(folder: str, what: str = "gape", name: str | None = None):
+def lock_folder(folder: str, what: str = "gape", name: str | None = None, wait: float = 0.0):
     """One writer per output folder: an exclusive ``flock`` on ``folder/.gape.lock``.
 
-    A second run on the same folder fails at once with FolderLockedError naming
-    the holder's pid. The lock is the kernel's: it goes with the process, so a
+    A second run on the same folder fails with FolderLockedError naming the
+    holder's pid, at once or, with ``wait`` (seconds), once the holder has kept
+    the lock that long. The lock is the kernel's: it goes with the process, so a
     run killed with ``kill -9`` leaves no stale lock (the file stays, unlocked).
     ``name`` replaces the lock file's name (one lock per writer when several
     processes of one run write their own files in the folder).
@@ -132,13 +140,21 @@ def lock_folder(folder: str, what: str = "gape", name: str | None = None):
     path = os.path.join(folder, name or LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise FolderLockedError(
-                f"{folder} is in use by another {what} run (pid {holder}); wait for it to finish or pass another --out"
-            ) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise FolderLockedError(
+                    f"{folder} is in use by another {what} run (pid {holder}); wait for it to finish or pass another --out",
+                    path,
+                    holder,
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
