@@ -2,7 +2,8 @@
 inspect, the kernel audit, the benchmarks, saved gates): write a temporary file
 beside the target, fsync, then ``os.replace``, so an interrupted run leaves
 either the old file or the new one, never half of one. And the one reader of
-the append-only JSONL row files those runs resume from (:func:`read_jsonl_rows`)."""
+the append-only JSONL row files those runs resume from (:func:`read_jsonl_rows`),
+and the form in which results record a path (:func:`relative_path`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import csv
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
@@ -108,6 +110,48 @@ def read_jsonl_rows(path, valid: Callable[[object], bool], key: Callable[[dict],
             duplicates += k in rows
             rows[k] = row
     return JsonlRows(list(rows.values()), bad, duplicates)
+
+
+# the checkout gape runs from (where pyproject.toml is), when it runs from one
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def relative_path(path) -> str:
+    """``path`` as a results file records it: relative, so results name no folder of the machine
+    that wrote them.
+
+    Relative to the current directory when the path lies below it (a run started from the
+    repository root: ``benchmarks/results/...``); else to the checkout gape runs from, or to the
+    import root holding it (a package's file: ``lm_eval/tasks/...``), the deepest that holds it;
+    else relative to the current directory (``../data``). The result is a label for the record,
+    equal for equal files from one place; a relative input is normalised the same way.
+    """
+    path = os.path.abspath(os.fspath(path))
+    cwd = os.getcwd()
+
+    def below(root: str) -> bool:
+        return os.path.commonpath([path, root]) == root if os.path.isabs(root) else False
+
+    try:
+        if below(cwd):
+            return os.path.relpath(path, cwd)
+        roots = [r for r in (_REPO_ROOT, *sys.path) if below(r) and r != os.path.dirname(r)]
+        return os.path.relpath(path, max(roots, key=len) if roots else cwd)
+    except ValueError:  # another drive (Windows): no relative form
+        return path
+
+
+def relative_paths(data):
+    """``data`` (parsed JSON) with each string that is an absolute path of this machine (the file
+    exists) replaced by :func:`relative_path`'s form; other values as they are."""
+    if isinstance(data, dict):
+        return {k: relative_paths(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [relative_paths(v) for v in data]
+    if isinstance(data, str) and os.path.isabs(data) and os.path.dirname(data) != data and "\n" not in data \
+            and os.path.exists(data):
+        return relative_path(data)
+    return data
 
 
 LOCK_FILE = ".gape.lock"

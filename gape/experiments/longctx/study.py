@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..._args import UsageError
-from ..._io import lock_folder, read_jsonl_rows, write_atomic
+from ..._io import lock_folder, read_jsonl_rows, relative_path, write_atomic
 from gape.tasks.niah import results as niah_results
 
 RESULTS = "results.jsonl"
@@ -94,7 +94,7 @@ def model_label(model: str | None) -> str:
         from gape.hf.models import EMBEDDED_GGUF
 
         return f"embedded:{EMBEDDED_GGUF}"
-    return os.path.abspath(model)
+    return relative_path(model)
 
 
 # ---------------------------------------------------------------------------- data
@@ -392,6 +392,8 @@ def _check_run_file(out: str, settings: dict) -> None:
         except (ValueError, UnicodeDecodeError) as err:
             raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
                              "these settings, or use another --out") from None
+        if isinstance(saved.get("model"), str) and os.path.isabs(saved["model"]):  # a folder written when it was absolute still resumes
+            saved["model"] = relative_path(saved["model"])
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
