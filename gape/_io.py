@@ -1,7 +1,9 @@
 """Atomic file writes shared by every long run (niah, synthetic, calibrate,
 inspect, the kernel audit, the benchmarks, saved gates): write a temporary file
 beside the target, fsync, then ``os.replace``, so an interrupted run leaves
-either the old file or the new one, never half of one."""
+either the old file or the new one, never half of one. And the one reader of
+the append-only JSONL row files those runs resume from (:func:`read_jsonl_rows`),
+and the form in which results record a path (:func:`relative_path`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import csv
 import io
 import json
 import os
+import sys
+import time
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 
 def replace_atomic(path, write) -> None:
@@ -69,19 +75,105 @@ def save_figure_atomic(fig, path: str, **savefig_kwargs) -> str:
     return path
 
 
+class JsonlRows(NamedTuple):
+    """What :func:`read_jsonl_rows` found: the rows kept, and what it passed over."""
+
+    rows: list[dict]
+    bad: int  # lines that are not JSON or fail the validity check
+    duplicates: int  # valid rows whose key an earlier row already had
+
+
+def read_jsonl_rows(path, valid: Callable[[object], bool], key: Callable[[dict], Hashable]) -> JsonlRows:
+    """The valid rows of an append-only JSONL file, each ``key`` once.
+
+    A run killed mid-write leaves a torn last line, and an edited file may hold
+    anything: a line that is not JSON or for which ``valid(row)`` is false is
+    counted in ``bad`` and skipped, so the caller redoes its unit rather than
+    trusting half a row. A key seen again (a unit redone after a resume) keeps its
+    first place and its last row. Blank lines are ignored; the file must exist.
+    """
+    rows: dict = {}
+    bad = duplicates = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not valid(row):
+                bad += 1
+                continue
+            k = key(row)
+            duplicates += k in rows
+            rows[k] = row
+    return JsonlRows(list(rows.values()), bad, duplicates)
+
+
+# the checkout gape runs from (where pyproject.toml is), when it runs from one
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def relative_path(path) -> str:
+    """``path`` as a results file records it: relative, so results name no folder of the machine
+    that wrote them.
+
+    Relative to the current directory when the path lies below it (a run started from the
+    repository root: ``benchmarks/results/...``); else to the checkout gape runs from, or to the
+    import root holding it (a package's file: ``lm_eval/tasks/...``), the deepest that holds it;
+    else relative to the current directory (``../data``). The result is a label for the record,
+    equal for equal files from one place; a relative input is normalised the same way.
+    """
+    path = os.path.abspath(os.fspath(path))
+    cwd = os.getcwd()
+
+    def below(root: str) -> bool:
+        return os.path.commonpath([path, root]) == root if os.path.isabs(root) else False
+
+    try:
+        if below(cwd):
+            return os.path.relpath(path, cwd)
+        roots = [r for r in (_REPO_ROOT, *sys.path) if below(r) and r != os.path.dirname(r)]
+        return os.path.relpath(path, max(roots, key=len) if roots else cwd)
+    except ValueError:  # another drive (Windows): no relative form
+        return path
+
+
+def relative_paths(data):
+    """``data`` (parsed JSON) with each string that is an absolute path of this machine (the file
+    exists) replaced by :func:`relative_path`'s form; other values as they are."""
+    if isinstance(data, dict):
+        return {k: relative_paths(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [relative_paths(v) for v in data]
+    if isinstance(data, str) and os.path.isabs(data) and os.path.dirname(data) != data and "\n" not in data \
+            and os.path.exists(data):
+        return relative_path(data)
+    return data
+
+
 LOCK_FILE = ".gape.lock"
 
 
 class FolderLockedError(RuntimeError):
-    """Another process is writing to the output folder."""
+    """Another process is writing to the output folder.
+
+    ``path`` is the lock file, ``holder`` the pid it names ("unknown" when unreadable)."""
+
+    def __init__(self, message: str, path: str = "", holder: str = "unknown"):
+        super().__init__(message)
+        self.path, self.holder = path, holder
 
 
 @contextlib.contextmanager
-def lock_folder(folder: str, what: str = "gape", name: str | None = None):
+def lock_folder(folder: str, what: str = "gape", name: str | None = None, wait: float = 0.0):
     """One writer per output folder: an exclusive ``flock`` on ``folder/.gape.lock``.
 
-    A second run on the same folder fails at once with FolderLockedError naming
-    the holder's pid. The lock is the kernel's: it goes with the process, so a
+    A second run on the same folder fails with FolderLockedError naming the
+    holder's pid, at once or, with ``wait`` (seconds), once the holder has kept
+    the lock that long. The lock is the kernel's: it goes with the process, so a
     run killed with ``kill -9`` leaves no stale lock (the file stays, unlocked).
     ``name`` replaces the lock file's name (one lock per writer when several
     processes of one run write their own files in the folder).
@@ -92,13 +184,21 @@ def lock_folder(folder: str, what: str = "gape", name: str | None = None):
     path = os.path.join(folder, name or LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise FolderLockedError(
-                f"{folder} is in use by another {what} run (pid {holder}); wait for it to finish or pass another --out"
-            ) from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise FolderLockedError(
+                    f"{folder} is in use by another {what} run (pid {holder}); wait for it to finish or pass another --out",
+                    path,
+                    holder,
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path

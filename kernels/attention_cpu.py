@@ -9,7 +9,10 @@ attention and the pure-PyTorch tiles is in docs/benchmarks.md, "Attention on the
 It is compiled at first use with :func:`torch.utils.cpp_extension.load` (needs
 a C++ compiler and ninja; about a minute, once per machine, torch version
 and source; later processes load the cached library in well under a second)
-into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). The
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), one
+process at a time: a build killed half-way leaves torch's ``lock`` file behind,
+which the next load recognises as its owner's (gone) and removes; a build still
+running elsewhere is waited for at most ``GAPE_CPU_BUILD_WAIT`` seconds. The
 vector width follows :func:`torch.backends.cpu.get_cpu_capability` (AVX512,
 AVX2 or portable C++). Without a compiler, or with ``GAPE_CPU_KERNEL=0``,
 :func:`available` is False (with one warning saying why) and the torch
@@ -41,19 +44,26 @@ compiled graph calls it as one opaque op and its memory stays linear in L
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from .._io import FolderLockedError, lock_folder
+
 SOURCE = Path(__file__).with_name("attention_cpu.cpp")
 ENV_SWITCH = "GAPE_CPU_KERNEL"  # "0" disables the kernel
 ENV_CAPABILITY = "GAPE_CPU_CAPABILITY"  # force "AVX512", "AVX2" or "DEFAULT" (testing other builds)
+ENV_BUILD_WAIT = "GAPE_CPU_BUILD_WAIT"  # seconds to wait for another process's build of the kernel
+BUILD_WAIT = 600.0  # a build takes about a minute; ten leave room for a loaded machine
+BUILD_LOCK = "gape.build.lock"  # gape's flock, beside torch's ``lock`` in the build folder
 
 # Query rows and keys per block; the score block (64 or 256 x 512 floats, 128 or
 # 512 KB) stays in L2 next to the K/V blocks. Long queries take 256 rows, so each
@@ -169,6 +179,68 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _build_wait() -> float:
+    raw = os.environ.get(ENV_BUILD_WAIT, "").strip()
+    if not raw:
+        return BUILD_WAIT
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = float("nan")
+    if not wait >= 0:
+        raise ValueError(f"{ENV_BUILD_WAIT}={raw!r}: expected a number of seconds >= 0")
+    return wait
+
+
+def _lock_holders(path: Path) -> list[int] | None:
+    """Pids of the other processes that have ``path`` open, None where ``/proc`` cannot tell.
+
+    torch's ``FileBaton`` keeps its lock file open for the whole build, so a lock
+    file that no process has open was left by a build that died."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    target = os.path.realpath(path)
+    holders = []
+    for proc in os.scandir("/proc"):
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            fds = list(os.scandir(f"/proc/{proc.name}/fd"))
+        except OSError:  # exited meanwhile, or another user's
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(fd.path) == target:
+                    holders.append(int(proc.name))
+                    break
+    return holders
+
+
+def _clear_stale_lock(build_dir: Path, deadline: float) -> None:
+    """Remove torch's ``lock`` in ``build_dir`` if its owner is gone, else wait for it until ``deadline``.
+
+    Called holding :data:`BUILD_LOCK`, so no gape process is building here: the
+    file belongs to a killed build (its ``FileBaton.wait`` would otherwise spin
+    forever in every later process), or to a live process outside gape's lock,
+    which ``/proc`` shows holding it open. Without ``/proc`` gape's lock is the
+    only evidence, and the file is taken as stale."""
+    lock = build_dir / "lock"
+    while lock.exists():
+        holders = _lock_holders(lock)
+        if not holders:
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            print(f"gape: removed {lock}, left by a build of the CPU kernel that was killed; rebuilding",
+                  file=sys.stderr, flush=True)
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{lock} is held by pid {', '.join(map(str, holders))}, building the CPU kernel for longer than "
+                f"{ENV_BUILD_WAIT} allows; if no build is running, delete {lock}"
+            )
+        time.sleep(0.2)
+
+
 @functools.cache
 def _load() -> str | None:
     """Build (first use) and load the kernel; None on success, else why not."""
@@ -180,17 +252,28 @@ def _load() -> str | None:
         _put_ninja_on_path()
         cap, name = capability(), build_name()
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if not (build_dir / f"{name}.so").exists():
-            print(f"gape: compiling the fused CPU attention kernel ({cap}), once per machine (under a minute) ...",
-                  file=sys.stderr, flush=True)
-        cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=_cflags(cap),
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        wait = _build_wait()
+        deadline = time.monotonic() + wait
+        try:
+            # the flock dies with its process, so a lock that outlives it is torch's alone
+            with lock_folder(str(build_dir), name=BUILD_LOCK, wait=wait):
+                _clear_stale_lock(build_dir, deadline)
+                if not (build_dir / f"{name}.so").exists():
+                    print(f"gape: compiling the fused CPU attention kernel ({cap}), once per machine (under a minute) ...",
+                          file=sys.stderr, flush=True)
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(SOURCE)],
+                    extra_cflags=_cflags(cap),
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                    verbose=False,
+                )
+        except FolderLockedError as exc:
+            raise TimeoutError(
+                f"{exc.path}: pid {exc.holder} is still building the CPU kernel after {wait:g} s "
+                f"({ENV_BUILD_WAIT}); let it finish or stop it"
+            ) from None
     except Exception as exc:  # no compiler, no ninja, a build error: fall back, say so once
         lines = str(exc).strip().splitlines() or [""]
         # the first line, and the compiler's first error when there is one

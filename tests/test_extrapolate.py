@@ -293,6 +293,17 @@ def test_summary_leaves_out_runs_that_did_not_learn(tmp_path):
     assert "n.d. (1 paired)" in text
 
 
+def test_summary_names_its_folder_relative_to_the_run(tmp_path, monkeypatch):
+    # the summary is committed: the folder it names is the one the command was given, relative
+    out = tmp_path / "benchmarks" / "results" / "x"
+    runner.prepare(str(out), ex.resolve(_args(out, "y", tasks="retrieval", gape="none")))
+    runner.write_rows(str(out), [])
+    monkeypatch.chdir(tmp_path)
+    text = report.summary(str(out))
+    assert text.startswith("# gape extrapolate: benchmarks/results/x\n")
+    assert "--report --out benchmarks/results/x`" in text and str(tmp_path) not in text
+
+
 # --------------------------------------------------------------------------- the command's guarantees
 
 

@@ -13,3 +13,55 @@ def test_atomic_csv_and_replace(tmp_path):
     replace_atomic(target, lambda tmp: Path(tmp).write_bytes(b"abc"))
     assert target.read_bytes() == b"abc"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "rows.csv"]  # no temporaries left
+
+
+def test_read_jsonl_rows_skips_torn_invalid_and_duplicate_lines(tmp_path):
+    from gape._io import read_jsonl_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        '{"k": 1, "v": "a"}\n'
+        "\n"
+        '{"k": 2, "v": "b"}\n'
+        '{"k": "x", "v": "not an int key"}\n'  # valid JSON, fails the check
+        "[1, 2]\n"  # valid JSON, not a row
+        '{"k": 1, "v": "a again"}\n'  # a unit redone after a resume: the last row wins
+        '{"k": 3, "v": "c"}\n'
+        '{"k": 4, "v": "to',  # torn by a kill mid-write
+        encoding="utf-8",
+    )
+
+    def valid(row):
+        return isinstance(row, dict) and isinstance(row.get("k"), int) and not isinstance(row.get("k"), bool)
+
+    rows, bad, duplicates = read_jsonl_rows(path, valid, lambda r: r["k"])
+    assert rows == [{"k": 1, "v": "a again"}, {"k": 2, "v": "b"}, {"k": 3, "v": "c"}]  # first place, last row
+    assert (bad, duplicates) == (3, 1)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert read_jsonl_rows(empty, valid, lambda r: r["k"]) == ([], 0, 0)
+
+
+def test_relative_path_names_no_folder_of_the_machine(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from gape._io import relative_path, relative_paths
+
+    run = tmp_path / "repo"
+    (run / "gates").mkdir(parents=True)
+    (run / "gates" / "g.safetensors").write_bytes(b"")
+    lib = tmp_path / "site" / "pkg" / "tasks"
+    lib.mkdir(parents=True)
+    (lib / "t.yaml").write_text("x", encoding="utf-8")
+    monkeypatch.chdir(run)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path / "site")])
+    assert relative_path(run / "gates" / "g.safetensors") == os.path.join("gates", "g.safetensors")
+    assert relative_path("./gates/../gates/g.safetensors") == os.path.join("gates", "g.safetensors")  # one label per file
+    assert relative_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id is left as it is
+    assert relative_path(lib / "t.yaml") == os.path.join("pkg", "tasks", "t.yaml")  # a package's file: from its import root
+    outside = tmp_path / "elsewhere" / "tok"
+    assert relative_path(outside) == os.path.join("..", "elsewhere", "tok")
+    data = {"a": [str(run / "gates" / "g.safetensors"), "/", str(tmp_path / "missing"), 3], "b": {"c": str(lib / "t.yaml")}}
+    assert relative_paths(data) == {"a": [os.path.join("gates", "g.safetensors"), "/", str(tmp_path / "missing"), 3],
+                                    "b": {"c": os.path.join("pkg", "tasks", "t.yaml")}}

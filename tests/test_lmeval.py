@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from gape._io import relative_path  # noqa: E402
 from gape.tasks.lmeval import TASKS_DIR, register, task_manager  # noqa: E402
 from tiny_models import save_tiny_hf  # noqa: E402
 
@@ -122,6 +123,22 @@ def test_gape_eval_cli_runs_ruler_and_gape_tasks_offline(tiny_folder, tmp_path, 
     with open(files[0]) as f:
         results = json.load(f)
     assert results["config"]["model"] == "gape"
+    # results are committed: the model folder, the tokenizer and lm-eval's task configs appear
+    # relative (gape._io.relative_path), not as this machine's absolute paths
+    strings = []
+
+    def collect(v):
+        if isinstance(v, dict):
+            [collect(x) for x in v.values()]
+        elif isinstance(v, list):
+            [collect(x) for x in v]
+        elif isinstance(v, str):
+            strings.append(v)
+
+    collect(results)
+    assert not [v for v in strings if os.path.isabs(v) and os.path.exists(v) and v != "/"]
+    assert results["config"]["model_args"]["pretrained"] == results["model_name"] == relative_path(tiny_folder)
+    assert any(v.startswith("lm_eval") and v.endswith("niah_single_1.yaml") for v in strings)
     assert 0.0 <= results["results"]["gape_passkey"]["acc,none"] <= 1.0
     assert 0.0 <= results["results"]["niah_single_1"]["1024,none"] <= 1.0
     # lengths that were not run are absent, not placeholders (-1), in the file and the printed table

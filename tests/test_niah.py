@@ -195,6 +195,32 @@ def test_cli_refuses_changed_settings(tiny_folder, tmp_path, capsys):
     assert len(res.read_rows(out)) == 1
 
 
+def test_results_record_paths_relative_to_the_run(tiny_folder, tmp_path, monkeypatch, capsys):
+    from gape.tasks.methods import MethodOptions
+    from gape.tasks.niah.runner import RUN_FILE, BenchmarkConfig
+
+    monkeypatch.chdir(os.path.dirname(tiny_folder))
+    name = os.path.basename(tiny_folder)
+    out = str(tmp_path / "out")
+    base = ["--model", tiny_folder, "--methods", "rope", "--lengths", "600", "--depths", "0", "--samples", "1", "--out", out,
+            "--max-new-tokens", "2", "--no-progress"]
+    assert _cli(base) == 0
+    with open(os.path.join(out, RUN_FILE)) as f:
+        assert json.load(f)["model"] == name
+    assert [r["model"] for r in res.read_rows(out)] == [name]
+    # a folder whose run.json has the absolute path (as written before) still resumes
+    with open(os.path.join(out, RUN_FILE)) as f:
+        saved = json.load(f)
+    with open(os.path.join(out, RUN_FILE), "w") as f:
+        json.dump({**saved, "model": tiny_folder}, f)
+    assert _cli(base) == 0
+    assert "resuming: 1 of 1" in capsys.readouterr().out
+    gates = os.path.join(os.getcwd(), "g", "gates.safetensors")
+    cfg = BenchmarkConfig(model=tiny_folder, options=MethodOptions(gates=gates))
+    assert cfg.fixed_settings()["gates"] == os.path.join("g", "gates.safetensors")
+    assert cfg.options.describe("gape")["gates"] == os.path.join("g", "gates.safetensors")
+
+
 def test_cli_rejects_bad_flags(capsys):
     assert _cli(["--methods", "rope,alibi", "--no-progress"]) == 2
     assert "argument --methods" in capsys.readouterr().err

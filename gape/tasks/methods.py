@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gape._io import relative_path
+
 METHODS = ("rope", "gape", "yarn", "dynamic", "linear", "gape+yarn")
 
 # constant-rate GAPE: bias -lambda * log(1 + distance); at 4k tokens that is about -0.4
@@ -33,7 +35,7 @@ class MethodOptions:
         if method in ("yarn", "dynamic", "linear", "gape+yarn"):
             out["rope_factor"] = self.rope_factor
         if method.startswith("gape"):
-            out["gates"] = self.gates
+            out["gates"] = relative_path(self.gates) if self.gates else None
             if self.gates is None:
                 out["gape_lambda"] = self.gape_lambda
                 out["distance"] = self.distance

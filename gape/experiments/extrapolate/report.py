@@ -8,7 +8,7 @@ import math
 import os
 from collections import defaultdict
 
-from gape._io import save_figure_atomic, write_atomic
+from gape._io import relative_path, save_figure_atomic, write_atomic
 from .models import GAPE_FORMS, SCHEMES
 from .rows import CONFIG, read_rows
 
@@ -235,6 +235,7 @@ def summary(out: str) -> str:
         unit = " bytes" if task == "lm" else ""
         desc.append(f"{task}: {a['layers']} layers, width {a['hidden']}, {a['heads']} heads, FFN {a['ffn']}, T = {t['train_length']}{unit}, "
                     f"{t['steps']} steps of batch {t['batch']} ({t['steps'] * t['batch'] * t['train_length']:,} training tokens), lr {t['lr']}")
+    out = relative_path(out)  # the summary is committed: no folder of this machine in it
     lines = [f"# gape extrapolate: {out}", "", "; ".join(desc) + f"; {len(runs)} run(s) finished, {len(ok)} learned.",
              f"A run learned when at T its retrieval accuracy is >= {LEARNED_ACCURACY} or its perplexity per byte < {LEARNED_PERPLEXITY}; "
              "the others are counted in the `learned` column and left out of every mean and comparison below.",

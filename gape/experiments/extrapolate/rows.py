@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from gape._io import write_atomic
+from gape._io import read_jsonl_rows, write_atomic
 
 from .models import GAPE_FORMS, SCHEMES
 
@@ -40,6 +40,10 @@ def _valid_row(row, config: dict | None) -> bool:
     return row["length"] == row["multiple"] * row["train_length"]
 
 
+def _run_length(row: dict) -> tuple:
+    return (row["run"], row["length"])
+
+
 def read_rows(out: str, warn=None, config: dict | None = None) -> list[dict]:
     """The valid rows of ``out/rows.jsonl``, each (run, length) once, complete runs only.
 
@@ -51,22 +55,8 @@ def read_rows(out: str, warn=None, config: dict | None = None) -> list[dict]:
     path = os.path.join(out, ROWS)
     if not os.path.exists(path):
         return []
-    rows: dict[tuple, dict] = {}
-    bad = duplicates = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not _valid_row(row, config):
-                bad += 1
-                continue
-            key = (row["run"], row["length"])
-            duplicates += key in rows
-            rows[key] = row
+    found, bad, duplicates = read_jsonl_rows(path, lambda row: _valid_row(row, config), _run_length)
+    rows = {_run_length(r): r for r in found}
     lengths: dict[str, set] = {}
     for run_id, length in rows:
         lengths.setdefault(run_id, set()).add(length)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..._args import UsageError
-from ..._io import lock_folder, write_atomic
+from ..._io import lock_folder, read_jsonl_rows, relative_path, write_atomic
 from gape.tasks.niah import results as niah_results
 
 RESULTS = "results.jsonl"
@@ -94,7 +94,7 @@ def model_label(model: str | None) -> str:
         from gape.hf.models import EMBEDDED_GGUF
 
         return f"embedded:{EMBEDDED_GGUF}"
-    return os.path.abspath(model)
+    return relative_path(model)
 
 
 # ---------------------------------------------------------------------------- data
@@ -339,24 +339,10 @@ def read_rows(out: str, warn=None) -> list[dict]:
     path = os.path.join(out, RESULTS)
     if not os.path.exists(path):
         return []
-    rows: dict[tuple, dict] = {}
-    bad = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not _valid(row):
-                bad += 1
-                continue
-            rows[row_key(row)] = row
+    rows, bad, _ = read_jsonl_rows(path, _valid, row_key)
     if bad and warn is not None:
         warn(f"warning: {path}: skipped {bad} corrupted or incomplete row(s) (their units are redone)")
-    return list(rows.values())
+    return rows
 
 
 def append_row(out: str, row: dict) -> None:
@@ -406,6 +392,8 @@ def _check_run_file(out: str, settings: dict) -> None:
         except (ValueError, UnicodeDecodeError) as err:
             raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
                              "these settings, or use another --out") from None
+        if isinstance(saved.get("model"), str) and os.path.isabs(saved["model"]):  # a folder written when it was absolute still resumes
+            saved["model"] = relative_path(saved["model"])
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())

@@ -16,6 +16,8 @@ import contextlib
 import os
 import sys
 
+from gape._io import relative_paths
+
 from . import TASKS_DIR, register
 
 
@@ -60,7 +62,7 @@ def run(argv: list[str]) -> int:
         # lm-eval takes one path on the command line but a list in TaskManager
         args.include_path = [TASKS_DIR] + ([args.include_path] if args.include_path else [])
     setup_logging()
-    with _without_unrun_lengths():
+    with _clean_results():
         cli.execute(args)
     return 0
 
@@ -105,22 +107,33 @@ def drop_unrun_lengths(results: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _without_unrun_lengths():
+def _clean_results():
     """lm-eval's run imports ``simple_evaluate`` from ``lm_eval`` when it executes:
-    wrap it for the duration of the command so its results lose the placeholders."""
+    wrap it for the duration of the command so its results lose the placeholders
+    (:func:`drop_unrun_lengths`) and record paths relative (``gape._io.relative_paths``)."""
     import lm_eval
+    from lm_eval.loggers import EvaluationTracker
 
     had = "simple_evaluate" in vars(lm_eval)  # else a lazy module attribute
-    original = lm_eval.simple_evaluate
+    original, save = lm_eval.simple_evaluate, EvaluationTracker.save_results_aggregated
 
+    # lm-eval saves the absolute paths of the model's files (also as the model's name) and of
+    # its own task configs; results are committed, and name no folder of this machine
     def evaluate(*args, **kwargs):
         results = original(*args, **kwargs)
-        return drop_unrun_lengths(results) if results is not None else results
+        return relative_paths(drop_unrun_lengths(results)) if results is not None else results
+
+    def save_results_aggregated(self, *args, **kwargs):
+        config = self.general_config_tracker
+        config.model_name = relative_paths(config.model_name)
+        return save(self, *args, **kwargs)
 
     lm_eval.simple_evaluate = evaluate
+    EvaluationTracker.save_results_aggregated = save_results_aggregated
     try:
         yield
     finally:
+        EvaluationTracker.save_results_aggregated = save
         if had:
             lm_eval.simple_evaluate = original
         else:

@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable
 
-from gape._io import write_csv_atomic
+from gape._io import read_jsonl_rows, write_csv_atomic
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.csv"
@@ -68,28 +68,12 @@ def read_rows(out_dir: str, warn=None) -> list[dict]:
 
 def read_rows_file(path: str, warn=None) -> list[dict]:
     """The valid rows of one JSONL file (see :func:`read_rows`)."""
-    rows: dict[tuple, dict] = {}
-    bad = duplicates = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not _valid_row(row):
-                bad += 1
-                continue
-            key = row_key(row)
-            duplicates += key in rows
-            rows[key] = row
+    rows, bad, duplicates = read_jsonl_rows(path, _valid_row, row_key)
     if warn is not None and (bad or duplicates):
         parts = [f"skipped {bad} corrupted or incomplete row(s)"] if bad else []
         parts += [f"counted {duplicates} duplicated row(s) once"] if duplicates else []
         warn(f"warning: {path}: " + " and ".join(parts) + (" (their samples are redone)" if bad else ""))
-    return list(rows.values())
+    return rows
 
 
 def append_row(out_dir: str, row: dict, filename: str = RESULTS) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from gape import _args as A
 from gape._args import UsageError
-from gape._io import lock_folder, write_atomic
+from gape._io import lock_folder, relative_path, write_atomic
 from . import results as res
 from ..prompts import HAYSTACKS, TASKS, build_sample
 from ..methods import MethodOptions, apply_method, parse_methods
@@ -76,7 +76,7 @@ class BenchmarkConfig:
             from gape.hf.models import EMBEDDED_GGUF
 
             return f"embedded:{self.gguf_file or EMBEDDED_GGUF}"
-        return os.path.abspath(self.model) + (f"::{self.gguf_file}" if self.gguf_file else "")
+        return relative_path(self.model) + (f"::{self.gguf_file}" if self.gguf_file else "")
 
     def fixed_settings(self) -> dict:
         """What must agree between runs that share an output folder."""
@@ -86,7 +86,7 @@ class BenchmarkConfig:
             "max_new_tokens": self.max_new_tokens,
             "chat_template": self.chat_template,
             "rope_factor": o.rope_factor,
-            "gates": os.path.abspath(o.gates) if o.gates else None,
+            "gates": relative_path(o.gates) if o.gates else None,
             "gape_lambda": o.gape_lambda,
             "distance": o.distance,
             # only when not float32, so folders written before the field existed still resume
@@ -112,6 +112,9 @@ def _check_run_file(out: str, settings: dict, echo=print, write: bool = True) ->
             echo(f"warning: {path} was unreadable ({err}) and no result rows exist; rewritten")
             write_atomic(path, json.dumps(settings, indent=2) + "\n")
             return
+        for k in ("model", "gates"):  # a folder written when they were absolute still resumes
+            if isinstance(saved.get(k), str) and os.path.isabs(saved[k]):
+                saved[k] = relative_path(saved[k])
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
