@@ -118,6 +118,9 @@ CONFIGS = {
     "apertus1p5_text": (None, HEAD16),
     "hy_v3": (None, dict(HEAD16, **MOE)),
     "cohere2_moe": (None, dict(HEAD16, **MOE, sliding_window=8)),
+    "granite_swa": (None, dict(HEAD16, sliding_window=8, attention_multiplier=0.2)),
+    "granitemoe_swa": (None, dict(HEAD16, **MOE, sliding_window=8, attention_multiplier=0.2)),
+    "vaultgemma": (None, dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=1.0)),
 }
 ARCHS = list(CONFIGS)
 # The architectures people use most run in the default suite; the rest (same checks)
@@ -131,8 +134,8 @@ SLOW = pytest.mark.slow
 
 def arch_params(archs):
     return [a if a in COMMON else pytest.param(a, marks=SLOW) for a in archs]
-# transformers gives Gemma 2 no SDPA path (soft-capping); eager is its baseline
-BASELINE = {"gemma2": "eager", "gpt_oss": "eager"}
+# transformers gives Gemma 2, VaultGemma (soft-capping) and the Granite SWA models no SDPA path; eager is their baseline
+BASELINE = {"gemma2": "eager", "gpt_oss": "eager", "vaultgemma": "eager", "granite_swa": "eager", "granitemoe_swa": "eager"}
 REFERENCE = gape.GapeConfig(backend="reference", identity_shortcut=False)
 
 
@@ -163,8 +166,8 @@ def ids(batch, length, seed=2):
     return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_at_least_seventy_five_architectures_each_tested():
-    assert set(supported_model_types()) == set(ARCHS) and len(ARCHS) >= 75
+def test_at_least_eighty_architectures_each_tested():
+    assert set(supported_model_types()) == set(ARCHS) and len(ARCHS) >= 80
 
 
 @pytest.mark.parametrize("arch", arch_params(ARCHS))
