@@ -121,6 +121,11 @@ CONFIGS = {
     "granite_swa": (None, dict(HEAD16, sliding_window=8, attention_multiplier=0.2)),
     "granitemoe_swa": (None, dict(HEAD16, **MOE, sliding_window=8, attention_multiplier=0.2)),
     "vaultgemma": (None, dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=1.0)),
+    # hybrid stacks of linear attention and latent attention
+    "kimi_linear": (None, dict(BASE, **MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=16,
+                               linear_num_heads=4, mlp_layer_types=["dense", "sparse"])),
+    "bailing_hybrid": (None, dict(BASE, **MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=16,
+                                  linear_num_heads=4, mlp_layer_types=["dense", "sparse"])),
 }
 ARCHS = list(CONFIGS)
 # The architectures people use most run in the default suite; the rest (same checks)
@@ -286,7 +291,8 @@ NOPE_LAYERS = {"smollm3": {1}, "llama4_text": {1}, "exaone4": {1}, "jamba": {1},
 
 # fused q/k/v projection, or MLA's key assembled from two parts: no module outputs the
 # pre-RoPE query or key alone
-PAPER_REFUSED = {"phi3", "gpt_neox", "persimmon", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "youtu"}
+PAPER_REFUSED = {"phi3", "gpt_neox", "persimmon", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "youtu",
+                 "kimi_linear", "bailing_hybrid"}
 
 
 @pytest.mark.parametrize("arch", arch_params(ARCHS))
