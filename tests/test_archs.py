@@ -132,7 +132,7 @@ ARCHS = list(CONFIGS)
 # behind -m slow, to keep the default suite fast.
 COMMON = {
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "mixtral", "smollm3",
-    "qwen3_moe", "llama4_text", "gpt_oss", "glm4", "olmo3", "phi", "starcoder2", "granitemoe", "lfm2", "deepseek_v3",
+    "qwen3_moe", "llama4_text", "gpt_oss", "glm4", "olmo3", "phi", "starcoder2", "granitemoe",
 }
 SLOW = pytest.mark.slow
 
@@ -516,7 +516,7 @@ def test_hybrid_stack_gates_only_attention_layers_and_files_keep_their_indices(t
         torch.testing.assert_close(fresh(x).logits, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", arch_params(["deepseek_v3", "deepseek_v2"]))
+@pytest.mark.parametrize("arch", ["deepseek_v3", pytest.param("deepseek_v2", marks=SLOW)])
 def test_latent_attention_gates_read_nope_values_and_rope_pair_norms(arch):
     """MLA heads are [16 nope | 8 rope] with values of 12: the gates have 16 + 4 features,
     turning a rope pair (of the model's layout) changes none, changing a nope channel
