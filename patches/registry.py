@@ -1,7 +1,7 @@
 """The registry of per-architecture specs read by the generic patcher in ``gape.hf``.
 
 Adding an architecture: a module in ``patches/`` with ``SPEC = ArchSpec(...)``
-saying what differs from Llama, its name in ``_MODULES``, and a tiny-config test
+(or ``SPECS``, a tuple of them) saying what differs from Llama, its name in ``_MODULES``, and a tiny-config test
 in tests/test_archs.py. At run time, ``register(ArchSpec(...))`` adds one.
 
 ``patches/`` has no ``__init__.py`` on purpose (see ``gape/_checkout.py``): it is
@@ -17,6 +17,7 @@ from .spec import ArchSpec
 _MODULES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite", "cohere",
     "stablelm", "gpt_neox", "qwen2_moe", "mixtral", "interleaved", "glm", "partial_rotary", "exaone4", "phi", "gpt_oss",
+    "hybrid", "hybrid_qk_norm", "nemotron_h", "mla", "hunyuan",
 )
 
 REGISTRY: dict[str, ArchSpec] = {}
@@ -46,6 +47,8 @@ def get_spec(model_type: str) -> ArchSpec:
 
 
 for _name in _MODULES:
-    register(importlib.import_module(f"gape.patches.{_name}").SPEC)
+    _module = importlib.import_module(f"gape.patches.{_name}")
+    for _spec in getattr(_module, "SPECS", None) or (_module.SPEC,):
+        register(_spec)
 
 __all__ = ["ArchSpec", "REGISTRY", "register", "get_spec", "supported_model_types"]

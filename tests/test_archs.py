@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import gape
 from gape import hf
-from gape.patches.registry import supported_model_types
+from gape.patches.registry import get_spec, supported_model_types
 
 from test_hf import SMALL
 from test_paper import randomize as randomize_paper
@@ -21,6 +21,9 @@ BASE = dict(SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 HEAD16 = dict(BASE, head_dim=16)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
            num_local_experts=4, n_routed_experts=4)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+           head_dim=8, v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+           first_k_dense_replace=1, n_group=1, topk_group=1)
 # model_type -> (config class, kwargs)
 CONFIGS = {
     "llama": ("LlamaConfig", HEAD16),
@@ -77,6 +80,52 @@ CONFIGS = {
     "solar_open": (None, dict(HEAD16, **MOE)),
     "falcon_h1": (None, HEAD16),
     "gpt_oss": (None, dict(HEAD16, **MOE, sliding_window=8)),
+    # hybrid stacks: layer 0 is recurrent or convolutional (no gates), layer 1 attends
+    "qwen3_next": (None, dict(HEAD16, **MOE, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                              linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)),
+    "olmo_hybrid": (None, dict(HEAD16, layer_types=["linear_attention", "full_attention"])),
+    "nemotron_h": (None, dict(HEAD16, layers_block_type=["mamba", "attention"], mamba_num_heads=4, mamba_head_dim=16,
+                              ssm_state_size=16, n_groups=1)),
+    "lfm2": (None, dict(HEAD16, layer_types=["conv", "full_attention"])),
+    "lfm2_moe": (None, dict(HEAD16, **MOE, layer_types=["conv", "full_attention"])),
+    "lfm3": (None, dict(HEAD16, layer_types=["conv", "sliding_attention"], sliding_window=8)),
+    "jamba": (None, dict(HEAD16, **MOE, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                         expert_layer_offset=1, mamba_d_state=8, use_mamba_kernels=False)),
+    "bamba": (None, dict(HEAD16, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8,
+                         mamba_n_groups=1)),
+    "granitemoehybrid": (None, dict(HEAD16, **MOE, layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32,
+                                    mamba_d_state=8, mamba_n_groups=1, position_embedding_type="rope")),
+    "minimax": (None, dict(HEAD16, **MOE, layer_types=["linear_attention", "full_attention"])),
+    # multi-head latent attention: q/k heads of 16 nope + 8 rope channels, value heads of 12
+    "deepseek_v2": (None, dict(BASE, **MLA)),
+    "deepseek_v3": (None, dict(BASE, **dict(MLA, q_lora_rank=24))),
+    "hunyuan_v1_dense": (None, HEAD16),
+    "hunyuan_v1_moe": (None, dict(HEAD16, **MOE)),
+    "glm4_moe_lite": (None, dict(BASE, **MLA)),
+    "minicpm3": (None, dict(BASE, **MLA)),
+    "youtu": (None, dict(BASE, **MLA)),
+    "qwen3_5_text": (None, dict(HEAD16, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                                linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)),
+    "qwen3_5_moe_text": (None, dict(HEAD16, **MOE, layer_types=["linear_attention", "full_attention"],
+                                    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                    linear_value_head_dim=16)),
+    "cwm": (None, dict(HEAD16, sliding_window=8)),
+    "hyperclovax": (None, HEAD16),
+    "jais2": (None, HEAD16),
+    "olmo": (None, dict(HEAD16, clip_qkv=0.5)),
+    "nanochat": (None, HEAD16),
+    "mellum": (None, dict(HEAD16, sliding_window=8)),
+    "apertus1p5_text": (None, HEAD16),
+    "hy_v3": (None, dict(HEAD16, **MOE)),
+    "cohere2_moe": (None, dict(HEAD16, **MOE, sliding_window=8)),
+    "granite_swa": (None, dict(HEAD16, sliding_window=8, attention_multiplier=0.2)),
+    "granitemoe_swa": (None, dict(HEAD16, **MOE, sliding_window=8, attention_multiplier=0.2)),
+    "vaultgemma": (None, dict(HEAD16, sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=1.0)),
+    # hybrid stacks of linear attention and latent attention
+    "kimi_linear": (None, dict(BASE, **MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=16,
+                               linear_num_heads=4, mlp_layer_types=["dense", "sparse"])),
+    "bailing_hybrid": (None, dict(BASE, **MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=16,
+                                  linear_num_heads=4, mlp_layer_types=["dense", "sparse"])),
 }
 ARCHS = list(CONFIGS)
 # The architectures people use most run in the default suite; the rest (same checks)
@@ -90,8 +139,8 @@ SLOW = pytest.mark.slow
 
 def arch_params(archs):
     return [a if a in COMMON else pytest.param(a, marks=SLOW) for a in archs]
-# transformers gives Gemma 2 no SDPA path (soft-capping); eager is its baseline
-BASELINE = {"gemma2": "eager", "gpt_oss": "eager"}
+# transformers gives Gemma 2, VaultGemma (soft-capping) and the Granite SWA models no SDPA path; eager is their baseline
+BASELINE = {"gemma2": "eager", "gpt_oss": "eager", "vaultgemma": "eager", "granite_swa": "eager", "granitemoe_swa": "eager"}
 REFERENCE = gape.GapeConfig(backend="reference", identity_shortcut=False)
 
 
@@ -122,8 +171,8 @@ def ids(batch, length, seed=2):
     return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_at_least_forty_architectures_each_tested():
-    assert set(supported_model_types()) == set(ARCHS) and len(ARCHS) >= 40
+def test_at_least_eighty_architectures_each_tested():
+    assert set(supported_model_types()) == set(ARCHS) and len(ARCHS) >= 80
 
 
 @pytest.mark.parametrize("arch", arch_params(ARCHS))
@@ -258,10 +307,12 @@ def test_cohere_uses_the_interleaved_layout():
 # the RoPE function the modeling file calls, and whether it takes [B, H, L, D] (else [B, L, H, D])
 ROPE_FUNCTION = {"llama4_text": ("apply_rotary_emb", False)}
 # layers without RoPE in the tiny configs
-NOPE_LAYERS = {"smollm3": {1}, "llama4_text": {1}, "exaone4": {1}}
+NOPE_LAYERS = {"smollm3": {1}, "llama4_text": {1}, "exaone4": {1}, "jamba": {1}, "nemotron_h": {1}}
 
-# fused q/k/v projection: no module outputs the pre-RoPE query or key alone
-PAPER_REFUSED = {"phi3", "gpt_neox", "persimmon"}
+# fused q/k/v projection, or MLA's key assembled from two parts: no module outputs the
+# pre-RoPE query or key alone
+PAPER_REFUSED = {"phi3", "gpt_neox", "persimmon", "deepseek_v2", "deepseek_v3", "glm4_moe_lite", "minicpm3", "youtu",
+                 "kimi_linear", "bailing_hybrid"}
 
 
 @pytest.mark.parametrize("arch", arch_params(ARCHS))
@@ -273,7 +324,9 @@ def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
 
     import torch.nn.functional as F
 
-    model = make(arch, **{"cohere": {"use_qk_norm": True}, "stablelm": {"qk_layernorm": True}}.get(arch, {}))
+    # OLMo's clip_qkv clamps q and k after the projections the paper's gates read (docs/patching.md)
+    model = make(arch, **{"cohere": {"use_qk_norm": True}, "stablelm": {"qk_layernorm": True},
+                          "olmo": {"clip_qkv": None}}.get(arch, {}))
     cfg = gape.GapeConfig(gate="paper", train_length=16, backend="reference")
     if arch in PAPER_REFUSED:
         with pytest.raises(ValueError, match="pre-RoPE query and key"):
@@ -296,17 +349,34 @@ def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
 
     monkeypatch.setattr(modeling, name, spy)
     gates = hf.iter_gates(model)
-    layers = hf._find_layers(model, hf._state(model)["spec"])
-    for i, _ in gates:  # which layer calls RoPE (NoPE layers do not)
-        layers[i].self_attn.register_forward_pre_hook(lambda m, a, i=i: current.append(i))
+    spec = hf._state(model)["spec"]
+    layers = hf._find_layers(model, spec)
+    projected = {}  # the projections' outputs, which a NoPE layer hands on un-rotated
+
+    def keep(i, which, heads):
+        def hook(module, args, out):
+            out = out.detach().double()
+            if out.dim() == 3:
+                out = out.unflatten(-1, (heads, -1))
+            projected.setdefault(i, {})[which] = out if out.dim() == 4 and spec.pre_rope_heads_first else out.transpose(1, 2)
+        return hook
+
+    for i, gate in gates:  # which layer calls RoPE (NoPE layers do not)
+        attn = getattr(layers[i], spec.attention)
+        attn.register_forward_pre_hook(lambda m, a, i=i: current.append(i))
+        for which, heads in (("query_pre_rope", gate.num_heads), ("key_pre_rope", gate.num_kv_heads)):
+            module = getattr(attn, hf.patching._pre_rope_module(attn, spec, which))
+            module.register_forward_hook(keep(i, which[0], heads))
     with torch.no_grad(), hf.record_gates(model) as rec:
         model(ids(2, 12))
-    assert seen and set(seen) <= {i for i, _ in gates}
+    assert set(seen) <= {i for i, _ in gates}
+    assert seen or set(NOPE_LAYERS.get(arch, ())) >= {i for i, _ in gates}
     for i, gate in gates:
-        if i not in seen:  # a NoPE layer: the query and key the attention gets are un-rotated
+        if i in seen:
+            q, k = seen[i]
+        else:  # a NoPE layer: the query and key the attention gets are the projections'
             assert arch in NOPE_LAYERS and i in NOPE_LAYERS[arch]
-            continue
-        q, k = seen[i]
+            q, k = projected[i]["q"], projected[i]["k"]
         g = {n: p.detach().double() for n, p in gate.named_parameters()}
         lam = F.softplus(g["gamma"])[:, None] * F.softplus(torch.einsum("bhld,hd->bhl", q, g["w_g"]) + g["b_g"][:, None]) / 16
         pi = torch.sigmoid(torch.einsum("bhld,hd->bhl", k, g["w_l"]) + g["b_l"][:, None])
@@ -314,13 +384,27 @@ def test_paper_gates_read_the_query_and_key_rope_rotates(arch, monkeypatch):
         torch.testing.assert_close(rec[i]["pi"].double(), pi, rtol=1e-4, atol=1e-6, msg=f"{arch} layer {i} pi")
 
 
+# Step-by-step forwards with a cache but without generate's bookkeeping do not reproduce the
+# full forward even unpatched (Bamba's Mamba-2 layers, MiniMax's lightning attention).
+GENERATE_ONLY = {"bamba", "minimax"}
+
+
 @pytest.mark.parametrize("arch", arch_params([a for a in ARCHS if a not in PAPER_REFUSED]))
 def test_paper_decode_equals_full(arch):
     """gate='paper' on every architecture that has it: prefill then step-by-step decoding
-    of a left-padded batch gives the full forward's logits on the real tokens."""
+    of a left-padded batch gives the full forward's logits on the real tokens (through
+    ``generate`` where the unpatched model's own layers need its bookkeeping to decode)."""
     model = make(arch)
     gape.patch(model, gape.GapeConfig(gate="paper", train_length=16))
     randomize_paper(model, seed=5)
+    if arch in GENERATE_ONLY:
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        x = ids(1, 10)
+        with torch.no_grad():
+            cached, full = model.generate(x, **kw), model.generate(x, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, full.sequences)
+        torch.testing.assert_close(torch.stack(cached.logits), torch.stack(full.logits), rtol=1e-4, atol=2e-5)
+        return
     x = ids(2, 14)
     mask = torch.ones_like(x)
     mask[1, :3] = 0
@@ -422,3 +506,103 @@ def test_sink_models_attention_maps():
         with pytest.raises(ValueError, match="capture_attention does not recompute attention with sinks"):
             with capture_attention(model):
                 model(x)
+
+
+def test_hybrid_stack_gates_only_attention_layers_and_files_keep_their_indices(tmp_path):
+    """LFM2 (layer 0 a short convolution, layer 1 attention): only layer 1 gets a gate, a
+    convolution layer named in GapeConfig.layers is refused, and a gate file written from
+    it names layer 1 and loads back into a fresh model with the same logits."""
+    from gape.hf._names import GATE_ATTR
+
+    model = make("lfm2")
+    layers = hf._find_layers(model, get_spec("lfm2"))
+    with pytest.raises(ValueError, match=r"layer\(s\) \[0\], which have no attention.*attention layers are \[1\]"):
+        gape.patch(make("lfm2"), gape.GapeConfig(layers=[0]))
+    gape.patch(model, REFERENCE)
+    assert [i for i, _ in hf.iter_gates(model)] == [1]
+    assert not any(GATE_ATTR in m._modules for m in layers[0].modules())
+    randomize(model)
+    x = ids(2, 12)
+    with torch.no_grad():
+        want = model(x).logits
+    path = tmp_path / "gates.safetensors"
+    gape.save_gates(model, path)
+    _, _, tensors = gape.hf.read_gates(path)
+    assert tensors and {k.split(".")[1] for k in tensors} == {"1"}
+    fresh = make("lfm2")
+    gape.load_gates(fresh, path)
+    assert [i for i, _ in hf.iter_gates(fresh)] == [1]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", pytest.param("deepseek_v2", marks=SLOW)])
+def test_latent_attention_gates_read_nope_values_and_rope_pair_norms(arch):
+    """MLA heads are [16 nope | 8 rope] with values of 12: the gates have 16 + 4 features,
+    turning a rope pair (of the model's layout) changes none, changing a nope channel
+    does; the torch and sdpa backends serve Dv != D and equal the reference."""
+    from gape.hf.gates import pair_features
+
+    model = make(arch)
+    gape.patch(model, REFERENCE)
+    (_, gate), *_ = hf.iter_gates(model)
+    assert (gate.head_dim, gate.rotary_dim, gate.rotary_last) == (24, 8, True)
+    assert gate.w.shape[-1] == 16 + 4
+    x = torch.randn(1, 1, 3, 24)
+    turned = x.clone()
+    if gate.layout == "half":
+        a, b = x[..., 16:20], x[..., 20:24]
+        turned[..., 16:20], turned[..., 20:24] = a * 0.6 - b * 0.8, a * 0.8 + b * 0.6
+    else:
+        a, b = x[..., 16::2], x[..., 17::2]
+        turned[..., 16::2], turned[..., 17::2] = a * 0.6 - b * 0.8, a * 0.8 + b * 0.6
+    assert gate.layout == {"deepseek_v2": "interleaved", "deepseek_v3": "half"}[arch]
+    feats = pair_features(x, gate.layout, 8, rotary_last=True)
+    torch.testing.assert_close(pair_features(turned, gate.layout, 8, rotary_last=True), feats, rtol=0, atol=1e-6)
+    moved = x.clone()
+    moved[..., 0] += 1.0
+    assert (pair_features(moved, gate.layout, 8, rotary_last=True) - feats).abs().max() > 0.1
+    randomize(model)
+    x = ids(2, 16)
+    with torch.no_grad():
+        want = model(x).logits
+
+        def run(backend, distance):
+            other = make(arch)
+            gape.patch(other, gape.GapeConfig(backend=backend, distance=distance))
+            for (_, g), (_, src) in zip(hf.iter_gates(other), hf.iter_gates(model), strict=True):
+                g.load_state_dict(src.state_dict())
+            return other(x).logits
+
+        torch.testing.assert_close(run("torch", "log"), want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(run("sdpa", "linear"), run("reference", "linear"), rtol=0, atol=1e-4)
+
+
+def test_hunyuan_gates_divide_out_the_post_rope_norm():
+    """HunYuan normalises q and k after RoPE with per-channel weights: with random weights
+    the first layer's gates (whose inputs do not depend on the positions; the model's later
+    layers do, through those weights) do not change when every position is shifted, and
+    they would without the weights divided out (so the check bites)."""
+    model = make("hunyuan_v1_dense")
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query_layernorm.weight", "key_layernorm.weight")):
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+    gape.patch(model, REFERENCE)
+    randomize(model)
+    x = ids(2, 16)
+    pos = torch.arange(16)[None].expand(2, 16)
+
+    def first_gates(shift):
+        with torch.no_grad(), hf.record_gates(model) as rec:
+            model(x, position_ids=pos + shift)
+        return rec[0]["lambda"].clone(), rec[0]["pi"].clone()
+
+    (lam0, pi0), (lam37, pi37) = first_gates(0), first_gates(37)
+    torch.testing.assert_close(lam37, lam0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pi37, pi0, rtol=0, atol=1e-5)
+    for _, gate in hf.iter_gates(model):
+        gate.post_rope_norm = None
+    (lam0, pi0), (lam37, pi37) = first_gates(0), first_gates(37)
+    assert float((lam37 - lam0).abs().max()) > 1e-3 and float((pi37 - pi0).abs().max()) > 1e-3

@@ -226,7 +226,7 @@ def context_parallel(model, group=None, layout: str = "zigzag", timeout=None):
     10 minutes) bounds every wait for a peer: a rank that died is a
     RuntimeError on the others, not a hang.
     """
-    from ..hf import _find_layers
+    from ..hf import _find_layers, attention_layers
     from ..patches.registry import get_spec
 
     check_layout(layout)
@@ -234,7 +234,7 @@ def context_parallel(model, group=None, layout: str = "zigzag", timeout=None):
     timeout = as_timeout(timeout)
     spec = get_spec(getattr(model.config, "model_type", None))
     layers = _find_layers(model, spec)
-    attns = [getattr(layer, spec.attention) for layer in layers]
+    attns = [getattr(layers[i], spec.attention) for i in attention_layers(model, spec, layers)]
     if any(_STATE_ATTR in a.__dict__ for a in attns):
         raise ValueError("model is already inside gape.distributed.context_parallel")
     _register()

@@ -66,10 +66,15 @@ def inspect_model(model, input_ids: torch.Tensor, *, layers: list[int] | None = 
 
     if hf.is_patched(model):
         raise ValueError("inspect_model needs an unpatched model (it compares RoPE with GAPE)")
-    n = len(hf._find_layers(model, _spec(model)))
+    spec = _spec(model)
+    n = len(hf._find_layers(model, spec))
+    attending = hf.attention_layers(model, spec)  # all layers, except in a hybrid stack
     if layers is None:
-        layers = sorted({0, n // 2, n - 1})
+        layers = sorted({attending[0], attending[len(attending) // 2], attending[-1]})
     layers = [i % n for i in layers]
+    if not set(layers) <= set(attending):
+        raise ValueError(f"layers {sorted(set(layers) - set(attending))} have no attention; the attention layers are "
+                         f"{attending}")
     result = {"layers": layers, "rope": collect(model, input_ids, layers)}
     try:
         if gates:

@@ -58,6 +58,7 @@ from .patching import (
     GATE_CLASSES,
     _find_layers,
     _state,
+    attention_layers,
     gape_config,
     gate_parameters,
     has_alibi,
@@ -71,6 +72,7 @@ from .patching import (
     train_gates_only,
     unpatch,
     use_gape_attention,
+    value_head_dim,
 )
 
 # `import gape.hf` makes "gape" a valid attn_implementation (for from_pretrained too).

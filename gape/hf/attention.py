@@ -369,6 +369,10 @@ def layer_gates(module: nn.Module, query: torch.Tensor, key: torch.Tensor):
                 and gate.is_identity()):
             state.prev_keys = None
             return None
+        if gate.post_rope_norm is not None:
+            # a norm after RoPE scales each channel: divided out, the pairs are rotated ones again
+            q_norm, k_norm = (module._modules[name].weight for name in gate.post_rope_norm)
+            query, key = query / q_norm.to(query.dtype), key / k_norm.to(key.dtype)
         lam = gate.query_gate(query)
         # The decode memo keeps Python state across steps, which torch.compile would guard
         # on (a recompile per step); compiled, pi comes from all keys (O(Lk) like attention).

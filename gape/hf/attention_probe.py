@@ -90,7 +90,8 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
         from .gates import pair_features
 
         layout = gate.layout if gate is not None else "half"
-        entry["key_features"] = pair_features(key.detach(), layout, getattr(gate, "rotary_dim", None))
+        entry["key_features"] = pair_features(key.detach(), layout, getattr(gate, "rotary_dim", None),
+                                              getattr(gate, "rotary_last", False))
     if lam is not None:
         entry["lambda"], entry["pi"] = lam, pi
     state["out"][getattr(module, "layer_idx", len(state["out"]))] = entry

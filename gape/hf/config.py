@@ -56,8 +56,9 @@ class GapeConfig:
         backend: attention backend passed to :func:`gape.attention` (``"auto"``,
             ``"reference"``, ``"torch"``, ``"sdpa"``, ``"triton"``).
         layers: indices of the decoder layers to patch (negative indices count
-            from the end); ``None`` patches every layer. Unpatched layers run
-            plain SDPA.
+            from the end); ``None`` patches every attention layer (in a hybrid
+            stack, the layers its spec's ``layer_kinds`` marks as attention; naming
+            another is an error). Unpatched layers run plain SDPA.
         alpha_init: initial ``alpha_h`` of every query head. ``0.0`` makes
             ``lambda == 0``, i.e. the patched model equals the unpatched one.
             Invariant form only (the paper's form starts from ``gamma_init``).

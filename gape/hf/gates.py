@@ -20,6 +20,15 @@ rotated channels followed by the ``D - R`` unrotated channels' raw values
 ``||f(x)||_2`` the root-mean-square of ``x``'s channels, so weights of order
 one give logits of the order of the activations' scale whatever ``D`` is.
 
+Multi-head latent attention (DeepSeek V2/V3) puts the rotated channels *last*:
+each query and key head is ``[nope (D - R) | rope (R)]``, where the ``R`` rope
+channels of a key are shared by all heads (one rotated latent key, broadcast)
+and the ``D - R`` nope ones come from the latent per head. The features are then
+the same two kinds in channel order: the ``D - R`` raw unrotated values, then
+the ``R/2`` pair norms of the rotated channels. The key gate therefore reads
+every channel of the key the attention function receives, the per-head nope
+part and the shared rope part alike; the value head dim plays no part.
+
 Parameters (plain ``nn.Parameter``s, in the model's dtype, settable directly):
 
     alpha [Hq]      scale of lambda per query head; 0 at init (identity)
@@ -76,14 +85,20 @@ def set_trainable(gate: nn.Module, parts) -> None:
         param.requires_grad_(gate.part_of(name) in parts)
 
 
-def pair_features(x: torch.Tensor, layout: str = "half", rotary_dim: int | None = None) -> torch.Tensor:
+def pair_features(x: torch.Tensor, layout: str = "half", rotary_dim: int | None = None,
+                  rotary_last: bool = False) -> torch.Tensor:
     """Rotation-invariant features ``[..., P]`` (float32) of ``x [..., D]``: the
     pair norms of the first ``rotary_dim`` channels (all by default), then the
-    raw values of the unrotated rest (see :func:`feature_count`)."""
+    raw values of the unrotated rest (see :func:`feature_count`); with
+    ``rotary_last`` the rotated channels are the last ``rotary_dim`` (MLA), and the
+    features are the unrotated values first, then those pair norms."""
     d = x.shape[-1]
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     if rotary_dim is not None and rotary_dim != d:
+        if rotary_last:
+            rot = pair_features(x[..., d - rotary_dim:], layout) * math.sqrt(rotary_dim / d)
+            return torch.cat([x[..., : d - rotary_dim].float() * (1.0 / math.sqrt(d)), rot], dim=-1)
         rot = pair_features(x[..., :rotary_dim], layout) * math.sqrt(rotary_dim / d)
         return torch.cat([rot, x[..., rotary_dim:].float() * (1.0 / math.sqrt(d))], dim=-1)
     if layout == "half":
@@ -112,6 +127,7 @@ class GapeGate(nn.Module):
         layer_idx: index of the decoder layer (for records and error messages).
         dtype, device: of the parameters (the model's).
         rotary_dim: channels of each head that RoPE rotates (even; None: all ``D``).
+        rotary_last: those channels are the last ``rotary_dim`` of the head (MLA), not the first.
     """
 
     def __init__(
@@ -124,6 +140,7 @@ class GapeGate(nn.Module):
         dtype: torch.dtype = torch.float32,
         device=None,
         rotary_dim: int | None = None,
+        rotary_last: bool = False,
     ) -> None:
         super().__init__()
         if rotary_dim == head_dim:
@@ -139,6 +156,9 @@ class GapeGate(nn.Module):
         self.config = config
         self.layout = config.rope_layout or "half"
         self.rotary_dim = rotary_dim
+        self.rotary_last = bool(rotary_last) and rotary_dim is not None
+        # names of the attention module's post-RoPE q/k norms whose weights the features divide out
+        self.post_rope_norm: tuple[str, str] | None = None
         pairs = feature_count(head_dim, rotary_dim)
         kw = dict(dtype=dtype, device=device)
 
@@ -172,6 +192,7 @@ class GapeGate(nn.Module):
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"{mode}, {key}, layout={self.layout}"
             + (f", rotary_dim={self.rotary_dim}" if self.rotary_dim is not None else "")
+            + (" (last channels)" if self.rotary_last else "")
         )
 
     def is_identity(self) -> bool:
@@ -193,7 +214,7 @@ class GapeGate(nn.Module):
         b, h, lq, _ = query.shape
         if self.config.fixed_lambda is not None:
             return self.fixed_lambda[None, :, None].expand(b, h, lq).contiguous()
-        feats = pair_features(query, self.layout, self.rotary_dim)
+        feats = pair_features(query, self.layout, self.rotary_dim, self.rotary_last)
         w = self.w.float()
         z = torch.matmul(feats, w[:, :, None]).squeeze(-1) + self.b.float()[:, None]
         alpha = self.alpha.float()
@@ -209,7 +230,7 @@ class GapeGate(nn.Module):
         b, h, lk, _ = key.shape
         if not self.config.learned_pi:
             return key.new_zeros((b, h, lk), dtype=torch.float32)
-        feats = pair_features(key, self.layout, self.rotary_dim)
+        feats = pair_features(key, self.layout, self.rotary_dim, self.rotary_last)
         z = torch.matmul(feats, self.u.float()[:, :, None]).squeeze(-1) + self.c.float()[:, None]
         return torch.sigmoid(z)
 
@@ -265,6 +286,7 @@ class PaperGate(nn.Module):
         dtype: torch.dtype = torch.float32,
         device=None,
         rotary_dim: int | None = None,  # unused: the paper's gates read pre-RoPE q/k, all channels alike
+        rotary_last: bool = False,  # unused, as rotary_dim
     ) -> None:
         super().__init__()
         if config.gate != "paper":

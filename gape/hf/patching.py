@@ -83,9 +83,39 @@ def _find_layers(model: nn.Module, spec) -> nn.ModuleList:
     )
 
 
-def _select_layers(layers: list[int] | None, n: int) -> list[int]:
+def attention_layers(model: nn.Module, spec, layers: nn.ModuleList | None = None) -> list[int]:
+    """Indices of the decoder layers that carry attention (all of them, except in a hybrid
+    stack, where the spec's ``layer_kinds`` says which ones do). An attention layer without
+    the spec's attention module is an error: the spec does not match the model."""
+    layers = _find_layers(model, spec) if layers is None else layers
+    n = len(layers)
+    if spec.layer_kinds is None:
+        indices = list(range(n))
+    else:
+        kinds = getattr(model.config, spec.layer_kinds, None)
+        if kinds is None or isinstance(kinds, str) or len(kinds) != n:
+            raise ValueError(
+                f"config.{spec.layer_kinds} of {type(model).__name__} should list the kind of each of its {n} layers, "
+                f"got {kinds!r}; the architecture spec under patches/ does not match this model"
+            )
+        indices = [i for i, kind in enumerate(kinds) if kind in spec.attention_kinds]
+    for i in indices:
+        if not isinstance(getattr(layers[i], spec.attention, None), nn.Module):
+            raise ValueError(
+                f"layer {i} of {type(model).__name__} should be an attention layer but has no .{spec.attention} "
+                "module; the architecture spec under patches/ does not match this model"
+            )
+    if not indices:
+        raise ValueError(f"{type(model).__name__} has no attention layer (config.{spec.layer_kinds}), nothing to patch")
+    return indices
+
+
+def _select_layers(layers: list[int] | None, n: int, attending: list[int] | None = None) -> list[int]:
+    """The layers ``GapeConfig.layers`` names, as indices; by default every attention layer
+    (``attending``, all ``n`` when None). Naming a layer without attention is an error."""
+    attending = list(range(n)) if attending is None else attending
     if layers is None:
-        return list(range(n))
+        return list(attending)
     out = []
     for i in layers:
         if not -n <= i < n:
@@ -93,6 +123,12 @@ def _select_layers(layers: list[int] | None, n: int) -> list[int]:
         out.append(i % n)
     if len(set(out)) != len(out):
         raise ValueError(f"GapeConfig.layers names a layer twice: {layers}")
+    missing = sorted(set(out) - set(attending))
+    if missing:
+        raise ValueError(
+            f"GapeConfig.layers names layer(s) {missing}, which have no attention (a hybrid stack's recurrent or "
+            f"convolution layers); the attention layers are {attending}"
+        )
     return sorted(out)
 
 
@@ -106,12 +142,31 @@ def model_shape(model: nn.Module) -> dict:
     layers = _find_layers(model, spec)
     hq = int(getattr(config, spec.num_heads))
     hkv = int(getattr(config, spec.num_kv_heads, None) or hq)
-    d = getattr(config, spec.head_dim, None) or config.hidden_size // hq
-    return {"num_layers": len(layers), "num_heads": hq, "num_kv_heads": hkv, "head_dim": int(d)}
+    return {"num_layers": len(layers), "num_heads": hq, "num_kv_heads": hkv, "head_dim": _dim(config, spec.head_dim, hq)}
+
+
+def _dim(config, attrs: str | tuple[str, ...], num_heads: int) -> int:
+    """A head dim from the config: one attribute, or the sum of several (MLA's nope + rope
+    channels); ``hidden_size // num_heads`` when absent or None."""
+    names = (attrs,) if isinstance(attrs, str) else attrs
+    values = [getattr(config, name, None) for name in names]
+    if any(v is None for v in values):
+        return int(config.hidden_size // num_heads)
+    return int(sum(values))
+
+
+def value_head_dim(model: nn.Module, spec, head_dim: int) -> int:
+    """The value head dim (``head_dim`` unless the spec names another, as MLA does)."""
+    if spec.value_head_dim is None:
+        return head_dim
+    return int(getattr(model.config, spec.value_head_dim, None) or head_dim)
 
 
 def rotary_dim(model: nn.Module, spec, head_dim: int) -> int | None:
     """Channels per head that RoPE rotates, for a partial-rotary spec (None: all)."""
+    if spec.rotary_dim is not None:
+        dim = int(getattr(model.config, spec.rotary_dim))
+        return None if dim == head_dim else dim
     if not spec.partial_rotary:
         return None
     params = getattr(model.config, "rope_parameters", None) or {}
@@ -163,13 +218,14 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
         config = config.replace(rope_layout=spec.rope_layout)
     shape = model_shape(model)
     layers = _find_layers(model, spec)
-    indices = _select_layers(config.layers, len(layers))
+    indices = _select_layers(config.layers, len(layers), attention_layers(model, spec, layers))
     if has_alibi(model) and config.distance != "linear":
         raise ValueError(
             f"GapeConfig.distance must be 'linear' on an ALiBi model (ALiBi is a linear-distance bias that the gates "
             f"add to), got {config.distance!r}"
         )
     rotated = rotary_dim(model, spec, shape["head_dim"])
+    dv = value_head_dim(model, spec, shape["head_dim"])
     _register()
 
     original = model.config._attn_implementation
@@ -180,8 +236,10 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
             ref = next(attn.parameters())
             gate = GATE_CLASSES[config.gate](
                 shape["num_heads"], shape["num_kv_heads"], shape["head_dim"], config,
-                layer_idx=i, dtype=ref.dtype, device=ref.device, rotary_dim=rotated,
+                layer_idx=i, dtype=ref.dtype, device=ref.device, rotary_dim=rotated, rotary_last=spec.rotary_last,
             )
+            if isinstance(gate, GapeGate) and spec.post_rope_norm is not None:
+                gate.post_rope_norm = _post_rope_norm(attn, spec)
             attn.add_module(GATE_ATTR, gate)
             layer_state(gate)  # created now, so a traced forward only reads it
             handles.append(attn.register_forward_pre_hook(_remember_cached_keys, with_kwargs=True))
@@ -190,8 +248,7 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
                 add_captures(attn, *names, heads_first=spec.pre_rope_heads_first)  # removed by _remove_gates
             handles.append(attn.register_forward_pre_hook(compat.warn_if_bypassed, with_kwargs=True))
             for compiling in (False, True):  # filled now, so a traced forward only looks them up
-                _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"],
-                            shape["head_dim"])
+                _backend_fn(config.backend, ref.device, ref.dtype, config.distance, compiling, shape["head_dim"], dv)
         use_gape_attention(model)
     except Exception:
         _remove_gates(layers, spec, handles)
@@ -203,10 +260,10 @@ def patch(model: nn.Module, config: GapeConfig | dict | None = None) -> nn.Modul
     pretrained.mark(model, config, indices)
     window = getattr(model.config, spec.sliding_window, None) if spec.sliding_window else None
     logger.info(
-        "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d, gate=%s, distance=%s, backend=%s%s; "
+        "gape: patched %s (%s): %d/%d layers, %d/%d heads, head dim %d%s, gate=%s, distance=%s, backend=%s%s; "
         "was attn_implementation=%r",
         type(model).__name__, model.config.model_type, len(indices), len(layers), shape["num_heads"],
-        shape["num_kv_heads"], shape["head_dim"], config.gate, config.distance, config.backend,
+        shape["num_kv_heads"], shape["head_dim"], f" (values {dv})" if dv != shape["head_dim"] else "", config.gate, config.distance, config.backend,
         f", sliding window {window}" if window else "", original,
     )
     return model
@@ -220,11 +277,35 @@ def _pre_rope_module(attn: nn.Module, spec, which: str) -> str:
     for name in candidates:
         if isinstance(getattr(attn, name, None), nn.Module):
             return name
+    if not candidates:
+        raise ValueError(
+            f"gate='paper' reads the pre-RoPE query and key, but no module of {type(attn).__name__} outputs the "
+            f"{which.split('_')[0]} whole (multi-head latent attention assembles each key from a latent expansion and "
+            f"a shared rotated part); use the invariant form (gate='invariant') on {spec.model_types[0]}"
+        )
     raise ValueError(
         f"gate='paper' reads the pre-RoPE query and key from {type(attn).__name__}.{' or .'.join(candidates)}, "
         f"which this model does not have (a fused q/k/v projection has no module for the query alone); "
         f"fix {which} in the {spec.model_types[0]} spec, or use the invariant form (gate='invariant')"
     )
+
+
+def _post_rope_norm(attn: nn.Module, spec) -> tuple[str, str]:
+    """The spec's post-RoPE q/k norm names, checked: per-channel weights of the head dim,
+    none zero (the gate features divide by them)."""
+    for name in spec.post_rope_norm:
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+            raise ValueError(
+                f"{type(attn).__name__}.{name} should be a norm with a per-channel weight (post_rope_norm of the "
+                f"{spec.model_types[0]} spec); the architecture spec under patches/ does not match this model"
+            )
+        if not bool((weight != 0).all()):
+            raise ValueError(
+                f"{type(attn).__name__}.{name}.weight has zero entries: the invariant gates divide the post-RoPE norm's "
+                "weight out of the query and key, which a zero weight makes impossible; use gate='paper'"
+            )
+    return tuple(spec.post_rope_norm)
 
 
 def has_alibi(model: nn.Module) -> bool:

@@ -194,8 +194,9 @@ def with_positional(model: nn.Module, scheme: str, *, p: float | None = None, ba
             state["rotaries"].append((parent, name, module))
         if scheme == "alibi":
             shape = hf.model_shape(model)
-            for layer in hf._find_layers(model, spec):
-                attn = getattr(layer, spec.attention)
+            layers = hf._find_layers(model, spec)
+            for i in hf.attention_layers(model, spec, layers):
+                attn = getattr(layers[i], spec.attention)
                 attn.add_module(hf.ALIBI_ATTR, AlibiSlopes(shape["num_heads"], backend))
                 state["alibi"].append(attn)
                 # a StaticCache's query offset (gape.hf reads it when the layer has no gate)
