@@ -88,6 +88,45 @@ def test_backward_matches_reference(small_blocks, monkeypatch, case, causal, dis
         assert_matches_reference(fn, inputs, dtype=dtype, attn_mask=m, is_causal=causal, distance=distance)
 
 
+@pytest.fixture
+def chunked_blocks(monkeypatch):
+    # query blocks of 150 rows (more than the forward's 64-row chunk: two full chunks and one of 22)
+    # against 96-key blocks, so causal diagonal blocks are cut into chunks, some of which see no key
+    monkeypatch.setattr(attention_cpu, "Q_BLOCK", 150)
+    monkeypatch.setattr(attention_cpu, "Q_BLOCK_LONG", 150)
+    monkeypatch.setattr(attention_cpu, "K_BLOCK", 96)
+
+
+CHUNK_CASES = [
+    Case(b=1, hq=2, hkv=1, lq=200, lk=230, d=16),  # rows start at position 30
+    Case(b=1, hq=2, hkv=1, lq=230, lk=200, d=16),  # the first 30 rows see no key when causal
+    Case(b=2, hq=3, hkv=3, lq=150, lk=150, d=8),  # exactly one query block
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=Case.ident)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_chunked_diagonal_matches_reference(chunked_blocks, case, dtype):
+    assert attention_cpu.available(), attention_cpu.unavailable_reason()
+    inputs = make_inputs(case, lam_max=1.0)
+    mask = torch.rand(case.b, 1, case.lq, case.lk, generator=torch.Generator().manual_seed(4)) > 0.25
+    mask[0, 0, -1] = False
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for m in (None, mask):
+        got = kernel(*(t.to(dtype) for t in inputs), m, True, 0.3, "log")
+        ref = reference_attention(*inputs, m, True, 0.3, "log")
+        assert got.dtype == dtype and not got.isnan().any()
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    # with a window, a sink and the soft-cap: the chunks read the same positions and terms
+    sinks = torch.linspace(-1.0, 2.0, case.hq, dtype=torch.float64)
+    kw = dict(query_offset=7, window=(40, -1), sinks=sinks, softcap=2.0)
+    got = torch_attention(*(t.to(dtype) for t in inputs), None, True, 0.3, "log", None, "kernel",
+                          **{**kw, "sinks": sinks.to(dtype)})
+    ref = reference_attention(*inputs, None, True, 0.3, "log", **kw)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
 def test_head_mask_strided_query_and_extreme_gates(small_blocks):
     case = Case(b=2, hq=4, hkv=2, lq=21, lk=50, d=16)
     q, k, v, lam, pi = make_inputs(case)
