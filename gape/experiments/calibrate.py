@@ -317,8 +317,8 @@ def _run_locked(args) -> int:
     cfg = GapeConfig(alpha_init=args.alpha_init, backend=args.backend, identity_shortcut=False)
     # The weights and the trained gates stay float32 (the optimizer's master copy); a lower
     # --dtype computes the matrix products under autocast, as a user's training would.
-    dtype = getattr(args, "dtype", "float32")  # a Namespace built by hand may not have it
-    with torch.autocast("cpu", dtype=A.torch_dtype(dtype), enabled=dtype != "float32"):
+    dtype = models.resolve_dtype(getattr(args, "dtype", A.DEFAULT_DTYPE))  # a Namespace built by hand may not have it
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         card = _calibrate_from_args(model, tok, args, cfg)
     print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
           f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")

@@ -47,7 +47,7 @@ class BenchmarkConfig:
     model: str | None = None  # None: the embedded SmolLM2
     gguf_file: str | None = None
     chat_template: bool | None = None  # None: use it when the tokenizer has one
-    dtype: str = "float32"  # the model's dtype: float32, bfloat16 or float16
+    dtype: str = A.DEFAULT_DTYPE  # the model's dtype: float32, bfloat16, float16, or auto (resolved by validate)
 
     def validate(self) -> None:
         self.methods = parse_methods(self.methods)
@@ -68,8 +68,12 @@ class BenchmarkConfig:
             raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if self.dtype not in A.DTYPES:
-            raise ValueError(f"dtype must be one of {A.DTYPES}, got {self.dtype!r}")
+        if self.dtype not in A.DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {A.DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.dtype == "auto":  # the folder records the dtype the rows were computed in
+            from gape.hf.models import dtype_name
+
+            self.dtype = dtype_name("auto")
 
     def model_label(self) -> str:
         if self.model is None:
