@@ -17,8 +17,8 @@ Everything is resumable: NIAH rows go to each folder's ``results.jsonl`` as they
 perplexity rows to ``ppl.jsonl`` (rewritten atomically); a rerun skips what is there.
 ``summary.md`` and ``machine.json`` are rewritten at the end.
 
-    python benchmarks/bench_dtype.py                         # 1k/2k/4k x 3 depths, ppl at 2k on hamlet
-    python benchmarks/bench_dtype.py --ppl-plays 3           # resumes, adding two more plays
+    python benchmarks/bench_dtype.py                         # 1k/2k/4k x 3 depths, ppl at 2k on hamlet, tempest
+    python benchmarks/bench_dtype.py --ppl-plays 4           # resumes, adding two more plays
     python benchmarks/bench_dtype.py --dtypes float32        # one dtype only
 """
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=1, help="NIAH samples per (length, depth)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--ppl-length", type=int, default=2048, help="tokens per perplexity window (inside the 8k window)")
-    p.add_argument("--ppl-plays", type=int, default=1, help="held-out plays, one window each (test plays first: hamlet, ...)")
+    p.add_argument("--ppl-plays", type=int, default=2, help="held-out plays, one window each (test plays first: hamlet, tempest, ...)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
