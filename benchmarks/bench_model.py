@@ -203,9 +203,10 @@ def layer_decode(models: dict, context: int, steps: int, warmup: int) -> dict:
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(0)
-    hidden = next(iter(models.values())).config.hidden_size
-    prompt = torch.randn(1, context, hidden, generator=gen)
-    step_inputs = torch.randn(warmup + steps, 1, 1, hidden, generator=gen)
+    first = next(iter(models.values()))
+    hidden, dtype = first.config.hidden_size, next(first.parameters()).dtype
+    prompt = torch.randn(1, context, hidden, generator=gen).to(dtype)  # the hidden states of a --dtype model
+    step_inputs = torch.randn(warmup + steps, 1, 1, hidden, generator=gen).to(dtype)
     state = {}
     with torch.no_grad():
         for mode, model in models.items():

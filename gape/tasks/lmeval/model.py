@@ -11,7 +11,8 @@ model_args (``--model_args key=value,...``):
     rope_type    linear | dynamic | yarn: RoPE scaling on top of ``method`` (alias of the
                  method names; ``method=gape,rope_type=yarn`` equals ``method=gape+yarn``)
     rope_factor  RoPE scaling factor (default 2)
-    dtype        float32 (default) | bfloat16 | float16
+    dtype        auto (default: bfloat16 where the CPU multiplies bfloat16 natively, AVX512-BF16
+                 or AMX, else float32: gape.hf.models.auto_dtype) | float32 | bfloat16 | float16
 Everything else goes to HFLM (batch_size, max_length, device, ...).
 """
 
@@ -21,10 +22,9 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from gape.hf.models import load_model
+from gape import _args as A
+from gape.hf.models import load_model, resolve_dtype
 from gape.tasks.methods import DEFAULT_GAPE_LAMBDA, MethodOptions, apply_method
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
 
 
 def resolve_method(method: str, rope_type: str | None) -> str:
@@ -55,14 +55,13 @@ class GapeLM(HFLM):
         distance: str = "log",
         rope_type: str | None = None,
         rope_factor: float = 2.0,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = A.DEFAULT_DTYPE,
         device: str | None = None,
         **kwargs,
     ) -> None:
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
+        if isinstance(dtype, str) and dtype not in A.DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {A.DTYPE_CHOICES}, got {dtype!r}")
+        dtype = resolve_dtype(dtype, device if device and str(device).startswith("cuda") and torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model(pretrained or None, gguf_file=gguf_file or None, dtype=dtype)
         # lm-eval's CLI defaults to cuda:0; like HFLM, fall back to the CPU when there is no GPU
         if device and not (str(device).startswith("cuda") and not torch.cuda.is_available()):

@@ -90,7 +90,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model,
         gguf_file=args.gguf_file,
         chat_template=False if args.no_chat_template else None,
-        dtype=getattr(args, "dtype", "float32"),
+        dtype=getattr(args, "dtype", A.DEFAULT_DTYPE),
     )
 
 

@@ -47,7 +47,7 @@ class BenchmarkConfig:
     model: str | None = None  # None: the embedded SmolLM2
     gguf_file: str | None = None
     chat_template: bool | None = None  # None: use it when the tokenizer has one
-    dtype: str = "float32"  # the model's dtype: float32, bfloat16 or float16
+    dtype: str = A.DEFAULT_DTYPE  # the model's dtype: float32, bfloat16, float16, or auto (resolved by validate)
 
     def validate(self) -> None:
         self.methods = parse_methods(self.methods)
@@ -68,8 +68,17 @@ class BenchmarkConfig:
             raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if self.dtype not in A.DTYPES:
-            raise ValueError(f"dtype must be one of {A.DTYPES}, got {self.dtype!r}")
+        if self.dtype not in A.DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {A.DTYPE_CHOICES}, got {self.dtype!r}")
+        self.dtype = self.concrete_dtype()
+
+    def concrete_dtype(self) -> str:
+        """``dtype`` with ``auto`` resolved on this machine: a folder records the dtype its rows were computed in."""
+        if self.dtype != "auto":
+            return self.dtype
+        from gape.hf.models import dtype_name
+
+        return dtype_name("auto")
 
     def model_label(self) -> str:
         if self.model is None:
@@ -90,7 +99,7 @@ class BenchmarkConfig:
             "gape_lambda": o.gape_lambda,
             "distance": o.distance,
             # only when not float32, so folders written before the field existed still resume
-            **({"dtype": self.dtype} if self.dtype != "float32" else {}),
+            **({"dtype": self.concrete_dtype()} if self.concrete_dtype() != "float32" else {}),
         }
 
 
@@ -230,7 +239,7 @@ def _run_share(cfg: BenchmarkConfig, model, tokenizer, procs, *, progress: bool,
     if todo and model is None:
         from gape.hf.models import load_model
 
-        echo(f"{tag}loading {cfg.model_label()} ...")
+        echo(f"{tag}loading {cfg.model_label()} in {cfg.concrete_dtype()} ...")  # what --dtype auto chose
         model, tokenizer = load_model(cfg.model, gguf_file=cfg.gguf_file, dtype=A.torch_dtype(cfg.dtype))
     if todo:
         _check_lengths_fit(model, sorted({n for _, n, _, _ in todo}))
