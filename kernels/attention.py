@@ -115,8 +115,10 @@ else:
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M queries stream.
     BWD_KV_CONFIGS = [
         # (64x128 w8 is gone: on sm_90 it spills at D64 in the causal linear dense variant too)
-        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64, window90=()),
-        _cfg(16, 128, 8, 2, D64, D128, window80=()), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, (), D64),
+        # (softcap90: the soft-cap's tanh tile spills 64x64 w8 at D64 and 32x64 w8 at D128 (varlen) on sm_90)
+        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64, window90=(), softcap90=()),
+        _cfg(16, 128, 8, 2, D64, D128, window80=()), _cfg(32, 64, 8, 2, (128,), D128, softcap90=D64),
+        _cfg(32, 64, 4, 2, (), D64),
         _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1, (128, 256), ALL, window90=(128, 256)),
     ]
     # dQ: BLOCK_M queries stay resident, BLOCK_N keys stream.

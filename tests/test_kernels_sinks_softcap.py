@@ -62,19 +62,23 @@ def _run(fn, inputs, sinks, grad_out, dtype, gate_dtype, sinks_dtype):
 def _assert_close(fn, ref, inputs, sinks, out_shape, dtype=torch.float32, gate_dtype=torch.float32,
                   sinks_dtype=torch.float32, factor=2.0):
     """``fn`` / ``ref``: ``(q, k, v, lam, pi, sinks) -> out``; ``ref`` is run in float64 (truth) and
-    in ``dtype`` (its error sets the tolerance)."""
+    in ``dtype`` (its error sets the tolerance). Inputs on any device. Returns the float64 results
+    and the errors ``{name: (err, same-dtype reference err)}``."""
     grad_out = torch.randn(*out_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    grad_out = grad_out.to(inputs[0].device)
     truth = _run(ref, inputs, sinks, grad_out, torch.float64, torch.float64, torch.float64)
     same = _run(ref, inputs, sinks, grad_out, dtype, gate_dtype, sinks_dtype)
     got = _run(fn, inputs, sinks, grad_out, dtype, gate_dtype, sinks_dtype)
     atol = helpers.ATOL[dtype]
+    errors = {}
     for name, x, s, t in zip(NAMES, got, same, truth):
         assert torch.isfinite(x).all(), f"{name} has non-finite values"
         err, ref_err = helpers.max_err(x, t), helpers.max_err(s, t)
         bound = factor * ref_err + atol * max(1.0, float(t.abs().max()))
+        errors[name] = (err, ref_err)
         assert err <= bound, (f"{name}: max error vs float64 {err:.3e} exceeds {factor} x the same-dtype "
-                              f"reference's {ref_err:.3e} + atol ({bound:.3e})")
-    return truth
+                              f"reference's {ref_err:.3e} + atol ({bound:.3e}); dtype {dtype}")
+    return truth, errors
 
 
 def _dense(kernel_kw, ref_kw):
@@ -88,19 +92,23 @@ def _dense(kernel_kw, ref_kw):
 
 
 def _check_dense(case, terms, causal=True, distance="log", dtype=torch.float32, sinks_dtype=torch.float32,
-                 query_offset=None, window=None):
+                 query_offset=None, window=None, device="cpu"):
     with_sinks, cap = TERMS[terms]
     inputs, sinks = _inputs(case)
-    sinks = sinks if with_sinks else None
+    inputs = tuple(t.to(device) for t in inputs)
+    sinks = sinks.to(device) if with_sinks else None
+    if isinstance(query_offset, torch.Tensor):
+        query_offset = query_offset.to(device)
     scale = 1 / math.sqrt(case.d)
     common = dict(is_causal=causal, scale=scale, distance=distance, softcap=cap, query_offset=query_offset,
                   window=window)
     fn, ref = _dense(common, common)
-    truth = _assert_close(fn, ref, inputs, sinks, (case.b, case.hq, case.lq, case.dv or case.d), dtype=dtype,
-                          gate_dtype=dtype if dtype != torch.float32 else torch.float32, sinks_dtype=sinks_dtype)
+    truth, errors = _assert_close(fn, ref, inputs, sinks, (case.b, case.hq, case.lq, case.dv or case.d),
+                                  dtype=dtype, gate_dtype=dtype, sinks_dtype=sinks_dtype)
     # guard: the terms move the result, so a kernel that ignored them would fail above
     plain = reference_attention(*inputs, None, causal, scale, distance, query_offset=query_offset, window=window)
     assert helpers.max_err(plain, truth[0]) > 1e-2
+    return errors
 
 
 CASES = [
@@ -182,25 +190,55 @@ def _varlen_ref(cu_q, cu_k, causal, scale, distance, window, cap):
     return ref
 
 
-@pytest.mark.parametrize("terms", ["sinks", "sinks+softcap"])
-def test_varlen_packed_sequences(terms):
+def check_varlen(lens_q, lens_k, terms, hq=4, hkv=2, d=16, causal=True, distance="log", window=(5, -1),
+                 dtype=torch.float32, device="cpu"):
+    """Packed sequences through the kernel against each sequence alone through the reference."""
     with_sinks, cap = TERMS[terms]
-    lens_q, lens_k = [7, 1, 18], [7, 12, 18]
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
-    tq, tk, hq, hkv, d = sum(lens_q), sum(lens_k), 4, 2, 16
+    tq, tk = sum(lens_q), sum(lens_k)
     g = torch.Generator().manual_seed(3)
     f64 = dict(dtype=torch.float64, generator=g)
     inputs = (torch.randn(tq, hq, d, **f64) * 1.5, torch.randn(tk, hkv, d, **f64), torch.randn(tk, hkv, d, **f64),
               torch.rand(tq, hq, **f64) * 0.6, torch.rand(tk, hkv, **f64))
-    sinks = torch.randn(hq, **f64) * 2 if with_sinks else None
-    window = (5, -1)
+    inputs = tuple(t.to(device) for t in inputs)
+    sinks = (torch.randn(hq, **f64) * 2).to(device) if with_sinks else None
+    scale = 1 / math.sqrt(d)
+    cu_qd, cu_kd = cu_q.to(device), cu_k.to(device)
 
     def fn(q, k, v, lam, pi, s):
-        return kattn.triton_attention_varlen(q, k, v, lam, pi, cu_q, cu_k, max(lens_q), max(lens_k), True, 0.25,
-                                             "log", window, sinks=s, softcap=cap)
+        return kattn.triton_attention_varlen(q, k, v, lam, pi, cu_qd, cu_kd, max(lens_q), max(lens_k), causal, scale,
+                                             distance, window, sinks=s, softcap=cap)
 
-    _assert_close(fn, _varlen_ref(cu_q, cu_k, True, 0.25, "log", window, cap), inputs, sinks, (tq, hq, d))
+    return _assert_close(fn, _varlen_ref(cu_q, cu_k, causal, scale, distance, window, cap), inputs, sinks,
+                         (tq, hq, d), dtype=dtype, gate_dtype=dtype, sinks_dtype=dtype)[1]
+
+
+def check_on_device(kind: str, case, device: str) -> dict:
+    """One case of benchmarks/gpu_check.py: ``kind`` is ``terms[-window|-decode|-varlen]:<terms>`` and
+    ``case`` a test_kernels_attention.Case (shapes, causality, distance, dtype). Returns the errors."""
+    variant, terms = kind.split(":")
+    shapes = Case(case.b, case.hq, case.hkv, case.lq, case.lk, case.d, case.dv)
+    kw = dict(causal=case.causal, distance=case.distance, dtype=case.dtype, sinks_dtype=case.dtype, device=device)
+    if variant == "terms":
+        errors = _check_dense(shapes, terms, **kw)
+    elif variant == "terms-window":
+        errors = _check_dense(shapes, terms, window=(case.lk // 5, 0 if case.causal else case.lk // 9), **kw)
+    elif variant == "terms-decode":
+        offsets = torch.tensor([case.lk - 1, case.lk // 3] + [case.lk // 2] * (case.b - 2))[: case.b]
+        errors = _check_dense(shapes, terms, query_offset=offsets, **kw)
+    elif variant == "terms-varlen":
+        errors = check_varlen([case.lq, 1, case.lq // 2], [case.lk, case.lk // 3 + 1, case.lk // 2], terms,
+                              case.hq, case.hkv, case.d, case.causal, case.distance, (case.lk // 4, -1), case.dtype,
+                              device)
+    else:
+        raise ValueError(f"unknown case kind {kind!r}")
+    return {name: f"{err:.2e}/{ref:.2e}" for name, (err, ref) in errors.items()}
+
+
+@pytest.mark.parametrize("terms", ["sinks", "sinks+softcap"])
+def test_varlen_packed_sequences(terms):
+    check_varlen([7, 1, 18], [7, 12, 18], terms)
 
 
 def test_sink_gradient_by_finite_differences():
