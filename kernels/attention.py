@@ -110,7 +110,8 @@ else:
     FWD_CONFIGS = [
         _cfg(128, 64, 8, 3, D128, D128), _cfg(128, 128, 8, 2, D128, D64, window80=()), _cfg(64, 128, 8, 2, D128, D128),
         _cfg(64, 64, 4, 3, (128,), D128), _cfg(128, 32, 8, 2, (128,), D128),
-        _cfg(64, 32, 4, 2, (128, 256), ALL), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128),  # decode, D=256
+        # (16x128 with the soft-cap spills 8 B on sm_80 at D128, causal window: softcap80)
+        _cfg(64, 32, 4, 2, (128, 256), ALL), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128, softcap80=D64),  # decode, D=256
     ]
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M queries stream.
     BWD_KV_CONFIGS = [
