@@ -64,7 +64,8 @@ WINDOW_SPILLS = [("fwd", 80, 64, 128, 128, 8), ("bwd_kv", 80, 64, 16, 128, 8), (
 SPILLS = [("bwd_kv", 90, 64, 64, 128, 8)]
 # Tiles that spill with the soft-cap (its backward keeps a tanh tile live), dropped from the
 # soft-capped variants only.
-SOFTCAP_SPILLS = [("bwd_kv", 90, 64, 64, 64, 8), ("bwd_kv", 90, 128, 32, 64, 8), ("fwd", 80, 128, 16, 128, 4)]
+SOFTCAP_SPILLS = [("bwd_kv", 90, 64, 64, 64, 8), ("bwd_kv", 90, 128, 32, 64, 8), ("fwd", 80, 128, 16, 128, 4),
+                  ("bwd_q", 90, 128, 128, 64, 8), ("bwd_q", 90, 128, 64, 64, 8), ("bwd_q", 90, 128, 64, 64, 4)]
 
 
 def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
