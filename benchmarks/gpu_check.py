@@ -13,8 +13,10 @@ failing stage never stops the next one:
     kernel  the fused Triton kernel, forward and all five gradients against the
             float64 reference with the interpreter tests' tolerance rule
             (tests/helpers.py); fp16/bf16/fp32, head dims 64/128/80/256, causal
-            and not, GQA, decode, key ranges, Lk = 2**20 with Lq = 1. One
-            subprocess per case, so a CUDA fault poisons one case only.
+            and not, GQA, decode, key ranges, Lk = 2**20 with Lq = 1; learned
+            sinks and the soft-cap (their gradient included) dense, windowed,
+            at decode offsets and packed. One subprocess per case, so a CUDA
+            fault poisons one case only.
     model   a patched tiny Llama at identity equals the unpatched model; greedy
             generation with gates: KV-cache decoding equals full recomputation
     bench   benchmarks/bench_kernel_gpu.py on a reduced grid (bf16, D = 128,
@@ -213,7 +215,8 @@ def stage_env(args) -> dict:
 
 
 def kernel_cases(size: str) -> list[tuple[str, object]]:
-    """(kind, Case) pairs; kind is "grid", "ranges:<layout>" or "tmask" (a transformers padding mask)."""
+    """(kind, Case) pairs; kind is "grid", "ranges:<layout>", "tmask" (a transformers padding mask) or
+    "terms[-window|-decode|-varlen]:<sinks|softcap|sinks+softcap>" (tests/test_kernels_sinks_softcap.py)."""
     import torch
     from test_kernels_attention import Case
 
@@ -224,7 +227,8 @@ def kernel_cases(size: str) -> list[tuple[str, object]]:
         cases = [("grid", Case(1, 4, 2, 19, 29, 24, True, "log", f32)),
                  ("grid", Case(2, 2, 1, 17, 23, 16, False, "linear", f16)),
                  ("ranges:left-pad-causal", Case(3, 2, 1, 21, 21, 16, True, "log", f32)),
-                 ("grid", Case(1, 2, 1, 1, 2**10, 16, True, "log", f32))]  # decode at long positions, scaled down
+                 ("grid", Case(1, 2, 1, 1, 2**10, 16, True, "log", f32)),  # decode at long positions, scaled down
+                 ("terms-varlen:sinks+softcap", Case(1, 4, 2, 13, 20, 16, True, "log", f32))]
         return cases
     cases = []
     for dt in (f16, bf16, f32):
@@ -243,6 +247,16 @@ def kernel_cases(size: str) -> list[tuple[str, object]]:
     # long positions: integer distances up to 2**20 in the bias, one decode query
     cases.append(("grid", Case(1, 4, 1, 1, 2**20, 128, True, "log", bf16)))
     cases.append(("grid", Case(1, 2, 1, 1, 2**20, 64, False, "linear", f32)))
+    # learned sinks and the soft-cap (constexpr variants of every kernel): dense, window, decode, varlen
+    for terms in ("sinks", "softcap", "sinks+softcap"):
+        cases.append((f"terms:{terms}", Case(2, 4, 2, 259, 387, 128, True, "log", bf16)))
+    cases.append(("terms:sinks+softcap", Case(2, 4, 2, 200, 300, 64, False, "linear", f16)))
+    cases.append(("terms:sinks+softcap", Case(1, 4, 2, 150, 150, 80, True, "log", f32)))
+    cases.append(("terms-window:sinks+softcap", Case(2, 4, 2, 300, 300, 128, False, "log", bf16)))
+    cases.append(("terms-window:sinks+softcap", Case(2, 4, 2, 300, 300, 64, True, "linear", f16)))
+    cases.append(("terms-decode:sinks+softcap", Case(3, 8, 2, 1, 1500, 128, True, "log", bf16)))
+    cases.append(("terms-varlen:sinks", Case(1, 4, 2, 200, 330, 128, True, "log", bf16)))
+    cases.append(("terms-varlen:sinks+softcap", Case(1, 4, 2, 200, 330, 64, True, "linear", f16)))
     return cases
 
 
@@ -276,6 +290,10 @@ def run_kernel_case(kind: str, case, device: str) -> dict:
 
     # every kernel output starts as NaN, so an unwritten tile fails (as in the interpreter tests)
     kattn._new_output = lambda shape, dtype, dev: torch.full(shape, float("nan"), dtype=dtype, device=dev)
+    if kind.startswith("terms"):
+        import test_kernels_sinks_softcap
+
+        return test_kernels_sinks_softcap.check_on_device(kind, case, device)
     inputs = tuple(t.to(device) for t in _inputs(case))
     fn, mask = kattn.triton_attention, None
     if kind.startswith("ranges:"):

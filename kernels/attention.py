@@ -81,16 +81,19 @@ HW_LOG2 = tl.constexpr(not INTERPRET)
 ALL = (64, 128, 256)
 
 
-def _cfg(bm, bn, warps, stages, sm80=ALL, sm90=ALL, window80=None, window90=None):
+def _cfg(bm, bn, warps, stages, sm80=ALL, sm90=ALL, window80=None, window90=None, softcap80=ALL, softcap90=ALL):
     """A tile shipped for the head-dim classes (padded head dim <= 64, <= 128,
     <= 256) listed per architecture family: the classes where
     ``gape audit-kernels`` measured zero spills and shared memory in bounds.
     ``window80`` / ``window90``: the classes for the windowed and packed
-    (varlen) variants, whose extra bounds cost registers (default: the same)."""
+    (varlen) variants, whose extra bounds cost registers (default: the same).
+    ``softcap80`` / ``softcap90``: the classes also allowed with the soft-cap, whose
+    backward keeps a tanh tile live (default: all)."""
     cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
     cfg.head_dims = {80: tuple(sm80), 90: tuple(sm90)}
     cfg.window_head_dims = {80: tuple(sm80 if window80 is None else window80),
                             90: tuple(sm90 if window90 is None else window90)}
+    cfg.softcap_head_dims = {80: tuple(softcap80), 90: tuple(softcap90)}
     return cfg
 
 
@@ -107,19 +110,24 @@ else:
     FWD_CONFIGS = [
         _cfg(128, 64, 8, 3, D128, D128), _cfg(128, 128, 8, 2, D128, D64, window80=()), _cfg(64, 128, 8, 2, D128, D128),
         _cfg(64, 64, 4, 3, (128,), D128), _cfg(128, 32, 8, 2, (128,), D128),
-        _cfg(64, 32, 4, 2, (128, 256), ALL), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128),  # decode, D=256
+        # (16x128 with the soft-cap spills 8 B on sm_80 at D128, causal window: softcap80)
+        _cfg(64, 32, 4, 2, (128, 256), ALL), _cfg(16, 64, 4, 2), _cfg(16, 128, 4, 2, D128, D128, softcap80=D64),  # decode, D=256
     ]
     # dK/dV: BLOCK_N keys stay resident, BLOCK_M queries stream.
     BWD_KV_CONFIGS = [
         # (64x128 w8 is gone: on sm_90 it spills at D64 in the causal linear dense variant too)
-        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64, window90=()),
-        _cfg(16, 128, 8, 2, D64, D128, window80=()), _cfg(32, 64, 8, 2, (128,), D128), _cfg(32, 64, 4, 2, (), D64),
+        # (softcap90: the soft-cap's tanh tile spills 64x64 w8 at D64 and 32x64 w8 at D128 (varlen) on sm_90)
+        _cfg(32, 128, 8, 2, (), D64), _cfg(64, 64, 8, 2, (), D64, window90=(), softcap90=()),
+        _cfg(16, 128, 8, 2, D64, D128, window80=()), _cfg(32, 64, 8, 2, (128,), D128, softcap90=D64),
+        _cfg(32, 64, 4, 2, (), D64),
         _cfg(16, 64, 4, 2, D64, D128), _cfg(16, 32, 4, 1, (128, 256), ALL, window90=(128, 256)),
     ]
     # dQ: BLOCK_M queries stay resident, BLOCK_N keys stream.
+    # (softcap90: with the soft-cap's tanh tile the 64-key tiles spill 16-104 B on sm_90 at D128)
     BWD_Q_CONFIGS = [
-        _cfg(128, 32, 8, 2, D64, D128), _cfg(128, 64, 8, 2, (), D128), _cfg(128, 32, 8, 1, D64, D128),
-        _cfg(64, 64, 8, 2, (128,), D128), _cfg(64, 64, 4, 2, (), D128), _cfg(64, 32, 4, 3, D128, D128, window80=D64),
+        _cfg(128, 32, 8, 2, D64, D128), _cfg(128, 64, 8, 2, (), D128, softcap90=D64), _cfg(128, 32, 8, 1, D64, D128),
+        _cfg(64, 64, 8, 2, (128,), D128, softcap90=D64), _cfg(64, 64, 4, 2, (), D128, softcap90=D64),
+        _cfg(64, 32, 4, 3, D128, D128, window80=D64),
         _cfg(64, 32, 8, 2, D128, D128), _cfg(16, 32, 4, 2),
     ]
 
@@ -143,18 +151,22 @@ def head_dim_class(block_d: int) -> int:
 
 
 def config_fits(kernel: str, cfg: triton.Config, block_d: int, block_dv: int, elt: int, lq: int, lk: int,
-                smem_limit: int, family: int = 80, windowed: bool = False) -> bool:
+                smem_limit: int, family: int = 80, windowed: bool = False, softcap: bool = False) -> bool:
     """Whether ``cfg`` is worth trying for these sizes.
 
     Rules, each because it changes the outcome: the tile is shipped for this
     head-dim class on this architecture (``head_dims``, from the audit's
-    spill counts; ``windowed``: the window/varlen variants, ``window_head_dims``); blocks longer than the sequence only add masked work
+    spill counts; ``windowed``: the window/varlen variants, ``window_head_dims``; ``softcap``: the
+    soft-capped variants, also ``softcap_head_dims``); blocks longer than the sequence only add masked work
     (decode keeps ``BLOCK_M = 16``); fp32 inputs keep small tiles; the
     pipelined tiles fit shared memory.
     """
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     shipped = getattr(cfg, "window_head_dims" if windowed else "head_dims", {})
-    if head_dim_class(max(block_d, block_dv)) not in shipped.get(family, ALL):
+    cls = head_dim_class(max(block_d, block_dv))
+    if cls not in shipped.get(family, ALL):
+        return False
+    if softcap and cls not in getattr(cfg, "softcap_head_dims", {}).get(family, ALL):
         return False
     if bm > max(16, triton.next_power_of_2(lq)) or bn > max(16, triton.next_power_of_2(lk)):
         return False
@@ -180,7 +192,8 @@ def _pruner(kernel: str):
         elt = args["Q"].element_size()
         kept = [c for c in configs
                 if config_fits(kernel, c, block_d, block_dv, elt, args["Lq"], args["Lk"], limit, family,
-                               windowed=bool(args.get("HAS_WINDOW", False)))]
+                               windowed=bool(args.get("HAS_WINDOW", False)),
+                               softcap=bool(args.get("HAS_SOFTCAP", False)))]
         # Never empty: the smallest tile compiles for every head dim we accept.
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
@@ -188,7 +201,8 @@ def _pruner(kernel: str):
 
 
 # HAS_BIAS: the bias-free benchmark twin must tune for itself, not reuse the biased kernel's choice.
-_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "q_bucket", "k_bucket"]
+# HAS_SINKS / HAS_SOFTCAP: the cap keeps a tanh tile live in the backward (registers).
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_SINKS", "HAS_SOFTCAP", "q_bucket", "k_bucket"]
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -217,6 +231,18 @@ def _phi2(delta, IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr):
             return tl.math.log2(1.0 + d)
     else:
         return d * 1.4426950408889634
+
+
+@triton.jit
+def _softcap(s, softcap2):
+    """``(softcap2 * tanh(s / softcap2), tanh(s / softcap2))`` for logits ``s`` in base-2 units
+    (``softcap2 = softcap * log2(e)``, so the capped logit is ``softcap * tanh(scale <q, k> / softcap)``
+    in base 2). ``tanh(y) = 1 - 2 / (exp(2y) + 1)``: one ``exp2``, exact at +-inf (no NaN)
+    and the same code in the interpreter; the tanh is returned for the backward's
+    ``1 - tanh**2``."""
+    e = tl.math.exp2(s * (2.8853900817779268 / softcap2))  # exp(2 s / softcap2): 2 log2(e)
+    t = 1.0 - 2.0 / (e + 1.0)
+    return t * softcap2, t
 
 
 @triton.jit
@@ -285,7 +311,7 @@ def _visible_queries(j_first, j_last, qoff, nq, win_lo, win_hi, IS_CAUSAL: tl.co
 @triton.autotune(configs=FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _gape_fwd_kernel(
-    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, O, LSE,
+    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, SINKS, O, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -293,12 +319,14 @@ def _gape_fwd_kernel(
     n_qheads, group, Lq, Lk, head_dim, head_dim_v,
     win_lo, win_hi,  # allowed pos_q - pos_k when HAS_WINDOW
     qk_scale,  # scale * log2(e)
+    softcap2,  # softcap * log2(e) when HAS_SOFTCAP
     q_bucket, k_bucket,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # padded head dims: tile shapes must be powers of two
     IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,  # variants of one kernel (dead code folded away)
     HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,  # HAS_BIAS=False only to benchmark the bias cost
     HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,  # local window; packed sequences (cu_seqlens)
+    HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,  # a learned sink logit per head; tanh logit cap
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (tf32 would lose the fp32 reference's accuracy)
 ):
     start_m = tl.program_id(0)
@@ -334,8 +362,14 @@ def _gape_fwd_kernel(
                            IS_CAUSAL, HAS_WINDOW)
     lo_blk = (lo // BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # The sink is one more logit of every row with no value row: it opens the online
+        # softmax as (max, sum) = (sink, 1), so it ends up in l_i and the stored LSE.
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SINKS + off_h) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start_n in range(lo_blk, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -343,6 +377,8 @@ def _gape_fwd_kernel(
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
                      mask=n_in[None, :] & d_valid[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            s, _ = _softcap(s, softcap2)  # the cap first: the GAPE bias is added after it
         valid = m_valid[:, None] & n_in[None, :] & (offs_n >= lo)[None, :]
         if IS_CAUSAL:
             valid = valid & (pos_q[:, None] >= offs_n[None, :])
@@ -367,7 +403,7 @@ def _gape_fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # never with a sink: a row that sees no key gives zeros and LSE = sink
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     # +inf for a row with no visible key makes every backward weight exp2(s - inf) = 0.
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -379,11 +415,12 @@ def _gape_fwd_kernel(
 
 @triton.jit
 def _gape_bwd_preprocess(
-    O, DO, DELTA,
+    O, DO, DELTA, LSE, SINKS, DSINK,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     n_qheads, Lq, head_dim_v,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_SINKS: tl.constexpr,  # also reduce the sink gradient of this block of rows
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -398,12 +435,20 @@ def _gape_bwd_preprocess(
                  + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+    if HAS_SINKS:
+        # d sink = -sum_rows p_sink * delta with p_sink = exp2(sink2 - LSE) (the LSE includes
+        # the sink); one partial per program, summed on the host: deterministic, no atomics.
+        lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+        sink2 = tl.load(SINKS + off_h) * 1.4426950408889634
+        p_sink = tl.math.exp2(sink2 - lse)
+        part = -tl.sum(tl.where(offs_m < Lq, p_sink * delta, 0.0), 0)
+        tl.store(DSINK + bh.to(tl.int64) * tl.num_programs(0) + start_m, part)
 
 
 @triton.autotune(configs=BWD_KV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("bwd_kv")})
 @triton.jit
 def _gape_bwd_kv_kernel(
-    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, DO, LSE, DELTA, DK, DV, DKG,
+    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, SINKS, DO, LSE, DELTA, DK, DV, DKG,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -413,12 +458,14 @@ def _gape_bwd_kv_kernel(
     n_qheads, group, Lq, Lk, head_dim, head_dim_v,
     win_lo, win_hi,
     sm_scale, qk_scale,  # scale, and scale * log2(e)
+    softcap2,  # softcap * log2(e) when HAS_SOFTCAP
     q_bucket, k_bucket,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,  # sinks only enter through the LSE here
     DOT_PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -469,6 +516,8 @@ def _gape_bwd_kv_kernel(
             delta = tl.load(DELTA + row + offs_m, mask=m_valid, other=0.0)
             pos_q = offs_m + qoff
             st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if HAS_SOFTCAP:
+                st, tt = _softcap(st, softcap2)
             valid = key_ok[:, None] & m_valid[None, :]
             if IS_CAUSAL:
                 valid = valid & (pos_q[None, :] >= offs_n[:, None])
@@ -485,7 +534,11 @@ def _gape_bwd_kv_kernel(
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+            if HAS_SOFTCAP:
+                # only the content logit went through tanh; the gates' bias was added after it
+                dk = tl.dot((dst * (1.0 - tt * tt)).to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+            else:
+                dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 dpi += tl.sum(dst * lam[None, :] * ph2, 1)
 
@@ -503,7 +556,7 @@ def _gape_bwd_kv_kernel(
 @triton.autotune(configs=BWD_Q_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("bwd_q")})
 @triton.jit
 def _gape_bwd_q_kernel(
-    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, DO, LSE, DELTA, DQ, DQG,
+    Q, K, V, QG, KG, KSTART, KEND, QOFF, CU_Q, CU_K, SINKS, DO, LSE, DELTA, DQ, DQG,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -512,12 +565,14 @@ def _gape_bwd_q_kernel(
     n_qheads, group, Lq, Lk, head_dim, head_dim_v,
     win_lo, win_hi,
     sm_scale, qk_scale,  # scale, and scale * log2(e)
+    softcap2,  # softcap * log2(e) when HAS_SOFTCAP
     q_bucket, k_bucket,  # autotune keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, DISTANCE: tl.constexpr,
     HAS_KEY_RANGE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,  # sinks only enter through the LSE here
     DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -565,6 +620,8 @@ def _gape_bwd_q_kernel(
         vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
                      mask=n_in[None, :] & dv_valid[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            s, t = _softcap(s, softcap2)
         valid = m_valid[:, None] & n_in[None, :] & (offs_n >= lo)[None, :]
         if IS_CAUSAL:
             valid = valid & (pos_q[:, None] >= offs_n[None, :])
@@ -579,7 +636,10 @@ def _gape_bwd_q_kernel(
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            dq = tl.dot((ds * (1.0 - t * t)).to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        else:
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             dlam -= tl.sum(ds * keep[None, :] * ph2, 1)
 
@@ -627,7 +687,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _common(q, k, v, is_causal, distance, key_start, has_bias, window=None, cu_seqlens_q=None, max_seqlen_q=0,
-            max_seqlen_k=0):
+            max_seqlen_k=0, sinks=None, softcap=None):
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and MIN_HEAD_DIM <= dv <= MAX_HEAD_DIM):
@@ -643,8 +703,17 @@ def _common(q, k, v, is_causal, distance, key_start, has_bias, window=None, cu_s
         IS_CAUSAL=bool(is_causal), DISTANCE=DISTANCE_CODES[distance],
         HAS_KEY_RANGE=key_start is not None, HAS_BIAS=bool(has_bias),
         HAS_WINDOW=window is not None, IS_VARLEN=varlen,
+        HAS_SINKS=sinks is not None, HAS_SOFTCAP=softcap is not None,
+        softcap2=1.0 if softcap is None else float(softcap) * LOG2E,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+
+
+def _sinks32(sinks, device) -> torch.Tensor:
+    """The sinks as fp32 ``[Hq]`` (a one-element dummy without them)."""
+    if sinks is None:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    return sinks.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
 _INT32_MAX = 2**31 - 1
@@ -681,11 +750,12 @@ def _positions(q, k, query_offset, cu_seqlens_q, cu_seqlens_k):
 
 
 def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distance, has_bias=True, query_offset=None,
-                  window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                  window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, sinks=None,
+                  softcap=None):
     check_device(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     meta = _common(q, k, v, is_causal, distance, key_start, has_bias, window, cu_seqlens_q, max_seqlen_q,
-                   max_seqlen_k)
+                   max_seqlen_k, sinks, softcap)
     b, hq, lq, _ = q.shape
     qg = qg.to(torch.float32).contiguous()
     kg = kg.to(torch.float32).contiguous()
@@ -696,7 +766,7 @@ def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distanc
     rows = max_seqlen_q if cu_seqlens_q is not None else lq
     grid = lambda m: (triton.cdiv(rows, m["BLOCK_M"]), n * hq)  # noqa: E731
     _gape_fwd_kernel[grid](
-        q, k, v, qg, kg, ks, ke, qoff, cu_q, cu_k, out, lse,
+        q, k, v, qg, kg, ks, ke, qoff, cu_q, cu_k, _sinks32(sinks, q.device), out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -708,11 +778,12 @@ def _forward_impl(q, k, v, qg, kg, key_start, key_end, is_causal, scale, distanc
 
 def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal, scale, distance, has_bias=True,
                    query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                   max_seqlen_k=0):
+                   max_seqlen_k=0, sinks=None, softcap=None):
+    """``(dq, dk, dv, d query_gate, d key_gate, d sinks)``; d sinks is None without sinks."""
     check_device(q)
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
     meta = _common(q, k, v, is_causal, distance, key_start, has_bias, window, cu_seqlens_q, max_seqlen_q,
-                   max_seqlen_k)
+                   max_seqlen_k, sinks, softcap)
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     qg32 = qg.to(torch.float32).contiguous()
@@ -723,12 +794,16 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
     rows, keys = (max_seqlen_q, max_seqlen_k) if varlen else (lq, lk)
 
     delta = _new_output((b, hq, lq), torch.float32, q.device)
-    _gape_bwd_preprocess[(triton.cdiv(lq, PREPROCESS_BLOCK_M), b * hq)](
-        out, do, delta,
+    row_blocks = triton.cdiv(lq, PREPROCESS_BLOCK_M)
+    sinks32 = _sinks32(sinks, q.device)
+    # one partial sink gradient per (batch x head, row block)
+    dsink_part = _new_output((b, hq, row_blocks) if sinks is not None else (1,), torch.float32, q.device)
+    _gape_bwd_preprocess[(row_blocks, b * hq)](
+        out, do, delta, lse, sinks32, dsink_part,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         hq, lq, v.shape[3],
-        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"],
+        BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_DV=meta["BLOCK_DV"], HAS_SINKS=sinks is not None,
     )
     dq = _new_output(q.shape, q.dtype, q.device)
     dk = _new_output(k.shape, k.dtype, k.device)
@@ -736,7 +811,7 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
     dqg = _new_output((b, hq, lq), torch.float32, q.device)
     dkg = _new_output((b, hkv, lk), torch.float32, q.device)
     _gape_bwd_kv_kernel[lambda m: (triton.cdiv(keys, m["BLOCK_N"]), n * hkv)](
-        q, k, v, qg32, kg32, ks, ke, qoff, cu_q, cu_k, do, lse, delta, dk, dv, dkg,
+        q, k, v, qg32, kg32, ks, ke, qoff, cu_q, cu_k, sinks32, do, lse, delta, dk, dv, dkg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -746,7 +821,7 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
         sm_scale=scale, qk_scale=scale * LOG2E, **meta,
     )
     _gape_bwd_q_kernel[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), n * hq)](
-        q, k, v, qg32, kg32, ks, ke, qoff, cu_q, cu_k, do, lse, delta, dq, dqg,
+        q, k, v, qg32, kg32, ks, ke, qoff, cu_q, cu_k, sinks32, do, lse, delta, dq, dqg,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -754,13 +829,15 @@ def _backward_impl(do, q, k, v, qg, kg, out, lse, key_start, key_end, is_causal,
         dq.stride(0), dq.stride(1), dq.stride(2),
         sm_scale=scale, qk_scale=scale * LOG2E, **meta,
     )
-    return dq, dk, dv, dqg.to(qg.dtype), dkg.to(kg.dtype)
+    dsinks = None if sinks is None else dsink_part.sum((0, 2)).to(sinks.dtype)
+    return dq, dk, dv, dqg.to(qg.dtype), dkg.to(kg.dtype), dsinks
 
 
 # torch.library ops: opaque to torch.compile (it sees the fake shapes) and
 # differentiable through the registered backward. Positions: query_offset (int32
 # [B] or None = bottom-right), window (None or [left, right]), and for packed
 # sequences cu_seqlens_q/k with max_seqlen_q/k (query/key then [1, H, T, D] views).
+# Terms: sinks ([Hq] learned sink logits or None) and softcap (None = no cap).
 
 
 @torch.library.custom_op("gape::triton_attention_fwd", mutates_args=())
@@ -772,15 +849,17 @@ def _fwd_op(
     query_offset: Optional[torch.Tensor] = None, window: Optional[list[int]] = None,
     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_impl(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance,
                          has_bias, query_offset, None if window is None else tuple(window), cu_seqlens_q,
-                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, sinks, softcap)
 
 
 @_fwd_op.register_fake
 def _(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale, distance, has_bias,
-      query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+      query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+      sinks=None, softcap=None):
     b, hq, lq, _ = query.shape
     out = query.new_empty(b, hq, lq, value.shape[3])
     lse = query.new_empty(b, hq, lq, dtype=torch.float32)
@@ -796,26 +875,31 @@ def _bwd_op(
     query_offset: Optional[torch.Tensor] = None, window: Optional[list[int]] = None,
     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
-                          is_causal, scale, distance, has_bias, query_offset,
-                          None if window is None else tuple(window), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k)
+    sinks: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The five gradients and d sinks (an empty tensor without sinks: an op returns no None)."""
+    *grads, dsinks = _backward_impl(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
+                                    is_causal, scale, distance, has_bias, query_offset,
+                                    None if window is None else tuple(window), cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, sinks, softcap)
+    return (*grads, query.new_empty(0, dtype=torch.float32) if dsinks is None else dsinks)
 
 
 @_bwd_op.register_fake
 def _(grad_out, query, key, value, query_gate, key_gate, out, lse, key_start, key_end, is_causal, scale, distance,
       has_bias, query_offset=None, window=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0):
+      max_seqlen_k=0, sinks=None, softcap=None):
+    dsinks = query.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
     return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
-            torch.empty_like(query_gate), torch.empty_like(key_gate))
+            torch.empty_like(query_gate), torch.empty_like(key_gate), dsinks)
 
 
 _N_TENSOR_INPUTS = 7  # query .. key_end
-_TENSOR_POSITIONS = (11, 13, 14)  # query_offset, cu_seqlens_q, cu_seqlens_k
+_TENSOR_POSITIONS = (11, 13, 14, 17)  # query_offset, cu_seqlens_q, cu_seqlens_k, sinks
+_SINKS = 17
 
 
-_POSITION_DEFAULTS = (None, None, None, None, 0, 0)  # query_offset .. max_seqlen_k
+_POSITION_DEFAULTS = (None, None, None, None, 0, 0, None, None)  # query_offset .. softcap
 
 
 def _setup_context(ctx, inputs, output):
@@ -833,11 +917,13 @@ def _backward(ctx, grad_out, grad_lse):
 
         raise RuntimeError(double_backward_error("triton"))
     saved = ctx.saved_tensors
-    query, key, value, query_gate, key_gate, key_start, key_end, qoff, cu_q, cu_k, out, lse = saved
+    query, key, value, query_gate, key_gate, key_start, key_end, qoff, cu_q, cu_k, sinks, out, lse = saved
     a = ctx.args
-    grads = _bwd_op(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse, key_start, key_end,
-                    a[7], a[8], a[9], a[10], qoff, a[12], cu_q, cu_k, a[15], a[16])
-    return (*grads, *([None] * (len(a) - 5)))
+    *grads, dsinks = _bwd_op(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse, key_start,
+                             key_end, a[7], a[8], a[9], a[10], qoff, a[12], cu_q, cu_k, a[15], a[16], sinks, a[18])
+    rest = [None] * (len(a) - 5)
+    rest[_SINKS - 5] = None if sinks is None else dsinks
+    return (*grads, *rest)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -850,19 +936,21 @@ def _offset_tensor(query_offset, b, device):
 
 
 def gape_attention_triton(query, key, value, query_gate, key_gate, key_start=None, key_end=None, is_causal=True,
-                          scale=None, distance="log", has_bias=True, *, query_offset=None, window=None) -> torch.Tensor:
+                          scale=None, distance="log", has_bias=True, *, query_offset=None, window=None, sinks=None,
+                          softcap=None) -> torch.Tensor:
     """The fused op with explicit per-batch key ranges (int ``[B]``, half-open).
 
     ``has_bias=False`` compiles the bias out (plain attention; for benchmarks).
-    Shapes, ``query_offset`` and ``window`` as :func:`gape.attention`; no
-    gate-range validation here.
+    Shapes, ``query_offset``, ``window``, ``sinks`` and ``softcap`` as
+    :func:`gape.attention`; no gate-range validation here.
     """
     if (key_start is None) != (key_end is None):
         raise ValueError("key_start and key_end must be given together (int tensors of shape [B])")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out, _ = _fwd_op(query, key, value, query_gate, key_gate, key_start, key_end, bool(is_causal), scale, distance,
                      bool(has_bias), _offset_tensor(query_offset, query.shape[0], query.device),
-                     None if window is None else list(window), None, None, 0, 0)
+                     None if window is None else list(window), None, None, 0, 0, sinks,
+                     None if softcap is None else float(softcap))
     return out
 
 
@@ -875,10 +963,9 @@ def supports(call) -> str | None:
     The one place that knows what the kernel takes: CUDA (or the interpreter),
     float16/bfloat16/float32, head dims MIN_HEAD_DIM..MAX_HEAD_DIM, and masks
     that are per-batch key ranges (key padding, with or without the causal rule).
+    Learned sinks and the logit soft-cap are constexpr variants of the kernels.
     """
     query = call.query
-    if call.terms:
-        return f'the "triton" backend does not implement {call.terms} yet; use backend="torch" (or "auto")'
     # the interpreter must be on both when the kernels were decorated and now
     if query.device.type != "cuda" and not (_is_interpreted() and os.environ.get("TRITON_INTERPRET") == "1"):
         return (
@@ -895,7 +982,7 @@ def supports(call) -> str | None:
 
 
 def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance, *,
-                     query_offset=None, window=None, key_ranges=None):
+                     query_offset=None, window=None, key_ranges=None, sinks=None, softcap=None):
     """``backend="triton"`` of :func:`gape.attention` (arguments already validated there).
 
     A key-padding ``attn_mask`` (see :mod:`gape.kernels.key_ranges`) becomes
@@ -908,20 +995,20 @@ def triton_attention(query, key, value, query_gate, key_gate, attn_mask, is_caus
         ranges = key_ranges or mask_to_key_ranges(attn_mask, query.shape[2], key.shape[2], is_causal, query_offset, window)
         key_start, key_end, is_causal = ranges.start, ranges.end, ranges.causal
     return gape_attention_triton(query, key, value, query_gate, key_gate, key_start, key_end, is_causal, scale,
-                                 distance, query_offset=query_offset, window=window)
+                                 distance, query_offset=query_offset, window=window, sinks=sinks, softcap=softcap)
 
 
 def triton_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, is_causal, scale, distance, window=None):
+                            max_seqlen_k, is_causal, scale, distance, window=None, *, sinks=None, softcap=None):
     """``backend="triton"`` of :func:`gape.attention_varlen`: one launch over every
     sequence (grid rows sized by ``max_seqlen_q``), the packed tensors read in place
-    as ``[1, H, T, D]`` views."""
+    as ``[1, H, T, D]`` views. ``sinks`` ``[Hq]`` and ``softcap`` as :func:`gape.attention`."""
     check_device(query)
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
     lam, pi = query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0)
     out, _ = _fwd_op(q4, k4, v4, lam, pi, None, None, bool(is_causal), float(scale), distance, True, None,
                      None if window is None else list(window), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                     int(max_seqlen_k))
+                     int(max_seqlen_k), sinks, None if softcap is None else float(softcap))
     return out[0].transpose(0, 1)
 
 
@@ -937,4 +1024,4 @@ def block_backward(grad_out, query, key, value, query_gate, key_gate, out, lse2,
     """The five gradients of one block from the merged ``(out, lse in base 2)`` (for :mod:`gape.core.ops`)."""
     off = _offset_tensor(query_offset, query.shape[0], query.device)
     return _backward_impl(grad_out.contiguous(), query, key, value, query_gate, key_gate, out, lse2, None, None,
-                          is_causal, scale, distance, True, off, window)
+                          is_causal, scale, distance, True, off, window)[:5]

@@ -9,7 +9,8 @@ kernel's metadata, tensor-core use from the PTX (``mma.sync`` on sm_80,
 
 "Shipped variants" are the autotune configs that survive the pruning filter of
 :mod:`gape.kernels.attention` for a long sequence on that architecture, for
-each kernel x causal x distance x head dim x dtype.
+each kernel x causal x distance x head dim x dtype x positions x logit terms
+(learned sinks, soft-cap).
 
 The kernels must be real ``JITFunction`` objects, so when ``TRITON_INTERPRET``
 is set (or the kernels were already decorated for the interpreter) the audit
@@ -37,6 +38,8 @@ KERNELS = ("fwd", "bwd_preprocess", "bwd_kv", "bwd_q")
 AUDIT_LEN = 4096  # sequence length the pruning filter sees (a long-context launch)
 # position variant -> (HAS_WINDOW, IS_VARLEN)
 POSITIONS = {"dense": (False, False), "window": (True, False), "varlen": (True, True)}
+# logit terms -> (HAS_SINKS, HAS_SOFTCAP)
+TERMS = {"none": (False, False), "sinks": (True, False), "softcap": (False, True), "sinks+softcap": (True, True)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", nargs="+", default=list(POSITIONS), choices=POSITIONS,
                         help="position variants: dense (query offsets), window (local window), varlen (packed "
                              "sequences with a window); default all")
+    parser.add_argument("--terms", nargs="+", default=list(TERMS), choices=TERMS,
+                        help="logit terms: none, learned sinks, the tanh soft-cap, or both (default all); the "
+                             "preprocess kernel only varies with the sinks")
     parser.add_argument("--first-config-only", action="store_true",
                         help="compile only the first surviving autotune config per variant, a quick check (default: every config)")
     parser.add_argument("--quiet", action="store_true", help="do not print the table (default: print it)")
@@ -66,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _argv(args) -> list[str]:
     argv = ["--out", args.out, "--arch", *map(str, args.arch), "--head-dim", *map(str, args.head_dim),
             "--dtype", *args.dtype, "--kernel", *args.kernel, "--causal", *args.causal, "--distance", *args.distance,
-            "--positions", *args.positions]
+            "--positions", *args.positions, "--terms", *args.terms]
     if args.first_config_only:
         argv.append("--first-config-only")
     if args.quiet:
@@ -98,8 +104,8 @@ def _write(path: str, rows: list[dict]) -> None:
     write_json_atomic(path, rows, indent=1)
 
 
-_KEY = ("kernel", "arch", "head_dim", "dtype", "causal", "distance", "positions", "block_m", "block_n", "num_warps",
-        "num_stages", "source")
+_KEY = ("kernel", "arch", "head_dim", "dtype", "causal", "distance", "positions", "terms", "block_m", "block_n",
+        "num_warps", "num_stages", "source")
 
 
 def _previous(path: str) -> dict:
@@ -128,7 +134,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     input dtype, gates/LSE/delta/gate grads fp32, key ranges int32, sizes and
     strides int32; pointers and row strides 16-divisible (head dims 64/128)."""
     data = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-    f32 = {"QG", "KG", "LSE", "DELTA", "DKG", "DQG"}
+    f32 = {"QG", "KG", "LSE", "DELTA", "DKG", "DQG", "SINKS", "DSINK"}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -139,7 +145,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "*fp32"
         elif name in ("KSTART", "KEND", "QOFF", "CU_Q", "CU_K"):
             sig[name] = "*i32"
-        elif name in ("qk_scale", "sm_scale"):
+        elif name in ("qk_scale", "sm_scale", "softcap2"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -217,39 +223,44 @@ def audit(args) -> list[dict]:
                 block_d = max(16, triton.next_power_of_2(d))
                 for dtype in args.dtype:
                     if kernel == "bwd_preprocess":
-                        variants = [(None, None, None)]
+                        # only the sinks change this kernel: "none" and "sinks" stand for the rest
+                        terms = [t for t in ("none", "sinks")
+                                 if any(TERMS[u][0] == TERMS[t][0] for u in args.terms)]
+                        variants = [(None, None, None, t) for t in terms]
                         configs = [triton.Config({"BLOCK_M": A.PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1)]
                     else:
-                        variants = [(c, dist, pos) for c in args.causal for dist in args.distance
-                                    for pos in args.positions]
+                        variants = [(c, dist, pos, t) for t in args.terms for c in args.causal
+                                    for dist in args.distance for pos in args.positions]
                         configs = None  # chosen per variant: the filter of a real launch sees HAS_WINDOW
-                    for causal, dist, pos in variants:
+                    for causal, dist, pos, terms in variants:
                         kept = configs
                         if kept is None:
                             kept = [c for c in tuned.configs
                                     if A.config_fits(kernel, c, block_d, block_d, elt[dtype], AUDIT_LEN, AUDIT_LEN,
-                                                     ARCHS[cc], cc, windowed=POSITIONS[pos][0])]
+                                                     ARCHS[cc], cc, windowed=POSITIONS[pos][0],
+                                                     softcap=TERMS[terms][1])]
                             if args.first_config_only:
                                 kept = kept[:1]
-                        jobs += [(kernel, fn, cc, d, block_d, dtype, causal, dist, pos, cfg) for cfg in kept]
+                        jobs += [(kernel, fn, cc, d, block_d, dtype, causal, dist, pos, terms, cfg) for cfg in kept]
     rows = []
     previous = _previous(args.out)
     bar = tqdm(jobs, desc="audit-kernels", unit="variant", dynamic_ncols=True, file=sys.stderr)
-    for kernel, fn, cc, d, block_d, dtype, causal, dist, pos, cfg in bar:
+    for kernel, fn, cc, d, block_d, dtype, causal, dist, pos, terms, cfg in bar:
         const = dict(cfg.kwargs)
         if kernel == "bwd_preprocess":
-            const["BLOCK_DV"] = block_d
+            const.update(BLOCK_DV=block_d, HAS_SINKS=TERMS[terms][0])
         else:
             const.update(BLOCK_D=block_d, BLOCK_DV=block_d, IS_CAUSAL=causal == "1",
                          DISTANCE=A.DISTANCE_CODES[dist], HAS_KEY_RANGE=False, HAS_BIAS=True,
                          HAS_WINDOW=POSITIONS[pos][0], IS_VARLEN=POSITIONS[pos][1],
+                         HAS_SINKS=TERMS[terms][0], HAS_SOFTCAP=TERMS[terms][1],
                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
         sig, attrs = _signature(fn, dtype, const)
         row = {
             "kernel": kernel, "source": _source_hash(fn), "arch": ARCH_NAMES[cc], "head_dim": d,
             "dtype": dtype,
             "causal": None if causal is None else causal == "1", "distance": dist,
-            "positions": pos,
+            "positions": pos, "terms": terms,
             "block_m": cfg.kwargs.get("BLOCK_M"), "block_n": cfg.kwargs.get("BLOCK_N"),
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
         }
@@ -264,7 +275,7 @@ def audit(args) -> list[dict]:
         _write(args.out, rows)
         if not args.quiet:
             bar.write(f"[{len(rows)}] {kernel} {ARCH_NAMES[cc]} D{d} {dtype} causal={causal} "
-                      f"{dist} {pos} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: regs {row.get('regs')} "
+                      f"{dist} {pos} {terms} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: regs {row.get('regs')} "
                       f"spills {row.get('spills')} smem {row.get('shared_bytes')}", file=sys.stderr)
     _write(args.out, rows)
     return rows
@@ -289,9 +300,9 @@ def _meets(row: dict, cc: int) -> bool:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["kernel", "arch", "head_dim", "dtype", "causal", "distance", "positions", "block_m", "block_n", "num_warps",
+    cols = ["kernel", "arch", "head_dim", "dtype", "causal", "distance", "positions", "terms", "block_m", "block_n", "num_warps",
             "num_stages", "regs", "spills", "shared_bytes", "uses_mma", "uses_wgmma", "ok", "meets_requirements"]
-    head = ["kernel", "arch", "D", "dtype", "causal", "dist", "pos", "BM", "BN", "warps", "stages", "regs", "spills",
+    head = ["kernel", "arch", "D", "dtype", "causal", "dist", "pos", "terms", "BM", "BN", "warps", "stages", "regs", "spills",
             "smem", "mma", "wgmma", "ok", "meets"]
     table = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]

@@ -149,6 +149,9 @@ def test_gpu_case_list_covers_the_brief():
     assert any(c.lq == 1 and c.lk == 2**20 for c in grid)
     kinds = {kind for kind, _ in cases}
     assert {"ranges:left-pad-causal", "ranges:right-pad-full", "ranges:empty-batch", "tmask"} <= kinds
+    # learned sinks and the soft-cap: each term alone and both, dense, windowed, decode offsets, packed
+    assert {"terms:sinks", "terms:softcap", "terms:sinks+softcap", "terms-window:sinks+softcap",
+            "terms-decode:sinks+softcap", "terms-varlen:sinks", "terms-varlen:sinks+softcap"} <= kinds
     for kind, c in cases:
         if kind.startswith("ranges:"):
             start, end = gc.key_range_layout(kind.split(":")[1], c.b, c.lk)

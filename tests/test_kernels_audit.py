@@ -20,7 +20,7 @@ def rows(tmp_path_factory):
     # subprocess without it: this also covers that path.
     rc = main(["audit-kernels", "--out", str(out), "--arch", "80", "90", "--head-dim", "128", "--dtype", "bf16",
                "--causal", "1", "--distance", "log", "--positions", "dense", "varlen", "--first-config-only",
-               "--quiet"])
+               "--terms", "none", "sinks+softcap", "--quiet"])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -30,6 +30,9 @@ def test_every_kernel_and_arch_compiled(rows):
     assert seen == {(k, a) for k in ("fwd", "bwd_preprocess", "bwd_kv", "bwd_q") for a in ("sm_80", "sm_90")}
     # the dense kernels and the packed-sequence variant with a window
     assert {r["positions"] for r in rows if r["kernel"] != "bwd_preprocess"} == {"dense", "varlen"}
+    # the plain kernels and the variants with learned sinks and the soft-cap (the preprocess: sinks only)
+    assert {r["terms"] for r in rows if r["kernel"] != "bwd_preprocess"} == {"none", "sinks+softcap"}
+    assert {r["terms"] for r in rows if r["kernel"] == "bwd_preprocess"} == {"none", "sinks"}
     for r in rows:
         assert r["ok"], r.get("error")
         assert r["regs"] and 0 < r["regs"] <= 255, r
@@ -59,6 +62,10 @@ WINDOW_SPILLS = [("fwd", 80, 64, 128, 128, 8), ("bwd_kv", 80, 64, 16, 128, 8), (
                  ("bwd_kv", 90, 64, 16, 32, 4), ("bwd_q", 80, 128, 64, 32, 4)]
 # Tiles that spill in a dense variant too: not shipped for that class at all.
 SPILLS = [("bwd_kv", 90, 64, 64, 128, 8)]
+# Tiles that spill with the soft-cap (its backward keeps a tanh tile live), dropped from the
+# soft-capped variants only.
+SOFTCAP_SPILLS = [("bwd_kv", 90, 64, 64, 64, 8), ("bwd_kv", 90, 128, 32, 64, 8), ("fwd", 80, 128, 16, 128, 4),
+                  ("bwd_q", 90, 128, 128, 64, 8), ("bwd_q", 90, 128, 64, 64, 8), ("bwd_q", 90, 128, 64, 64, 4)]
 
 
 def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
@@ -75,8 +82,10 @@ def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
         "  for fam in (80, 90):\n"
         "    for d in (64, 128):\n"
         "      for w in (False, True):\n"
-        "        out[f'{k} {fam} {d} {w}'] = [[c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.num_warps] for c in cs\n"
-        "            if A.config_fits(k, c, d, d, 2, 4096, 4096, {80: 163 * 1024, 90: 227 * 1024}[fam], fam, windowed=w)]\n"
+        "       for cap in (False, True):\n"
+        "        out[f'{k} {fam} {d} {w}' + ' cap' * cap] = [[c.kwargs['BLOCK_M'], c.kwargs['BLOCK_N'], c.num_warps]\n"
+        "            for c in cs if A.config_fits(k, c, d, d, 2, 4096, 4096, {80: 163 * 1024, 90: 227 * 1024}[fam],\n"
+        "                                         fam, windowed=w, softcap=cap)]\n"
         "print(json.dumps(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -89,5 +98,9 @@ def test_the_prune_filter_drops_spilling_tiles_from_windowed_variants_only():
     for kernel, fam, d, bm, bn, warps in SPILLS:
         for windowed in (False, True):
             assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} {windowed}"], (kernel, fam, d, bm, bn)
+    for kernel, fam, d, bm, bn, warps in SOFTCAP_SPILLS:
+        assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} True cap"], (kernel, fam, d, bm, bn)
+        assert [bm, bn, warps] not in kept[f"{kernel} {fam} {d} False cap"], (kernel, fam, d, bm, bn)
+        assert [bm, bn, warps] in kept[f"{kernel} {fam} {d} False"], (kernel, fam, d, bm, bn)  # plain keeps it
     for key, configs in kept.items():
         assert configs, f"no tile left for {key}"

@@ -158,7 +158,8 @@ def test_backends_without_them_refuse_clearly():
         gape.attention(q, k, v, lam, pi, distance="linear", backend="sdpa", softcap=5.0)
     call = api.AttentionCall(q, k, v, None, True, "log", sinks=sinks, softcap=2.0)
     if not isinstance(api._module("triton"), str):
-        assert "does not implement sinks and softcap" in api._module("triton").supports(call)
+        # the Triton kernels implement both terms: only its usual limits can refuse the call
+        assert "sinks" not in str(api._module("triton").supports(call))
     for strategy in ("sdpa-tiles", "decode"):
         with pytest.raises(ValueError, match=f"strategy='{strategy}' does not implement"):
             torch_attention(q, k, v, lam, pi, None, True, 0.25, "log", strategy=strategy, sinks=sinks)
@@ -182,14 +183,17 @@ def test_bad_terms_are_refused(bad, match):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernel runs in its interpreter")
-def test_triton_refuses_them_and_auto_falls_back():
+def test_triton_serves_them_and_auto_takes_it_on_cuda(monkeypatch):
+    """The Triton kernels implement both terms (tests/test_kernels_sinks_softcap.py checks the
+    numbers); on CUDA "auto" routes them there, on the CPU to the torch backend."""
     q, k, v, lam, pi = (t.float() for t in make_inputs(Case(b=1, hq=2, hkv=1, lq=4, lk=4, d=16)))
-    with pytest.raises(ValueError, match='"triton" backend does not implement sinks'):
-        gape.attention(q, k, v, lam, pi, backend="triton", sinks=torch.zeros(2))
-    cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(ValueError, match='"triton" backend does not implement softcap'):
-        gape.attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), lam[0].t(),
-                              pi[0].t(), cu, cu, 4, 4, backend="triton", softcap=2.0)
+    sinks = torch.tensor([0.5, -1.0])
+    want = reference_attention(q, k, v, lam, pi, None, True, None, "log", sinks=sinks, softcap=3.0)
+    got = gape.attention(q, k, v, lam, pi, backend="triton", sinks=sinks, softcap=3.0)
+    assert float((got - want).abs().max()) < 1e-5
+    assert api.select("auto", q, k, v, sinks=sinks, softcap=3.0).name == "torch"
+    monkeypatch.setattr(api, "_on_gpu", lambda query: True)
+    assert api.select("auto", q, k, v, sinks=sinks, softcap=3.0).name == "triton"
 
 
 def test_packed_sequences_refuse_bad_terms():

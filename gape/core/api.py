@@ -540,10 +540,11 @@ def attention(
             becomes ``c * tanh(scale <q, k> / c)``; the GAPE bias is added after
             the cap (docs/maths.md says why).
 
-    Sinks and soft-capping run on the ``"reference"`` and ``"torch"`` backends
-    (the torch backend's fused C++ CPU kernel, or its GEMM tiles where the kernel
-    cannot run); ``"sdpa"`` and ``"triton"`` refuse them, and ``"auto"`` takes the
-    torch backend for them.
+    Sinks and soft-capping run on the ``"reference"``, ``"torch"`` (the fused C++
+    CPU kernel, or the GEMM tiles where the kernel cannot run) and ``"triton"``
+    backends (constexpr variants of the fused kernels), forward and backward;
+    ``"sdpa"`` refuses them. ``"auto"`` takes the Triton kernel for them on CUDA,
+    the torch backend elsewhere.
 
     Returns:
         ``[B, Hq, Lq, Dv]`` in the query dtype.
