@@ -246,6 +246,34 @@ def test_partial_rotary_gates_read_both_channel_kinds(arch):
 CPU_KERNEL = gape.GapeConfig(backend="torch", identity_shortcut=False)
 
 
+@pytest.mark.parametrize("arch,term", [("gpt_oss", "sinks"), ("gemma2", "softcap")])
+def test_packed_sequences_keep_sinks_and_softcap(arch, term, monkeypatch):
+    """Packed rows (position_ids restarting per sequence) run the varlen entry point with the
+    model's sinks or soft-cap: the logits equal each sequence run alone, with gates on."""
+    from gape.core import torch_backend
+    from gape.hf import attention as hf_attention
+
+    seen = []
+    varlen = torch_backend.torch_attention_varlen
+    monkeypatch.setattr(torch_backend, "torch_attention_varlen",
+                        lambda *a, **k: seen.append(k.get(term) is not None) or varlen(*a, **k))
+    hf_attention._varlen_fn.cache_clear()
+    try:
+        model = make(arch, sliding_window=64)  # the window spans the row: packing alone is under test
+        gape.patch(model, gape.GapeConfig(backend="torch"))
+        randomize(model)
+        lens = [7, 12, 5]
+        seqs = [ids(1, n, seed=10 + i)[0] for i, n in enumerate(lens)]
+        position_ids = torch.cat([torch.arange(n) for n in lens])[None]
+        with torch.no_grad():
+            packed = model(torch.cat(seqs)[None], position_ids=position_ids, use_cache=False).logits[0]
+            alone = torch.cat([model(s[None], use_cache=False).logits[0] for s in seqs])
+    finally:
+        hf_attention._varlen_fn.cache_clear()
+    assert seen and all(seen), f"the packed path ran without the {term}"
+    torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL],
                          ids=["reference", "default", "cpu-kernel"])
 @pytest.mark.parametrize("arch,term", [("gpt_oss", "sinks"), ("gemma2", "softcap")])

@@ -95,11 +95,14 @@ def _probe(device, dtype, *shape):
 
 
 @functools.lru_cache(maxsize=64)
-def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, d: int = 1, dv: int = 1):
-    """The packed-sequence entry point of the backend, or None (the mask path then runs)."""
+def _varlen_fn(backend: str, device: torch.device, dtype: torch.dtype, distance: str, d: int = 1, dv: int = 1,
+               sinks: bool = False, softcap: bool = False):
+    """The packed-sequence entry point of the backend that serves these logit terms (the
+    call passes their values), or None (the mask path then runs)."""
     q, v = _probe(device, dtype, 1, 1, d), _probe(device, dtype, 1, 1, dv)
+    terms = dict(sinks=_probe(device, torch.float32, 1) if sinks else None, softcap=1.0 if softcap else None)
     try:
-        return api.select(backend, q, q, v, distance=distance, varlen=True)
+        return api.select(backend, q, q, v, distance=distance, varlen=True, **terms)
     except ValueError:
         return None
 
@@ -194,10 +197,11 @@ def gape_attention_forward(
     state.query_offset = None
     packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
     if packed is not None:
-        varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1])
+        varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1],
+                            "sinks" in terms, "softcap" in terms)
         if varlen is not None:
             out = varlen(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), lam[0].t(),
-                         pi[0].t(), *packed, is_causal, scale, distance, window)
+                         pi[0].t(), *packed, is_causal, scale, distance, window, **terms)
             out = _poison(out.unsqueeze(0), lam, pi).contiguous()
             if want_probs:
                 return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
