@@ -147,6 +147,13 @@ inline Vectorized<float> vtanh(const Vectorized<float>& x) {
   return V::blendv(signed_big, small, ax < V(0.3f));
 }
 
+// max that keeps a NaN from either side: a NaN score makes the row's maximum NaN, so the whole
+// row comes out NaN as in the reference (std::max(m, NaN) would return m and hide it).
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || std::isnan(b)) ? b : a;
+}
+
 template <typename T>
 T row_max(const T* s, int64_t n) {
   using V = Vectorized<T>;
@@ -155,7 +162,7 @@ T row_max(const T* s, int64_t n) {
   int64_t c = 0;
   for (; c + W <= n; c += W) vmax = at::vec::maximum(vmax, V::loadu(s + c));
   T m = at::vec::vec_reduce_all<T>([](V& a, V& bb) { return at::vec::maximum(a, bb); }, vmax);
-  for (; c < n; ++c) m = std::max(m, s[c]);
+  for (; c < n; ++c) m = nan_max(m, s[c]);
   return m;
 }
 
@@ -257,7 +264,7 @@ struct Problem {
         const T t = std::tanh(s[c] * inner);
         if (dcap != nullptr) dcap[c] = T(1) - t * t;
         s[c] = softcap * t - li * (kk[c] * ph[c]);
-        if constexpr (FWD) m = std::max(m, s[c]);
+        if constexpr (FWD) m = nan_max(m, s[c]);
       }
     } else {
       for (; c + W <= c1; c += W) {
@@ -268,7 +275,7 @@ struct Problem {
       }
       for (; c < c1; ++c) {
         s[c] = (FWD ? s[c] : s[c] * scale) - li * (kk[c] * ph[c]);
-        if constexpr (FWD) m = std::max(m, s[c]);
+        if constexpr (FWD) m = nan_max(m, s[c]);
       }
     }
     if (mask != nullptr) {
@@ -280,7 +287,7 @@ struct Problem {
       if (mask != nullptr) {
         m = c1 > c0 ? row_max(s + c0, c1 - c0) : neg_inf;
       } else {
-        m = std::max(m, at::vec::vec_reduce_all<T>([](V& a, V& bb) { return at::vec::maximum(a, bb); }, vmax));
+        m = nan_max(m, at::vec::vec_reduce_all<T>([](V& a, V& bb) { return at::vec::maximum(a, bb); }, vmax));
       }
       *rmax = m;
     }
@@ -381,7 +388,7 @@ void forward_impl(const Problem<In, T>& P, at::Tensor& out_t, T* lse, int64_t QB
               std::fill(s, s + nn, T(0));
               continue;
             }
-            const T m_old = m_buf[r], m_new = std::max(m_old, rmax);
+            const T m_old = m_buf[r], m_new = nan_max(m_old, rmax);
             const T alpha = m_old == neg_inf ? T(0) : std::exp(m_old - m_new);
             std::fill(s, s + c0, T(0));
             const T sum = exp_shifted(s + c0, ncols - c0, m_new);
