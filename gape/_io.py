@@ -120,10 +120,11 @@ def relative_path(path) -> str:
     """``path`` as a results file records it: relative, so results name no folder of the machine
     that wrote them.
 
-    Relative to the current directory when the path lies below it (a run started from the
-    repository root: ``benchmarks/results/...``); else to the checkout gape runs from, or to the
-    import root holding it (a package's file: ``lm_eval/tasks/...``), the deepest that holds it;
-    else relative to the current directory (``../data``). The result is a label for the record,
+    An installed package's file relative to the import root holding it (``lm_eval/tasks/...``,
+    even where the environment lies below the current directory); else relative to the current
+    directory when the path lies below it (a run started from the repository root:
+    ``benchmarks/results/...``); else to the checkout gape runs from, or to the deepest import
+    root holding it; else relative to the current directory (``../data``). The result is a label for the record,
     equal for equal files from one place; a relative input is normalised the same way.
     """
     path = os.path.abspath(os.fspath(path))
@@ -132,7 +133,18 @@ def relative_path(path) -> str:
     def below(root: str) -> bool:
         return os.path.commonpath([path, root]) == root if os.path.isabs(root) else False
 
+    def holds_cwd(root: str) -> bool:
+        return os.path.isabs(root) and os.path.commonpath([cwd, root]) == root
+
     try:
+        # An installed package's file first (``lm_eval/tasks/...``), even where its environment
+        # lies below the current directory (a ``.venv`` in the checkout).
+        imports = [r for r in map(os.path.abspath, filter(None, sys.path))
+                   if below(r) and not holds_cwd(r)
+                   and (os.path.basename(r) in ("site-packages", "dist-packages")
+                        or os.path.commonpath([r, cwd]) != cwd)]
+        if imports:
+            return os.path.relpath(path, max(imports, key=len))
         if below(cwd):
             return os.path.relpath(path, cwd)
         roots = [r for r in (_REPO_ROOT, *sys.path) if below(r) and r != os.path.dirname(r)]
