@@ -335,7 +335,8 @@ CLI = {
         ("--gates", "MISSING"), ("--threads", "0"), ("--model", "MISSING"), ("--prompt", " "),
     ],
     "audit-kernels": [("--head-dim", "8"), ("--out", "MISSING/rows.json"), ("--arch", "70"), ("--dtype", "fp8"),
-                      ("--kernel", "attn"), ("--causal", "yes"), ("--distance", "cubic"), ("--positions", "paged")],
+                      ("--kernel", "attn"), ("--causal", "yes"), ("--distance", "cubic"), ("--positions", "paged"),
+                      ("--terms", "alibi")],
 }
 CLI_CASES = [(cmd, flag, value) for cmd, cases in CLI.items() for flag, value in cases]
 
