@@ -74,6 +74,22 @@ def test_compiled_patched_model_trains_through_the_fused_op():
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _compiled_equals_eager(fn, leaves):
+    """``fn`` compiled (fullgraph) runs the fused op and gives eager's output and gradients
+    (dtypes included) exactly; returns the compiled output."""
+    want = fn(*leaves)
+    want_grads = torch.autograd.grad(want.float().square().sum(), leaves)
+    cap = Capture()
+    got = torch.compile(fn, fullgraph=True, backend=cap)(*leaves)
+    got_grads = torch.autograd.grad(got.float().square().sum(), leaves)
+    assert _uses_fused(cap.targets)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return got
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("positions", [{}, dict(query_offset=3, window_size=(5, 0)), "per-batch"],
                          ids=["dense", "offset-window", "per-batch-offset"])
@@ -87,19 +103,8 @@ def test_compiled_attention_equals_eager(dtype, positions):
         positions = dict(query_offset=torch.tensor([12, 4]))
     leaves = [t.requires_grad_() for t in (q, k, v, lam, pi)]
 
-    def fn(*xs):
-        return gape.attention(*xs, backend="torch", **positions)
-
-    want = fn(*leaves)
-    want_grads = torch.autograd.grad(want.float().square().sum(), leaves)
-    cap = Capture()
-    got = torch.compile(fn, fullgraph=True, backend=cap)(*leaves)
-    got_grads = torch.autograd.grad(got.float().square().sum(), leaves)
-    assert _uses_fused(cap.targets)
+    got = _compiled_equals_eager(lambda *xs: gape.attention(*xs, backend="torch", **positions), leaves)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_fake_implementation_matches_the_kernel():
@@ -121,19 +126,8 @@ def test_compiled_attention_with_sinks_and_softcap_equals_eager(dtype):
     sinks = torch.randn(4, generator=g) * 2
     leaves = [t.requires_grad_() for t in (q, k, v, lam, pi, sinks)]
 
-    def fn(*xs):
-        return gape.attention(*xs[:5], backend="torch", sinks=xs[5], softcap=1.5, window_size=(6, 0))
-
-    want = fn(*leaves)
-    want_grads = torch.autograd.grad(want.float().square().sum(), leaves)
-    cap = Capture()
-    got = torch.compile(fn, fullgraph=True, backend=cap)(*leaves)
-    got_grads = torch.autograd.grad(got.float().square().sum(), leaves)
-    assert _uses_fused(cap.targets)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for a, b in zip(got_grads, want_grads):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _compiled_equals_eager(
+        lambda *xs: gape.attention(*xs[:5], backend="torch", sinks=xs[5], softcap=1.5, window_size=(6, 0)), leaves)
 
 
 def test_fake_implementation_with_sinks_and_softcap_matches_the_kernel():
