@@ -11,20 +11,15 @@ results/bench_cpu_forward/bench_cpu_forward.json.
     python benchmarks/bench_cpu_forward.py [REPS] [REV] [L ...]
 """
 
-import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_cpu_terms import load_base
+from bench_cpu_terms import alternate, load_base, record
 from gape._io import write_results_json
 from gape._threads import set_threads
 from gape.core.torch_backend import _kernel_args
@@ -61,23 +56,11 @@ def measure(L: int) -> dict:
     # float32 rounding differs between the two (the scale moved into the GEMM); both match the
     # float64 reference in tests/test_kernels_attention_cpu.py
     torch.testing.assert_close(fns["this"](), fns["base"](), rtol=1e-4, atol=1e-5)
-    times = {n: [] for n in fns}
-    order = list(fns)
-    for i in range(REPS):
-        for n in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
-    rev = subprocess.run(["git", "rev-parse", "--short", REV], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                machine=platform.node(), cpu_capability=attention_cpu.capability(), torch=torch.__version__,
-                threads=1, reps=REPS, shape=f"B{B}-H{HQ}/{HKV}-L{L}-D{D}-causal-log-f32", blocks=f"{qb}x{kb}",
-                base_rev=f"{REV} ({rev})", median_s={n: round(t, 4) for n, t in med.items()},
+    med = alternate(fns, REPS)
+    return dict(record(REV, REPS), shape=f"B{B}-H{HQ}/{HKV}-L{L}-D{D}-causal-log-f32", blocks=f"{qb}x{kb}",
+                median_s={n: round(t, 4) for n, t in med.items()},
                 ratio_to_sdpa={n: round(med[n] / med["sdpa"], 3) for n in fns},
-                ratio_to_base={n: round(med[n] / med["base"], 3) for n in fns},
-                loadavg=open("/proc/loadavg").read().split()[0])
+                ratio_to_base={n: round(med[n] / med["base"], 3) for n in fns})
 
 
 def main():

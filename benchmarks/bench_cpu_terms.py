@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import torch
 from torch.utils import cpp_extension
 
 from gape._io import write_results_json
+from gape._machine import machine_record
 from gape._threads import set_threads
 from gape.core.torch_backend import _kernel_args
 from gape.kernels import attention_cpu
@@ -50,6 +50,28 @@ def load_base(rev: str) -> None:
     attention_cpu._put_ninja_on_path()
     cpp_extension.load(name=name, sources=[str(path)], extra_cflags=attention_cpu._cflags(cap),
                        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+
+
+def alternate(fns: dict, reps: int) -> dict:
+    """Median seconds of each callable, timed alternately (the order reversed every other
+    round), so that load drifting over the run reaches every one alike."""
+    times = {n: [] for n in fns}
+    order = list(fns)
+    for i in range(reps):
+        for n in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def record(rev: str, reps: int) -> dict:
+    """The fields every row of these kernel benchmarks carries: date, machine, base revision."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **machine_record(), cpu_capability=attention_cpu.capability(), reps=reps,
+                base_rev=f"{rev} ({short})", loadavg=open("/proc/loadavg").read().split()[0])
 
 
 def main():
@@ -81,22 +103,10 @@ def main():
     fns = {"base": base, "plain": run(), "sinks": run(sinks=sinks), "softcap": run(softcap=20.0),
            "sinks+softcap": run(sinks=sinks, softcap=20.0)}
     torch.testing.assert_close(fns["plain"](), base(), rtol=0, atol=0)
-    times = {n: [] for n in fns}
-    order = list(fns)
-    for i in range(REPS):
-        for n in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
-    rev = subprocess.run(["git", "rev-parse", "--short", REV], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               machine=platform.node(), cpu_capability=attention_cpu.capability(), torch=torch.__version__,
-               threads=1, reps=REPS, shape=f"B{B}-H{HQ}/{HKV}-L{L}-D{D}-causal-f32", base_rev=f"{REV} ({rev})",
+    med = alternate(fns, REPS)
+    row = dict(record(REV, REPS), shape=f"B{B}-H{HQ}/{HKV}-L{L}-D{D}-causal-f32",
                median_s={n: round(t, 4) for n, t in med.items()},
-               ratio_to_base={n: round(med[n] / med["base"], 3) for n in fns},
-               loadavg=open("/proc/loadavg").read().split()[0])
+               ratio_to_base={n: round(med[n] / med["base"], 3) for n in fns})
     print(json.dumps(row, indent=1))
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_cpu_terms", "bench_cpu_terms.json")
     write_results_json(out, row)
