@@ -189,13 +189,45 @@ def test_wilson_interval():
 
 def test_plan_order_and_depths():
     s = _settings()
-    units = study.plan(["yarn", "yarn-ft"], s, {448: ["a", "b"], 512: ["a"]})
+    passes = [("a", [448, 512]), ("b", [448])]
+    units = study.plan(["yarn", "yarn-ft", "yarn-gape-ft"], s, passes)
     kinds = [(u.arm, u.kind) for u in units]
-    first_train = kinds.index(("yarn-ft", "train"))
-    assert all(a == "yarn" for a, _ in kinds[:first_train]) and not any(k == "train" for _, k in kinds[:first_train])
+    # training first, then the arms take turns unit by unit
+    assert [k for _, k in kinds[: 2 * s.steps]] == ["train"] * (2 * s.steps)
+    assert "train" not in [k for _, k in kinds[2 * s.steps :]]
+    ev = units[2 * s.steps :]
+    assert [u.arm for u in ev] == ["yarn", "yarn-ft", "yarn-gape-ft"] * (len(ev) // 3)
+    assert [(u.kind, u.length, u.index) for u in ev[:6:3]] == [("ppl", 512, 0), ("ppl", 448, 1)]
+    niah = [(u.length, u.index) for u in ev if u.kind == "niah"][::3]
+    assert [n for n, _ in niah] == sorted(n for n, _ in niah) and len(niah) == 2 * s.samples
     order = study.niah_order(20)
     assert sorted(order) == list(range(20))
     depths = [study.niah_depth(i, 20) for i in order[:4]]
     assert min(depths) == 0.0 and max(depths) > 0.6  # the first samples already span the depths
     assert study.buckets(4096) == [(0, 512), (512, 1024), (1024, 2048), (2048, 4096)]
     assert study.buckets(700) == [(0, 512), (512, 700)]
+
+
+def test_one_held_out_pass_gives_every_shorter_window(tiny):
+    """The rows a long pass writes for a shorter length are that length's own window: the model
+    is causal, YaRN is static and the gates look back only (every arm, gates switched on)."""
+    import gape
+    from gape import hf
+
+    base, _ = gape.load_model(tiny["model"])
+    s = _settings()
+    plays = {"hamlet": torch.randint(0, 200, (600,), generator=torch.Generator().manual_seed(0)).tolist(), "tempest": list(range(470))}
+    assert study.eval_passes(plays, [448, 512]) == [("hamlet", [448, 512]), ("tempest", [448])]
+    for name in study.ARMS:
+        model = study.build_arm(base, name, s)[0]
+        for _, gate in hf.iter_gates(model) if study.ARMS[name].gate else ():
+            gate.config.identity_shortcut = False
+            with torch.no_grad():
+                for p in gate.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+        long, = [r for r in study._ppl(model, plays, "hamlet", [448, 512]) if r["length"] == 448]
+        alone, = study._ppl(model, plays, "hamlet", [448])
+        assert long["pass_length"] == 512 and alone["pass_length"] == 448
+        assert [b[:2] for b in long["buckets"]] == [b[:2] for b in alone["buckets"]] == [[0, 448]]
+        torch.testing.assert_close(torch.tensor([b[2] for b in long["buckets"]]), torch.tensor([b[2] for b in alone["buckets"]]),
+                                   rtol=1e-5, atol=1e-4, msg=name)

@@ -13,7 +13,8 @@ drawn from the seed, not from the arm), the optimizer, learning rate and step co
 arms add their gate parameters, in a parameter group of their own.
 
 Everything lands in ``OUT/results.jsonl`` as produced (one row per training step, held-out
-window or retrieval sample, fsynced); a training arm also keeps ``OUT/state/<arm>.safetensors``
+window or retrieval sample, fsynced; one forward pass over a held-out play gives the rows of
+every length it covers); a training arm also keeps ``OUT/state/<arm>.safetensors``
 (trainable tensors + AdamW moments, rewritten atomically after every step). A rerun skips what
 the rows hold and continues training from the saved step, so ``kill -9`` loses at most the
 unit of work in flight, and the resumed run computes what the uninterrupted one would have.
@@ -132,6 +133,19 @@ def train_schedule(plays: dict[str, list[int]], length: int, steps: int, seed: i
 def eval_windows(plays: dict[str, list[int]], length: int) -> list[tuple[str, list[int]]]:
     """The held-out windows at ``length``: each held-out play's first ``length + 1`` tokens."""
     return [(n, plays[n][: length + 1]) for n in held_out() if n in plays and len(plays[n]) > length]
+
+
+def eval_passes(plays: dict[str, list[int]], lengths: list[int]) -> list[tuple[str, list[int]]]:
+    """``(play, lengths)`` of the held-out forward passes: one per held-out play, over its first
+    ``max(lengths) + 1`` tokens. The model is causal, so the loss at a position does not depend on
+    what follows it: the first ``L`` positions of the longest pass are the window of length ``L``,
+    and one pass gives every shorter length's row."""
+    out = []
+    for name in held_out():
+        fits = [n for n in sorted(lengths) if name in plays and len(plays[name]) > n]
+        if fits:
+            out.append((name, fits))
+    return out
 
 
 def buckets(length: int) -> list[tuple[int, int]]:
@@ -354,32 +368,29 @@ def append_row(out: str, row: dict) -> None:
 
 @dataclass
 class Unit:
-    """One resumable unit of work: a training step, a held-out window or a retrieval sample."""
+    """One resumable unit of work: a training step, a held-out pass or a retrieval sample."""
 
     arm: str
     kind: str  # "train", "ppl", "niah"
-    length: int
-    index: int  # step, window index or sample index
+    length: int  # a held-out pass: its longest length
+    index: int  # step, held-out pass or sample index
     tokens: int  # weight for the progress bar (tokens processed; a training step counts 3x)
 
-    def key(self, play: str | None = None) -> tuple:
-        if self.kind == "train":
-            return (self.arm, "train", self.index)
-        if self.kind == "ppl":
-            return (self.arm, "ppl", self.length, play)
-        return (self.arm, "niah", self.length, self.index)
 
-
-def plan(arms: list[str], s: Settings, windows: dict[int, list[str]]) -> list[Unit]:
-    """The order of the work: per arm, training (if any), then per length ascending the
-    held-out windows and the retrieval samples (depths spread first)."""
+def plan(arms: list[str], s: Settings, passes: list[tuple[str, list[int]]]) -> list[Unit]:
+    """The order of the work: every listed arm's training first, then the evaluation, arm by arm
+    within each piece of work, so that every arm's cells grow together and a run cut short
+    compares the arms on the same samples: the held-out passes, then per length ascending the
+    retrieval samples (depths spread first)."""
     units = []
     for arm in arms:
         if ARMS[arm].finetune:
             units += [Unit(arm, "train", s.train_length, i, 3 * s.train_length) for i in range(s.steps)]
-        for n in sorted(s.lengths):
-            units += [Unit(arm, "ppl", n, i, n) for i in range(len(windows[n]))]
-            units += [Unit(arm, "niah", n, i, n) for i in niah_order(s.samples)]
+    for i, (_, lengths) in enumerate(passes):
+        units += [Unit(arm, "ppl", max(lengths), i, max(lengths)) for arm in arms]
+    for n in sorted(s.lengths):
+        for i in niah_order(s.samples):
+            units += [Unit(arm, "niah", n, i, n) for arm in arms]
     return units
 
 
@@ -422,12 +433,13 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
         digest = _digest(plays)
         fixed = {**s.fixed(), "model": model_label(s.model), "plays": digest}
         _check_run_file(out, fixed)
-        windows = {n: [p for p, _ in eval_windows(plays, n)] for n in s.lengths}
-        if not all(windows.values()):
-            short = [n for n, w in windows.items() if not w]
+        passes = eval_passes(plays, s.lengths)
+        covered = {n for _, lengths in passes for n in lengths}
+        short = [n for n in s.lengths if n not in covered]
+        if short:
             raise UsageError(f"--lengths {','.join(map(str, short))}: no held-out play is that long")
         schedule = train_schedule(plays, s.train_length, s.steps, s.seed) if any(ARMS[a].finetune for a in arms) else []
-        units = plan(arms, s, windows)
+        units = plan(arms, s, passes)
         done = {row_key(r) for r in read_rows(out, warn=echo)}
         # training resumes from the saved state, not from the rows: a kill between a step's row
         # and its state redoes the step (and rewrites the same row)
@@ -437,8 +449,9 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
             if u.kind == "train":
                 return u.index < trained[u.arm]
             if u.kind == "ppl":
-                return u.key(windows[u.length][u.index]) in done
-            return u.key() in done
+                play, lengths = passes[u.index]
+                return all((u.arm, "ppl", n, play) in done for n in lengths)
+            return (u.arm, "niah", u.length, u.index) in done
 
         todo = [u for u in units if not is_done(u)]
         if todo and model is None:
@@ -453,7 +466,7 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
                    disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} ktok [{elapsed}<{remaining}] {postfix}")
         deadline = None if hours is None else time.monotonic() + hours * 3600
         try:
-            ran = _run_units(s, out, model, tokenizer, plays, schedule, windows, todo, bar, deadline)
+            ran = _run_units(s, out, model, tokenizer, plays, schedule, passes, done, todo, bar, deadline)
         finally:
             bar.close()
         report.write(out, echo=echo)
@@ -471,46 +484,61 @@ def _digest(plays: dict[str, list[int]]) -> str:
     return h.hexdigest()
 
 
-def _run_units(s, out, base, tok, plays, schedule, windows, todo, bar, deadline) -> int:
-    """Run ``todo`` in order until ``deadline``; how many units ran."""
-    current = None  # (arm, trained?) whose model is built
-    model = opt = None
+def _eval_model(base, out: str, arm: str, s: Settings):
+    """Arm ``arm`` built from ``base`` for evaluation, with its trained tensors when it trains."""
+    model, _, _ = build_arm(base, arm, s)
+    if ARMS[arm].finetune:
+        path = _state_path(out, arm)
+        step = load_state(path, model) if os.path.exists(path) else -1
+        if step != s.steps:
+            raise UsageError(f"{path} is missing or at step {step}, not {s.steps}: the arm's training is not done")
+    return model
+
+
+def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, deadline) -> int:
+    """Run ``todo`` in order until ``deadline``; how many units ran. ``done``: the keys of the rows
+    already written (a held-out pass writes only the rows of its lengths not there yet)."""
+    trainer = None  # (arm, model, optimizer) being trained
+    evaluated: dict = {}  # arm -> model built for evaluation; kept while the arms take turns
     for ran, u in enumerate(todo):
         if deadline is not None and time.monotonic() >= deadline:
             return ran
-        want = (u.arm, u.kind == "train")
-        if current != want:
-            model = opt = None
-            model, lora, gates = build_arm(base, u.arm, s)
-            path = _state_path(out, u.arm)
-            if u.kind == "train":
+        if u.kind == "train":
+            evaluated.clear()
+            if trainer is None or trainer[0] != u.arm:
+                trainer = None
+                model, lora, gates = build_arm(base, u.arm, s)
                 opt = make_optimizer(lora, gates, s)
+                path = _state_path(out, u.arm)
                 step = load_state(path, model, opt) if os.path.exists(path) else 0
                 if step != u.index:
                     raise UsageError(f"{path} is at step {step} but the rows need step {u.index}; delete it and the "
                                      f"arm's training rows to retrain {u.arm}")
-            elif ARMS[u.arm].finetune:
-                step = load_state(path, model) if os.path.exists(path) else -1
-                if step != s.steps:
-                    raise UsageError(f"{path} is missing or at step {step}, not {s.steps}: the arm's training is not done")
-            current = want
+                trainer = (u.arm, model, opt)
+        else:
+            trainer = None
+            if u.arm not in evaluated:
+                evaluated[u.arm] = _eval_model(base, out, u.arm, s)
+            model = evaluated[u.arm]
         start = time.perf_counter()
         if u.kind == "train":
-            row = _train_step(s, model, opt, plays, schedule, u.index)
+            rows = [_train_step(s, model, trainer[2], plays, schedule, u.index)]
         elif u.kind == "ppl":
-            row = _ppl(model, plays, windows[u.length][u.index], u.length)
+            play, lengths = passes[u.index]
+            rows = [r for r in _ppl(model, plays, play, lengths) if (u.arm, "ppl", r["length"], play) not in done]
         else:
-            row = _niah(s, model, tok, u.length, u.index)
-        row = {"arm": u.arm, "kind": u.kind, **row, "seconds": round(time.perf_counter() - start, 3)}
-        append_row(out, row)
+            rows = [_niah(s, model, tok, u.length, u.index)]
+        seconds = round(time.perf_counter() - start, 3)
+        for row in rows:
+            append_row(out, {"arm": u.arm, "kind": u.kind, **row, "seconds": seconds})
         if u.kind == "train":
             # the row first: killed between the two, the step is redone and rewrites the same row
-            save_state(_state_path(out, u.arm), model, opt, u.index + 1)
+            save_state(_state_path(out, u.arm), model, trainer[2], u.index + 1)
         following = todo[ran + 1] if ran + 1 < len(todo) else None
-        if u.kind != "train" and (following is None or (following.arm, following.kind, following.length) != (u.arm, u.kind, u.length)):
+        if u.kind != "train" and (following is None or (following.kind, following.length, following.index) != (u.kind, u.length, u.index)):
             from . import report
 
-            report.write(out, echo=lambda _: None)  # a finished cell shows in the summary and plots at once
+            report.write(out, echo=lambda _: None)  # every round over the arms shows in the summary and plots at once
         bar.update(u.tokens / 1000)
         bar.set_postfix_str(f"{u.arm} {u.kind} {u.length}")
     return len(todo)
@@ -534,11 +562,17 @@ def _train_step(s: Settings, model, opt, plays, schedule, step: int) -> dict:
 
 
 @torch.no_grad()
-def _ppl(model, plays, play: str, length: int) -> dict:
-    ids = torch.tensor([plays[play][: length + 1]])
+def _ppl(model, plays, play: str, lengths: list[int]) -> list[dict]:
+    """One row per length in ``lengths``, from one forward pass over the play's first
+    ``max(lengths) + 1`` tokens (see :func:`eval_passes`)."""
+    ids = torch.tensor([plays[play][: max(lengths) + 1]])
     nll = token_nll(model, ids)
-    rows = [[lo, hi, float(nll[lo:hi].double().sum()), hi - lo] for lo, hi in buckets(length)]
-    return {"length": length, "play": play, "buckets": rows, "nll": float(nll.double().mean())}
+    rows = []
+    for n in lengths:
+        part = nll[:n]
+        rows.append({"length": n, "play": play, "buckets": [[lo, hi, float(part[lo:hi].double().sum()), hi - lo] for lo, hi in buckets(n)],
+                     "nll": float(part.double().mean()), "pass_length": int(ids.shape[1]) - 1})
+    return rows
 
 
 @torch.no_grad()
@@ -600,7 +634,7 @@ def pilot(s: Settings, arms: list[str], *, model=None, tokenizer=None, corpus=No
     for n in sorted(s.lengths):
         for arm, m in built.items():
             t = time.perf_counter()
-            _ppl(m, plays, eval_windows(plays, n)[0][0], n)
+            _ppl(m, plays, eval_windows(plays, n)[0][0], [n])
             out["ppl"].setdefault(arm, {})[n] = round(time.perf_counter() - t, 2)
             save(out)
             t = time.perf_counter()
