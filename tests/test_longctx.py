@@ -160,6 +160,11 @@ def test_training_rows_share_the_data_order(tiny, tmp_path, one_thread):
     (["--lr", "nan"], "--lr"),
     (["--train-length", "8192", "--target-length", "4096"], "--target-length"),
     (["--pilot", "--report"], "--report"),
+    (["--attention", "--report"], "--attention"),
+    (["--attention-length", "512"], "--attention-length"),
+    (["--attention-samples", "2"], "--attention-samples"),
+    (["--attention", "--attention-samples", "5", "--samples", "4"], "--attention-samples"),
+    (["--attention", "--attention-length", "8"], "--attention-length"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_flags_refused_at_parse_time(flags, flag, capsys, tmp_path):
     assert main(["longctx", "--out", str(tmp_path / "x"), *flags]) == 2
@@ -231,3 +236,204 @@ def test_one_held_out_pass_gives_every_shorter_window(tiny):
         assert [b[:2] for b in long["buckets"]] == [b[:2] for b in alone["buckets"]] == [[0, 448]]
         torch.testing.assert_close(torch.tensor([b[2] for b in long["buckets"]]), torch.tensor([b[2] for b in alone["buckets"]]),
                                    rtol=1e-5, atol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------- --attention
+
+
+def _perturbed_arm(base, name, s, seed=0):
+    """Arm ``name`` as if trained: LoRA B off zero, gates off identity and switched on."""
+    from gape import hf
+
+    model, lora, gates = study.build_arm(base, name, s)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora + gates:
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    for _, gate in hf.iter_gates(model) if study.ARMS[name].gate else ():
+        gate.config.identity_shortcut = False
+    return model
+
+
+def _dense_fp64(model, ids, layer, rows, span):
+    """Layer ``layer``'s last ``rows`` attention rows from its own q/k projections, RoPE, GAPE
+    bias and softmax, all in float64: ``(needle mass, mass per bucket, mean lambda or None)``."""
+    import copy
+
+    from gape.hf import compat
+    from gape.hf._names import GATE_ATTR
+    from gape.hf.compat import unwrap
+
+    m = copy.deepcopy(model).double()
+    attn = unwrap(m).model.layers[layer].self_attn
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def hook(module, args, kwargs):
+        seen["h"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        seen["cos_sin"] = kwargs["position_embeddings"]
+        raise Stop
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), pytest.raises(Stop):
+            unwrap(m).model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    h, (cos, sin) = seen["h"], seen["cos_sin"]
+    d = attn.head_dim
+    L = h.shape[1]
+    with torch.no_grad():
+        q = attn.q_proj(h).view(1, L, -1, d).transpose(1, 2)
+        k = attn.k_proj(h).view(1, L, -1, d).transpose(1, 2)
+        rot = lambda x: torch.cat((-x[..., d // 2:], x[..., : d // 2]), -1)  # noqa: E731
+        cos, sin = cos.double()[:, None], sin.double()[:, None]
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        rep = q.shape[1] // k.shape[1]
+        scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * attn.scaling
+        pos = torch.arange(L)
+        delta = pos[:, None] - pos[None, :]
+        lam = None
+        gate = compat.active_gate(attn._modules.get(GATE_ATTR))
+        if gate is not None:
+            assert gate.config.distance == "log"
+            lam, pi = gate.query_gate(q).double(), gate.key_gate(k).double()
+            keep = 1 - pi.repeat_interleave(rep, 1)
+            scores = scores - lam[..., :, None] * keep[..., None, :] * torch.log1p(delta.clamp_min(0).double())
+        probs = torch.softmax(scores.masked_fill(delta < 0, float("-inf")), -1)[0, :, L - rows:]  # [H, R, L]
+    p = probs.mean(0)
+    a, b = span
+    profile = [0.0] * (int(L - 1).bit_length() + 1)
+    for r in range(rows):
+        for j in range(L - rows + r + 1):
+            profile[(L - rows + r - j).bit_length()] += float(p[r, j]) / rows
+    return float(p[:, a:b].sum(-1).mean()), profile, None if lam is None else float(lam[0, :, L - rows:].mean())
+
+
+@pytest.mark.parametrize("arm", ["yarn-ft", "yarn-gape-ft"])
+def test_attention_rows_match_a_dense_fp64_softmax(tiny, arm, one_thread):
+    """The probe's rows (a subset: O(rows x L) per layer), bucketed and summed on the needle,
+    agree with a dense float64 softmax of one layer recomputed from its projections (the GAPE
+    bias included, gates switched on and off identity); every row's buckets sum to 1."""
+    import gape
+    from gape.experiments.longctx import attention
+    from gape.hf.attention_probe import capture_attention
+    from gape.hf.compat import unwrap
+    from gape.tasks.prompts import build_sample
+
+    base, tok = gape.load_model(tiny["model"])
+    s = _settings()
+    model = _perturbed_arm(base, arm, s)
+    sample = build_sample(tok, task="single", length=448, depth=0.5, index=1, seed=0, haystack=s.haystack)
+    rows, layer = 8, 1
+    span = attention.needle_span(tok, sample)
+    assert span[1] - span[0] > 1 and sample.context_span[0] <= span[0] < span[1] <= sample.context_span[1]
+    layers = attention.measure(model, tok, sample, rows=rows)
+    assert [x["layer"] for x in layers] == [0, 1]
+    needle, profile, lam = _dense_fp64(model, torch.tensor([sample.input_ids]), layer, rows, span)
+    got = layers[layer]
+    assert len(got["profile"]) == len(profile) == 10  # distances up to 447: buckets 0, 1, 2-3, ..., 256-511
+    torch.testing.assert_close(torch.tensor(got["profile"], dtype=torch.float64), torch.tensor(profile, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    assert abs(got["needle"] - needle) <= 1e-4 * needle + 1e-7, (got["needle"], needle)
+    assert got["needle"] > 1e-4  # a needle mass that could disagree
+    if arm == "yarn-gape-ft":
+        assert lam is not None and lam > 1e-3 and abs(got["lambda"] - lam) <= 1e-4 * lam
+        assert got["pi_needle"] != got["pi_haystack"]
+    else:
+        assert "lambda" not in got
+    # per row, the buckets hold all of the row's mass
+    with torch.no_grad(), capture_attention(unwrap(model), rows=lambda q: range(q - rows, q)) as rec:
+        study._parts(model)[0](input_ids=torch.tensor([sample.input_ids]), use_cache=False)
+    for entry in rec.values():
+        assert entry["probs"].shape[-2:] == (rows, 448)
+        per_row = attention.row_profiles(entry["probs"], torch.arange(448 - rows, 448))
+        torch.testing.assert_close(per_row.sum(-1), torch.ones(rows, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert abs(sum(got["profile"]) - 1) < 1e-5
+    # the bucket of a distance is its bit length, also where a float log2 would round up
+    d = torch.tensor([0, 1, 2, 3, 4, 7, 8, 2**24 - 1, 2**24, 2**40 - 1])
+    assert attention.bucket_of(d).tolist() == [int(x).bit_length() for x in d]
+
+
+def _study_folder(tiny, out, trained=("yarn-ft", "yarn-gape-ft"), evaluated=("yarn", "yarn-ft")):
+    """A study folder as the study leaves it: run.json, the trained arms' states, some rows."""
+    import gape
+
+    s = _settings()
+    os.makedirs(out)
+    study._check_run_file(str(out), {**s.fixed(), "model": study.model_label(tiny["model"]), "plays": "0" * 16})
+    base, _ = gape.load_model(tiny["model"])
+    for i, arm in enumerate(trained):
+        model = _perturbed_arm(base, arm, s, seed=i)
+        study.save_state(study._state_path(str(out), arm), model, study.make_optimizer([], [], s), s.steps)
+    for arm in evaluated:
+        study.append_row(str(out), {"arm": arm, "kind": "niah", "length": 448, "sample": 0, "correct": False, "score": 0.0})
+    return s
+
+
+def test_attention_command_writes_resumes_and_refuses(tiny, tmp_path, one_thread, monkeypatch, capsys):
+    from gape._io import lock_folder
+    from gape.experiments.longctx import attention
+
+    out = tmp_path / "study"
+    s = _study_folder(tiny, out)
+    calls = []
+    measure = attention.measure
+    monkeypatch.setattr(attention, "measure", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    assert main(_argv(tiny, out, "--attention")) == 0
+    # default: the evaluated arms, and yarn-gape-ft, which the folder holds; the largest length; 2 = min(3, --samples)
+    arms = ["yarn", "yarn-ft", "yarn-gape-ft"]
+    assert sorted(os.listdir(out / "attention")) == sorted(f"{a}-512.json" for a in arms)
+    assert len(calls) == 3 * 2 and os.path.exists(out / "attention_vs_distance.png")
+    for arm in arms:
+        with open(out / "attention" / f"{arm}-512.json") as f:
+            r = json.load(f)
+        assert r["done"] and r["arm"] == arm and r["length"] == 512 and r["rows"] == attention.ROWS
+        assert r["settings"]["steps"] == s.steps and r["machine"]["torch"] == torch.__version__
+        assert r["state_step"] == (s.steps if arm != "yarn" else 0)
+        assert [x["index"] for x in r["samples"]] == study.niah_order(s.samples)[:2]
+        for x in r["samples"]:
+            assert x["depth"] == study.niah_depth(x["index"], s.samples) and x["needle_tokens"][0] == x["needle_position"] > 0
+            assert all(abs(sum(layer["profile"]) - 1) < 1e-5 for layer in x["layers"])
+        assert all(("lambda" in layer) == (arm == "yarn-gape-ft") for layer in r["mean"])
+        assert len(r["buckets"]) == len(r["mean"][0]["profile"]) == 10
+    # the trained state is what is measured: the two fine-tuned arms differ from each other and from yarn
+    needles = {}
+    for arm in arms:
+        with open(out / "attention" / f"{arm}-512.json") as f:
+            needles[arm] = [layer["needle"] for layer in json.load(f)["mean"]]
+    assert len({tuple(v) for v in needles.values()}) == 3
+    # a rerun recomputes nothing and rewrites no file
+    stamp = {n: os.stat(out / "attention" / n).st_mtime_ns for n in os.listdir(out / "attention")}
+    calls.clear()
+    assert main(_argv(tiny, out, "--attention")) == 0
+    assert calls == [] and stamp == {n: os.stat(out / "attention" / n).st_mtime_ns for n in os.listdir(out / "attention")}
+    # a file cut short after its first prompt: only the missing prompt is run, with the same result
+    path = out / "attention" / "yarn-ft-512.json"
+    with open(path) as f:
+        full = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**full, "done": False, "samples": full["samples"][:1]}, f)
+    assert main(_argv(tiny, out, "--attention", "--arms", "yarn-ft")) == 0 and len(calls) == 1
+    with open(path) as f:
+        again = json.load(f)
+    assert again["done"] and [x["layers"] for x in again["samples"]] == [x["layers"] for x in full["samples"]]
+    capsys.readouterr()
+    # an arm whose training is not done is refused, naming it and what to run; nothing is written
+    study.save_state(study._state_path(str(out), "yarn-paper-ft"), _perturbed_arm(__import__("gape").load_model(tiny["model"])[0],
+                     "yarn-paper-ft", s), study.make_optimizer([], [], s), 2)
+    assert main(_argv(tiny, out, "--attention", "--arms", "yarn-ft,yarn-paper-ft")) == 2
+    err = capsys.readouterr().err
+    assert "yarn-paper-ft" in err and "at step 2" in err and "gape longctx --out" in err
+    assert main(_argv(tiny, out, "--attention", "--arms", "gape-ft")) == 2
+    assert "gape-ft" in capsys.readouterr().err
+    assert not os.path.exists(out / "attention" / "yarn-paper-ft-512.json")
+    # never beside the study's writer; never under other settings
+    with lock_folder(str(out), "gape longctx"):
+        assert main(_argv(tiny, out, "--attention")) == 2
+    assert "in use" in capsys.readouterr().err
+    assert main(_argv(tiny, out, "--attention", "--lr", "0.001")) == 2
+    assert "lr" in capsys.readouterr().err
+    assert main(_argv(tiny, tmp_path / "empty", "--attention")) == 2
+    assert "run.json" in capsys.readouterr().err

@@ -94,7 +94,8 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
                                               getattr(gate, "rotary_last", False))
     if lam is not None:
         entry["lambda"], entry["pi"] = lam, pi
-    state["out"][getattr(module, "layer_idx", len(state["out"]))] = entry
+    layer = getattr(module, "layer_idx", len(state["out"]))
+    state["out"][layer] = entry if state["reduce"] is None else state["reduce"](layer, entry)
     original = state["original"]
     if original == IMPLEMENTATION:
         return gape_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -107,7 +108,7 @@ def _probe_forward(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 @contextlib.contextmanager
-def capture_attention(model, rows=None, keys=False):
+def capture_attention(model, rows=None, keys=False, reduce=None):
     """Record attention probabilities of every layer during the forward passes in the block.
 
     Args:
@@ -115,6 +116,9 @@ def capture_attention(model, rows=None, keys=False):
         rows: query rows to keep: None (all), an int/list, or a callable ``Q -> rows``.
         keys: also keep the rotation-invariant key features ``[B, Hkv, K, D/2]``
             (:func:`gape.hf.gates.pair_features`) as ``"key_features"``.
+        reduce: ``(layer_idx, entry) -> value`` kept instead of the entry, called as each layer
+            runs: one layer's rows are alive at a time (a long prompt's rows of every layer
+            need not fit in memory at once).
 
     Yields ``{layer_idx: {"probs": [B, Hq, R, K], "lambda": [B, Hq, R], "pi": [B, Hkv, K]}}``
     (gates only for GAPE layers; the last forward pass wins).
@@ -122,7 +126,7 @@ def capture_attention(model, rows=None, keys=False):
     register_implementation(PROBE, _probe_forward)
     original = model.config._attn_implementation
     out: dict = {}
-    _ACTIVE.append({"rows": rows, "out": out, "original": original, "keys": keys})
+    _ACTIVE.append({"rows": rows, "out": out, "original": original, "keys": keys, "reduce": reduce})
     model.set_attn_implementation(PROBE)
     try:
         yield out

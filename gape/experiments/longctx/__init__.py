@@ -20,12 +20,14 @@ from ... import _args as A
 from .study import ARMS, DEFAULT_ARMS, DTYPES, Settings
 
 _DEFAULT = Settings()
+ATTENTION_SAMPLES = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--arms", type=A.choice_list(ARMS), default=list(DEFAULT_ARMS),
-      help=f"comma-separated, from {','.join(ARMS)} (default {','.join(DEFAULT_ARMS)})")
+    a("--arms", type=A.choice_list(ARMS), default=None,
+      help=f"comma-separated, from {','.join(ARMS)} (default {','.join(DEFAULT_ARMS)}; with --attention: the folder's "
+           "evaluated arms, yarn-ft and yarn-gape-ft among them when it holds them)")
     a("--out", type=A.out_folder, default="longctx_results", help="output folder (default longctx_results)")
     a("--model", type=A.model_path, default=None, help="HF model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     a("--dtype", choices=tuple(DTYPES), default=_DEFAULT.dtype, help=f"model weights and activations; adapters and gates train in float32 (default {_DEFAULT.dtype})")
@@ -51,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pilot", action="store_true",
       help="time one training step and one window and sample per length (written to OUT/pilot-DTYPE.json), then stop (default: the study)")
     a("--report", action="store_true", help="rewrite the summary and plots of --out from its rows, run nothing (default: run)")
+    a("--attention", action="store_true",
+      help="run nothing of the study: write where the attention of its retrieval prompts goes, per arm and layer, to "
+           "OUT/attention/ and OUT/attention_vs_distance.png (default: the study)")
+    a("--attention-length", type=A.integer(16, A.MAX_TOKENS), default=None,
+      help="with --attention: the prompts' length (default: the largest of --lengths)")
+    a("--attention-samples", type=A.integer(1, 10_000), default=None,
+      help=f"with --attention: retrieval prompts per arm, the study's first ones (depths spread) (default {ATTENTION_SAMPLES})")
     a("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
     a("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
 
@@ -60,6 +69,16 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"argument --target-length: {args.target_length} must exceed --train-length {args.train_length}")
     if args.pilot and args.report:
         parser.error("argument --report: not with --pilot")
+    if args.attention and (args.pilot or args.report):
+        parser.error(f"argument --attention: not with {'--pilot' if args.pilot else '--report'}")
+    for flag in ("attention_length", "attention_samples"):
+        if getattr(args, flag) is not None and not args.attention:
+            parser.error(f"argument --{flag.replace('_', '-')}: only with --attention")
+    if args.attention_samples is not None and args.attention_samples > args.samples:
+        parser.error(f"argument --attention-samples: {args.attention_samples} exceeds --samples {args.samples} "
+                     "(the study's retrieval samples per length)")
+    if args.arms is None and not args.attention:
+        args.arms = list(DEFAULT_ARMS)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -82,6 +101,14 @@ def run(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:
     if args.report:
         with lock_folder(args.out, "gape longctx"):
             report.write(args.out)
+        return 0
+    if args.attention:
+        from .attention import run_attention
+
+        length = args.attention_length if args.attention_length is not None else max(s.lengths)
+        samples = args.attention_samples if args.attention_samples is not None else min(ATTENTION_SAMPLES, s.samples)
+        run_attention(s, args.out, args.arms, length, samples, model=model, tokenizer=tokenizer, echo=lambda m: print(m, flush=True))
+        print(f"done: {os.path.join(os.path.abspath(args.out), 'attention')} ({time.perf_counter() - start:.0f} s)")
         return 0
     if args.pilot:
         with lock_folder(args.out, "gape longctx"):
