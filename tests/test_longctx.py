@@ -437,3 +437,5 @@ def test_attention_command_writes_resumes_and_refuses(tiny, tmp_path, one_thread
     assert "lr" in capsys.readouterr().err
     assert main(_argv(tiny, tmp_path / "empty", "--attention")) == 2
     assert "run.json" in capsys.readouterr().err
+    assert main(_argv(tiny, out, "--attention", "--attention-length", "64")) == 2  # shorter than the prompt's own text
+    assert "--attention-length 64" in capsys.readouterr().err

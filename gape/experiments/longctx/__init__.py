@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--attention-length", type=A.integer(16, A.MAX_TOKENS), default=None,
       help="with --attention: the prompts' length (default: the largest of --lengths)")
     a("--attention-samples", type=A.integer(1, 10_000), default=None,
-      help=f"with --attention: retrieval prompts per arm, the study's first ones (depths spread) (default {ATTENTION_SAMPLES})")
+      help=f"with --attention: retrieval prompts per arm, the study's first ones (depths spread) (default {ATTENTION_SAMPLES}, at most --samples)")
     a("--threads", type=A.threads, default=1, help="torch CPU threads (default 1)")
     a("--no-progress", action="store_true", help="no progress bar (default: a bar with an ETA)")
 
