@@ -1,6 +1,6 @@
 """Summary tables and plots of a ``gape longctx`` folder, from ``results.jsonl`` alone (rewritten
 after every run and by ``gape longctx --report``): retrieval accuracy with a Wilson 95%
-interval per arm and length, held-out perplexity per arm, length and position bucket, and
+interval per arm and length, lm-eval's score per arm, held-out perplexity per arm, length and position bucket, and
 the training loss."""
 
 from __future__ import annotations
@@ -73,8 +73,21 @@ def train_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def lmeval_table(rows: list[dict]) -> list[dict]:
+    keys = ("arm", "task", "length", "samples", "score", "stderr", "lm_eval")
+    cells = [{k: r.get(k) for k in keys} for r in rows if r["kind"] == "lmeval"]
+    order = _arm_order({c["arm"] for c in cells})
+    return sorted(cells, key=lambda c: (order.index(c["arm"]), c["task"], c["length"]))
+
+
 def format_tables(rows: list[dict]) -> str:
     lines = []
+    lmeval = lmeval_table(rows)
+    if lmeval:
+        lines.append("lm-eval (its own prompt, generation and scoring) inside the window: arm task length: score +- stderr (samples)")
+        for c in lmeval:
+            err = "n/a" if c["stderr"] is None else f"{c['stderr']:.2f}"
+            lines.append(f"  {c['arm']:<14} {c['task']} {c['length']:>6}: {c['score']:.2f} +- {err} ({c['samples']} samples)")
     niah = niah_table(rows)
     if niah:
         lines.append("retrieval (single needle): correct / samples, accuracy [Wilson 95%]")
@@ -96,13 +109,17 @@ def format_tables(rows: list[dict]) -> str:
 
 
 def write(out: str, echo=print) -> None:
-    """``summary_niah.csv``, ``summary_ppl.csv``, ``summary.txt`` and the plots, from the rows."""
+    """``summary_niah.csv``, ``summary_ppl.csv``, ``summary_lmeval.csv``, ``summary.txt`` and the
+    plots, from the rows."""
     rows = read_rows(out)
     niah, ppl = niah_table(rows), ppl_table(rows)
     write_csv_atomic(os.path.join(out, "summary_niah.csv"), ["arm", "length", "samples", "correct", "accuracy", "ci_low", "ci_high"],
                      [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in niah], lineterminator="\n")
     write_csv_atomic(os.path.join(out, "summary_ppl.csv"), ["arm", "length", "lo", "hi", "windows", "tokens", "ppl"],
                      [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in ppl], lineterminator="\n")
+    write_csv_atomic(os.path.join(out, "summary_lmeval.csv"), ["arm", "task", "length", "samples", "score", "stderr", "lm_eval"],
+                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in lmeval_table(rows)],
+                     lineterminator="\n")
     text = format_tables(rows)
     write_atomic(os.path.join(out, "summary.txt"), text)
     if niah or ppl:
