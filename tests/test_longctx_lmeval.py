@@ -35,16 +35,18 @@ def _settings(**kw):
     return study.Settings(train_length=96, target_length=1024, steps=4, lengths=[448, 512], samples=2, max_new_tokens=3, **kw)
 
 
-def _perturb(model, scale=0.5, seed=1):
-    """Nonzero LoRA (B starts at zero) and gates away from identity, switched on."""
+def _perturb(model, scale=0.5, lora=True, gates=True):
+    """Nonzero LoRA (B starts at zero; the same draw in every arm, by name) and gates away from
+    identity, switched on."""
     from gape import hf
 
-    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    picked = sorted(n for n in params if ("lora_" in n and lora) or ("gape_gate" in n and gates))
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n or "gape_gate" in n:
-                p.add_(scale * torch.randn(p.shape, generator=gen))
-    for _, gate in hf.iter_gates(model) if hf.is_patched(model) else ():
+        for n in picked:
+            params[n].add_(scale * torch.randn(params[n].shape, generator=gen))
+    for _, gate in hf.iter_gates(model) if gates and hf.is_patched(model) else ():
         gate.config.identity_shortcut = False
 
 
@@ -86,35 +88,56 @@ def test_lmeval_unit_rows_report_and_resume(tiny, tmp_path, one_thread):  # noqa
     assert main(argv) == 0 and study.read_rows(str(out)) == before
 
 
-def test_lmeval_runs_the_arms_own_forward(tiny, one_thread):  # noqa: F811
-    """lm-eval's logits are the arm model's own logits (LoRA and gates in the forward it runs),
-    a perturbed arm gives lm-eval other logits and other answers than the unperturbed one, and the
-    study's random generators come out of an lm-eval unit as they went in."""
-    import gape
+def _logits_through_lmeval(model, tok, ids):
     from gape.hf.compat import unwrap
+
+    lm = lmeval.harness(model, tok, LENGTH + lmeval.PROMPT_ROOM)
+    assert lm.model is unwrap(model)
+    with torch.no_grad():
+        out = lm._model_call(ids)
+        torch.testing.assert_close(out, model(input_ids=ids).logits, rtol=0, atol=0)  # the arm's own forward
+    return out
+
+
+def test_lmeval_runs_the_arms_own_lora(tiny, one_thread):  # noqa: F811
+    """lm-eval's logits are the arm model's own logits, LoRA included: a perturbed LoRA gives
+    lm-eval other logits and other answers than the arm at its start (LoRA B = 0: the yarn
+    model); and the study's random generators come out of an lm-eval unit as they went in."""
+    import gape
 
     base, tok = gape.load_model(tiny["model"])
     s = _settings()
-    plain = study.build_arm(base, "yarn-gape-ft", s)[0]  # LoRA B = 0, gates at identity: the yarn model
-    trained = study.build_arm(base, "yarn-gape-ft", s)[0]
+    start = study.build_arm(base, "yarn-ft", s)[0]
+    trained = study.build_arm(base, "yarn-ft", s)[0]
     _perturb(trained)
     ids = torch.randint(0, 250, (1, 300), generator=torch.Generator().manual_seed(0))
-    logits = {}
     with torch.no_grad():
-        for name, model in (("plain", plain), ("trained", trained)):
-            lm = lmeval.harness(model, tok, LENGTH + lmeval.PROMPT_ROOM)
-            assert lm.model is unwrap(model)
-            logits[name] = lm._model_call(ids)
-            torch.testing.assert_close(logits[name], model(input_ids=ids).logits, rtol=0, atol=0)
         ref = study.build_arm(base, "yarn", s)[0](input_ids=ids).logits
-    torch.testing.assert_close(logits["plain"], ref, rtol=1e-5, atol=1e-5)
-    assert (logits["trained"] - ref).abs().max() > 1e-2
+    torch.testing.assert_close(_logits_through_lmeval(start, tok, ids), ref, rtol=1e-5, atol=1e-5)
+    assert (_logits_through_lmeval(trained, tok, ids) - ref).abs().max() > 1e-2
     states = random.getstate(), torch.get_rng_state()
-    a = lmeval.run(plain, tok, LENGTH, 2)
+    a = lmeval.run(start, tok, LENGTH, 2)
     b = lmeval.run(trained, tok, LENGTH, 2)
     assert random.getstate() == states[0] and torch.equal(torch.get_rng_state(), states[1])
     assert [p["answers"] for p in a["per_sample"]] == [p["answers"] for p in b["per_sample"]]
     assert [p["response"] for p in a["per_sample"]] != [p["response"] for p in b["per_sample"]]
+
+
+def test_lmeval_runs_the_arms_own_gates(tiny, one_thread):  # noqa: F811
+    """The gates (switched on and moved) are in the forward lm-eval runs, on top of the LoRA."""
+    import gape
+
+    base, tok = gape.load_model(tiny["model"])
+    s = _settings()
+    lora_only = study.build_arm(base, "yarn-ft", s)[0]
+    gated = study.build_arm(base, "yarn-gape-ft", s)[0]
+    _perturb(lora_only)
+    _perturb(gated, gates=False)  # the same LoRA, gates at their start (identity)
+    ids = torch.randint(0, 250, (1, 300), generator=torch.Generator().manual_seed(0))
+    plain = _logits_through_lmeval(lora_only, tok, ids)
+    torch.testing.assert_close(_logits_through_lmeval(gated, tok, ids), plain, rtol=1e-5, atol=1e-5)
+    _perturb(gated, lora=False)
+    assert (_logits_through_lmeval(gated, tok, ids) - plain).abs().max() > 1e-3
 
 
 def test_an_existing_folder_without_the_lmeval_settings_resumes(tmp_path):
