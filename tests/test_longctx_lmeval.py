@@ -4,7 +4,7 @@ the study's numbers). RULER needs 500 byte tokens for its shortest sample (the t
 needle, one haystack sentence and 128 tokens to generate): the tiny unit runs at 512.
 
 Importing lm-eval's RULER code costs about 15 s once per process (it builds a list of six million
-adjective-noun keys), paid by the first test here that runs lm-eval."""
+adjective-noun keys), paid in the setup of the module's ``ruler`` fixture."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ pytest.importorskip("lm_eval")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 512
+
+
+@pytest.fixture(scope="module")
+def ruler():
+    """lm-eval's RULER code, imported once (about 15 s on an idle core: lm-eval builds a list of
+    six million adjective-noun keys at import), so each test's own time shows in its call."""
+    return lmeval._import_ruler()
 
 
 def _argv(tiny, out, *extra):  # noqa: F811
@@ -50,7 +57,7 @@ def _perturb(model, scale=0.5, lora=True, gates=True):
         gate.config.identity_shortcut = False
 
 
-def test_lmeval_unit_rows_report_and_resume(tiny, tmp_path, one_thread):  # noqa: F811
+def test_lmeval_unit_rows_report_and_resume(tiny, tmp_path, one_thread, ruler):  # noqa: F811
     """One lm-eval row per arm, placed after the held-out passes and before retrieval, with
     lm-eval's score, the standard error and every sample; the report's line and CSV; a rerun
     runs nothing."""
@@ -99,7 +106,7 @@ def _logits_through_lmeval(model, tok, ids):
     return out
 
 
-def test_lmeval_runs_the_arms_own_lora(tiny, one_thread):  # noqa: F811
+def test_lmeval_runs_the_arms_own_lora(tiny, one_thread, ruler):  # noqa: F811
     """lm-eval's logits are the arm model's own logits, LoRA included: a perturbed LoRA gives
     lm-eval other logits and other answers than the arm at its start (LoRA B = 0: the yarn
     model); and the study's random generators come out of an lm-eval unit as they went in."""
@@ -195,7 +202,7 @@ def test_lmeval_flags_refused_at_parse_time(flags, flag, capsys, tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_a_length_ruler_cannot_build_is_refused_before_training(tiny, tmp_path, capsys, one_thread):  # noqa: F811
+def test_a_length_ruler_cannot_build_is_refused_before_training(tiny, tmp_path, capsys, one_thread, ruler):  # noqa: F811
     out = tmp_path / "short"
     assert main(_argv(tiny, out, "--arms", "yarn-ft", "--lmeval-length", "448", "--lmeval-samples", "1")) == 2
     assert "--lmeval-length 448" in capsys.readouterr().err

@@ -38,6 +38,24 @@ def require() -> None:
                          "pip install 'gape[eval]', or pass --lmeval-samples 0") from None
 
 
+def _import_ruler():
+    """lm-eval's RULER sample builder, imported without its download: on import it fetches
+    NLTK's sentence splitter when missing, which only the essay haystacks use (not the repeated
+    sentences of niah_single_1), and nothing here may download."""
+    import io
+
+    import nltk
+
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints "Downloaded punkt_tab" whatever happened
+            from lm_eval.tasks.ruler import niah_utils
+    finally:
+        nltk.download = download
+    return niah_utils
+
+
 @contextlib.contextmanager
 def _rng_kept():
     """lm-eval seeds Python's, NumPy's and torch's generators; the study's own draws must not
@@ -85,7 +103,7 @@ def check(tokenizer, length: int) -> None:
     needs the template, one needle, one haystack sentence and 128 tokens to generate), before
     any hour of the study is spent."""
     require()
-    from lm_eval.tasks.ruler import niah_utils
+    niah_utils = _import_ruler()
 
     with tempfile.TemporaryDirectory(prefix="gape-tokenizer-") as folder, _rng_kept():
         _saved_tokenizer(tokenizer, folder)
@@ -113,6 +131,7 @@ def run(model, tokenizer, length: int, samples: int) -> dict:
     import lm_eval
     from lm_eval import simple_evaluate
 
+    _import_ruler()
     if not 1 <= samples <= RULER_SAMPLES:
         raise UsageError(f"--lmeval-samples {samples}: RULER has {RULER_SAMPLES} samples per length")
     with tempfile.TemporaryDirectory(prefix="gape-tokenizer-") as folder, _rng_kept():
