@@ -82,12 +82,6 @@ def lmeval_table(rows: list[dict]) -> list[dict]:
 
 def format_tables(rows: list[dict]) -> str:
     lines = []
-    lmeval = lmeval_table(rows)
-    if lmeval:
-        lines.append("lm-eval (its own prompt, generation and scoring) inside the window: arm task length: score +- stderr (samples)")
-        for c in lmeval:
-            err = "n/a" if c["stderr"] is None else f"{c['stderr']:.2f}"
-            lines.append(f"  {c['arm']:<14} {c['task']} {c['length']:>6}: {c['score']:.2f} +- {err} ({c['samples']} samples)")
     niah = niah_table(rows)
     if niah:
         lines.append("retrieval (single needle): correct / samples, accuracy [Wilson 95%]")
@@ -103,6 +97,12 @@ def format_tables(rows: list[dict]) -> str:
         for (arm, n), cs in groups.items():
             lines.append(f"  {arm:<14} {n:>6}: " + "  ".join(f"{c['lo']}-{c['hi']}:{c['ppl']:.2f}" for c in cs)
                          + f"  (windows {cs[0]['windows']})")
+    lmeval = lmeval_table(rows)
+    if lmeval:
+        lines.append("lm-eval (its own prompt, generation and scoring) inside the window: arm task length: score +- stderr (samples)")
+        for c in lmeval:
+            err = "n/a" if c["stderr"] is None else f"{c['stderr']:.2f}"
+            lines.append(f"  {c['arm']:<14} {c['task']} {c['length']:>6}: {c['score']:.2f} +- {err} ({c['samples']} samples)")
     for t in train_table(rows):
         lines.append(f"training {t['arm']}: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last10_loss']:.3f} (mean of last 10)")
     return "\n".join(lines) + "\n" if lines else "no results yet\n"
