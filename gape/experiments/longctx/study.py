@@ -13,8 +13,8 @@ drawn from the seed, not from the arm), the optimizer, learning rate and step co
 arms add their gate parameters, in a parameter group of their own.
 
 Everything lands in ``OUT/results.jsonl`` as produced (one row per training step, held-out
-window, retrieval sample or arm's lm-eval task, fsynced; one forward pass over a held-out play gives the rows of
-every length it covers); a training arm also keeps ``OUT/state/<arm>.safetensors``
+window, retrieval sample or arm's lm-eval task, fsynced; one forward pass over a held-out play
+gives the rows of every length it covers); a training arm also keeps ``OUT/state/<arm>.safetensors``
 (trainable tensors + AdamW moments, rewritten atomically after every step). A rerun skips what
 the rows hold and continues training from the saved step, so ``kill -9`` loses at most the
 unit of work in flight, and the resumed run computes what the uninterrupted one would have.
