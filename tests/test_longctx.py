@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny Llama with a 256-token window: YaRN factor 4 for a 1024 target; niah prompts need ~400 byte tokens
 FLAGS = ["--train-length", "96", "--target-length", "1024", "--steps", "4", "--lengths", "448,512", "--samples", "2",
-         "--max-new-tokens", "3", "--no-corpus-check", "--no-progress", "--threads", "1"]
+         "--max-new-tokens", "3", "--no-corpus-check", "--no-progress", "--threads", "1", "--lmeval-samples", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="evaluation lengths (default 4096,8192,16384,32768)")
     a("--samples", type=A.integer(1, 10_000), default=_DEFAULT.samples, help="retrieval samples per arm and length, depths spread (default 20)")
     a("--max-new-tokens", type=A.integer(1, 4096), default=_DEFAULT.max_new_tokens, help="greedy tokens per answer (default 12)")
+    a("--lmeval-length", type=A.integer(16, A.MAX_TOKENS), default=_DEFAULT.lmeval_length,
+      help=f"tokens of lm-eval's RULER niah_single_1, run once per arm inside the window (default {_DEFAULT.lmeval_length})")
+    a("--lmeval-samples", type=A.integer(0, 500), default=_DEFAULT.lmeval_samples,
+      help=f"samples of that lm-eval task per arm, RULER's first N; 0: no lm-eval task (default {_DEFAULT.lmeval_samples})")
     a("--seed", type=A.seed, default=_DEFAULT.seed, help=f"seed of the data order and the LoRA start, shared by every arm (default {_DEFAULT.seed})")
     a("--hours", type=A.number(0.0, 1e6, above=True), default=None,
       help="start no new unit (training step, window, sample) after this many hours; rerun to continue (default: run to the end)")
@@ -85,7 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(model=args.model, dtype=args.dtype, train_length=args.train_length, target_length=args.target_length,
                     steps=args.steps, lr=args.lr, gate_lr=args.gate_lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                     paper_gamma_init=args.paper_gamma_init, seed=args.seed, lengths=sorted(args.lengths), samples=args.samples,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, lmeval_length=args.lmeval_length, lmeval_samples=args.lmeval_samples)
 
 
 def run(args: argparse.Namespace, *, model=None, tokenizer=None) -> int:

@@ -1,6 +1,6 @@
 """Summary tables and plots of a ``gape longctx`` folder, from ``results.jsonl`` alone (rewritten
 after every run and by ``gape longctx --report``): retrieval accuracy with a Wilson 95%
-interval per arm and length, held-out perplexity per arm, length and position bucket, and
+interval per arm and length, lm-eval's score per arm, held-out perplexity per arm, length and position bucket, and
 the training loss."""
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ def train_table(rows: list[dict]) -> list[dict]:
     return out
 
 
+def lmeval_table(rows: list[dict]) -> list[dict]:
+    keys = ("arm", "task", "length", "samples", "score", "stderr", "lm_eval")
+    cells = [{k: r.get(k) for k in keys} for r in rows if r["kind"] == "lmeval"]
+    order = _arm_order({c["arm"] for c in cells})
+    return sorted(cells, key=lambda c: (order.index(c["arm"]), c["task"], c["length"]))
+
+
 def format_tables(rows: list[dict]) -> str:
     lines = []
     niah = niah_table(rows)
@@ -90,19 +97,29 @@ def format_tables(rows: list[dict]) -> str:
         for (arm, n), cs in groups.items():
             lines.append(f"  {arm:<14} {n:>6}: " + "  ".join(f"{c['lo']}-{c['hi']}:{c['ppl']:.2f}" for c in cs)
                          + f"  (windows {cs[0]['windows']})")
+    lmeval = lmeval_table(rows)
+    if lmeval:
+        lines.append("lm-eval (its own prompt, generation and scoring) inside the window: arm task length: score +- stderr (samples)")
+        for c in lmeval:
+            err = "n/a" if c["stderr"] is None else f"{c['stderr']:.2f}"
+            lines.append(f"  {c['arm']:<14} {c['task']} {c['length']:>6}: {c['score']:.2f} +- {err} ({c['samples']} samples)")
     for t in train_table(rows):
         lines.append(f"training {t['arm']}: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last10_loss']:.3f} (mean of last 10)")
     return "\n".join(lines) + "\n" if lines else "no results yet\n"
 
 
 def write(out: str, echo=print) -> None:
-    """``summary_niah.csv``, ``summary_ppl.csv``, ``summary.txt`` and the plots, from the rows."""
+    """``summary_niah.csv``, ``summary_ppl.csv``, ``summary_lmeval.csv``, ``summary.txt`` and the
+    plots, from the rows."""
     rows = read_rows(out)
     niah, ppl = niah_table(rows), ppl_table(rows)
     write_csv_atomic(os.path.join(out, "summary_niah.csv"), ["arm", "length", "samples", "correct", "accuracy", "ci_low", "ci_high"],
                      [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in niah], lineterminator="\n")
     write_csv_atomic(os.path.join(out, "summary_ppl.csv"), ["arm", "length", "lo", "hi", "windows", "tokens", "ppl"],
                      [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in ppl], lineterminator="\n")
+    write_csv_atomic(os.path.join(out, "summary_lmeval.csv"), ["arm", "task", "length", "samples", "score", "stderr", "lm_eval"],
+                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in lmeval_table(rows)],
+                     lineterminator="\n")
     text = format_tables(rows)
     write_atomic(os.path.join(out, "summary.txt"), text)
     if niah or ppl:

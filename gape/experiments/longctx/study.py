@@ -13,8 +13,8 @@ drawn from the seed, not from the arm), the optimizer, learning rate and step co
 arms add their gate parameters, in a parameter group of their own.
 
 Everything lands in ``OUT/results.jsonl`` as produced (one row per training step, held-out
-window or retrieval sample, fsynced; one forward pass over a held-out play gives the rows of
-every length it covers); a training arm also keeps ``OUT/state/<arm>.safetensors``
+window, retrieval sample or arm's lm-eval task, fsynced; one forward pass over a held-out play
+gives the rows of every length it covers); a training arm also keeps ``OUT/state/<arm>.safetensors``
 (trainable tensors + AdamW moments, rewritten atomically after every step). A rerun skips what
 the rows hold and continues training from the saved step, so ``kill -9`` loses at most the
 unit of work in flight, and the resumed run computes what the uninterrupted one would have.
@@ -85,9 +85,16 @@ class Settings:
     samples: int = 20
     max_new_tokens: int = 12
     haystack: str = "noise"
+    lmeval_length: int = 4096  # lm-eval's RULER niah_single_1, inside the window
+    lmeval_samples: int = 20  # 0: no lm-eval unit
 
     def fixed(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Settings added after study folders existed: a saved run.json without one was written before
+# it was a setting, and compares as the setting's default (so such a folder still resumes).
+LATER_FIELDS = ("lmeval_length", "lmeval_samples")
 
 
 def model_label(model: str | None) -> str:
@@ -334,11 +341,14 @@ def row_key(row: dict) -> tuple:
         return (row["arm"], kind, row["step"])
     if kind == "ppl":
         return (row["arm"], kind, row["length"], row["play"])
+    if kind == "lmeval":
+        return (row["arm"], kind, row["task"], row["length"])
     return (row["arm"], kind, row["length"], row["sample"])
 
 
 _TYPES = {"train": {"step": int, "loss": float}, "ppl": {"length": int, "play": str, "buckets": list},
-          "niah": {"length": int, "sample": int, "correct": bool, "score": (int, float)}}
+          "niah": {"length": int, "sample": int, "correct": bool, "score": (int, float)},
+          "lmeval": {"task": str, "length": int, "samples": int, "score": (int, float)}}
 
 
 def _valid(row) -> bool:
@@ -368,10 +378,11 @@ def append_row(out: str, row: dict) -> None:
 
 @dataclass
 class Unit:
-    """One resumable unit of work: a training step, a held-out pass or a retrieval sample."""
+    """One resumable unit of work: a training step, a held-out pass, an arm's lm-eval task or a
+    retrieval sample."""
 
     arm: str
-    kind: str  # "train", "ppl", "niah"
+    kind: str  # "train", "ppl", "lmeval", "niah"
     length: int  # a held-out pass: its longest length
     index: int  # step, held-out pass or sample index
     tokens: int  # weight for the progress bar (tokens processed; a training step counts 3x)
@@ -380,14 +391,16 @@ class Unit:
 def plan(arms: list[str], s: Settings, passes: list[tuple[str, list[int]]]) -> list[Unit]:
     """The order of the work: every listed arm's training first, then the evaluation, arm by arm
     within each piece of work, so that every arm's cells grow together and a run cut short
-    compares the arms on the same samples: the held-out passes, then per length ascending the
-    retrieval samples (depths spread first)."""
+    compares the arms on the same samples: the held-out passes, the lm-eval task (one unit per
+    arm), then per length ascending the retrieval samples (depths spread first)."""
     units = []
     for arm in arms:
         if ARMS[arm].finetune:
             units += [Unit(arm, "train", s.train_length, i, 3 * s.train_length) for i in range(s.steps)]
     for i, (_, lengths) in enumerate(passes):
         units += [Unit(arm, "ppl", max(lengths), i, max(lengths)) for arm in arms]
+    if s.lmeval_samples:
+        units += [Unit(arm, "lmeval", s.lmeval_length, 0, s.lmeval_samples * s.lmeval_length) for arm in arms]
     for n in sorted(s.lengths):
         for i in niah_order(s.samples):
             units += [Unit(arm, "niah", n, i, n) for arm in arms]
@@ -405,6 +418,9 @@ def _check_run_file(out: str, settings: dict) -> None:
                              "these settings, or use another --out") from None
         if isinstance(saved.get("model"), str) and os.path.isabs(saved["model"]):  # a folder written when it was absolute still resumes
             saved["model"] = relative_path(saved["model"])
+        defaults = Settings().fixed()
+        for k in LATER_FIELDS:
+            saved.setdefault(k, defaults[k])
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
@@ -451,16 +467,26 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
             if u.kind == "ppl":
                 play, lengths = passes[u.index]
                 return all((u.arm, "ppl", n, play) in done for n in lengths)
+            if u.kind == "lmeval":
+                from .lmeval import TASK
+
+                return (u.arm, "lmeval", TASK, u.length) in done
             return (u.arm, "niah", u.length, u.index) in done
 
         todo = [u for u in units if not is_done(u)]
+        if any(u.kind == "lmeval" for u in todo):
+            from . import lmeval
+
+            lmeval.check(tokenizer, s.lmeval_length)  # before the hours of training and evaluation
         if todo and model is None:
             from gape.hf.models import load_model
 
             echo(f"loading {model_label(s.model)} ({s.dtype}) ...")
             model, _ = load_model(s.model, dtype=DTYPES[s.dtype])
         if todo:
-            check_fits(model, [u.length for u in todo if u.kind != "train"])
+            from .lmeval import PROMPT_ROOM
+
+            check_fits(model, [u.length + (PROMPT_ROOM if u.kind == "lmeval" else 0) for u in todo if u.kind != "train"])
         total = sum(u.tokens for u in units)
         bar = tqdm(total=total / 1000, initial=(total - sum(u.tokens for u in todo)) / 1000, unit="ktok", desc="longctx",
                    disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} ktok [{elapsed}<{remaining}] {postfix}")
@@ -526,6 +552,10 @@ def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, dead
         elif u.kind == "ppl":
             play, lengths = passes[u.index]
             rows = [r for r in _ppl(model, plays, play, lengths) if (u.arm, "ppl", r["length"], play) not in done]
+        elif u.kind == "lmeval":
+            from . import lmeval
+
+            rows = [lmeval.run(model, tok, u.length, s.lmeval_samples)]
         else:
             rows = [_niah(s, model, tok, u.length, u.index)]
         seconds = round(time.perf_counter() - start, 3)
