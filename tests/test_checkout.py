@@ -125,6 +125,15 @@ def test_wheel_installs_kernels_and_patches_under_gape(tmp_path):
     assert {"gape/kernels/attention_cpu.cpp", "gape/kernels/attention.py", "gape/patches/registry.py",
             "gape/patches/llama.py", "gape/tasks/niah/data/essay.txt"} <= names
     assert not any(n.split("/")[0] in OWN_FOLDERS for n in names), sorted(names)[:20]
+    # every module of the checkout ships (a subpackage missing from pyproject's list would not)
+    missing = []
+    for path in _python_files():
+        rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+        top = rel.split("/")[0]
+        if top in ("gape", *OWN_FOLDERS):
+            shipped = rel if top == "gape" else "gape/" + rel
+            missing += [] if shipped in names else [shipped]
+    assert not missing, f"not in the wheel (add the package to [tool.setuptools] packages in pyproject.toml): {missing}"
     out = _python(
         "import gape, gape._checkout as c, gape.kernels.attention_cpu as k, gape.patches.registry as r\n"
         "print(c.is_checkout(), k.__file__, r.__file__)\n",
