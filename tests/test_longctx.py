@@ -49,7 +49,9 @@ def _rows(out):
 
 
 def _settings(**kw):
-    return study.Settings(train_length=96, target_length=1024, steps=4, lengths=[448, 512], samples=2, max_new_tokens=3, **kw)
+    """The settings FLAGS give."""
+    return study.Settings(**{"train_length": 96, "target_length": 1024, "steps": 4, "lengths": [448, 512], "samples": 2,
+                             "max_new_tokens": 3, "lmeval_samples": 0, **kw})
 
 
 def test_resume_after_kill_9_is_exact(tiny, tmp_path, one_thread):
