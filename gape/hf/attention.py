@@ -195,7 +195,7 @@ def gape_attention_forward(
     state = layer_state(holder)
     offset = state.query_offset
     state.query_offset = None
-    packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
+    packed = _packed_sequences(query, key, mask, kwargs, window, is_causal) if offset is None else None
     if packed is not None:
         varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1],
                             "sinks" in terms, "softcap" in terms)
@@ -207,14 +207,15 @@ def gape_attention_forward(
                 return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
                                               packed=packed)
             return out, None
+        # No packed entry point serves this call: the mask path, told where the sequences are
+        # (the mask given may be none, or one band over the whole row).
+        mask = _same_sequence_mask(packed[0], packed[1], query.shape[2], key.shape[2], backend)
     positions = {}
     if offset is not None:
         positions["query_offset"] = offset
     if window is not None:
         positions["window"] = window
         mask = _without_window(mask, query, key, is_causal, offset, window)
-    if terms and packed is not None:
-        mask = _bool_mask(attention_mask)  # packed rows with sinks or a cap: the block-diagonal mask path
     if (mask is None or compiling) and not terms:
         fn = _backend_fn(backend, query.device, query.dtype, distance, compiling, query.shape[-1], value.shape[-1],
                          is_causal)
@@ -419,14 +420,18 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return allowed
 
 
-def _packed_sequences(query, key, mask, kwargs, window):
+def _packed_sequences(query, key, mask, kwargs, window, is_causal):
     """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` when one row holds packed
     sequences, else None.
 
     From the flash-attention kwargs transformers forwards (``DataCollatorWithFlattening``
     with ``return_flash_attn_kwargs=True``), or from ``position_ids`` that restart, when the
-    mask is the block-diagonal one transformers builds from them (a padding mask given
-    with them means transformers did not pack, and neither do we).
+    mask is the block-diagonal one transformers builds from them, or says nothing beyond
+    the causal rule and the layer's window (no mask, or one band over the whole row: what a
+    sliding layer gets when the model does not hand transformers the position ids, as
+    gpt-oss does not). So full and sliding layers pack alike, each sliding layer's window
+    inside each sequence. A padding mask given with them means transformers did not pack,
+    and neither do we.
     """
     if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
@@ -471,7 +476,8 @@ def _packed_sequences(query, key, mask, kwargs, window):
         return None  # one sequence: the dense path
     t = query.shape[2]
     cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), t)]).to(torch.int32)
-    if mask is not None and not _is_block_diagonal(mask, cu, window):
+    if (mask is not None and not _is_block_diagonal(mask, cu, window)
+            and _without_window(mask, query, key, is_causal, None, window) is not None):
         return None
     longest = int((cu[1:] - cu[:-1]).max())
     return cu, cu, longest, longest
@@ -492,9 +498,30 @@ def _is_block_diagonal(mask, cu, window) -> bool:
     return bool((m[last] == want_last).all()) and bool((m[start] == want_first).all())
 
 
+def _same_sequence_mask(cu_q, cu_k, lq, lk, backend):
+    """Bool ``[1, 1, Lq, Lk]``: query row and key in the same packed sequence. The causal
+    rule and any window stay with the kernels, which then apply them within each sequence,
+    as long as each sequence holds as many query rows as keys (``cu_q == cu_k``); the mask
+    path cannot align other sequences, so they are refused. Tensor ops only, so it traces."""
+    message = (f"GapeConfig.backend={backend!r} has no packed-sequence entry point, and its mask path needs "
+               "cu_seq_lens_q == cu_seq_lens_k (as many query rows as keys per sequence); use backend "
+               "'torch', 'reference' or 'triton' for these packed sequences")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(message)
+    if torch.compiler.is_compiling():
+        torch._assert_async((cu_q == cu_k).all(), message)
+    elif not bool((cu_q == cu_k).all()):
+        raise ValueError(message)
+    seq_q = torch.searchsorted(cu_q[1:].contiguous(), torch.arange(lq, device=cu_q.device, dtype=cu_q.dtype),
+                               right=True)
+    seq_k = torch.searchsorted(cu_k[1:].contiguous(), torch.arange(lk, device=cu_k.device, dtype=cu_k.dtype),
+                               right=True)
+    return (seq_q[:, None] == seq_k[None, :])[None, None]
+
+
 def _without_window(mask, query, key, is_causal, offset, window):
-    """A sliding layer's mask minus what the window says: None when only the causal
-    rule and the window remain (the kernels then read no mask), else the mask."""
+    """The mask minus what the causal rule and the window (None: none) say: None when
+    nothing else remains (the kernels then read no mask), else the mask."""
     if mask is None or torch.compiler.is_compiling():
         return mask
     from ..kernels.key_ranges import analyse_mask
