@@ -337,6 +337,20 @@ def test_packed_sequences_pack_full_and_sliding_layers_alike(arch, given, backen
     assert (whole[lens[0]:] - alone[lens[0]:]).abs().max() > 1e-2
     tol = 1e-6 if backend == "reference" else 3e-5  # the gates are float32 even in a float64 model
     torch.testing.assert_close(packed, alone, rtol=0, atol=tol)
+    if given != "no-mask":
+        return
+    # packed training: every gradient (weights and gates) equals the documents' run alone
+    weight = torch.randn(packed.shape, generator=torch.Generator().manual_seed(5)).to(packed.dtype)
+    grads = []
+    for run in (lambda: model(row, **kw).logits[0], lambda: torch.cat([model(s, use_cache=False).logits[0]
+                                                                         for s in seqs])):
+        model.zero_grad()
+        (run() * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and any(".gape_gate." in n for n in grads[0])
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name], want, rtol=10 * tol, atol=tol * max(1.0, float(want.abs().max())),
+                                   msg=name)
 
 
 @pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL],
