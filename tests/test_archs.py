@@ -353,6 +353,28 @@ def test_packed_sequences_pack_full_and_sliding_layers_alike(arch, given, backen
                                    msg=name)
 
 
+@pytest.mark.parametrize("layers", [None, [0]], ids=["identity-shortcut", "layer-0-gated"])
+@pytest.mark.parametrize("arch", ["gpt_oss", pytest.param("afmoe", marks=SLOW)])
+def test_packed_sequences_pack_layers_without_the_bias_alike(arch, layers):
+    """Layers that run without GAPE's bias, identity gates under the identity shortcut (plain
+    SDPA, or the kernels at lambda = 0 for gpt-oss's sinks) or a layer left unpatched by
+    ``layers=``, pack a row of documents as the gated layers do: each document equals it run
+    alone, sliding window inside it, so the identity shortcut stays a shortcut."""
+    model = make(arch, **HYBRID_SLIDING[arch])
+    gape.patch(model, gape.GapeConfig() if layers is None else gape.GapeConfig(layers=layers))
+    if layers is not None:
+        randomize(model)
+    lens = [11, 4, 13]
+    seqs = [ids(1, n, seed=20 + i) for i, n in enumerate(lens)]
+    row = torch.cat(seqs, dim=1)
+    with torch.no_grad():
+        packed = model(row, position_ids=torch.cat([torch.arange(n) for n in lens])[None], use_cache=False).logits[0]
+        alone = torch.cat([model(s, use_cache=False).logits[0] for s in seqs])
+        whole = model(row, use_cache=False).logits[0]
+    assert (whole[lens[0]:] - alone[lens[0]:]).abs().max() > 1e-2
+    torch.testing.assert_close(packed, alone, rtol=0, atol=3e-5)
+
+
 @pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL],
                          ids=["reference", "default", "cpu-kernel"])
 @pytest.mark.parametrize("arch,term", [("gpt_oss", "sinks"), ("gemma2", "softcap")])

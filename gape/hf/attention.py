@@ -153,6 +153,7 @@ def gape_attention_forward(
     terms = _logit_terms(kwargs)
     if gate is None and ALIBI_ATTR not in module._modules:
         check_gate_missing(module)
+        attention_mask = _plain_packed_mask(module, query, key, attention_mask, kwargs)
         if terms:
             return _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms, "auto",
                                   want_probs)
@@ -168,6 +169,8 @@ def gape_attention_forward(
     # gape.hf.attention_probe computes the gates first and hands them over (the paper's
     # form consumes what its hooks captured, so it cannot compute them twice).
     gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
+    if gates is None:  # a packed row stays packed without the bias, as on the gated path
+        attention_mask = _plain_packed_mask(module, query, key, attention_mask, kwargs)
     if gates is None and terms:  # identity gates and a term SDPA lacks: GAPE's kernels at lambda = 0
         return _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms,
                               gate.config.backend, want_probs)
@@ -209,7 +212,9 @@ def gape_attention_forward(
             return out, None
         # No packed entry point serves this call: the mask path, told where the sequences are
         # (the mask given may be none, or one band over the whole row).
-        mask = _same_sequence_mask(packed[0], packed[1], query.shape[2], key.shape[2], backend)
+        mask = _same_sequence_mask(packed[0], packed[1], query.shape[2], key.shape[2],
+                                   f"GapeConfig.backend={backend!r} has no packed-sequence entry point",
+                                   "use backend 'torch', 'reference' or 'triton'")
     positions = {}
     if offset is not None:
         positions["query_offset"] = offset
@@ -498,14 +503,14 @@ def _is_block_diagonal(mask, cu, window) -> bool:
     return bool((m[last] == want_last).all()) and bool((m[start] == want_first).all())
 
 
-def _same_sequence_mask(cu_q, cu_k, lq, lk, backend):
+def _same_sequence_mask(cu_q, cu_k, lq, lk, path, fix):
     """Bool ``[1, 1, Lq, Lk]``: query row and key in the same packed sequence. The causal
-    rule and any window stay with the kernels, which then apply them within each sequence,
-    as long as each sequence holds as many query rows as keys (``cu_q == cu_k``); the mask
-    path cannot align other sequences, so they are refused. Tensor ops only, so it traces."""
-    message = (f"GapeConfig.backend={backend!r} has no packed-sequence entry point, and its mask path needs "
-               "cu_seq_lens_q == cu_seq_lens_k (as many query rows as keys per sequence); use backend "
-               "'torch', 'reference' or 'triton' for these packed sequences")
+    rule and any window then apply within each sequence, as long as each sequence holds as
+    many query rows as keys (``cu_q == cu_k``); a mask path cannot align other sequences,
+    so they are refused (``path`` says which path, ``fix`` what to do). Tensor ops only,
+    so it traces."""
+    message = (f"{path}, and its mask path needs cu_seq_lens_q == cu_seq_lens_k (as many query rows as keys "
+               f"per sequence) for packed sequences; {fix}")
     if cu_q.shape != cu_k.shape:
         raise ValueError(message)
     if torch.compiler.is_compiling():
@@ -517,6 +522,37 @@ def _same_sequence_mask(cu_q, cu_k, lq, lk, backend):
     seq_k = torch.searchsorted(cu_k[1:].contiguous(), torch.arange(lk, device=cu_k.device, dtype=cu_k.dtype),
                                right=True)
     return (seq_q[:, None] == seq_k[None, :])[None, None]
+
+
+def _plain_packed_mask(module, query, key, attention_mask, kwargs):
+    """The mask of a layer run without GAPE's bias (no gates, or identity gates under the
+    identity shortcut): when the row holds packed sequences (:func:`_packed_sequences`),
+    the bool mask keeping each to itself with the causal rule and the layer's window, so
+    these layers pack exactly as the gated ones do; else ``attention_mask`` unchanged."""
+    holder = module._modules.get(GATE_ATTR)
+    if holder is None:
+        holder = module._modules.get(ALIBI_ATTR)
+    if holder is not None and layer_state(holder).query_offset is not None:
+        return attention_mask  # a static cache's slots: never packed (as on the gated path)
+    sliding = kwargs.get("sliding_window")
+    window = (int(sliding) - 1, -1) if sliding else None
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", True))
+    packed = _packed_sequences(query, key, _bool_mask(attention_mask), kwargs, window, is_causal)
+    if packed is None:
+        return attention_mask
+    lq, lk = query.shape[2], key.shape[2]
+    allowed = _same_sequence_mask(packed[0], packed[1], lq, lk, "a layer without GAPE's bias runs plain attention",
+                                  "pass equal cu_seq_lens_q and cu_seq_lens_k for one packed row")
+    i = torch.arange(lq, device=query.device)[:, None]
+    j = torch.arange(lk, device=query.device)[None, :]
+    allowed = allowed.to(query.device)
+    if is_causal:
+        allowed = allowed & (j <= i)  # lq == lk: top-left and bottom-right alignment agree
+    if window is not None:
+        allowed = allowed & (i - j <= window[0])
+    return allowed
 
 
 def _without_window(mask, query, key, is_causal, offset, window):
