@@ -259,7 +259,7 @@ def test_packed_sequences_keep_sinks_and_softcap(arch, term, monkeypatch):
                         lambda *a, **k: seen.append(k.get(term) is not None) or varlen(*a, **k))
     hf_attention._varlen_fn.cache_clear()
     try:
-        model = make(arch, sliding_window=64)  # the window spans the row: packing alone is under test
+        model = make(arch)  # window 8 < the row: the sliding layers pack too, the window inside each sequence
         gape.patch(model, gape.GapeConfig(backend="torch"))
         randomize(model)
         lens = [7, 12, 5]
@@ -272,6 +272,107 @@ def test_packed_sequences_keep_sinks_and_softcap(arch, term, monkeypatch):
         hf_attention._varlen_fn.cache_clear()
     assert seen and all(seen), f"the packed path ran without the {term}"
     torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+
+
+# Full and sliding layers mixed (window 8 < the packed row), with transformers building the
+# packed mask itself (gemma3, mistral: position_ids reach its mask functions) or not (gpt-oss,
+# afmoe: the sliding layers then get one band over the whole row, the full ones no mask).
+HYBRID_SLIDING = {
+    "gpt_oss": {},
+    "gemma3_text": {},
+    "afmoe": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    "mistral": {},
+}
+PACKED_INPUTS = ("no-mask", "all-ones-mask", "cache")
+# "sdpa" has no packed entry point (the mask path runs) and no sinks (gpt-oss is refused)
+PACKED_BACKENDS = {"reference": dict(backend="reference"), "torch": dict(backend="torch"),
+                   "sdpa": dict(backend="sdpa", distance="linear")}
+PACKED_DEFAULT = {("gpt_oss", given, backend) for given in PACKED_INPUTS for backend in ("reference", "torch")} | {
+    ("gemma3_text", "all-ones-mask", "torch"), ("afmoe", "no-mask", "sdpa"), ("mistral", "all-ones-mask", "sdpa")}
+PACKED_CASES = [pytest.param(*case, marks=() if case in PACKED_DEFAULT else SLOW)
+                for case in ((a, g, b) for a in HYBRID_SLIDING for g in PACKED_INPUTS for b in PACKED_BACKENDS)
+                if case[::2] != ("gpt_oss", "sdpa")]
+
+
+@pytest.mark.parametrize("arch,given,backend", PACKED_CASES)
+def test_packed_sequences_pack_full_and_sliding_layers_alike(arch, given, backend, monkeypatch):
+    """One row holding three documents, marked only by restarting position_ids: every layer,
+    full or sliding (window 8, shorter than the row), runs each document alone (the window
+    inside each document), so each document's logits equal it run by itself through the same
+    patched model: in float64 on the reference backend (float32 gates), in float32 on the
+    fused CPU kernel and on the "sdpa" backend (the mask path, no packed entry point);
+    without a mask, with an all-ones 2D mask, and filling a DynamicCache."""
+    from gape.hf import attention as hf_attention
+
+    windows = []
+    varlen_fn = hf_attention._varlen_fn
+
+    def spy(*args):
+        fn = varlen_fn(*args)
+        return None if fn is None else (lambda *a, **k: windows.append(a[12]) or fn(*a, **k))
+
+    monkeypatch.setattr(hf_attention, "_varlen_fn", spy)
+    model = make(arch, **HYBRID_SLIDING[arch])
+    gape.patch(model, gape.GapeConfig(**PACKED_BACKENDS[backend], identity_shortcut=False))
+    randomize(model)
+    if backend == "reference":
+        model.double()
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation("eager")  # the grouped GEMM takes no float64
+    kinds = {model.config.sliding_window - 1 if t == "sliding_attention" else None
+             for t in getattr(model.config, "layer_types", None) or ["sliding_attention"]}
+    lens = [11, 4, 13]
+    seqs = [ids(1, n, seed=20 + i) for i, n in enumerate(lens)]
+    row = torch.cat(seqs, dim=1)
+    kw = dict(position_ids=torch.cat([torch.arange(n) for n in lens])[None], use_cache=given == "cache")
+    if given == "all-ones-mask":
+        kw["attention_mask"] = torch.ones_like(row)
+    with torch.no_grad():
+        packed = model(row, **kw).logits[0]
+        if backend != "sdpa":
+            assert {w if w is None else w[0] for w in windows} == kinds, "a layer kind did not run packed"
+        alone = torch.cat([model(s, use_cache=False).logits[0] for s in seqs])
+        # the documents differ from the row attended as one sequence, so packing is what is checked
+        whole = model(row, position_ids=torch.arange(row.shape[1])[None], use_cache=False).logits[0]
+    assert (whole[lens[0]:] - alone[lens[0]:]).abs().max() > 1e-2
+    tol = 1e-6 if backend == "reference" else 3e-5  # the gates are float32 even in a float64 model
+    torch.testing.assert_close(packed, alone, rtol=0, atol=tol)
+    if given != "no-mask":
+        return
+    # packed training: every gradient (weights and gates) equals the documents' run alone
+    weight = torch.randn(packed.shape, generator=torch.Generator().manual_seed(5)).to(packed.dtype)
+    grads = []
+    for run in (lambda: model(row, **kw).logits[0], lambda: torch.cat([model(s, use_cache=False).logits[0]
+                                                                         for s in seqs])):
+        model.zero_grad()
+        (run() * weight).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and any(".gape_gate." in n for n in grads[0])
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name], want, rtol=10 * tol, atol=tol * max(1.0, float(want.abs().max())),
+                                   msg=name)
+
+
+@pytest.mark.parametrize("layers", [None, [0]], ids=["identity-shortcut", "layer-0-gated"])
+@pytest.mark.parametrize("arch", ["gpt_oss", pytest.param("afmoe", marks=SLOW)])
+def test_packed_sequences_pack_layers_without_the_bias_alike(arch, layers):
+    """Layers that run without GAPE's bias, identity gates under the identity shortcut (plain
+    SDPA, or the kernels at lambda = 0 for gpt-oss's sinks) or a layer left unpatched by
+    ``layers=``, pack a row of documents as the gated layers do: each document equals it run
+    alone, sliding window inside it, so the identity shortcut stays a shortcut."""
+    model = make(arch, **HYBRID_SLIDING[arch])
+    gape.patch(model, gape.GapeConfig() if layers is None else gape.GapeConfig(layers=layers))
+    if layers is not None:
+        randomize(model)
+    lens = [11, 4, 13]
+    seqs = [ids(1, n, seed=20 + i) for i, n in enumerate(lens)]
+    row = torch.cat(seqs, dim=1)
+    with torch.no_grad():
+        packed = model(row, position_ids=torch.cat([torch.arange(n) for n in lens])[None], use_cache=False).logits[0]
+        alone = torch.cat([model(s, use_cache=False).logits[0] for s in seqs])
+        whole = model(row, use_cache=False).logits[0]
+    assert (whole[lens[0]:] - alone[lens[0]:]).abs().max() > 1e-2
+    torch.testing.assert_close(packed, alone, rtol=0, atol=3e-5)
 
 
 @pytest.mark.parametrize("config", [REFERENCE, gape.GapeConfig(), CPU_KERNEL],

@@ -253,3 +253,27 @@ def test_compiled_static_cache_decode_step_on_cpu():
                 tok = out.logits[:, -1:].argmax(-1)
         results.append(torch.stack(logits))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_flash_kwargs_on_a_backend_without_a_packed_entry_point():
+    """The "sdpa" backend has no varlen entry point: packed rows (cu_seq_lens_q/k) run its
+    mask path with a same-sequence mask (each sequence == run alone, the sliding window
+    inside it), and per-sequence query and key counts that differ, which that path cannot
+    align, are refused naming the argument."""
+    model = make_model("mistral")  # window 8 < the row
+    gape.patch(model, gape.GapeConfig(backend="sdpa", distance="linear", identity_shortcut=False))
+    randomize_gates(model, scale=0.5)
+    lens = [11, 4, 13]
+    seqs = [tokens(1, n, seed=30 + i) for i, n in enumerate(lens)]
+    row = torch.cat(seqs, dim=1)
+    cu = torch.tensor([0, 11, 15, 28], dtype=torch.int32)
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=13, max_length_k=13)
+    with torch.no_grad():
+        packed = model(row, position_ids=torch.arange(28)[None], use_cache=False, **flash).logits[0]
+        alone = torch.cat([model(s, use_cache=False).logits[0] for s in seqs])
+        whole = model(row, use_cache=False).logits[0]
+        assert (whole[11:] - alone[11:]).abs().max() > 1e-2  # packing is what is checked
+        torch.testing.assert_close(packed, alone, rtol=0, atol=3e-5)
+        other = dict(flash, cu_seq_lens_k=torch.tensor([0, 12, 15, 28], dtype=torch.int32))
+        with pytest.raises(ValueError, match="cu_seq_lens_q == cu_seq_lens_k"):
+            model(row, position_ids=torch.arange(28)[None], use_cache=False, **other)

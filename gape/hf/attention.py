@@ -153,6 +153,7 @@ def gape_attention_forward(
     terms = _logit_terms(kwargs)
     if gate is None and ALIBI_ATTR not in module._modules:
         check_gate_missing(module)
+        attention_mask = _plain_packed_mask(module, query, key, attention_mask, kwargs)
         if terms:
             return _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms, "auto",
                                   want_probs)
@@ -168,6 +169,8 @@ def gape_attention_forward(
     # gape.hf.attention_probe computes the gates first and hands them over (the paper's
     # form consumes what its hooks captured, so it cannot compute them twice).
     gates = kwargs.pop("gape_gates", None) if "gape_gates" in kwargs else layer_gates(module, query, key)
+    if gates is None:  # a packed row stays packed without the bias, as on the gated path
+        attention_mask = _plain_packed_mask(module, query, key, attention_mask, kwargs)
     if gates is None and terms:  # identity gates and a term SDPA lacks: GAPE's kernels at lambda = 0
         return _without_gates(module, query, key, value, attention_mask, dropout, scaling, kwargs, terms,
                               gate.config.backend, want_probs)
@@ -195,7 +198,7 @@ def gape_attention_forward(
     state = layer_state(holder)
     offset = state.query_offset
     state.query_offset = None
-    packed = _packed_sequences(query, key, mask, kwargs, window) if offset is None else None
+    packed = _packed_sequences(query, key, mask, kwargs, window, is_causal) if offset is None else None
     if packed is not None:
         varlen = _varlen_fn(backend, query.device, query.dtype, distance, query.shape[-1], value.shape[-1],
                             "sinks" in terms, "softcap" in terms)
@@ -207,14 +210,17 @@ def gape_attention_forward(
                 return out, compat.gape_probs(query, key, lam, pi, mask, is_causal, scale, distance, None, window,
                                               packed=packed)
             return out, None
+        # No packed entry point serves this call: the mask path, told where the sequences are
+        # (the mask given may be none, or one band over the whole row).
+        mask = _same_sequence_mask(packed[0], packed[1], query.shape[2], key.shape[2],
+                                   f"GapeConfig.backend={backend!r} has no packed-sequence entry point",
+                                   "use backend 'torch', 'reference' or 'triton'")
     positions = {}
     if offset is not None:
         positions["query_offset"] = offset
     if window is not None:
         positions["window"] = window
         mask = _without_window(mask, query, key, is_causal, offset, window)
-    if terms and packed is not None:
-        mask = _bool_mask(attention_mask)  # packed rows with sinks or a cap: the block-diagonal mask path
     if (mask is None or compiling) and not terms:
         fn = _backend_fn(backend, query.device, query.dtype, distance, compiling, query.shape[-1], value.shape[-1],
                          is_causal)
@@ -419,14 +425,18 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return allowed
 
 
-def _packed_sequences(query, key, mask, kwargs, window):
+def _packed_sequences(query, key, mask, kwargs, window, is_causal):
     """``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` when one row holds packed
     sequences, else None.
 
     From the flash-attention kwargs transformers forwards (``DataCollatorWithFlattening``
     with ``return_flash_attn_kwargs=True``), or from ``position_ids`` that restart, when the
-    mask is the block-diagonal one transformers builds from them (a padding mask given
-    with them means transformers did not pack, and neither do we).
+    mask is the block-diagonal one transformers builds from them, or says nothing beyond
+    the causal rule and the layer's window (no mask, or one band over the whole row: what a
+    sliding layer gets when the model does not hand transformers the position ids, as
+    gpt-oss does not). So full and sliding layers pack alike, each sliding layer's window
+    inside each sequence. A padding mask given with them means transformers did not pack,
+    and neither do we.
     """
     if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return None
@@ -471,7 +481,8 @@ def _packed_sequences(query, key, mask, kwargs, window):
         return None  # one sequence: the dense path
     t = query.shape[2]
     cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), t)]).to(torch.int32)
-    if mask is not None and not _is_block_diagonal(mask, cu, window):
+    if (mask is not None and not _is_block_diagonal(mask, cu, window)
+            and _without_window(mask, query, key, is_causal, None, window) is not None):
         return None
     longest = int((cu[1:] - cu[:-1]).max())
     return cu, cu, longest, longest
@@ -492,9 +503,61 @@ def _is_block_diagonal(mask, cu, window) -> bool:
     return bool((m[last] == want_last).all()) and bool((m[start] == want_first).all())
 
 
+def _same_sequence_mask(cu_q, cu_k, lq, lk, path, fix):
+    """Bool ``[1, 1, Lq, Lk]``: query row and key in the same packed sequence. The causal
+    rule and any window then apply within each sequence, as long as each sequence holds as
+    many query rows as keys (``cu_q == cu_k``); a mask path cannot align other sequences,
+    so they are refused (``path`` says which path, ``fix`` what to do). Tensor ops only,
+    so it traces."""
+    message = (f"{path}, and its mask path needs cu_seq_lens_q == cu_seq_lens_k (as many query rows as keys "
+               f"per sequence) for packed sequences; {fix}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(message)
+    if torch.compiler.is_compiling():
+        torch._assert_async((cu_q == cu_k).all(), message)
+    elif not bool((cu_q == cu_k).all()):
+        raise ValueError(message)
+    seq_q = torch.searchsorted(cu_q[1:].contiguous(), torch.arange(lq, device=cu_q.device, dtype=cu_q.dtype),
+                               right=True)
+    seq_k = torch.searchsorted(cu_k[1:].contiguous(), torch.arange(lk, device=cu_k.device, dtype=cu_k.dtype),
+                               right=True)
+    return (seq_q[:, None] == seq_k[None, :])[None, None]
+
+
+def _plain_packed_mask(module, query, key, attention_mask, kwargs):
+    """The mask of a layer run without GAPE's bias (no gates, or identity gates under the
+    identity shortcut): when the row holds packed sequences (:func:`_packed_sequences`),
+    the bool mask keeping each to itself with the causal rule and the layer's window, so
+    these layers pack exactly as the gated ones do; else ``attention_mask`` unchanged."""
+    holder = module._modules.get(GATE_ATTR)
+    if holder is None:
+        holder = module._modules.get(ALIBI_ATTR)
+    if holder is not None and layer_state(holder).query_offset is not None:
+        return attention_mask  # a static cache's slots: never packed (as on the gated path)
+    sliding = kwargs.get("sliding_window")
+    window = (int(sliding) - 1, -1) if sliding else None
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", True))
+    packed = _packed_sequences(query, key, _bool_mask(attention_mask), kwargs, window, is_causal)
+    if packed is None:
+        return attention_mask
+    lq, lk = query.shape[2], key.shape[2]
+    allowed = _same_sequence_mask(packed[0], packed[1], lq, lk, "a layer without GAPE's bias runs plain attention",
+                                  "pass equal cu_seq_lens_q and cu_seq_lens_k for one packed row")
+    i = torch.arange(lq, device=query.device)[:, None]
+    j = torch.arange(lk, device=query.device)[None, :]
+    allowed = allowed.to(query.device)
+    if is_causal:
+        allowed = allowed & (j <= i)  # lq == lk: top-left and bottom-right alignment agree
+    if window is not None:
+        allowed = allowed & (i - j <= window[0])
+    return allowed
+
+
 def _without_window(mask, query, key, is_causal, offset, window):
-    """A sliding layer's mask minus what the window says: None when only the causal
-    rule and the window remain (the kernels then read no mask), else the mask."""
+    """The mask minus what the causal rule and the window (None: none) say: None when
+    nothing else remains (the kernels then read no mask), else the mask."""
     if mask is None or torch.compiler.is_compiling():
         return mask
     from ..kernels.key_ranges import analyse_mask
