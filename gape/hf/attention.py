@@ -542,17 +542,13 @@ def _plain_packed_mask(module, query, key, attention_mask, kwargs):
     packed = _packed_sequences(query, key, _bool_mask(attention_mask), kwargs, window, is_causal)
     if packed is None:
         return attention_mask
+    from gape.core.reference import allowed_mask
+
     lq, lk = query.shape[2], key.shape[2]
-    allowed = _same_sequence_mask(packed[0], packed[1], lq, lk, "a layer without GAPE's bias runs plain attention",
-                                  "pass equal cu_seq_lens_q and cu_seq_lens_k for one packed row")
-    i = torch.arange(lq, device=query.device)[:, None]
-    j = torch.arange(lk, device=query.device)[None, :]
-    allowed = allowed.to(query.device)
-    if is_causal:
-        allowed = allowed & (j <= i)  # lq == lk: top-left and bottom-right alignment agree
-    if window is not None:
-        allowed = allowed & (i - j <= window[0])
-    return allowed
+    same = _same_sequence_mask(packed[0], packed[1], lq, lk, "a layer without GAPE's bias runs plain attention",
+                               "pass equal cu_seq_lens_q and cu_seq_lens_k for one packed row")
+    # lq == lk here, so the causal rule and the window read the same under either alignment
+    return allowed_mask(lq, lk, is_causal, same.to(query.device), query.device, None, window)
 
 
 def _without_window(mask, query, key, is_causal, offset, window):
