@@ -4,6 +4,7 @@ kill -9, matched arms, refused flags), not the study's numbers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -192,6 +193,87 @@ def test_wilson_interval():
     lo, hi = report.wilson(0, 20)
     assert lo == 0.0 and abs(hi - 0.1611) < 1e-3
     assert report.wilson(20, 20)[1] == 1.0 and report.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_mcnemar_exact_is_the_binomial_test_of_the_discordant_pairs():
+    stats = pytest.importorskip("scipy.stats")
+    for first, second in [(3, 0), (5, 2), (7, 7), (1, 9), (10, 0), (0, 13), (12, 11)]:
+        assert report.mcnemar_exact(first, second) == pytest.approx(stats.binomtest(first, first + second, 0.5).pvalue, rel=1e-12)
+    assert report.mcnemar_exact(0, 0) == 1.0
+
+
+def _exact_coverage(n, probs, interval):
+    """Coverage and mean width of ``interval`` over every table of ``n`` pairs, weighted by its
+    multinomial probability: no sampling noise."""
+    p11, p10, p01, p00 = probs
+    theta, cover, width = p10 - p01, 0.0, 0.0
+    for a in range(n + 1):
+        for b in range(n + 1 - a):
+            for c in range(n + 1 - a - b):
+                d = n - a - b - c
+                pr = (math.factorial(n) / (math.factorial(a) * math.factorial(b) * math.factorial(c) * math.factorial(d))
+                      * p11 ** a * p10 ** b * p01 ** c * p00 ** d)
+                lo, hi = interval(a, b, c, d)
+                cover += pr * (lo <= theta <= hi)
+                width += pr * (hi - lo)
+    return cover, width
+
+
+def _unpaired(a, b, c, d):
+    """The same Wilson limits combined as if the two arms' samples were independent (phi = 0)."""
+    n = a + b + c + d
+    p1, p2 = (a + b) / n, (a + c) / n
+    (l1, u1), (l2, u2) = report.wilson(a + b, n), report.wilson(a + c, n)
+    return p1 - p2 - math.hypot(p1 - l1, u2 - p2), p1 - p2 + math.hypot(u1 - p1, p2 - l2)
+
+
+@pytest.mark.parametrize("probs", [(0.7, 0.1, 0.1, 0.1), (0.5, 0.2, 0.05, 0.25), (0.3, 0.3, 0.1, 0.3),
+                                   (0.2, 0.1, 0.1, 0.6), (0.85, 0.05, 0.05, 0.05)])
+def test_paired_interval_covers_and_uses_the_pairing(probs):
+    """At the study's 20 samples per cell, Newcombe's paired interval covers the true difference at
+    least 95% of the time, and, the arms' answers being positively correlated here (they agree
+    on most samples), it is narrower than the same limits combined as if unpaired."""
+    cover, width = _exact_coverage(20, probs, report.newcombe_paired)
+    _, unpaired_width = _exact_coverage(20, probs, _unpaired)
+    assert cover >= 0.95
+    assert width < 0.95 * unpaired_width
+
+
+def test_paired_interval_is_antisymmetric_and_bounded():
+    for cells in [(14, 5, 0, 22), (0, 20, 0, 0), (10, 0, 0, 10), (3, 4, 9, 4), (0, 0, 0, 20), (20, 0, 0, 0)]:
+        a, b, c, d = cells
+        lo, hi = report.newcombe_paired(a, b, c, d)
+        assert -1.0 <= lo <= (b - c) / sum(cells) <= hi <= 1.0
+        assert hi > lo  # never a zero-width interval, even without discordant pairs
+        rlo, rhi = report.newcombe_paired(a, c, b, d)
+        assert (rlo, rhi) == pytest.approx((-hi, -lo), abs=1e-12)
+    assert report.newcombe_paired(0, 0, 0, 0) == (-1.0, 1.0)
+
+
+def test_comparisons_pair_the_same_samples_and_plays():
+    """Each arm against the baseline only on the retrieval samples and held-out plays both have."""
+    def niah(arm, sample, correct):
+        return {"arm": arm, "kind": "niah", "length": 512, "sample": sample, "correct": correct, "score": float(correct)}
+
+    def ppl(arm, play, nlls):
+        return {"arm": arm, "kind": "ppl", "length": 1024, "play": play,
+                "buckets": [[0, 512, nlls[0], 512], [512, 1024, nlls[1], 512]]}
+
+    base = report.BASE_ARM
+    rows = ([niah(base, s, c) for s, c in enumerate([True, True, False, False, True])]
+            + [niah("yarn-gape-ft", s, c) for s, c in enumerate([True, False, True, True])]  # sample 4 not run yet
+            + [ppl(base, "p", (512.0, 1024.0)), ppl(base, "q", (1024.0, 1024.0)), ppl(base, "r", (5.0, 5.0)),
+               ppl("yarn-gape-ft", "p", (512.0, 512.0)), ppl("yarn-gape-ft", "q", (2048.0, 1024.0))])
+    (c,) = report.niah_comparison(rows)
+    assert (c["arm"], c["pairs"], c["correct"], c["base_correct"], c["only_arm"], c["only_base"]) == ("yarn-gape-ft", 4, 3, 2, 2, 1)
+    assert c["difference"] == pytest.approx(0.25)
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx(report.newcombe_paired(1, 2, 1, 0))
+    assert c["mcnemar_p"] == pytest.approx(1.0)
+    (p,) = report.ppl_comparison(rows)
+    assert (p["plays"], p["plays_lower"], p["tail_lo"]) == (2, 1, 512)  # play r has no gape-ft row
+    assert p["loss"] == pytest.approx(4096 / 2048) and p["base_loss"] == pytest.approx(3584 / 2048)
+    assert p["relative_pct"] == pytest.approx(100 * (4096 / 3584 - 1))
+    assert p["tail_loss"] == pytest.approx(1536 / 1024) and p["tail_relative_pct"] == pytest.approx(100 * (1536 / 2048 - 1))
 
 
 def test_plan_order_and_depths():

@@ -1,7 +1,7 @@
 """Summary tables and plots of a ``gape longctx`` folder, from ``results.jsonl`` alone (rewritten
 after every run and by ``gape longctx --report``): retrieval accuracy with a Wilson 95%
-interval per arm and length, lm-eval's score per arm, held-out perplexity per arm, length and position bucket, and
-the training loss."""
+interval per arm and length, lm-eval's score per arm, held-out perplexity per arm, length and position bucket, the
+training loss, and every arm against the fine-tuned YaRN baseline on the same samples and plays (paired)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,109 @@ def lmeval_table(rows: list[dict]) -> list[dict]:
     return sorted(cells, key=lambda c: (order.index(c["arm"]), c["task"], c["length"]))
 
 
+# The comparison that answers the study's question: each arm against the fine-tuned YaRN baseline,
+# on the samples and plays both have, so a run cut short (or an arm behind the others) is still
+# compared like for like.
+BASE_ARM = "yarn-ft"
+
+
+def newcombe_paired(both: int, first_only: int, second_only: int, neither: int, z: float = Z95) -> tuple[float, float]:
+    """95% interval of ``p1 - p2`` for paired binary outcomes (Newcombe 1998, paired data, method
+    10): the Wilson intervals of the two marginal proportions, combined with the correlation of
+    the pairs (``phi``, continuity-corrected toward 0). ``(-1, 1)`` when there are no pairs."""
+    n = both + first_only + second_only + neither
+    if n == 0:
+        return -1.0, 1.0
+    p1, p2 = (both + first_only) / n, (both + second_only) / n
+    l1, u1 = wilson(both + first_only, n, z)
+    l2, u2 = wilson(both + second_only, n, z)
+    margins = (both + first_only) * (second_only + neither) * (both + second_only) * (first_only + neither)
+    phi = 0.0
+    if margins > 0:
+        cross = both * neither - first_only * second_only
+        corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+        phi = corrected / math.sqrt(margins)
+    d = p1 - p2
+    down = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    up = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return max(-1.0, d - down), min(1.0, d + up)
+
+
+def mcnemar_exact(first_only: int, second_only: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of the discordant pairs at 1/2."""
+    m = first_only + second_only
+    if m == 0:
+        return 1.0
+    k = min(first_only, second_only)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
+
+
+def niah_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
+    """Each arm against ``base`` per length, on the retrieval samples both have: the difference in
+    accuracy with Newcombe's paired 95% interval and the exact McNemar p-value."""
+    hits: dict = defaultdict(dict)
+    for r in rows:
+        if r["kind"] == "niah":
+            hits[(r["arm"], r["length"])][r["sample"]] = bool(r["correct"])
+    out = []
+    for arm in _arm_order({a for a, _ in hits}):
+        if arm == base:
+            continue
+        for length in sorted(n for a, n in hits if a == arm and (base, n) in hits):
+            mine, theirs = hits[(arm, length)], hits[(base, length)]
+            pairs = [(mine[s], theirs[s]) for s in sorted(set(mine) & set(theirs))]
+            if not pairs:
+                continue
+            cells = {key: sum(p == key for p in pairs) for key in ((True, True), (True, False), (False, True), (False, False))}
+            lo, hi = newcombe_paired(cells[(True, True)], cells[(True, False)], cells[(False, True)], cells[(False, False)])
+            n = len(pairs)
+            out.append({"arm": arm, "base": base, "length": length, "pairs": n,
+                        "correct": sum(a for a, _ in pairs), "base_correct": sum(b for _, b in pairs),
+                        "only_arm": cells[(True, False)], "only_base": cells[(False, True)],
+                        "difference": (cells[(True, False)] - cells[(False, True)]) / n, "ci_low": lo, "ci_high": hi,
+                        "mcnemar_p": mcnemar_exact(cells[(True, False)], cells[(False, True)])})
+    return out
+
+
+def ppl_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
+    """Each arm against ``base`` per length, on the held-out plays both have: the loss (nats per
+    token) over all positions ``[0, L)`` and over the last position bucket (``[L/2, L)`` for a
+    power of two: the positions new at this length), the relative difference in percent, and on
+    how many plays the arm's loss over ``[0, L)`` is the lower."""
+    per: dict = {}
+    for r in rows:
+        if r["kind"] == "ppl":
+            per[(r["arm"], r["length"], r["play"])] = r["buckets"]
+    out = []
+    arms = _arm_order({a for a, _, _ in per})
+    for arm in arms:
+        if arm == base:
+            continue
+        for length in sorted({n for a, n, _ in per if a == arm}):
+            plays = sorted(p for a, n, p in per if a == arm and n == length and (base, length, p) in per)
+            if not plays:
+                continue
+
+            tail_lo = max(b[0] for b in per[(base, length, plays[0])])
+
+            def pooled(who, last_only):
+                buckets = [b for p in plays for b in per[(who, length, p)] if not last_only or b[0] >= tail_lo]
+                return sum(b[2] for b in buckets) / sum(b[3] for b in buckets)
+
+            def play_loss(who, p):
+                bs = per[(who, length, p)]
+                return sum(b[2] for b in bs) / sum(b[3] for b in bs)
+
+            loss, base_loss = pooled(arm, False), pooled(base, False)
+            tail, base_tail = pooled(arm, True), pooled(base, True)
+            out.append({"arm": arm, "base": base, "length": length, "plays": len(plays), "loss": loss, "base_loss": base_loss,
+                        "relative_pct": 100 * (loss / base_loss - 1), "tail_lo": tail_lo, "tail_loss": tail,
+                        "base_tail_loss": base_tail, "tail_relative_pct": 100 * (tail / base_tail - 1),
+                        "plays_lower": sum(play_loss(arm, p) < play_loss(base, p) for p in plays)})
+    return out
+
+
 def format_tables(rows: list[dict]) -> str:
     lines = []
     niah = niah_table(rows)
@@ -105,12 +208,28 @@ def format_tables(rows: list[dict]) -> str:
             lines.append(f"  {c['arm']:<14} {c['task']} {c['length']:>6}: {c['score']:.2f} +- {err} ({c['samples']} samples)")
     for t in train_table(rows):
         lines.append(f"training {t['arm']}: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['last10_loss']:.3f} (mean of last 10)")
+    cmp_niah = niah_comparison(rows)
+    if cmp_niah:
+        lines.append(f"retrieval against {BASE_ARM}, same samples: arm length: correct vs {BASE_ARM}'s, difference in points "
+                     "[Newcombe paired 95%], exact McNemar p")
+        for c in cmp_niah:
+            lines.append(f"  {c['arm']:<14} {c['length']:>6}: {c['correct']:>2} vs {c['base_correct']:>2} of {c['pairs']:<2} "
+                         f"{100 * c['difference']:+6.1f} [{100 * c['ci_low']:+6.1f}, {100 * c['ci_high']:+6.1f}]  p={c['mcnemar_p']:.3f}")
+    cmp_ppl = ppl_comparison(rows)
+    if cmp_ppl:
+        lines.append(f"held-out loss against {BASE_ARM}, same plays: arm length: nats/token over [0, L) vs {BASE_ARM}'s "
+                     "(relative), over the last bucket (relative), plays where the arm is lower")
+        for c in cmp_ppl:
+            lines.append(f"  {c['arm']:<14} {c['length']:>6}: {c['loss']:.4f} vs {c['base_loss']:.4f} ({c['relative_pct']:+.2f}%)  "
+                         f"[{c['tail_lo']}, {c['length']}): {c['tail_loss']:.4f} vs {c['base_tail_loss']:.4f} "
+                         f"({c['tail_relative_pct']:+.2f}%)  lower on {c['plays_lower']}/{c['plays']}")
     return "\n".join(lines) + "\n" if lines else "no results yet\n"
 
 
 def write(out: str, echo=print) -> None:
-    """``summary_niah.csv``, ``summary_ppl.csv``, ``summary_lmeval.csv``, ``summary.txt`` and the
-    plots, from the rows."""
+    """``summary_niah.csv``, ``summary_ppl.csv``, ``summary_lmeval.csv``, the comparisons against
+    the baseline arm (``summary_compare_niah.csv``, ``summary_compare_ppl.csv``), ``summary.txt``
+    and the plots, from the rows."""
     rows = read_rows(out)
     niah, ppl = niah_table(rows), ppl_table(rows)
     write_csv_atomic(os.path.join(out, "summary_niah.csv"), ["arm", "length", "samples", "correct", "accuracy", "ci_low", "ci_high"],
@@ -119,6 +238,16 @@ def write(out: str, echo=print) -> None:
                      [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in ppl], lineterminator="\n")
     write_csv_atomic(os.path.join(out, "summary_lmeval.csv"), ["arm", "task", "length", "samples", "score", "stderr", "lm_eval"],
                      [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in lmeval_table(rows)],
+                     lineterminator="\n")
+    write_csv_atomic(os.path.join(out, "summary_compare_niah.csv"),
+                     ["arm", "base", "length", "pairs", "correct", "base_correct", "only_arm", "only_base", "difference",
+                      "ci_low", "ci_high", "mcnemar_p"],
+                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in niah_comparison(rows)],
+                     lineterminator="\n")
+    write_csv_atomic(os.path.join(out, "summary_compare_ppl.csv"),
+                     ["arm", "base", "length", "plays", "loss", "base_loss", "relative_pct", "tail_lo", "tail_loss",
+                      "base_tail_loss", "tail_relative_pct", "plays_lower"],
+                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in ppl_comparison(rows)],
                      lineterminator="\n")
     text = format_tables(rows)
     write_atomic(os.path.join(out, "summary.txt"), text)
