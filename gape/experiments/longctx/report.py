@@ -232,23 +232,18 @@ def write(out: str, echo=print) -> None:
     and the plots, from the rows."""
     rows = read_rows(out)
     niah, ppl = niah_table(rows), ppl_table(rows)
-    write_csv_atomic(os.path.join(out, "summary_niah.csv"), ["arm", "length", "samples", "correct", "accuracy", "ci_low", "ci_high"],
-                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in niah], lineterminator="\n")
-    write_csv_atomic(os.path.join(out, "summary_ppl.csv"), ["arm", "length", "lo", "hi", "windows", "tokens", "ppl"],
-                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in ppl], lineterminator="\n")
-    write_csv_atomic(os.path.join(out, "summary_lmeval.csv"), ["arm", "task", "length", "samples", "score", "stderr", "lm_eval"],
-                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in lmeval_table(rows)],
-                     lineterminator="\n")
-    write_csv_atomic(os.path.join(out, "summary_compare_niah.csv"),
-                     ["arm", "base", "length", "pairs", "correct", "base_correct", "only_arm", "only_base", "difference",
-                      "ci_low", "ci_high", "mcnemar_p"],
-                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in niah_comparison(rows)],
-                     lineterminator="\n")
-    write_csv_atomic(os.path.join(out, "summary_compare_ppl.csv"),
-                     ["arm", "base", "length", "plays", "loss", "base_loss", "relative_pct", "tail_lo", "tail_loss",
-                      "base_tail_loss", "tail_relative_pct", "plays_lower"],
-                     [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in ppl_comparison(rows)],
-                     lineterminator="\n")
+    tables = {
+        "summary_niah.csv": (["arm", "length", "samples", "correct", "accuracy", "ci_low", "ci_high"], niah),
+        "summary_ppl.csv": (["arm", "length", "lo", "hi", "windows", "tokens", "ppl"], ppl),
+        "summary_lmeval.csv": (["arm", "task", "length", "samples", "score", "stderr", "lm_eval"], lmeval_table(rows)),
+        "summary_compare_niah.csv": (["arm", "base", "length", "pairs", "correct", "base_correct", "only_arm", "only_base",
+                                      "difference", "ci_low", "ci_high", "mcnemar_p"], niah_comparison(rows)),
+        "summary_compare_ppl.csv": (["arm", "base", "length", "plays", "loss", "base_loss", "relative_pct", "tail_lo",
+                                     "tail_loss", "base_tail_loss", "tail_relative_pct", "plays_lower"], ppl_comparison(rows)),
+    }
+    for name, (fields, table) in tables.items():
+        write_csv_atomic(os.path.join(out, name), fields,
+                         [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in table], lineterminator="\n")
     text = format_tables(rows)
     write_atomic(os.path.join(out, "summary.txt"), text)
     if niah or ppl:
