@@ -145,6 +145,11 @@ def niah_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
     return out
 
 
+def _mean_nll(buckets) -> float:
+    """Nats per token over ``[lo, hi, summed NLL, tokens]`` buckets."""
+    return sum(b[2] for b in buckets) / sum(b[3] for b in buckets)
+
+
 def ppl_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
     """Each arm against ``base`` per length, on the held-out plays both have: the loss (nats per
     token) over all positions ``[0, L)`` and over the last position bucket (``[L/2, L)`` for a
@@ -167,12 +172,10 @@ def ppl_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
             tail_lo = max(b[0] for b in per[(base, length, plays[0])])
 
             def pooled(who, last_only):
-                buckets = [b for p in plays for b in per[(who, length, p)] if not last_only or b[0] >= tail_lo]
-                return sum(b[2] for b in buckets) / sum(b[3] for b in buckets)
+                return _mean_nll([b for p in plays for b in per[(who, length, p)] if not last_only or b[0] >= tail_lo])
 
             def play_loss(who, p):
-                bs = per[(who, length, p)]
-                return sum(b[2] for b in bs) / sum(b[3] for b in bs)
+                return _mean_nll(per[(who, length, p)])
 
             loss, base_loss = pooled(arm, False), pooled(base, False)
             tail, base_tail = pooled(arm, True), pooled(base, True)
