@@ -176,6 +176,31 @@ def test_an_existing_folder_without_the_lmeval_settings_resumes(tmp_path):
         study._check_run_file(str(tmp_path), now)
 
 
+def test_the_attention_view_reads_a_folder_without_the_lmeval_settings(tmp_path):
+    """The attention view compares settings as the study does: a run.json older than the lm-eval
+    settings is read with their defaults (the live study's folder included), and a setting the
+    command changes is still refused, naming it."""
+    import dataclasses
+
+    from gape._args import UsageError
+    from gape.experiments.longctx import attention
+
+    s = _settings(model="tiny")
+    fixed = {**s.fixed(), "model": study.model_label(s.model)}
+    (tmp_path / study.RUN_FILE).write_text(json.dumps({**{k: v for k, v in fixed.items() if k not in study.LATER_FIELDS},
+                                                        "plays": "0123456789abcdef"}))
+    assert attention.check_settings(str(tmp_path), s) == fixed
+    with pytest.raises(UsageError, match=r"lmeval_samples: 20 \(saved\) vs 0 \(now\)"):
+        attention.check_settings(str(tmp_path), dataclasses.replace(s, lmeval_samples=0))
+    with pytest.raises(UsageError, match=r"steps: 4 \(saved\) vs 5 \(now\)"):
+        attention.check_settings(str(tmp_path), dataclasses.replace(s, steps=5))
+    committed = os.path.join(ROOT, "benchmarks", "results", "longctx", study.RUN_FILE)
+    if os.path.exists(committed):
+        with open(committed) as f:
+            (tmp_path / study.RUN_FILE).write_text(f.read())
+        attention.check_settings(str(tmp_path), study.Settings())
+
+
 def test_plan_places_the_lmeval_unit():
     s = _settings(lmeval_length=LENGTH, lmeval_samples=3)
     units = study.plan(["yarn", "yarn-ft"], s, [("a", [448, 512])])

@@ -25,7 +25,7 @@ import time
 import torch
 
 from ..._args import UsageError
-from ..._io import lock_folder, relative_path, save_figure_atomic, write_json_atomic
+from ..._io import lock_folder, save_figure_atomic, write_json_atomic
 from . import study
 
 ROWS = 32  # the last query rows of a prompt: its question and answer prefix
@@ -165,11 +165,8 @@ def check_settings(out: str, s: study.Settings) -> dict:
     the command's differ: the arms' training state means something only under its settings."""
     saved = _saved_settings(out)
     fixed = {**s.fixed(), "model": study.model_label(s.model)}
-    if isinstance(saved.get("model"), str) and os.path.isabs(saved["model"]):
-        saved["model"] = relative_path(saved["model"])
-    diff = {k: (saved.get(k), v) for k, v in fixed.items() if saved.get(k) != v}
-    if diff:
-        details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
+    details = study.settings_diff(saved, fixed)
+    if details:
         raise UsageError(f"--out {out} holds a study with other settings ({details}); pass the study's flags")
     return fixed
 

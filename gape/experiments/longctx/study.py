@@ -407,6 +407,20 @@ def plan(arms: list[str], s: Settings, passes: list[tuple[str, list[int]]]) -> l
     return units
 
 
+def settings_diff(saved: dict, settings: dict) -> str:
+    """The settings of ``settings`` that the saved ``run.json`` content ``saved`` records
+    otherwise, as ``"key: saved (saved) vs now (now), ..."``; empty when they all match. A saved
+    absolute model path compares as relative (a folder written when it was absolute still
+    resumes), and a :data:`LATER_FIELDS` setting missing from ``saved`` as its default."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), str) and os.path.isabs(saved["model"]):
+        saved["model"] = relative_path(saved["model"])
+    defaults = Settings().fixed()
+    for k in LATER_FIELDS:
+        saved.setdefault(k, defaults[k])
+    return ", ".join(f"{k}: {saved.get(k)!r} (saved) vs {v!r} (now)" for k, v in settings.items() if saved.get(k) != v)
+
+
 def _check_run_file(out: str, settings: dict) -> None:
     path = os.path.join(out, RUN_FILE)
     if os.path.exists(path):
@@ -416,14 +430,10 @@ def _check_run_file(out: str, settings: dict) -> None:
         except (ValueError, UnicodeDecodeError) as err:
             raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
                              "these settings, or use another --out") from None
-        if isinstance(saved.get("model"), str) and os.path.isabs(saved["model"]):  # a folder written when it was absolute still resumes
-            saved["model"] = relative_path(saved["model"])
-        defaults = Settings().fixed()
-        for k in LATER_FIELDS:
-            saved.setdefault(k, defaults[k])
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k}: {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
+        if not isinstance(saved, dict):
+            raise UsageError(f"--out {out}: {path} does not hold a settings object; use another --out")
+        details = settings_diff(saved, settings)
+        if details:
             raise UsageError(f"--out {out} holds a study with other settings ({details}); use another --out")
         return
     write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
