@@ -65,5 +65,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gape' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The public names, the lazy ones included, so ``dir(gape)`` and tab completion list them
+    without importing them (as scipy does for its lazy sub-modules)."""
+    return sorted(set(__all__) | set(_SUBPACKAGES))
+
+
 if "transformers" in sys.modules:
     importlib.import_module("gape.hf")  # registers "gape" with the transformers already in use

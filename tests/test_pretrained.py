@@ -104,6 +104,8 @@ def test_import_registers_the_implementation_only_if_transformers_is_loaded():
     code = (
         "import sys, gape\n"
         "assert 'transformers' not in sys.modules, 'import gape must not import transformers'\n"
+        "assert {'patch', 'GapeConfig', 'load_model', 'hf', 'distributed'} <= set(dir(gape)), dir(gape)\n"
+        "assert set(gape.__all__) <= set(dir(gape)) and 'transformers' not in sys.modules\n"
         "import gape.hf\n"
         "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
         "assert 'gape' in ALL_ATTENTION_FUNCTIONS\n"
