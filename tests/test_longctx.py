@@ -193,6 +193,24 @@ def test_wilson_interval():
     lo, hi = report.wilson(0, 20)
     assert lo == 0.0 and abs(hi - 0.1611) < 1e-3
     assert report.wilson(20, 20)[1] == 1.0 and report.wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 121):  # the interval holds k/n and ends at the bounds exactly (10 of 10 once gave 1 - 1e-16)
+        for k in range(n + 1):
+            lo, hi = report.wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+        assert report.wilson(n, n)[1] == 1.0 and report.wilson(0, n)[0] == 0.0
+
+
+def test_the_plots_take_cells_that_are_all_right_or_all_wrong(tmp_path):
+    """Every retrieval sample right (or wrong) in a cell: the error bars start at the point."""
+    pytest.importorskip("matplotlib")
+    rows = [{"arm": arm, "kind": "niah", "length": n, "sample": i, "correct": arm == "yarn-ft", "score": float(arm == "yarn-ft")}
+            for arm in ("yarn-ft", "yarn-gape-ft") for n in (4096, 8192) for i in range(10)]
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    report.write(str(tmp_path), echo=lambda _: None)
+    assert os.path.getsize(tmp_path / "accuracy_vs_length.png") > 0
+    cells = report.niah_table(rows)
+    assert {(c["accuracy"], c["ci_low"] == 0.0 or c["ci_high"] == 1.0) for c in cells} == {(1.0, True), (0.0, True)}
 
 
 def test_mcnemar_exact_is_the_binomial_test_of_the_discordant_pairs():
