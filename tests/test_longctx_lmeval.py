@@ -166,6 +166,9 @@ def test_an_existing_folder_without_the_lmeval_settings_resumes(tmp_path):
     (tmp_path / study.RUN_FILE).write_text(json.dumps({k: v for k, v in old.items() if k != "lr"}))
     with pytest.raises(UsageError, match="lr: None"):
         study._check_run_file(str(tmp_path), fixed)
+    (tmp_path / study.RUN_FILE).write_text(json.dumps([fixed]))  # JSON, but not the settings object
+    with pytest.raises(UsageError, match="does not hold a settings object"):
+        study._check_run_file(str(tmp_path), fixed)
     # the study's own folder as committed (read only): its settings are this code's defaults
     committed = os.path.join(ROOT, "benchmarks", "results", "longctx", study.RUN_FILE)
     if os.path.exists(committed):
