@@ -204,6 +204,31 @@ def test_the_attention_view_reads_a_folder_without_the_lmeval_settings(tmp_path)
         attention.check_settings(str(tmp_path), study.Settings())
 
 
+@pytest.mark.parametrize("content, message", [("{not json", "is unreadable"), ("[1, 2]", "does not hold a settings object"),
+                                              (None, "holds no study")])
+def test_the_study_and_the_attention_view_refuse_a_bad_run_file_alike(tmp_path, content, message):
+    """One reader of run.json: a file that is not JSON or not a settings object is refused with
+    the same words by the study and by the attention view, and a missing one is the study's to
+    write but the view's to refuse."""
+    from gape._args import UsageError
+    from gape.experiments.longctx import attention
+
+    s = _settings(model="tiny")
+    fixed = {**s.fixed(), "model": study.model_label(s.model), "plays": "0123456789abcdef"}
+    if content is not None:
+        (tmp_path / study.RUN_FILE).write_text(content)
+    with pytest.raises(UsageError, match=message) as seen:
+        attention.check_settings(str(tmp_path), s)
+    if content is None:
+        study._check_run_file(str(tmp_path), fixed)
+        assert json.loads((tmp_path / study.RUN_FILE).read_text()) == fixed
+        return
+    with pytest.raises(UsageError) as again:
+        study._check_run_file(str(tmp_path), fixed)
+    assert str(again.value) == str(seen.value)
+    assert (tmp_path / study.RUN_FILE).read_text() == content  # refused, never overwritten
+
+
 def test_plan_places_the_lmeval_unit():
     s = _settings(lmeval_length=LENGTH, lmeval_samples=3)
     units = study.plan(["yarn", "yarn-ft"], s, [("a", [448, 512])])

@@ -146,17 +146,10 @@ def result_path(out: str, arm: str, length: int) -> str:
 
 
 def _saved_settings(out: str) -> dict:
-    path = os.path.join(out, study.RUN_FILE)
-    if not os.path.exists(path):
+    saved = study.read_run_file(out)
+    if saved is None:
         raise UsageError(f"--out {out} holds no study ({study.RUN_FILE} is missing): the attention view reads a study's "
                          "arms; run `gape longctx --out` on it first")
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"--out {out}: {path} is unreadable ({err})") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"--out {out}: {path} does not hold a settings object")
     return saved
 
 

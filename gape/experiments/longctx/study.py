@@ -421,22 +421,31 @@ def settings_diff(saved: dict, settings: dict) -> str:
     return ", ".join(f"{k}: {saved.get(k)!r} (saved) vs {v!r} (now)" for k, v in settings.items() if saved.get(k) != v)
 
 
-def _check_run_file(out: str, settings: dict) -> None:
+def read_run_file(out: str) -> dict | None:
+    """The settings ``out``'s ``run.json`` records, or None when it has none; refused, naming the
+    file, when it is not JSON or not a settings object (a guess at its settings could mix rows)."""
     path = os.path.join(out, RUN_FILE)
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
-                             "these settings, or use another --out") from None
-        if not isinstance(saved, dict):
-            raise UsageError(f"--out {out}: {path} does not hold a settings object; use another --out")
-        details = settings_diff(saved, settings)
-        if details:
-            raise UsageError(f"--out {out} holds a study with other settings ({details}); use another --out")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
+                         "these settings, or use another --out") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--out {out}: {path} does not hold a settings object; use another --out")
+    return saved
+
+
+def _check_run_file(out: str, settings: dict) -> None:
+    saved = read_run_file(out)
+    if saved is None:
+        write_atomic(os.path.join(out, RUN_FILE), json.dumps(settings, indent=2, sort_keys=True) + "\n")
         return
-    write_atomic(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    details = settings_diff(saved, settings)
+    if details:
+        raise UsageError(f"--out {out} holds a study with other settings ({details}); use another --out")
 
 
 def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=None, corpus: str | None = None,
