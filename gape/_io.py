@@ -1,9 +1,10 @@
 """Atomic file writes shared by every long run (niah, synthetic, calibrate,
 inspect, the kernel audit, the benchmarks, saved gates): write a temporary file
 beside the target, fsync, then ``os.replace``, so an interrupted run leaves
-either the old file or the new one, never half of one. And the one reader of
-the append-only JSONL row files those runs resume from (:func:`read_jsonl_rows`),
-and the form in which results record a path (:func:`relative_path`)."""
+either the old file or the new one, never half of one. And the readers of what
+those runs resume from: a JSON state file (:func:`read_json_object`) and an
+append-only JSONL row file (:func:`read_jsonl_rows`); and the form in which
+results record a path (:func:`relative_path`)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,34 @@ def save_figure_atomic(fig, path: str, **savefig_kwargs) -> str:
     fig.savefig(buf, format="png", **savefig_kwargs)
     write_atomic(path, buf.getvalue())
     return path
+
+
+class UnreadableJsonError(ValueError):
+    """A file that should hold a JSON object and does not: not UTF-8, not JSON, or another
+    JSON value. ``path`` is the file, ``reason`` what is wrong with it; the message names both,
+    and each caller adds what the user can do about it."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = os.fspath(path), reason
+        super().__init__(f"{self.path} is unreadable ({reason})")
+
+
+def read_json_object(path) -> dict | None:
+    """The JSON object in ``path``; None when there is no such file.
+
+    Every state, settings and card file gape reads back is a JSON object; anything else in its
+    place (a torn or edited file, another program's file) raises :class:`UnreadableJsonError`,
+    never a guess, so a caller either refuses naming the file or knowingly starts afresh."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise UnreadableJsonError(path, str(err)) from None
+    if not isinstance(data, dict):
+        raise UnreadableJsonError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class JsonlRows(NamedTuple):

@@ -488,6 +488,55 @@ def test_synthetic_and_calibrate_report_garbled_state_files(tmp_path):
         cal.calibrate(model, None, out=str(tmp_path), max_steps=1)
 
 
+def _state_readers():
+    """Every reader of a JSON state, settings or card file: ``(file it reads, call)``."""
+    from gape.experiments import synthetic as syn
+    from gape.experiments.extrapolate import rows as ex_rows
+    from gape.experiments.longctx import study
+    from gape.hf import models, pretrained
+
+    return {
+        "longctx run.json": (study.RUN_FILE, lambda d: study.read_run_file(d)),
+        "synthetic results": ("results.json", lambda d: syn._read_results(os.path.join(d, "results.json"))),
+        "extrapolate config": (ex_rows.CONFIG, lambda d: ex_rows.read_config(d)),
+        "extrapolate record": ("runs/r.json", lambda d: ex_rows.read_record(d, "r")),
+        "model config": ("config.json", lambda d: pretrained.from_pretrained(d)),
+        "model index": ("model.safetensors.index.json", lambda d: pretrained._weight_files(d)),
+        "load_model config": ("config.json", lambda d: models._is_gape_folder(d)),
+    }
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b'{"torn', b"[1, 2]"], ids=["not-utf8", "torn", "list"])
+@pytest.mark.parametrize("reader", ["longctx run.json", "synthetic results", "extrapolate config", "extrapolate record",
+                                    "model config", "model index", "load_model config"])
+def test_every_state_file_reader_refuses_a_bad_file_naming_it(tmp_path, reader, content):
+    """A state file that is not UTF-8, torn, or not a JSON object is refused by a ValueError (a
+    UsageError for the commands) naming the file; never a traceback from another error type,
+    never read as if empty."""
+    name, read = _state_readers()[reader]
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        read(str(tmp_path))
+    assert str(path) in str(err.value)
+    assert path.read_bytes() == content  # refused, not overwritten
+
+
+def test_a_bad_extrapolate_folder_is_a_usage_error_not_a_traceback(tmp_path, capsys):
+    from gape.cli import main
+
+    folder = tmp_path / "ex"
+    folder.mkdir()
+    assert main(["extrapolate", "--report", "--out", str(folder)]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    for content in (b"\xff", b"[1]", b'{"tasks": "lm"}'):
+        (folder / "config.json").write_bytes(content)
+        assert main(["extrapolate", "--report", "--out", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(folder / "config.json") in err and "gape extrapolate folder" in err
+
+
 def test_more_entry_point_errors(tmp_path, capsys):
     from gape._io import write_atomic
     from gape.cli import main

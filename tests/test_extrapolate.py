@@ -197,6 +197,17 @@ def test_run_rows_summary_and_resume(tmp_path):
     os.remove(out / "summary.md")
     ex.run(argparse.Namespace(report=True, out=str(out)))
     assert (out / "summary.md").read_text() == text
+    # a run's record that its rows vouch for is read as a record or refused naming it, never skipped
+    record = out / "runs" / "lm-rope-invariant-default-base1e4-seed0.json"
+    good = record.read_bytes()
+    for bad in (json.dumps({**rec, "run": "another"}), json.dumps({**rec, "job": {}}), "{torn"):
+        record.write_text(bad)
+        with pytest.raises(ValueError, match=f"{record.name}.*train that run again"):
+            report.write(str(out))
+    record.unlink()
+    with pytest.raises(ValueError, match=f"{record.name} is missing although"):
+        report.write(str(out))
+    record.write_bytes(good)
 
 
 def test_resume_after_kill_9(tmp_path):

@@ -1,6 +1,8 @@
 import csv
 from pathlib import Path
 
+import pytest
+
 from gape._io import replace_atomic, write_csv_atomic
 
 
@@ -40,6 +42,35 @@ def test_read_jsonl_rows_skips_torn_invalid_and_duplicate_lines(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n", encoding="utf-8")
     assert read_jsonl_rows(empty, valid, lambda r: r["k"]) == ([], 0, 0)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"\xff\xfe{}", "can't decode byte 0xff"),  # not UTF-8
+    (b'{"steps": 3', "Expecting"),  # torn mid-write
+    (b"", "Expecting value"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    (b"3", "expected a JSON object, got int"),
+    (b"null", "expected a JSON object, got NoneType"),
+])
+def test_read_json_object_refuses_anything_but_an_object_naming_the_file(tmp_path, content, reason):
+    from gape._io import UnreadableJsonError, read_json_object
+
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    with pytest.raises(UnreadableJsonError, match=reason) as err:
+        read_json_object(path)
+    assert str(err.value).startswith(f"{path} is unreadable (") and err.value.path == str(path)
+    assert isinstance(err.value, ValueError)  # callers that know only ValueError still refuse it
+
+
+def test_read_json_object_reads_an_object_and_tells_a_missing_file(tmp_path):
+    from gape._io import read_json_object
+
+    path = tmp_path / "state.json"
+    assert read_json_object(path) is None
+    path.write_text('{"a": [1, 2.5], "b": "\u00e9"}', encoding="utf-8")
+    assert read_json_object(path) == {"a": [1, 2.5], "b": "\u00e9"}
+    assert read_json_object(str(path)) == read_json_object(path)
 
 
 def test_relative_path_names_no_folder_of_the_machine(tmp_path, monkeypatch):

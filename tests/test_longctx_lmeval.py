@@ -167,7 +167,7 @@ def test_an_existing_folder_without_the_lmeval_settings_resumes(tmp_path):
     with pytest.raises(UsageError, match="lr: None"):
         study._check_run_file(str(tmp_path), fixed)
     (tmp_path / study.RUN_FILE).write_text(json.dumps([fixed]))  # JSON, but not the settings object
-    with pytest.raises(UsageError, match="does not hold a settings object"):
+    with pytest.raises(UsageError, match="is unreadable \\(expected a JSON object, got list\\)"):
         study._check_run_file(str(tmp_path), fixed)
     # the study's own folder as committed (read only): its settings are this code's defaults
     committed = os.path.join(ROOT, "benchmarks", "results", "longctx", study.RUN_FILE)
@@ -204,7 +204,7 @@ def test_the_attention_view_reads_a_folder_without_the_lmeval_settings(tmp_path)
         attention.check_settings(str(tmp_path), study.Settings())
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "is unreadable"), ("[1, 2]", "does not hold a settings object"),
+@pytest.mark.parametrize("content, message", [("{not json", "is unreadable"), ("[1, 2]", "expected a JSON object, got list"),
                                               (None, "holds no study")])
 def test_the_study_and_the_attention_view_refuse_a_bad_run_file_alike(tmp_path, content, message):
     """One reader of run.json: a file that is not JSON or not a settings object is refused with

@@ -15,14 +15,13 @@ saved gates and step count (the optimizer restarts; its state is not saved).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import time
 
 import torch
 
-from gape._io import write_results_json
+from gape._io import UnreadableJsonError, read_json_object, write_results_json
 from gape._threads import set_threads
 
 TEXT_TASK = "text"
@@ -138,18 +137,17 @@ def calibrate(model, tokenizer, *, out: str, minutes: float = 30.0, max_steps: i
     os.makedirs(out, exist_ok=True)
     gates_path, card_path = os.path.join(out, "gates.safetensors"), os.path.join(out, "card.json")
     card = None
-    if os.path.exists(card_path) and os.path.exists(gates_path):
+    if os.path.exists(gates_path):
         try:
-            with open(card_path) as f:
-                card = json.load(f)
-            if not isinstance(card, dict) or not isinstance(card.get("steps"), int):
-                raise ValueError("not a calibration card (no step count)")
-        except (ValueError, UnicodeDecodeError) as err:
+            card = read_json_object(card_path)
+            if card is not None and (not isinstance(card.get("steps"), int) or isinstance(card["steps"], bool)):
+                raise UnreadableJsonError(card_path, "not a calibration card (no step count)")
+        except UnreadableJsonError as err:
             from gape._args import UsageError
 
             raise UsageError(
-                f"{card_path} is unreadable ({err}), so the run in {out} cannot resume; delete it (and "
-                f"{gates_path}) to start afresh, or use another --out"
+                f"{err}, so the run in {out} cannot resume; delete it (and {gates_path}) to start afresh, "
+                "or use another --out"
             ) from None
     if not hf.is_patched(model):
         if card is not None:

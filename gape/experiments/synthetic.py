@@ -31,7 +31,6 @@ position, per layer, averaged over heads and samples.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -39,7 +38,7 @@ import time
 import torch
 
 from gape import _args as A
-from gape._io import lock_folder, save_figure_atomic, write_results_json
+from gape._io import UnreadableJsonError, lock_folder, read_json_object, save_figure_atomic, write_results_json
 from gape.core.api import BACKENDS
 from gape._threads import set_threads
 
@@ -437,18 +436,15 @@ def _read_results(path: str, force: bool = False) -> dict | None:
     """``results.json`` (None when absent); an unreadable one is an error naming
     it, or, with ``force``, discarded."""
     try:
-        with open(path) as f:
-            results = json.load(f)
-        if not isinstance(results, dict) or not isinstance(results.get("runs", {}), dict):
-            raise ValueError("not a results object")
+        results = read_json_object(path)
+        if results is not None and not isinstance(results.get("runs", {}), dict):
+            raise UnreadableJsonError(path, 'not a results object: "runs" is not an object')
         return results
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as err:
+    except UnreadableJsonError as err:
         if force:
-            print(f"warning: {path} is unreadable ({err}); discarded (--force)")
+            print(f"warning: {err}; discarded (--force)")
             return None
-        raise A.UsageError(f"{path} is unreadable ({err}); fix or delete it, or pass --force to start afresh") from None
+        raise A.UsageError(f"{err}; fix or delete it, or pass --force to start afresh") from None
 
 
 def run(args) -> int:

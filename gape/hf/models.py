@@ -214,10 +214,9 @@ def dense(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _is_gape_folder(folder: str) -> bool:
-    import json
+    from .._io import read_json_object
 
-    with open(os.path.join(folder, "config.json")) as f:
-        return "gape" in json.load(f)
+    return "gape" in (read_json_object(os.path.join(folder, "config.json")) or {})
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:

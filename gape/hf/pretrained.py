@@ -24,12 +24,13 @@ this function rather than run without them (see :func:`check_gate_missing`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 
 import torch
 from torch import nn
+
+from .._io import UnreadableJsonError, read_json_object
 
 from ._names import CONFIG_KEY, LOAD_HINT, check_gate_missing  # noqa: F401 (check_gate_missing: old import path)
 from .config import GapeConfig
@@ -154,10 +155,9 @@ def _weight_files(folder: str) -> dict[str, str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-        except (ValueError, AttributeError) as exc:
-            raise ValueError(f"{index}: not a safetensors index (JSON with a \"weight_map\" object): {exc}") from None
+            weight_map = read_json_object(index).get("weight_map")
+        except UnreadableJsonError as exc:
+            raise ValueError(f"{exc}: not a safetensors index (JSON with a \"weight_map\" object)") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f'{index}: field "weight_map" must map tensor names to file names')
         files = {k: os.path.join(folder, v) for k, v in weight_map.items()}
@@ -299,15 +299,9 @@ def from_pretrained(path: str | os.PathLike, *, cls=None, **kwargs) -> nn.Module
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a local model folder (gape.from_pretrained never downloads)")
     config_path = os.path.join(folder, "config.json")
-    try:
-        with open(config_path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path} is missing: {folder!r} is not a transformers model folder") from None
-    except ValueError as exc:
-        raise ValueError(f"{config_path}: not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: a JSON object expected, got {type(raw).__name__}")
+    raw = read_json_object(config_path)  # UnreadableJsonError (a ValueError) names the file and the fault
+    if raw is None:
+        raise FileNotFoundError(f"{config_path} is missing: {folder!r} is not a transformers model folder")
     try:
         entry = read_description(raw)
     except ValueError as exc:

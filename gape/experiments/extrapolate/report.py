@@ -3,14 +3,13 @@ alone, so they can be regenerated at any time (``gape extrapolate --report --out
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
 
 from gape._io import relative_path, save_figure_atomic, write_atomic
 from .models import GAPE_FORMS, SCHEMES
-from .rows import CONFIG, read_rows
+from .rows import read_config, read_record, read_rows
 
 METRIC = {"retrieval": "accuracy", "lm": "perplexity"}
 
@@ -224,8 +223,7 @@ def _count_learned(rows: list[dict], task: str, ok: set[str]) -> dict:
 
 
 def summary(out: str) -> str:
-    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_config(out)
     rows = read_rows(out, None, config)
     runs = sorted({r["run"] for r in rows})
     ok = learned_runs(rows)
@@ -359,13 +357,8 @@ def plot_entropy(out: str, rows: list[dict], multiple: int = 4) -> list[str]:
 
 
 def _records(out: str) -> list[dict]:
-    folder = os.path.join(out, "runs")
-    recs = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                recs.append(json.load(f))
-    return recs
+    """The records of the runs ``out``'s rows hold (a record without rows is of a run in flight)."""
+    return [read_record(out, run_id) for run_id in sorted({r["run"] for r in read_rows(out, None, read_config(out))})]
 
 
 def plot_gates(out: str, scheme: str = "rope", seed: int = 0) -> list[str]:
@@ -419,8 +412,7 @@ def plot_gates(out: str, scheme: str = "rope", seed: int = 0) -> list[str]:
 
 def write(out: str) -> list[str]:
     """Write ``summary.md`` and every plot; returns their paths."""
-    with open(os.path.join(out, CONFIG), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_config(out)
     rows = read_rows(out, None, config)
     path = os.path.join(out, "summary.md")
     write_atomic(path, summary(out) + "\n")

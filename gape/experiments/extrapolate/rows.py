@@ -8,7 +8,8 @@ import json
 import math
 import os
 
-from gape._io import read_jsonl_rows, write_atomic
+from gape._args import UsageError
+from gape._io import UnreadableJsonError, read_json_object, read_jsonl_rows, write_atomic
 
 from .models import GAPE_FORMS, SCHEMES
 
@@ -38,6 +39,43 @@ def _valid_row(row, config: dict | None) -> bool:
         if not isinstance(t, dict) or row["train_length"] != t.get("train_length") or row["multiple"] not in t.get("multiples", ()):
             return False
     return row["length"] == row["multiple"] * row["train_length"]
+
+
+def read_config(folder: str) -> dict:
+    """``folder``'s experiment config, refused (naming the file) when the folder holds none."""
+    path = os.path.join(folder, CONFIG)
+    try:
+        config = read_json_object(path)
+    except UnreadableJsonError as err:
+        raise UsageError(f"{err}; not a gape extrapolate folder") from None
+    if config is None:
+        raise UsageError(f"{folder} is not a gape extrapolate folder ({CONFIG} is missing); run `gape extrapolate --out` on it first")
+    if not all(isinstance(config.get(k), dict) for k in ("retrieval", "lm")) or "tasks" not in config or "seeds" not in config:
+        raise UsageError(f"{path} is not the config of a gape extrapolate folder")
+    return config
+
+
+# what the report reads of a run's record (``runner.run_job`` writes it)
+RECORD_FIELDS = {"run": str, "job": dict, "variant": str, "gate_curve": list, "mask_strength": dict}
+JOB_FIELDS = {"task": str, "scheme": str, "gape": str, "seed": int}
+
+
+def read_record(out: str, run_id: str) -> dict:
+    """The record ``out/runs/<run_id>.json`` of a finished run (its gate curve, loss curve, job),
+    refused naming the file when missing or not a record: the run's row says it exists."""
+    path = os.path.join(out, "runs", run_id + ".json")
+    try:
+        record = read_json_object(path)
+    except UnreadableJsonError as err:
+        raise UsageError(f"{err}; delete it and its rows in {os.path.join(out, ROWS)} to train that run again") from None
+    if record is None:
+        raise UsageError(f"{path} is missing although {os.path.join(out, ROWS)} has rows of run {run_id}; "
+                         "delete those rows to train it again")
+    if any(not isinstance(record.get(k), t) for k, t in RECORD_FIELDS.items()) or record["run"] != run_id \
+            or any(not isinstance(record["job"].get(k), t) for k, t in JOB_FIELDS.items()):
+        raise UsageError(f"{path} is not the record of a gape extrapolate run; delete it and its rows in "
+                         f"{os.path.join(out, ROWS)} to train that run again")
+    return record
 
 
 def _run_length(row: dict) -> tuple:

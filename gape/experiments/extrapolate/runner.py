@@ -39,6 +39,8 @@ from .rows import (  # noqa: F401 (read_rows, write_rows and the file names are 
     _merge_queue,
     _same_experiment,
     _valid_row,
+    read_config,
+    read_record,
     read_rows,
     write_rows,
 )
@@ -101,7 +103,7 @@ def prepare(out: str, config: dict, force: bool = False) -> dict:
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     path = os.path.join(out, CONFIG)
     if os.path.exists(path):
-        old = _read_config(out)
+        old = read_config(out)
         diff = _same_experiment(_plain(old), _plain(config))
         if diff and not force:
             raise UsageError(f"{out} holds results of a different experiment (differs in {diff}); use another --out, or --force to discard them")
@@ -187,37 +189,23 @@ def merge(out: str, sources: list[str], warn=None) -> list[dict]:
     ``out`` already has are kept as they are. ``out`` is locked meanwhile, as for a run, so
     a merge never races a writer. Returns every row of ``out``."""
     with lock_folder(out, "gape extrapolate"):
-        config = _read_config(out)
+        config = read_config(out)
         rows = read_rows(out, warn, config)
         have = {r["run"] for r in rows}
         for src in sources:
-            other = _read_config(src)
+            other = read_config(src)
             diff = _same_experiment(config, other)
             if diff:
                 raise UsageError(f"{src} is a different experiment from {out} (differs in {diff}); cannot merge")
             new = [r for r in read_rows(src, warn, other) if r["run"] not in have]
             for run_id in sorted({r["run"] for r in new}):
-                with open(os.path.join(src, "runs", run_id + ".json"), encoding="utf-8") as f:
-                    record = json.load(f)
-                write_json_atomic(os.path.join(out, "runs", run_id + ".json"), record, sort_keys=True)
+                write_json_atomic(os.path.join(out, "runs", run_id + ".json"), read_record(src, run_id), sort_keys=True)
             rows += new
             have |= {r["run"] for r in new}
             config = _merge_queue(config, other)
         write_json_atomic(os.path.join(out, CONFIG), config, indent=1, sort_keys=True)
         write_rows(out, rows)
     return rows
-
-
-def _read_config(folder: str) -> dict:
-    path = os.path.join(folder, CONFIG)
-    with open(path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{path} is not valid JSON ({err}); not a gape extrapolate folder") from None
-    if not isinstance(config, dict) or not all(k in config for k in ("tasks", "seeds", "retrieval", "lm")):
-        raise UsageError(f"{path} is not the config of a gape extrapolate folder")
-    return config
 
 
 REPORT_EVERY_S = 300.0

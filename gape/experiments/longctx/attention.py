@@ -18,14 +18,13 @@ needle's tokens against its mean over the rest of the haystack.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
 from ..._args import UsageError
-from ..._io import lock_folder, save_figure_atomic, write_json_atomic
+from ..._io import UnreadableJsonError, lock_folder, read_json_object, save_figure_atomic, write_json_atomic
 from . import study
 
 ROWS = 32  # the last query rows of a prompt: its question and answer prefix
@@ -193,14 +192,11 @@ def check_trained(out: str, arms: list[str], s: study.Settings) -> dict[str, int
 
 def _load(path: str, key: dict) -> list[dict]:
     """The samples a result file holds when it was made with ``key`` (else none: redone)."""
-    if not os.path.exists(path):
-        return []
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (ValueError, UnicodeDecodeError):
+        saved = read_json_object(path)
+    except UnreadableJsonError:
         return []
-    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in key.items()):
+    if saved is None or any(saved.get(k) != v for k, v in key.items()):
         return []
     samples = saved.get("samples")
     if not isinstance(samples, list) or not all(isinstance(x, dict) and isinstance(x.get("index"), int)
@@ -290,11 +286,10 @@ def read_results(out: str) -> list[dict]:
         if not name.endswith(".json"):
             continue
         try:
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                r = json.load(f)
-        except (ValueError, UnicodeDecodeError):
+            r = read_json_object(os.path.join(folder, name))
+        except UnreadableJsonError:
             continue
-        if isinstance(r, dict) and r.get("done") and r.get("arm") in study.ARMS and isinstance(r.get("mean"), list):
+        if r is not None and r.get("done") and r.get("arm") in study.ARMS and isinstance(r.get("mean"), list):
             found.append(r)
     return sorted(found, key=lambda r: (list(study.ARMS).index(r["arm"]), r["length"]))
 

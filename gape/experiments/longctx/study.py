@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..._args import UsageError
-from ..._io import lock_folder, read_jsonl_rows, relative_path, write_atomic
+from ..._io import UnreadableJsonError, lock_folder, read_json_object, read_jsonl_rows, relative_path, write_atomic
 from gape.tasks.niah import results as niah_results
 
 RESULTS = "results.jsonl"
@@ -424,18 +424,11 @@ def settings_diff(saved: dict, settings: dict) -> str:
 def read_run_file(out: str) -> dict | None:
     """The settings ``out``'s ``run.json`` records, or None when it has none; refused, naming the
     file, when it is not JSON or not a settings object (a guess at its settings could mix rows)."""
-    path = os.path.join(out, RUN_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"--out {out}: {path} is unreadable ({err}); delete it if the rows there were made with "
-                         "these settings, or use another --out") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"--out {out}: {path} does not hold a settings object; use another --out")
-    return saved
+        return read_json_object(os.path.join(out, RUN_FILE))
+    except UnreadableJsonError as err:
+        raise UsageError(f"--out {out}: {err}; delete it if the rows there were made with these settings, "
+                         "or use another --out") from None
 
 
 def _check_run_file(out: str, settings: dict) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from gape import _args as A
 from gape._args import UsageError
-from gape._io import lock_folder, relative_path, write_atomic
+from gape._io import UnreadableJsonError, lock_folder, read_json_object, relative_path, write_atomic
 from . import results as res
 from ..prompts import HAYSTACKS, TASKS, build_sample
 from ..methods import MethodOptions, apply_method, parse_methods
@@ -105,22 +105,18 @@ class BenchmarkConfig:
 
 def _check_run_file(out: str, settings: dict, echo=print, write: bool = True) -> None:
     path = os.path.join(out, RUN_FILE)
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
-        except (ValueError, UnicodeDecodeError) as err:
-            if res.read_rows(out):
-                raise RunMismatchError(
-                    f"--out {out}: {path} is unreadable ({err}), so the settings of the rows in "
-                    f"{os.path.join(out, res.RESULTS)} are unknown; delete {RUN_FILE} if they were made with these "
-                    "settings, or use another --out"
-                ) from None
-            echo(f"warning: {path} was unreadable ({err}) and no result rows exist; rewritten")
-            write_atomic(path, json.dumps(settings, indent=2) + "\n")
-            return
+    try:
+        saved = read_json_object(path)
+    except UnreadableJsonError as err:
+        if res.read_rows(out):
+            raise RunMismatchError(
+                f"--out {out}: {err}, so the settings of the rows in {os.path.join(out, res.RESULTS)} are "
+                f"unknown; delete {RUN_FILE} if they were made with these settings, or use another --out"
+            ) from None
+        echo(f"warning: {path} was unreadable ({err.reason}) and no result rows exist; rewritten")
+        write_atomic(path, json.dumps(settings, indent=2) + "\n")
+        return
+    if saved is not None:
         for k in ("model", "gates"):  # a folder written when they were absolute still resumes
             if isinstance(saved.get(k), str) and os.path.isabs(saved[k]):
                 saved[k] = relative_path(saved[k])
