@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,9 @@ ATTENTION = {
     "scale-inf": (_kw(scale=float("inf")), ValueError, "scale must be a finite"),
     "is_causal-int": (_kw(is_causal=1), TypeError, "is_causal must be a bool"),
     "is_causal-none": (_kw(is_causal=None), TypeError, "is_causal must be a bool"),
+    "is_causal-numpy": (_kw(is_causal=np.bool_(True)), TypeError, "is_causal must be a bool, got numpy.bool"),
+    "query-nested": (_with("query", lambda: torch.nested.nested_tensor([torch.zeros(4, 6, 8)] * 2)), TypeError,
+                     "query must be a dense .*got a nested tensor"),
     "distance-name": (_kw(distance="cubic"), ValueError, "distance must be one of"),
     "distance-list": (_kw(distance=["log"]), ValueError, "distance must be one of"),
     "backend-name": (_kw(backend="cuda-magic"), ValueError, "backend must be one of"),

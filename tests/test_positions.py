@@ -8,6 +8,7 @@ import math
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,6 +214,10 @@ BAD_OFFSETS = {
     "2-D": (torch.zeros(2, 1, dtype=torch.int64), ValueError, "query_offset must be an int or an integer tensor"),
     "too large": (2**31, ValueError, r"\|query_offset\| \+ Lq \+ Lk"),
     "too small tensor": (torch.tensor([0, -(2**31)]), ValueError, "query_offset must satisfy"),
+    # 2**64 - 3 would wrap to -3 in the int64 cast
+    "uint64": (torch.tensor([2**64 - 3, 0], dtype=torch.uint64), TypeError, "got torch.uint64"),
+    "numpy array": (np.array([1, 2]), TypeError, "query_offset must be None, an int or an integer torch tensor"),
+    "sparse": (torch.tensor([1, 2]).to_sparse(), TypeError, "query_offset must be a dense integer tensor"),
 }
 
 
@@ -222,6 +227,39 @@ def test_bad_query_offset_is_named(name):
     value, exc, match = BAD_OFFSETS[name]
     with pytest.raises(exc, match=match):
         gape.attention(q, k, v, lam, pi, query_offset=value)
+
+
+def test_integer_scalars_of_other_libraries_are_offsets():
+    q, k, v, lam, pi = make_inputs(Case(b=2, hq=2, hkv=1, lq=4, lk=6, d=8))
+    want = gape.attention(q, k, v, lam, pi, query_offset=5)
+    torch.testing.assert_close(gape.attention(q, k, v, lam, pi, query_offset=np.int64(5)), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("offsets", [[10**8, 0], [2**31 - 20, 3], [-(2**31 - 20), 2**31 - 20]], ids=str)
+def test_per_batch_offsets_far_apart_run_in_memory_of_their_own_size(offsets, monkeypatch):
+    """The kernel reads one phi table over every batch element's distances; offsets 10**8
+    apart would make it gigabytes for a few tokens. Each element then runs alone, and the
+    answer, forward and gradients, is the float64 reference's."""
+    built = []
+    real = attention_cpu.phi_table
+
+    def bounded(dmin, dmax, *args):
+        built.append(dmax - dmin + 1)
+        assert dmax - dmin < 1 << 22, f"a phi table of {dmax - dmin + 1} entries"
+        return real(dmin, dmax, *args)
+
+    monkeypatch.setattr(attention_cpu, "phi_table", bounded)
+    q, k, v, lam, pi = make_inputs(Case(b=2, hq=2, hkv=1, lq=4, lk=6, d=8), lam_max=1e-6)
+    off = torch.tensor(offsets)
+    leaves = [t.float().requires_grad_() for t in (q, k, v, lam, pi)]
+    got = gape.attention(*leaves, query_offset=off, is_causal=False, backend="torch")
+    grads = torch.autograd.grad(got.sum(), leaves)
+    refs = [t.clone().requires_grad_() for t in (q, k, v, lam, pi)]
+    want = reference_attention(*refs, None, False, None, "log", query_offset=off)
+    want_grads = torch.autograd.grad(want.sum(), refs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("window,exc,match", [

@@ -110,6 +110,39 @@ def test_sdpa_backend_refuses_what_is_not_bilinear():
         gape.attention(q, k, v, lam, pi, distance="linear", is_causal=False, backend="sdpa")
 
 
+def test_sdpa_backend_refuses_what_it_would_get_wrong():
+    q, k, v, lam, pi = make_inputs(Case())
+    for scale in (0.0, -0.5):  # the key channels are divided by scale; PyTorch's SDPA gives NaN below 0
+        with pytest.raises(ValueError, match="sdpa.*needs scale > 0"):
+            gape.attention(q, k, v, lam, pi, distance="linear", backend="sdpa", scale=scale)
+    # SDPA adds the mask to q.k: a key the mask hides, at inf, would make every row NaN
+    k_inf = k.clone()
+    k_inf[:, :, -1] = float("inf")
+    keep = torch.ones(k.shape[2], dtype=torch.bool)
+    keep[-1] = False
+    want = gape.attention(q, k_inf, v, lam, pi, distance="linear", backend="reference", attn_mask=keep)
+    assert torch.isfinite(want).all()
+    with pytest.raises(ValueError, match="non-finite query or key"):
+        gape.attention(q, k_inf, v, lam, pi, distance="linear", backend="sdpa", attn_mask=keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_reference_backend_computes_half_inputs_in_float32(dtype):
+    """A bias past float16's range (lambda * delta = 1e6) made the whole row -inf in float16,
+    hence NaN; backend="reference" computes in float32 and matches float64 to the output's rounding."""
+    q, k, v, lam, pi = make_inputs(Case(b=1, hq=2, hkv=1, lq=6, lk=6, d=8))
+    lam, pi = torch.full_like(lam, 1e4), torch.zeros_like(pi)
+    got = gape.attention(q.to(dtype), k.to(dtype), v.to(dtype), lam.float(), pi.float(), query_offset=100,
+                         distance="linear", backend="reference")
+    want = reference_attention(q, k, v, lam, pi, None, True, None, "linear", query_offset=100)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-2)
+    # the direct call keeps its same-dtype mode (the error the kernels are held to)
+    same = reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), lam.float(), pi.float(), None, True, None,
+                               "linear", query_offset=100)
+    assert same.dtype == dtype
+
+
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_decode_needs_only_cached_pi(backend):
     """Property 5: decoding with the cached keys, values and one pi per key and

@@ -175,11 +175,29 @@ def test_backends_without_them_refuse_clearly():
     (dict(softcap=float("inf")), "softcap must be a positive finite float"),
     (dict(softcap="5"), "softcap must be None or a positive float"),
     (dict(softcap=True), "softcap must be None or a positive float"),
+    (dict(softcap=10**400), r"softcap must be a positive finite float .*got 1000000"),  # past float range
+    (dict(sinks=torch.zeros(2).to_sparse()), "sinks must be a dense"),
+    # finite in float64, inf where attention accumulates (float32): refused, not NaN rows
+    (dict(sinks=torch.tensor([0.0, 1e39], dtype=torch.float64)), "sinks must be finite in torch.float32"),
 ])
 def test_bad_terms_are_refused(bad, match):
     q, k, v, lam, pi = (t.float() for t in make_inputs(Case(b=1, hq=2, hkv=1, lq=4, lk=4, d=16)))
     with pytest.raises((ValueError, TypeError), match=match):
         gape.attention(q, k, v, lam, pi, **bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+def test_sinks_beyond_the_input_dtype_are_computed_in_the_accumulation_dtype(backend, dtype):
+    """A sink of 1e5 is finite in float32 (where attention accumulates) though not in float16:
+    the rows give it almost all their weight, so the output is about 0, never NaN."""
+    q, k, v, lam, pi = make_inputs(Case(b=1, hq=2, hkv=1, lq=5, lk=5, d=8))
+    sinks = torch.tensor([1e5, -3.0], dtype=torch.float64)
+    got = gape.attention(q.to(dtype), k.to(dtype), v.to(dtype), lam.float(), pi.float(), sinks=sinks.float(),
+                         backend=backend)
+    want = reference_attention(q, k, v, lam, pi, None, True, None, "log", sinks=sinks)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2 if dtype != torch.float32 else 1e-5)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernel runs in its interpreter")

@@ -116,6 +116,7 @@ BAD = {
     "max not int": (8, 4.0, TypeError, "max_seqlen_k must be a non-negative int"),
     "2-D": (5, torch.tensor([[0, 3, 7]], dtype=torch.int32), ValueError, "cu_seqlens_q must be 1-D"),
     "count differs": (6, torch.tensor([0, 7], dtype=torch.int32), ValueError, "both have N \\+ 1 entries"),
+    "a list": (6, [0, 3, 7], TypeError, "cu_seqlens_k must be an int32 tensor"),
 }
 
 
@@ -146,6 +147,23 @@ def test_varlen_bad_layout_is_named():
     args[3] = args[3][:5]
     with pytest.raises(ValueError, match=r"query_gate must be \[Tq, Hq\]"):
         gape.attention_varlen(*args)
+
+
+@pytest.mark.parametrize("lens_q,lens_k", [([0, 0], [4, 3]), ([0, 3], [4, 0])], ids=["no-rows", "no-row-sees-a-key"])
+@pytest.mark.parametrize("backend", ["torch-kernel", "torch-tiles", "reference"])
+def test_an_output_that_sees_no_key_still_backpropagates(backend, lens_q, lens_k, monkeypatch):
+    """Zeros by definition, and zero gradients for every input (as from the kernel), not an
+    output cut from the graph that makes backward raise."""
+    if backend == "torch-tiles":
+        monkeypatch.setattr(torch_backend, "_kernel_ok", lambda *args: False)
+    inputs, cu_q, cu_k = packed_inputs(lens_q, lens_k)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = gape.attention_varlen(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), is_causal=False,
+                                backend=backend.split("-")[0])
+    assert out.shape == (sum(lens_q), inputs[0].shape[1], inputs[2].shape[2]) and (out == 0).all()
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad is not None and (t.grad == 0).all()
 
 
 def test_sequence_without_keys_gives_zero_rows(torch_varlen):

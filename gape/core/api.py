@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import operator
 import os
 
 import torch
@@ -30,7 +31,7 @@ from .reference import DISTANCES
 # serve is decided there and nowhere else. Imported lazily so that a missing
 # optional dependency only matters for the backend that needs it.
 _BACKENDS = {
-    "reference": ("gape.core.reference", "reference_attention", "materialized scores; any dtype; the test oracle"),
+    "reference": ("gape.core.reference", "reference_backend", "materialized scores in float32 or float64; the test oracle"),
     "torch": ("gape.core.torch_backend", "torch_attention", "fused C++ CPU forward (or PyTorch tiles), recomputing backward; CPU default"),
     "sdpa": ("gape.core.sdpa_backend", "sdpa_attention", "augmented channels into F.scaled_dot_product_attention; linear distance"),
     "triton": ("gape.kernels.attention", "triton_attention", "fused Triton kernel; CUDA (or TRITON_INTERPRET=1 on CPU)"),
@@ -55,7 +56,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
-    if t.layout != torch.strided or t.is_nested:
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor; pad it "
+                        "(.to_padded_tensor) or pack it for gape.attention_varlen")
+    if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
@@ -65,16 +69,27 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}; cast it with .float()")
 
 
+def _type_name(x) -> str:
+    """``x``'s type as an error names it: module-qualified unless a builtin (numpy.bool, not bool)."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _finite_float(x) -> float:
+    """``float(x)``, with an int beyond float range as inf (for the caller's range check)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
+
+
 def _check_scale(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
     # bool is an int subclass: scale=True would silently mean 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None (1/sqrt(D)), got {type(scale).__name__} {scale!r}")
-    try:
-        value = float(scale)
-    except OverflowError:  # an int beyond float range
-        value = math.inf
+    value = _finite_float(scale)
     if not math.isfinite(value):
         raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
     return value
@@ -122,7 +137,7 @@ def _validate(query, key, value, query_gate, key_gate, attn_mask, is_causal, sca
     if not isinstance(distance, str) or distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        raise TypeError(f"is_causal must be a bool, got {_type_name(is_causal)} {is_causal!r}; pass bool(...)")
     scale = _check_scale(scale, d)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -261,8 +276,11 @@ def _check_query_offset(query_offset, b: int, lq: int, lk: int, device):
     if isinstance(query_offset, bool):
         raise TypeError("query_offset must be an int or an integer tensor of shape [B], got a bool")
     if isinstance(query_offset, torch.Tensor):
-        if query_offset.is_floating_point() or query_offset.is_complex() or query_offset.dtype == torch.bool:
+        if (query_offset.is_floating_point() or query_offset.is_complex() or query_offset.dtype == torch.bool
+                or query_offset.dtype == torch.uint64):  # uint64 past 2**63 would wrap in the int64 cast
             raise TypeError(f"query_offset must be an integer tensor (int32 or int64), got {query_offset.dtype}")
+        if query_offset.layout != torch.strided or query_offset.is_nested:
+            raise TypeError(f"query_offset must be a dense integer tensor, got layout {query_offset.layout}")
         if query_offset.dim() > 1 or (query_offset.dim() == 1 and query_offset.shape[0] not in (1, b)):
             raise ValueError(f"query_offset must be an int or an integer tensor of shape [B={b}], got shape "
                              f"{tuple(query_offset.shape)}")
@@ -272,11 +290,12 @@ def _check_query_offset(query_offset, b: int, lq: int, lk: int, device):
         if torch.compiler.is_compiling() or off.device.type == "meta":
             return off
         lo, hi = (int(off.min()), int(off.max())) if b else (0, 0)
-    elif isinstance(query_offset, int) or (hasattr(query_offset, "__index__") and not isinstance(query_offset, float)):
-        lo = hi = off = int(query_offset)
     else:
-        raise TypeError(f"query_offset must be None, an int or an integer tensor of shape [B], got "
-                        f"{type(query_offset).__name__}")
+        try:  # an int, or an integer scalar of another library (numpy.int64)
+            lo = hi = off = operator.index(query_offset)
+        except TypeError:
+            raise TypeError(f"query_offset must be None, an int or an integer torch tensor of shape [B], got "
+                            f"{_type_name(query_offset)}") from None
     if max(abs(lo), abs(hi)) + lq + lk > MAX_POSITION:
         raise ValueError(
             f"query_offset must satisfy |query_offset| + Lq + Lk <= 2**31 - 1 (positions are int32 in the kernels), "
@@ -361,19 +380,28 @@ def _check_terms(sinks, softcap, query):
     if sinks is not None:
         if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
             raise TypeError(f"sinks must be None or a floating tensor of shape [Hq={hq}], got "
-                            f"{sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+                            f"{sinks.dtype if isinstance(sinks, torch.Tensor) else _type_name(sinks)}")
+        if sinks.layout != torch.strided or sinks.is_nested:
+            raise TypeError(f"sinks must be a dense (strided) tensor, got layout {sinks.layout}; call .to_dense() first")
         if sinks.dim() != 1 or sinks.shape[0] != hq:
             raise ValueError(f"sinks must have shape [Hq={hq}] (one logit per query head), got {tuple(sinks.shape)}")
         if sinks.device != query.device:
             raise ValueError(f"sinks is on {sinks.device} but query is on {query.device}")
-        if sinks.device.type != "meta" and not torch.compiler.is_compiling() and not bool(torch.isfinite(sinks).all()):
-            raise ValueError("sinks must be finite (a -inf sink is no sink: pass sinks=None)")
+        if sinks.device.type != "meta" and not torch.compiler.is_compiling():
+            # finite where the backends use them: in the accumulation dtype (a float64 sink of
+            # 1e39 is finite, and inf in float32)
+            acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+            if not bool(torch.isfinite(sinks.detach().to(acc)).all()):
+                raise ValueError(f"sinks must be finite in {acc} (the dtype attention accumulates in), got values "
+                                 f"in [{float(sinks.min())}, {float(sinks.max())}]; a -inf sink is no sink: pass "
+                                 "sinks=None")
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be None or a positive float, got {type(softcap).__name__} {softcap!r}")
-        softcap = float(softcap)
-        if not (math.isfinite(softcap) and softcap > 0):
+        cap = _finite_float(softcap)
+        if not (math.isfinite(cap) and cap > 0):
             raise ValueError(f"softcap must be a positive finite float (None: no soft-capping), got {softcap!r}")
+        softcap = cap
     return sinks, softcap
 
 
@@ -678,9 +706,9 @@ def attention_varlen(
     _, scale = _validate(q4, k4, v4, query_gate.t().unsqueeze(0), key_gate.t().unsqueeze(0), None, is_causal, scale,
                          distance, "auto")
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, tq, "Tq", query.device, max_seqlen_q, "max_seqlen_q")
-    if cu_seqlens_q.shape != getattr(cu_seqlens_k, "shape", None):
+    if isinstance(cu_seqlens_k, torch.Tensor) and cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have N + 1 entries, got shapes "
-                         f"{tuple(cu_seqlens_q.shape)} and {tuple(getattr(cu_seqlens_k, 'shape', ()))}")
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, tk, "Tk", query.device, max_seqlen_k, "max_seqlen_k")
     if max(max_seqlen_q, max_seqlen_k) > MAX_POSITION:
         raise ValueError("max_seqlen_q and max_seqlen_k must be below 2**31")

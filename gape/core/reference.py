@@ -187,6 +187,15 @@ def reference_attention(
     return out.to(out_dtype)
 
 
+def reference_backend(query, key, value, query_gate, key_gate, attn_mask=None, is_causal=True, scale=None,
+                      distance="log", **positions) -> torch.Tensor:
+    """``backend="reference"`` of :func:`gape.attention`: :func:`reference_attention` computed
+    in float32 (float64 for float64 inputs) and cast back, so a half-precision call gives the
+    answer, not float16's overflow: a bias or sink past 65504 would make a whole row -inf (NaN)."""
+    return reference_attention(query, key, value, query_gate, key_gate, attn_mask, is_causal, scale, distance,
+                               upcast=True, **positions)
+
+
 def reference_attention_varlen(
     query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
     is_causal: bool = True, scale: float | None = None, distance: str = "log", window=None, upcast: bool = False,
@@ -210,9 +219,21 @@ def reference_attention_varlen(
             None, is_causal, scale, distance, upcast=upcast, window=window, sinks=sinks, softcap=softcap,
         )
         outs.append(o[0].transpose(0, 1))
-    if not outs:
-        return query.new_zeros(0, query.shape[1], value.shape[-1]) + 0 * value.sum()
-    return torch.cat(outs, dim=0)
+    out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, query.shape[1], value.shape[-1])
+    return tie_to_inputs(out, query, key, value, query_gate, key_gate, sinks)
+
+
+def tie_to_inputs(out: torch.Tensor, *inputs) -> torch.Tensor:
+    """``out`` unchanged, with a zero gradient to the inputs when nothing in it depends on them
+    (no query row, or none with a key: zeros by definition), so backward runs as it does
+    through the kernels instead of raising "does not require grad"."""
+    tied = [t for t in inputs if t is not None and t.requires_grad]
+    if out.requires_grad or not tied or not torch.is_grad_enabled():
+        return out
+    never = torch.zeros((), dtype=torch.bool, device=out.device)
+    # where() keeps an inf or NaN input out of the value and of the gradient (0 * inf would not)
+    anchor = sum(torch.where(never, t.sum(), 0) for t in tied)
+    return out + anchor.to(out.dtype)
 
 
 def reference_attention_varlen_backend(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
@@ -220,4 +241,4 @@ def reference_attention_varlen_backend(query, key, value, query_gate, key_gate, 
                                        softcap=None):
     """``backend="reference"`` of :func:`gape.attention_varlen`."""
     return reference_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q, cu_seqlens_k,
-                                      is_causal, scale, distance, window, sinks=sinks, softcap=softcap)
+                                      is_causal, scale, distance, window, upcast=True, sinks=sinks, softcap=softcap)

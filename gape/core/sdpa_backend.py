@@ -97,6 +97,10 @@ def sdpa_attention(
     reason = _reason(distance, is_causal)
     if reason is not None:
         raise ValueError(reason)
+    if not scale > 0:
+        # the key channels are divided by scale, and PyTorch's CPU SDPA gives NaN for a negative one
+        raise ValueError(f'the "sdpa" backend needs scale > 0 (its bias channels are divided by it), got {scale}; '
+                         'use backend="torch" or "reference"')
     lq, lk = query.shape[2], key.shape[2]
     span = lk + lq
     if query_offset is not None:
@@ -126,6 +130,11 @@ def sdpa_attention(
         # SDPA's is_causal is top-left aligned, which equals bottom-right when Lq == Lk
         out = F.scaled_dot_product_attention(q_aug, k_aug, value, is_causal=True, scale=scale, enable_gqa=gqa)
         return out[..., :dv].to(out_dtype)
+    if not bool(torch.isfinite(query).all() and torch.isfinite(key).all()):
+        # SDPA adds the mask to q.k, and -inf + inf is NaN: a hidden non-finite key (or a
+        # non-finite query row with no allowed key) would poison rows the reference keeps finite
+        raise ValueError('the "sdpa" backend cannot keep a non-finite query or key out of the rows a mask hides '
+                         '(SDPA adds the mask to the logits); use backend="torch" or "reference"')
     allowed = allowed_mask(lq, lk, True, attn_mask, query.device, query_offset, window)
     empty = ~allowed.any(dim=-1, keepdim=True)
     if bool(empty.any()):

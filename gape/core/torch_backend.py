@@ -32,7 +32,7 @@ import torch
 
 from .api import double_backward_error
 from gape.kernels import attention_cpu
-from .reference import delta_range
+from .reference import delta_range, tie_to_inputs
 from .reference import phi as _phi
 from .torch_tiles import CHUNK_SIZE, TilePlan, compute_dtype, decode_forward, phi_reversed, tiles_backward, tiles_forward
 
@@ -205,6 +205,14 @@ def _uniform(query_offset):
     return query_offset
 
 
+def _far_apart(query_offset: torch.Tensor, query, key) -> bool:
+    """Whether per-batch offsets spread so far that the kernel's one phi table over all their
+    distances would dwarf a table per batch element (its size grows with the spread: an offset
+    of 0 beside one of 10**8 would take gigabytes for a few tokens)."""
+    flat = query_offset.reshape(-1)
+    return int(flat.max()) - int(flat.min()) > 2 * (query.shape[2] + key.shape[2]) + _SHARED_PHI_MAX
+
+
 def supports(call) -> str | None:
     """The torch backend serves every validated call, on any device (see gape.core.api.select)."""
     return None
@@ -255,8 +263,9 @@ def torch_attention(
     if strategy == "decode":
         return decode_forward(query, key, value, query_gate, key_gate, attn_mask, scale, distance, is_causal,
                               query_offset, window)
-    if isinstance(query_offset, torch.Tensor) and strategy != "kernel":
-        # per-batch offsets on the pure-PyTorch tiles: one batch element at a time
+    if isinstance(query_offset, torch.Tensor) and (strategy != "kernel" or _far_apart(query_offset, query, key)):
+        # per-batch offsets on the pure-PyTorch tiles, or too far apart for the kernel's one
+        # phi table: one batch element at a time
         outs = []
         for i in range(query.shape[0]):
             m = None if attn_mask is None else attn_mask[i : i + 1] if attn_mask.shape[0] > 1 else attn_mask
@@ -312,4 +321,5 @@ def torch_attention_varlen(query, key, value, query_gate, key_gate, cu_seqlens_q
         o = torch_attention(q4[:, :, q0:q1], k4[:, :, k0:k1], v4[:, :, k0:k1], lam[:, :, q0:q1], pi[:, :, k0:k1],
                             None, is_causal, scale, distance, window=window, sinks=sinks, softcap=softcap)
         outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs, dim=0) if outs else query.new_zeros(0, query.shape[1], value.shape[-1])
+    out = torch.cat(outs, dim=0) if outs else query.new_zeros(0, query.shape[1], value.shape[-1])
+    return tie_to_inputs(out, query, key, value, query_gate, key_gate, sinks)
