@@ -177,6 +177,7 @@ def test_backends_without_them_refuse_clearly():
     (dict(softcap=True), "softcap must be None or a positive float"),
     (dict(softcap=10**400), r"softcap must be a positive finite float .*got 1000000"),  # past float range
     (dict(sinks=torch.zeros(2).to_sparse()), "sinks must be a dense"),
+    (dict(sinks=torch.nested.nested_tensor([torch.zeros(2)])), "sinks must be a dense .*got a nested tensor"),
     # finite in float64, inf where attention accumulates (float32): refused, not NaN rows
     (dict(sinks=torch.tensor([0.0, 1e39], dtype=torch.float64)), "sinks must be finite in torch.float32"),
 ])

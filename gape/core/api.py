@@ -56,11 +56,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
-    if t.is_nested:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor; pad it "
-                        "(.to_padded_tensor) or pack it for gape.attention_varlen")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; call .to_dense() first")
+    _check_dense(name, t)
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -69,13 +65,22 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}; cast it with .float()")
 
 
+def _check_dense(name: str, t: torch.Tensor, kind: str = "(strided) tensor") -> None:
+    """Refuse a sparse or nested tensor, naming it (a nested tensor reports a strided layout)."""
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense {kind}, got a nested tensor; pad it (.to_padded_tensor), or "
+                        "pack the sequences for gape.attention_varlen")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense {kind}, got layout {t.layout}; call .to_dense() first")
+
+
 def _type_name(x) -> str:
     """``x``'s type as an error names it: module-qualified unless a builtin (numpy.bool, not bool)."""
     t = type(x)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _finite_float(x) -> float:
+def _float_or_inf(x) -> float:
     """``float(x)``, with an int beyond float range as inf (for the caller's range check)."""
     try:
         return float(x)
@@ -89,7 +94,7 @@ def _check_scale(scale, d: int) -> float:
     # bool is an int subclass: scale=True would silently mean 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None (1/sqrt(D)), got {type(scale).__name__} {scale!r}")
-    value = _finite_float(scale)
+    value = _float_or_inf(scale)
     if not math.isfinite(value):
         raise ValueError(f"scale must be a finite float or None (1/sqrt(D)), got {scale!r}")
     return value
@@ -279,8 +284,7 @@ def _check_query_offset(query_offset, b: int, lq: int, lk: int, device):
         if (query_offset.is_floating_point() or query_offset.is_complex() or query_offset.dtype == torch.bool
                 or query_offset.dtype == torch.uint64):  # uint64 past 2**63 would wrap in the int64 cast
             raise TypeError(f"query_offset must be an integer tensor (int32 or int64), got {query_offset.dtype}")
-        if query_offset.layout != torch.strided or query_offset.is_nested:
-            raise TypeError(f"query_offset must be a dense integer tensor, got layout {query_offset.layout}")
+        _check_dense("query_offset", query_offset, "integer tensor")
         if query_offset.dim() > 1 or (query_offset.dim() == 1 and query_offset.shape[0] not in (1, b)):
             raise ValueError(f"query_offset must be an int or an integer tensor of shape [B={b}], got shape "
                              f"{tuple(query_offset.shape)}")
@@ -381,8 +385,7 @@ def _check_terms(sinks, softcap, query):
         if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
             raise TypeError(f"sinks must be None or a floating tensor of shape [Hq={hq}], got "
                             f"{sinks.dtype if isinstance(sinks, torch.Tensor) else _type_name(sinks)}")
-        if sinks.layout != torch.strided or sinks.is_nested:
-            raise TypeError(f"sinks must be a dense (strided) tensor, got layout {sinks.layout}; call .to_dense() first")
+        _check_dense("sinks", sinks)
         if sinks.dim() != 1 or sinks.shape[0] != hq:
             raise ValueError(f"sinks must have shape [Hq={hq}] (one logit per query head), got {tuple(sinks.shape)}")
         if sinks.device != query.device:
@@ -398,7 +401,7 @@ def _check_terms(sinks, softcap, query):
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be None or a positive float, got {type(softcap).__name__} {softcap!r}")
-        cap = _finite_float(softcap)
+        cap = _float_or_inf(softcap)
         if not (math.isfinite(cap) and cap > 0):
             raise ValueError(f"softcap must be a positive finite float (None: no soft-capping), got {softcap!r}")
         softcap = cap
