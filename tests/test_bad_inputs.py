@@ -464,6 +464,18 @@ def test_garbled_run_json_is_reported_not_crashed(tmp_path):
         run_benchmark(cfg, model, tok, progress=False, echo=echoed.append)
 
 
+def test_only_the_writing_rank_rewrites_an_unreadable_run_json(tmp_path):
+    from gape.tasks.niah.runner import RUN_FILE, _check_run_file
+
+    path = tmp_path / RUN_FILE
+    path.write_text("{garbled")
+    echoed = []
+    _check_run_file(str(tmp_path), {"seed": 1}, echoed.append, write=False)  # a non-zero torchrun rank
+    assert path.read_text() == "{garbled" and echoed == []
+    _check_run_file(str(tmp_path), {"seed": 1}, echoed.append, write=True)
+    assert json.loads(path.read_text()) == {"seed": 1} and len(echoed) == 1
+
+
 def test_a_length_beyond_memory_is_refused_with_the_limit(tmp_path, monkeypatch):
     from gape import _machine
     from gape._args import UsageError

@@ -113,9 +113,9 @@ def _check_run_file(out: str, settings: dict, echo=print, write: bool = True) ->
                 f"--out {out}: {err}, so the settings of the rows in {os.path.join(out, res.RESULTS)} are "
                 f"unknown; delete {RUN_FILE} if they were made with these settings, or use another --out"
             ) from None
-        echo(f"warning: {path} was unreadable ({err.reason}) and no result rows exist; rewritten")
-        write_atomic(path, json.dumps(settings, indent=2) + "\n")
-        return
+        if write:
+            echo(f"warning: {path} was unreadable ({err.reason}) and no result rows exist; rewritten")
+        saved = None
     if saved is not None:
         for k in ("model", "gates"):  # a folder written when they were absolute still resumes
             if isinstance(saved.get(k), str) and os.path.isabs(saved[k]):
