@@ -94,6 +94,55 @@ def test_resume_after_kill_9_is_exact(tiny, tmp_path, one_thread):
     assert main(_argv(tiny, paused, *arms)) == 0 and _rows(paused) == _rows(ref)
 
 
+def _drop_rows(out, drop):
+    path = out / "results.jsonl"
+    with open(path) as f:
+        kept = [line for line in f if not drop(json.loads(line))]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def test_a_lost_training_state_is_retrained_only_when_needed(tiny, tmp_path, one_thread, capsys):
+    """The training state lives beside the rows; a folder that lost it (another machine, say)
+    retrains an arm only while the arm has evaluation left, checks every redone step against its
+    row, and says so when a redone step differs."""
+    out = tmp_path / "lost"
+    arms = ["--arms", "yarn-ft", "--lengths", "448", "--samples", "2"]
+    assert main(_argv(tiny, out, *arms)) == 0
+    ref = _rows(out)
+    state = out / "state" / "yarn-ft.safetensors"
+    from safetensors.torch import load_file
+
+    trained = load_file(str(state))
+    os.remove(state)
+    capsys.readouterr()
+    # evaluation complete: nothing needs the trained tensors, nothing is retrained
+    assert main(_argv(tiny, out, *arms)) == 0
+    assert _rows(out) == ref and not state.exists()
+    assert "warning" not in capsys.readouterr().out
+    # one retrieval sample missing: the arm is retrained from step 0, reproducing its rows
+    _drop_rows(out, lambda r: r["kind"] == "niah" and r["sample"] == 1)
+    assert main(_argv(tiny, out, *arms)) == 0
+    printed = capsys.readouterr().out
+    assert "4 training step(s) of yarn-ft past its saved state" in printed and "trained again gives loss" not in printed
+    assert _rows(out) == ref
+    again = load_file(str(state))
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in again)
+    # a row the retraining does not reproduce is reported, naming the step
+    os.remove(state)
+    _drop_rows(out, lambda r: r["kind"] == "niah" and r["sample"] == 1)
+    with open(out / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        if r["kind"] == "train" and r["step"] == 2:
+            r["loss"] += 0.5
+    with open(out / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    assert main(_argv(tiny, out, *arms)) == 0
+    assert "yarn-ft step 2 trained again gives loss" in capsys.readouterr().out
+    assert _rows(out) == ref  # the redone step's row replaces the altered one
+
+
 def test_arms_differ_only_where_they_should(tiny):
     """Same base weights and same LoRA start in every arm; gates only in the GAPE arms (and
     trainable there); YaRN only where named; every arm reads the same training windows."""

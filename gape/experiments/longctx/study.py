@@ -18,6 +18,8 @@ gives the rows of every length it covers); a training arm also keeps ``OUT/state
 (trainable tensors + AdamW moments, rewritten atomically after every step). A rerun skips what
 the rows hold and continues training from the saved step, so ``kill -9`` loses at most the
 unit of work in flight, and the resumed run computes what the uninterrupted one would have.
+A folder that lost an arm's state retrains the arm only while it has evaluation left, and checks
+every redone step against its row.
 """
 
 from __future__ import annotations
@@ -468,14 +470,17 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
             raise UsageError(f"--lengths {','.join(map(str, short))}: no held-out play is that long")
         schedule = train_schedule(plays, s.train_length, s.steps, s.seed) if any(ARMS[a].finetune for a in arms) else []
         units = plan(arms, s, passes)
-        done = {row_key(r) for r in read_rows(out, warn=echo)}
+        rows = read_rows(out, warn=echo)
+        done = {row_key(r) for r in rows}
         # training resumes from the saved state, not from the rows: a kill between a step's row
         # and its state redoes the step (and rewrites the same row)
         trained = {a: saved_step(_state_path(out, a)) for a in arms if ARMS[a].finetune}
+        logged = {(r["arm"], r["step"]): r["loss"] for r in rows if r["kind"] == "train"}
 
         def is_done(u: Unit) -> bool:
             if u.kind == "train":
-                return u.index < trained[u.arm]
+                # an arm with no evaluation left needs no trained tensors: a lost state is not retrained
+                return u.index < trained[u.arm] or u.arm not in evaluating
             if u.kind == "ppl":
                 play, lengths = passes[u.index]
                 return all((u.arm, "ppl", n, play) in done for n in lengths)
@@ -485,7 +490,14 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
                 return (u.arm, "lmeval", TASK, u.length) in done
             return (u.arm, "niah", u.length, u.index) in done
 
+        evaluating = {u.arm for u in units if u.kind != "train" and not is_done(u)}
         todo = [u for u in units if not is_done(u)]
+        for arm in sorted({u.arm for u in todo if u.kind == "train"}):
+            redo = sum((arm, i) in logged for i in range(trained[arm], s.steps))
+            if redo:
+                echo(f"warning: the rows hold {redo} training step(s) of {arm} past its saved state "
+                     f"({_state_path(out, arm)}: step {trained[arm]}): those steps are trained again and "
+                     "each loss is checked against its row")
         if any(u.kind == "lmeval" for u in todo):
             from . import lmeval
 
@@ -504,7 +516,7 @@ def run_study(s: Settings, out: str, arms: list[str], *, model=None, tokenizer=N
                    disable=not progress, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} ktok [{elapsed}<{remaining}] {postfix}")
         deadline = None if hours is None else time.monotonic() + hours * 3600
         try:
-            ran = _run_units(s, out, model, tokenizer, plays, schedule, passes, done, todo, bar, deadline)
+            ran = _run_units(s, out, model, tokenizer, plays, schedule, passes, done, todo, bar, deadline, logged, echo)
         finally:
             bar.close()
         report.write(out, echo=echo)
@@ -533,9 +545,13 @@ def _eval_model(base, out: str, arm: str, s: Settings):
     return model
 
 
-def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, deadline) -> int:
+def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, deadline, logged=None, echo=print) -> int:
     """Run ``todo`` in order until ``deadline``; how many units ran. ``done``: the keys of the rows
-    already written (a held-out pass writes only the rows of its lengths not there yet)."""
+    already written (a held-out pass writes only the rows of its lengths not there yet);
+    ``logged``: ``{(arm, step): loss}`` of the training rows already written, which a step
+    trained again must reproduce (a mismatch is reported: the arm's other rows came from the
+    earlier training)."""
+    logged = logged or {}
     trainer = None  # (arm, model, optimizer) being trained
     evaluated: dict = {}  # arm -> model built for evaluation; kept while the arms take turns
     for ran, u in enumerate(todo):
@@ -574,6 +590,10 @@ def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, dead
         for row in rows:
             append_row(out, {"arm": u.arm, "kind": u.kind, **row, "seconds": seconds})
         if u.kind == "train":
+            before = logged.get((u.arm, u.index))
+            if before is not None and before != rows[0]["loss"]:
+                echo(f"warning: {u.arm} step {u.index} trained again gives loss {rows[0]['loss']}, its row had {before}: "
+                     "the rows of this arm written before now come from a different training")
             # the row first: killed between the two, the step is redone and rewrites the same row
             save_state(_state_path(out, u.arm), model, trainer[2], u.index + 1)
         following = todo[ran + 1] if ran + 1 < len(todo) else None
