@@ -125,6 +125,7 @@ def test_a_lost_training_state_is_retrained_only_when_needed(tiny, tmp_path, one
     assert main(_argv(tiny, out, *arms)) == 0
     printed = capsys.readouterr().out
     assert "4 training step(s) of yarn-ft past its saved state" in printed and "trained again gives loss" not in printed
+    assert "yarn-ft: 4 training step(s) redone; largest loss difference from their rows 0.0e+00 nats" in printed
     assert _rows(out) == ref
     again = load_file(str(state))
     assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in again)
@@ -139,7 +140,9 @@ def test_a_lost_training_state_is_retrained_only_when_needed(tiny, tmp_path, one
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     assert main(_argv(tiny, out, *arms)) == 0
-    assert "yarn-ft step 2 trained again gives loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "yarn-ft step 2 trained again gives loss" in printed and "step 1 trained again" not in printed
+    assert "largest loss difference from their rows 5.0e-01 nats" in printed
     assert _rows(out) == ref  # the redone step's row replaces the altered one
 
 
