@@ -66,10 +66,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FIRST_BUCKET = 512
 WARMUP_STEPS = 10
 HEAD_CHUNK = 1024  # positions per vocabulary projection: 1024 x 49k floats instead of L x 49k
-# A training step redone on another CPU rounds differently: 1e-6 nats (the rows' last digit) on
-# 30 of 131 steps redone on an AMD EPYC after an Intel Xeon, 0 on the rest. Two different trainings (the
-# invariant gates against none, from the same start) differ by 3e-3 nats a step on average
-# over 200 steps.
+# A training step redone on another CPU rounds differently: 1e-6 nats (the rows' last digit)
+# on 30 of 131 steps redone on an AMD EPYC after an Intel Xeon, 0 on the rest. Two different
+# trainings (the invariant gates against none, from the same start) differ by 3e-3 nats a
+# step on average over 200 steps.
 REDO_ATOL = 1e-4
 
 
