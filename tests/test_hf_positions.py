@@ -174,7 +174,7 @@ def test_packed_training_equals_unpacked(flash_kwargs, form, monkeypatch):
             opt.zero_grad()
             loss = model(**batch).loss
             loss.backward()
-            losses.append(float(loss))
+            losses.append(loss.item())
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             opt.step()
         runs.append((losses, grads))
