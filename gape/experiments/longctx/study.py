@@ -554,15 +554,12 @@ def _eval_model(base, out: str, arm: str, s: Settings):
     return model
 
 
-def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, deadline, logged=None, redone=None,
-               echo=print) -> int:
+def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, deadline, logged, redone, echo) -> int:
     """Run ``todo`` in order until ``deadline``; how many units ran. ``done``: the keys of the rows
     already written (a held-out pass writes only the rows of its lengths not there yet);
     ``logged``: ``{(arm, step): loss}`` of the training rows already written, which a step
     trained again must reproduce (a mismatch is reported: the arm's other rows came from the
     earlier training); ``redone`` collects ``{arm: [|loss difference| of every redone step]}``."""
-    logged = logged or {}
-    redone = {} if redone is None else redone
     trainer = None  # (arm, model, optimizer) being trained
     evaluated: dict = {}  # arm -> model built for evaluation; kept while the arms take turns
     for ran, u in enumerate(todo):
@@ -603,10 +600,11 @@ def _run_units(s, out, base, tok, plays, schedule, passes, done, todo, bar, dead
         if u.kind == "train":
             before = logged.get((u.arm, u.index))
             if before is not None:
-                redone.setdefault(u.arm, []).append(abs(rows[0]["loss"] - before))
-            if before is not None and abs(rows[0]["loss"] - before) > REDO_ATOL:
-                echo(f"warning: {u.arm} step {u.index} trained again gives loss {rows[0]['loss']}, its row had {before}: "
-                     "the rows of this arm written before now come from a different training")
+                diff = abs(rows[0]["loss"] - before)
+                redone.setdefault(u.arm, []).append(diff)
+                if diff > REDO_ATOL:
+                    echo(f"warning: {u.arm} step {u.index} trained again gives loss {rows[0]['loss']}, its row had "
+                         f"{before}: the rows of this arm written before now come from a different training")
             # the row first: killed between the two, the step is redone and rewrites the same row
             save_state(_state_path(out, u.arm), model, trainer[2], u.index + 1)
         following = todo[ran + 1] if ran + 1 < len(todo) else None
