@@ -268,14 +268,21 @@ def plot(out: str, niah: list[dict], ppl: list[dict]) -> None:
 
     if niah:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for arm in _arm_order({c["arm"] for c in niah}):
+        arms = _arm_order({c["arm"] for c in niah})
+        for i, arm in enumerate(arms):
             cs = [c for c in niah if c["arm"] == arm]
-            x = [c["length"] for c in cs]
+            # Arms often score alike (20/20 each): a small offset per arm along the log2 axis
+            # keeps every arm's point and interval visible instead of drawn over each other.
+            dodge = 2.0 ** (0.06 * (i - (len(arms) - 1) / 2))
+            x = [c["length"] * dodge for c in cs]
             y = [c["accuracy"] for c in cs]
             err = [[c["accuracy"] - c["ci_low"] for c in cs], [c["ci_high"] - c["accuracy"] for c in cs]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
+        lengths = sorted({c["length"] for c in niah})
+        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("context length (tokens; arms offset slightly to stay visible)")
         ax.set_ylabel("single-needle accuracy (Wilson 95%)")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
