@@ -3,6 +3,7 @@ kill -9, matched arms, refused flags), not the study's numbers."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -257,10 +258,14 @@ def test_the_plots_take_cells_that_are_all_right_or_all_wrong(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [{"arm": arm, "kind": "niah", "length": n, "sample": i, "correct": arm == "yarn-ft", "score": float(arm == "yarn-ft")}
             for arm in ("yarn-ft", "yarn-gape-ft") for n in (4096, 8192) for i in range(10)]
+    rows += [{"arm": arm, "kind": "ppl", "length": 1024, "play": "p", "buckets": [[0, 512, 900.0 + k, 512], [512, 1024, 950.0, 512]]}
+             for k, arm in enumerate(("yarn", "yarn-ft", "yarn-gape-ft"))]
     with open(tmp_path / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     report.write(str(tmp_path), echo=lambda _: None)
-    assert os.path.getsize(tmp_path / "accuracy_vs_length.png") > 0
+    assert os.path.getsize(tmp_path / "accuracy_vs_length.png") > 0 and os.path.getsize(tmp_path / "loss_vs_position.png") > 0
+    with open(tmp_path / "summary_compare_ppl_buckets.csv") as f:
+        assert [r["arm"] for r in csv.DictReader(f)] == ["yarn", "yarn", "yarn-gape-ft", "yarn-gape-ft"]
     cells = report.niah_table(rows)
     assert {(c["accuracy"], c["ci_low"] == 0.0 or c["ci_high"] == 1.0) for c in cells} == {(1.0, True), (0.0, True)}
 
@@ -344,6 +349,11 @@ def test_comparisons_pair_the_same_samples_and_plays():
     assert p["loss"] == pytest.approx(4096 / 2048) and p["base_loss"] == pytest.approx(3584 / 2048)
     assert p["relative_pct"] == pytest.approx(100 * (4096 / 3584 - 1))
     assert p["tail_loss"] == pytest.approx(1536 / 1024) and p["tail_relative_pct"] == pytest.approx(100 * (1536 / 2048 - 1))
+    first, last = report.ppl_bucket_comparison(rows)  # per bucket, the same two plays
+    assert [(b["lo"], b["hi"], b["plays"]) for b in (first, last)] == [(0, 512, 2), (512, 1024, 2)]
+    assert first["loss"] == pytest.approx(2560 / 1024) and first["base_loss"] == pytest.approx(1536 / 1024)
+    assert first["relative_pct"] == pytest.approx(100 * (2560 / 1536 - 1))
+    assert last["relative_pct"] == pytest.approx(p["tail_relative_pct"])
 
 
 def test_plan_order_and_depths():

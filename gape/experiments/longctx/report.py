@@ -156,39 +156,62 @@ def _mean_nll(buckets) -> float:
     return sum(b[2] for b in buckets) / sum(b[3] for b in buckets)
 
 
+def _ppl_pairs(rows: list[dict], base: str):
+    """``(per, [(arm, length, plays)])``: the held-out buckets per (arm, length, play), and for each
+    arm other than ``base`` and each of its lengths the plays both it and ``base`` have."""
+    per: dict = {}
+    for r in rows:
+        if r["kind"] == "ppl":
+            per[(r["arm"], r["length"], r["play"])] = r["buckets"]
+    pairs = []
+    for arm in _arm_order({a for a, _, _ in per}):
+        if arm == base:
+            continue
+        for length in sorted({n for a, n, _ in per if a == arm}):
+            plays = sorted(p for a, n, p in per if a == arm and n == length and (base, length, p) in per)
+            if plays:
+                pairs.append((arm, length, plays))
+    return per, pairs
+
+
+def ppl_bucket_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
+    """Each arm against ``base`` per length and position bucket, on the plays both have: nats per
+    token pooled over those plays, and the relative difference in percent."""
+    per, pairs = _ppl_pairs(rows, base)
+    out = []
+    for arm, length, plays in pairs:
+        for lo, hi, *_ in per[(base, length, plays[0])]:
+            def pooled(who):
+                return _mean_nll([b for p in plays for b in per[(who, length, p)] if b[0] == lo])
+
+            loss, base_loss = pooled(arm), pooled(base)
+            out.append({"arm": arm, "base": base, "length": length, "lo": lo, "hi": hi, "plays": len(plays),
+                        "loss": loss, "base_loss": base_loss, "relative_pct": 100 * (loss / base_loss - 1)})
+    return out
+
+
 def ppl_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
     """Each arm against ``base`` per length, on the held-out plays both have: the loss (nats per
     token) over all positions ``[0, L)`` and over the last position bucket (``[L/2, L)`` for a
     power of two: the positions new at this length), the relative difference in percent, and on
     how many plays the arm's loss over ``[0, L)`` is the lower."""
-    per: dict = {}
-    for r in rows:
-        if r["kind"] == "ppl":
-            per[(r["arm"], r["length"], r["play"])] = r["buckets"]
+    per, pairs = _ppl_pairs(rows, base)
     out = []
-    arms = _arm_order({a for a, _, _ in per})
-    for arm in arms:
-        if arm == base:
-            continue
-        for length in sorted({n for a, n, _ in per if a == arm}):
-            plays = sorted(p for a, n, p in per if a == arm and n == length and (base, length, p) in per)
-            if not plays:
-                continue
+    for arm, length, plays in pairs:
+        tail_lo = max(b[0] for b in per[(base, length, plays[0])])
 
-            tail_lo = max(b[0] for b in per[(base, length, plays[0])])
+        def pooled(who, last_only):
+            return _mean_nll([b for p in plays for b in per[(who, length, p)] if not last_only or b[0] >= tail_lo])
 
-            def pooled(who, last_only):
-                return _mean_nll([b for p in plays for b in per[(who, length, p)] if not last_only or b[0] >= tail_lo])
+        def play_loss(who, p):
+            return _mean_nll(per[(who, length, p)])
 
-            def play_loss(who, p):
-                return _mean_nll(per[(who, length, p)])
-
-            loss, base_loss = pooled(arm, False), pooled(base, False)
-            tail, base_tail = pooled(arm, True), pooled(base, True)
-            out.append({"arm": arm, "base": base, "length": length, "plays": len(plays), "loss": loss, "base_loss": base_loss,
-                        "relative_pct": 100 * (loss / base_loss - 1), "tail_lo": tail_lo, "tail_loss": tail,
-                        "base_tail_loss": base_tail, "tail_relative_pct": 100 * (tail / base_tail - 1),
-                        "plays_lower": sum(play_loss(arm, p) < play_loss(base, p) for p in plays)})
+        loss, base_loss = pooled(arm, False), pooled(base, False)
+        tail, base_tail = pooled(arm, True), pooled(base, True)
+        out.append({"arm": arm, "base": base, "length": length, "plays": len(plays), "loss": loss, "base_loss": base_loss,
+                    "relative_pct": 100 * (loss / base_loss - 1), "tail_lo": tail_lo, "tail_loss": tail,
+                    "base_tail_loss": base_tail, "tail_relative_pct": 100 * (tail / base_tail - 1),
+                    "plays_lower": sum(play_loss(arm, p) < play_loss(base, p) for p in plays)})
     return out
 
 
@@ -237,10 +260,10 @@ def format_tables(rows: list[dict]) -> str:
 
 def write(out: str, echo=print) -> None:
     """``summary_niah.csv``, ``summary_ppl.csv``, ``summary_lmeval.csv``, the comparisons against
-    the baseline arm (``summary_compare_niah.csv``, ``summary_compare_ppl.csv``), ``summary.txt``
-    and the plots, from the rows."""
+    the baseline arm (``summary_compare_niah.csv``, ``summary_compare_ppl.csv``,
+    ``summary_compare_ppl_buckets.csv``), ``summary.txt`` and the plots, from the rows."""
     rows = read_rows(out)
-    niah, ppl = niah_table(rows), ppl_table(rows)
+    niah, ppl, buckets = niah_table(rows), ppl_table(rows), ppl_bucket_comparison(rows)
     tables = {
         "summary_niah.csv": (["arm", "length", "samples", "correct", "accuracy", "ci_low", "ci_high"], niah),
         "summary_ppl.csv": (["arm", "length", "lo", "hi", "windows", "tokens", "ppl"], ppl),
@@ -249,6 +272,8 @@ def write(out: str, echo=print) -> None:
                                       "difference", "ci_low", "ci_high", "mcnemar_p"], niah_comparison(rows)),
         "summary_compare_ppl.csv": (["arm", "base", "length", "plays", "loss", "base_loss", "relative_pct", "tail_lo",
                                      "tail_loss", "base_tail_loss", "tail_relative_pct", "plays_lower"], ppl_comparison(rows)),
+        "summary_compare_ppl_buckets.csv": (["arm", "base", "length", "lo", "hi", "plays", "loss", "base_loss", "relative_pct"],
+                                            buckets),
     }
     for name, (fields, table) in tables.items():
         write_csv_atomic(os.path.join(out, name), fields,
@@ -256,16 +281,21 @@ def write(out: str, echo=print) -> None:
     text = format_tables(rows)
     write_atomic(os.path.join(out, "summary.txt"), text)
     if niah or ppl:
-        plot(out, niah, ppl)
+        plot(out, niah, ppl, buckets)
     echo(text.rstrip())
 
 
-def plot(out: str, niah: list[dict], ppl: list[dict]) -> None:
+def plot(out: str, niah: list[dict], ppl: list[dict], ppl_buckets: list[dict] = ()) -> None:
+    """``accuracy_vs_length.png``; ``loss_vs_position.png``, with a second row of the fine-tuned
+    arms' loss relative to the baseline arm's per bucket (``ppl_bucket_comparison``) when there is
+    one: they differ by fractions of a percent and lie on each other in the first row, while the
+    untrained arm's gap (several percent) shows there. One colour per arm in every plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = {arm: f"C{i}" for i, arm in enumerate(_arm_order({c["arm"] for c in [*niah, *ppl, *ppl_buckets]}))}
     if niah:
         fig, ax = plt.subplots(figsize=(6, 4))
         arms = _arm_order({c["arm"] for c in niah})
@@ -277,7 +307,7 @@ def plot(out: str, niah: list[dict], ppl: list[dict]) -> None:
             x = [c["length"] * dodge for c in cs]
             y = [c["accuracy"] for c in cs]
             err = [[c["accuracy"] - c["ci_low"] for c in cs], [c["ci_high"] - c["accuracy"] for c in cs]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm, color=colour[arm])
         ax.set_xscale("log", base=2)
         lengths = sorted({c["length"] for c in niah})
         ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
@@ -292,17 +322,34 @@ def plot(out: str, niah: list[dict], ppl: list[dict]) -> None:
         plt.close(fig)
     if ppl:
         lengths = sorted({c["length"] for c in ppl})
-        fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.8), squeeze=False)
+        finetuned = [c for c in ppl_buckets if c["arm"] not in ARMS or ARMS[c["arm"]].finetune]
+        nrows = 2 if finetuned else 1
+        fig, axes = plt.subplots(nrows, len(lengths), figsize=(4.2 * len(lengths), 3.8 * nrows), squeeze=False)
         for ax, n in zip(axes[0], lengths):
             for arm in _arm_order({c["arm"] for c in ppl}):
                 cs = [c for c in ppl if c["arm"] == arm and c["length"] == n]
                 if cs:
-                    ax.plot([(c["lo"] + c["hi"]) / 2 for c in cs], [math.log(c["ppl"]) for c in cs], marker="o", label=arm)
+                    ax.plot([(c["lo"] + c["hi"]) / 2 for c in cs], [math.log(c["ppl"]) for c in cs], marker="o", label=arm,
+                            color=colour[arm])
             ax.set_xscale("log", base=2)
             ax.set_xlabel("position (bucket middle, tokens)")
             ax.set_ylabel("held-out loss (nats/token)")
             ax.set_title(f"windows of {n} tokens")
             ax.legend(fontsize=7)
+        if finetuned:
+            base = finetuned[0]["base"]
+            for ax, n in zip(axes[1], lengths):
+                for arm in _arm_order({c["arm"] for c in finetuned}):
+                    cs = [c for c in finetuned if c["arm"] == arm and c["length"] == n]
+                    if cs:
+                        ax.plot([(c["lo"] + c["hi"]) / 2 for c in cs], [c["relative_pct"] for c in cs], marker="o", label=arm,
+                                color=colour[arm])
+                ax.axhline(0.0, color="grey", linewidth=0.8)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("position (bucket middle, tokens)")
+                ax.set_ylabel(f"loss relative to {base} (%)")
+                ax.set_title(f"fine-tuned arms against {base}, {n} tokens", fontsize=10)
+                ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure_atomic(fig, os.path.join(out, "loss_vs_position.png"), dpi=100)
         plt.close(fig)
