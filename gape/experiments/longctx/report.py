@@ -180,11 +180,11 @@ def ppl_bucket_comparison(rows: list[dict], base: str = BASE_ARM) -> list[dict]:
     per, pairs = _ppl_pairs(rows, base)
     out = []
     for arm, length, plays in pairs:
-        for lo, hi, *_ in per[(base, length, plays[0])]:
-            def pooled(who):
-                return _mean_nll([b for p in plays for b in per[(who, length, p)] if b[0] == lo])
+        def pooled(who, lo):
+            return _mean_nll([b for p in plays for b in per[(who, length, p)] if b[0] == lo])
 
-            loss, base_loss = pooled(arm), pooled(base)
+        for lo, hi, *_ in per[(base, length, plays[0])]:
+            loss, base_loss = pooled(arm, lo), pooled(base, lo)
             out.append({"arm": arm, "base": base, "length": length, "lo": lo, "hi": hi, "plays": len(plays),
                         "loss": loss, "base_loss": base_loss, "relative_pct": 100 * (loss / base_loss - 1)})
     return out
